@@ -1,0 +1,317 @@
+"""The decoder: pure functions over a parameter pytree, plus a thin Flax NNX module around them.
+
+Owns: parameter initialisation, the forward pass (embedding, scanned blocks, unembedding), the
+KV-cache layout, and the hook sites inside the scan.
+Must not: read files (see `hf.py`, `store.py`), build sweeps (see `factflip.probes`) or sample
+tokens (see `generate.py`).
+
+Parameter layout (see `ModelConfig.param_shapes`): per-layer weights are stacked along a leading
+layer axis L and consumed by one `jax.lax.scan`, so compile time does not grow with depth and
+per-layer captures come out as one stacked array. Dense weights are [in, out]; activations are
+flattened to [B*T, D] around every matmul (XLA:CPU runs the backward of 3-D dots ~4x slower).
+
+Shape suffixes: B batch, T query positions, S key/cache slots, D d_model, H heads, G kv heads,
+R = H/G, K head_dim, F d_ff, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from factflip.models.config import ModelConfig
+from factflip.models.hooks import SITES, Intervention, check_site
+
+Params = dict[str, Any]
+F32 = jnp.float32
+
+
+class Output(NamedTuple):
+  logits: jax.Array | None          # [B, T, V] float32 (None when return_logits=False)
+  captures: dict[str, jax.Array]    # site -> [L, B, T or P, D]
+  residual: jax.Array               # [B, T, D] final residual stream (before final norm)
+  cache: dict[str, jax.Array] | None
+
+
+# ---- initialisation ---------------------------------------------------------------------------
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Random parameters: N(0, 0.02) matrices, zero biases, unit norms (zero for Gemma offsets)."""
+  shapes = cfg.param_shapes()
+  pdt = jnp.dtype(cfg.param_dtype)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(flat))
+  leaves = []
+  for (path, shape), k in zip(flat, keys):
+    name = path[-1].key
+    if "norm" in name:
+      leaves.append(jnp.full(shape, 1.0 - cfg.norm_offset, pdt))
+    elif name in ("bq", "bk", "bv"):
+      leaves.append(jnp.zeros(shape, pdt))
+    else:
+      leaves.append((0.02 * jax.random.normal(k, shape, F32)).astype(pdt))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ---- building blocks --------------------------------------------------------------------------
+def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """RMSNorm over the last axis, statistics in float32 (HF Llama and Gemma conventions)."""
+  xf = x.astype(F32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+  if cfg.norm_offset:
+    return (y * (cfg.norm_offset + w.astype(F32))).astype(x.dtype)
+  return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [K/2] in float32, with Llama-3 / linear scaling."""
+  K = cfg.head_dim
+  inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, K, 2).astype(np.float32) / K)))
+  inv = inv.astype(np.float32)
+  rs = cfg.rope_scaling
+  if rs is None:
+    return inv
+  if rs.kind == "linear":
+    return (inv / np.float32(rs.factor)).astype(np.float32)
+  old = rs.original_max_position_embeddings
+  low_wavelen = old / rs.low_freq_factor
+  high_wavelen = old / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+  smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions_BxT: jax.Array, dt) -> tuple[jax.Array, jax.Array]:
+  freqs_BxTxK2 = positions_BxT.astype(F32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  emb_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
+  return jnp.cos(emb_BxTxK).astype(dt), jnp.sin(emb_BxTxK).astype(dt)
+
+
+def apply_rope(x_BxTxNxK: jax.Array, cos_BxTxK: jax.Array, sin_BxTxK: jax.Array) -> jax.Array:
+  half = x_BxTxNxK.shape[-1] // 2
+  rot = jnp.concatenate([-x_BxTxNxK[..., half:], x_BxTxNxK[..., :half]], axis=-1)
+  return x_BxTxNxK * cos_BxTxK[:, :, None] + rot * sin_BxTxK[:, :, None]
+
+
+def _activation(cfg: ModelConfig):
+  return {"silu": jax.nn.silu,
+          "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+          "gelu": functools.partial(jax.nn.gelu, approximate=False)}[cfg.activation]
+
+
+def _dense(x_NxI: jax.Array, w_IxO: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
+  y = x_NxI @ w_IxO
+  return y if b_O is None else y + b_O
+
+
+def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig) -> jax.Array:
+  """Grouped-query attention with optional logit soft-cap; softmax in float32. -> [B, T, H*K]."""
+  B, T, H, K = q_BxTxHxK.shape
+  G = k_BxSxGxK.shape[2]
+  q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
+  s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                           preferred_element_type=F32) * cfg.attn_scale
+  if cfg.attn_softcap:
+    s_BxGxRxTxS = jnp.tanh(s_BxGxRxTxS / cfg.attn_softcap) * cfg.attn_softcap
+  s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRxTxS, jnp.finfo(F32).min)
+  p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
+  o_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxSxGxK)
+  return o_BxTxGxRxK.reshape(B, T, H * K)
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+# ---- the forward pass -------------------------------------------------------------------------
+def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
+            mask_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None, *,
+            interventions: Sequence[Intervention] = (), capture: Sequence[str] = (),
+            capture_index: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+            cache_index: jax.Array | int = 0, return_logits: bool = True) -> Output:
+  """Run the decoder.
+
+  Args:
+    params: parameter pytree (`init_params` layout).
+    tokens_BxT: int32 token ids.
+    mask_BxT: 1/True for real tokens, 0 for padding (keys at padding are never attended to).
+    positions_BxT: RoPE positions; default `cache_index + arange(T)` (HF forward semantics).
+    interventions: `Intervention`s applied inside the layer scan.
+    capture: sites to return, each stacked as [L, B, T, D] (or [L, B, P, D] at `capture_index`).
+    capture_index: int [P] positions to keep for captures (memory stays O(P), not O(T)).
+    cache: KV cache from `init_cache`; the T new tokens are written at slots
+      [cache_index, cache_index + T) and attend to every valid slot up to their own.
+    return_logits: set False to skip the unembedding (probes that only need activations).
+  """
+  dt = jnp.dtype(cfg.dtype)
+  for s in capture:
+    check_site(s)
+  B, T = tokens_BxT.shape
+  if mask_BxT is None:
+    mask_BxT = jnp.ones((B, T), bool)
+  mask_BxT = mask_BxT.astype(bool)
+  if positions_BxT is None:
+    positions_BxT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+
+  x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0).astype(dt)
+  if cfg.embed_scale:
+    x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), dt)
+  cos_BxTxK, sin_BxTxK = rope_tables(cfg, positions_BxT, dt)
+
+  if cache is None:
+    kv_valid_BxS = mask_BxT
+    q_slot_T = jnp.arange(T)
+    kv_slot_S = jnp.arange(T)
+  else:
+    kv_valid_BxS = jax.lax.dynamic_update_slice(cache["valid"], mask_BxT, (0, cache_index))
+    q_slot_T = cache_index + jnp.arange(T)
+    kv_slot_S = jnp.arange(cache["valid"].shape[1])
+  diff_TxS = q_slot_T[:, None] - kv_slot_S[None, :]
+  causal_BxTxS = (diff_TxS >= 0)[None] & kv_valid_BxS[:, None, :]
+  windows_L = jnp.asarray(cfg.window_sizes(), jnp.int32)
+
+  act = _activation(cfg)
+  H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+  capture = tuple(capture)
+
+  def block(x_BxTxD, xs):
+    p, window, kv, iv_xs = xs
+    p = jax.tree.map(lambda a: a.astype(dt), p)
+    caps = {}
+
+    def site(name, h):
+      for iv, (on, vals) in zip(interventions, iv_xs):
+        if iv.site == name:
+          h = iv.apply(h, on, vals)
+      if name in capture:
+        caps[name] = h if capture_index is None else jnp.take(h, capture_index, axis=1)
+      return h
+
+    x_BxTxD = site("resid_pre", x_BxTxD)
+    # attention branch
+    h_NxD = rms_norm(x_BxTxD, p["attn_norm"], cfg).reshape(B * T, D)
+    q_BxTxHxK = _dense(h_NxD, p["wq"], p.get("bq")).reshape(B, T, H, K)
+    k_BxTxGxK = _dense(h_NxD, p["wk"], p.get("bk")).reshape(B, T, G, K)
+    v_BxTxGxK = _dense(h_NxD, p["wv"], p.get("bv")).reshape(B, T, G, K)
+    if cfg.qk_norm:
+      q_BxTxHxK = rms_norm(q_BxTxHxK, p["q_norm"], cfg)
+      k_BxTxGxK = rms_norm(k_BxTxGxK, p["k_norm"], cfg)
+    q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
+    k_BxTxGxK = apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK)
+    if kv is None:
+      k_BxSxGxK, v_BxSxGxK, new_kv = k_BxTxGxK, v_BxTxGxK, None
+    else:
+      k_BxSxGxK = jax.lax.dynamic_update_slice(kv[0], k_BxTxGxK.astype(kv[0].dtype),
+                                               (0, cache_index, 0, 0))
+      v_BxSxGxK = jax.lax.dynamic_update_slice(kv[1], v_BxTxGxK.astype(kv[1].dtype),
+                                               (0, cache_index, 0, 0))
+      new_kv = (k_BxSxGxK, v_BxSxGxK)
+    in_window_TxS = jnp.where(window > 0, diff_TxS < window, True)
+    o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt),
+                         causal_BxTxS & in_window_TxS[None], cfg)
+    a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"]).reshape(B, T, D)
+    if cfg.post_norms:
+      a_BxTxD = rms_norm(a_BxTxD, p["post_attn_norm"], cfg)
+    a_BxTxD = site("attn_out", a_BxTxD)
+    x_BxTxD = site("resid_mid", x_BxTxD + a_BxTxD)
+    # MLP branch
+    h_NxD = rms_norm(x_BxTxD, p["mlp_norm"], cfg).reshape(B * T, D)
+    u_NxF = act(_dense(h_NxD, p["w_gate"])) * _dense(h_NxD, p["w_up"])
+    m_BxTxD = _dense(u_NxF, p["w_down"]).reshape(B, T, D)
+    if cfg.post_norms:
+      m_BxTxD = rms_norm(m_BxTxD, p["post_mlp_norm"], cfg)
+    m_BxTxD = site("mlp_out", m_BxTxD)
+    x_BxTxD = site("resid_post", x_BxTxD + m_BxTxD)
+    return x_BxTxD, (new_kv, caps)
+
+  if cfg.remat != "none":
+    block = jax.checkpoint(block, policy=_REMAT[cfg.remat], prevent_cse=False)
+
+  kv_L = None if cache is None else (cache["k"], cache["v"])
+  iv_xs = tuple((iv.layer_mask, iv.values) for iv in interventions)
+  x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD,
+                                             (params["layers"], windows_L, kv_L, iv_xs))
+  new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid_BxS}
+  logits = unembed(params, cfg, x_BxTxD) if return_logits else None
+  return Output(logits, captures, x_BxTxD, new_cache)
+
+
+def unembed(params: Params, cfg: ModelConfig, h_xD: jax.Array) -> jax.Array:
+  """final_norm(h) @ W_U with the final soft-cap, float32. Works on any leading shape [..., D]
+  (the logit lens applies it to every layer's residual stream)."""
+  dt = jnp.dtype(cfg.dtype)
+  lead = h_xD.shape[:-1]
+  h_NxD = rms_norm(h_xD.astype(dt), params["final_norm"].astype(dt), cfg).reshape(-1, cfg.d_model)
+  if cfg.tie_embeddings:
+    logits_NxV = jnp.einsum("nd,vd->nv", h_NxD, params["embed"].astype(dt),
+                            preferred_element_type=F32)
+  else:
+    logits_NxV = jnp.dot(h_NxD, params["lm_head"].astype(dt), preferred_element_type=F32)
+  if cfg.final_softcap:
+    logits_NxV = jnp.tanh(logits_NxV / cfg.final_softcap) * cfg.final_softcap
+  return logits_NxV.reshape(*lead, cfg.vocab_size)
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str, jax.Array]:
+  """An empty KV cache: k, v [L, B, S, G, K] and the valid-slot mask [B, S]."""
+  dt = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+          "valid": jnp.zeros((batch, slots), bool)}
+
+
+_forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "return_logits"))
+
+
+# ---- the NNX module ---------------------------------------------------------------------------
+class _Stack(nnx.Module):
+  """The stacked per-layer parameters ([L, ...] each)."""
+
+  def __init__(self, arrays: dict[str, jax.Array]):
+    for name, a in arrays.items():
+      setattr(self, name, nnx.Param(a))
+
+
+class Transformer(nnx.Module):
+  """A decoder whose call maps int32 tokens [B, T] (and an optional padding mask) to float32
+  logits [B, T, V]. Parameters are `nnx.Param`s in the `init_params` layout; `params()` returns
+  them as a plain pytree for the pure functions (`forward`, probes, training)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None,
+               params: Params | None = None):
+    if params is None:
+      if rngs is None:
+        raise ValueError("Transformer needs rngs= (random init) or params=")
+      params = init_params(cfg, rngs.params())
+    self.cfg = cfg
+    self.embed = nnx.Param(params["embed"])
+    self.layers = _Stack(params["layers"])
+    self.final_norm = nnx.Param(params["final_norm"])
+    if "lm_head" in params:
+      self.lm_head = nnx.Param(params["lm_head"])
+
+  def params(self) -> Params:
+    return nnx.state(self, nnx.Param).to_pure_dict()
+
+  def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None, **kw) -> jax.Array:
+    return self.forward(tokens_BxT, mask_BxT, positions_BxT, **kw).logits
+
+  def forward(self, tokens_BxT, mask_BxT=None, positions_BxT=None, **kw) -> Output:
+    """Jitted `forward` with this model's parameters (see `forward` for the keywords)."""
+    if "capture" in kw:
+      kw["capture"] = tuple(kw["capture"])
+    if "interventions" in kw:
+      kw["interventions"] = tuple(kw["interventions"])
+    return _forward_jit(self.params(), self.cfg, jnp.asarray(tokens_BxT, jnp.int32),
+                        mask_BxT, positions_BxT, **kw)
