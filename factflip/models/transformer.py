@@ -139,7 +139,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
             mask_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None, *,
             interventions: Sequence[Intervention] = (), capture: Sequence[str] = (),
             capture_index: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
-            cache_index: jax.Array | int = 0, return_logits: bool = True) -> Output:
+            cache_index: jax.Array | int = 0, return_logits: bool = True,
+            resid_BxTxD: jax.Array | None = None, start_layer: int = 0) -> Output:
   """Run the decoder.
 
   Args:
@@ -153,6 +154,10 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     cache: KV cache from `init_cache`; the T new tokens are written at slots
       [cache_index, cache_index + T) and attend to every valid slot up to their own.
     return_logits: set False to skip the unembedding (probes that only need activations).
+    resid_BxTxD, start_layer: run only blocks start_layer..L-1 on the given residual stream
+      (resid_pre of block start_layer) instead of embedding `tokens_BxT` (whose shape still sets
+      B and T). Layer-indexed inputs (interventions, cache) and outputs (captures) then cover
+      those L - start_layer blocks.
   """
   dt = jnp.dtype(cfg.dtype)
   for s in capture:
@@ -164,9 +169,10 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
   if positions_BxT is None:
     positions_BxT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
 
-  x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0).astype(dt)
-  if cfg.embed_scale:
-    x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), dt)
+  if resid_BxTxD is None:
+    x_BxTxD = embed(params, cfg, tokens_BxT)
+  else:
+    x_BxTxD = resid_BxTxD.astype(dt)
   cos_BxTxK, sin_BxTxK = rope_tables(cfg, positions_BxT, dt)
 
   if cache is None:
@@ -179,7 +185,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     kv_slot_S = jnp.arange(cache["valid"].shape[1])
   diff_TxS = q_slot_T[:, None] - kv_slot_S[None, :]
   causal_BxTxS = (diff_TxS >= 0)[None] & kv_valid_BxS[:, None, :]
-  windows_L = jnp.asarray(cfg.window_sizes(), jnp.int32)
+  windows_L = jnp.asarray(cfg.window_sizes()[start_layer:], jnp.int32)
 
   act = _activation(cfg)
   H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
@@ -240,11 +246,22 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
 
   kv_L = None if cache is None else (cache["k"], cache["v"])
   iv_xs = tuple((iv.layer_mask, iv.values) for iv in interventions)
-  x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD,
-                                             (params["layers"], windows_L, kv_L, iv_xs))
+  layers = params["layers"]
+  if start_layer:
+    layers = jax.tree.map(lambda a: a[start_layer:], layers)
+  x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD, (layers, windows_L, kv_L, iv_xs))
   new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid_BxS}
   logits = unembed(params, cfg, x_BxTxD) if return_logits else None
   return Output(logits, captures, x_BxTxD, new_cache)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> jax.Array:
+  """Token embeddings in the compute dtype, times sqrt(d_model) for Gemma (resid_pre[0])."""
+  dt = jnp.dtype(cfg.dtype)
+  x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0).astype(dt)
+  if cfg.embed_scale:
+    x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), dt)
+  return x_BxTxD
 
 
 def unembed(params: Params, cfg: ModelConfig, h_xD: jax.Array) -> jax.Array:
@@ -271,7 +288,8 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str
           "valid": jnp.zeros((batch, slots), bool)}
 
 
-_forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "return_logits"))
+_forward_jit = jax.jit(forward,
+                       static_argnames=("cfg", "capture", "return_logits", "start_layer"))
 
 
 # ---- the NNX module ---------------------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""Batched KV-cache decoding: greedy, temperature, top-k and top-p sampling.
+
+Owns: left-padding and bucketing of prompts, the compiled prefill + decode loop, sampling, stop
+tokens.
+Must not: define the model (it calls `transformer.forward` with a cache).
+
+One jitted program per (batch, prompt bucket, cache bucket) holds the prefill and a
+`lax.while_loop` of single-token steps, so the host does not dispatch per token and any prompt
+length and any `max_new_tokens` inside a bucket reuse the compiled program. Positions follow HF
+`generate` (cumulative sum of the attention mask), so greedy output is token-identical to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from factflip.models.config import ModelConfig
+from factflip.models.transformer import Params, Transformer, forward, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off (HF order: temperature, top-k, top-p)."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"{self}: expected temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+class Generation(NamedTuple):
+  tokens: np.ndarray   # [B, max_new_tokens] int32, pad_id after a stop token
+  lengths: np.ndarray  # [B] generated tokens per row, the stop token included
+
+
+def _bucket(n: int, minimum: int) -> int:
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
+  neg = jnp.finfo(jnp.float32).min
+  if sampling.top_k:
+    kth_B = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B, neg, logits_BxV)
+  if sampling.top_p < 1.0:
+    order_BxV = jnp.argsort(-logits_BxV, axis=-1)
+    sorted_BxV = jnp.take_along_axis(logits_BxV, order_BxV, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    drop_sorted_BxV = mass_before_BxV >= sampling.top_p   # the top token is always kept
+    drop_BxV = jnp.zeros_like(drop_sorted_BxV).at[
+        jnp.arange(logits_BxV.shape[0])[:, None], order_BxV].set(drop_sorted_BxV)
+    logits_BxV = jnp.where(drop_BxV, neg, logits_BxV)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "sampling"))
+def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, key, stop_N,
+              pad_id, *, slots: int, sampling: Sampling):
+  B, T = tokens_BxT.shape
+  positions_BxT = jnp.where(mask_BxT, jnp.cumsum(mask_BxT, axis=1) - 1, 1).astype(jnp.int32)
+  out = forward(params, cfg, tokens_BxT, mask_BxT, positions_BxT,
+                cache=init_cache(cfg, B, slots), cache_index=0)
+  new_BxN = jnp.full((B, slots - T), pad_id, jnp.int32)
+  state = (jnp.int32(0), out.cache, out.logits[:, -1], positions_BxT[:, -1] + 1,
+           jnp.zeros((B,), bool), new_BxN, jnp.full((B,), max_new, jnp.int32), key)
+
+  def cond(s):
+    return (s[0] < max_new) & ~jnp.all(s[4])
+
+  def body(s):
+    step, cache, logits_BxV, pos_B, done_B, new_BxN, len_B, key = s
+    key, sub = jax.random.split(key)
+    tok_B = jnp.where(done_B, pad_id, sample_token(logits_BxV, sub, sampling))
+    new_BxN = new_BxN.at[:, step].set(tok_B)
+    stopped_B = ~done_B & (tok_B[:, None] == stop_N[None]).any(-1)
+    len_B = jnp.where(stopped_B, step + 1, len_B)
+    o = forward(params, cfg, tok_B[:, None], jnp.ones((B, 1), bool), pos_B[:, None],
+                cache=cache, cache_index=T + step)
+    return (step + 1, o.cache, o.logits[:, 0], pos_B + 1, done_B | stopped_B, new_BxN, len_B, key)
+
+  s = jax.lax.while_loop(cond, body, state)
+  return s[5], s[6]
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             key: jax.Array | None = None, stop_tokens: Sequence[int] | None = None,
+             pad_id: int | None = None, min_bucket: int = 16) -> Generation:
+  """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+  Prompts are left-padded to a power-of-two bucket; sampling (temperature > 0) needs an explicit
+  PRNG `key`. `stop_tokens` defaults to the model's eos ids; after a row emits one it is padded.
+  """
+  cfg = model.cfg
+  sampling = Sampling(temperature, top_k, top_p)
+  if temperature > 0 and key is None:
+    raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=)")
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("generate needs at least one prompt and every prompt at least one token")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the "
+                     f"model's context of {cfg.max_seq_len}")
+  pad_id = pad_id if pad_id is not None else (cfg.pad_token_id or 0)
+  stop = cfg.eos_token_ids if stop_tokens is None else tuple(stop_tokens)
+  T = _bucket(longest, min_bucket)
+  slots = _bucket(T + max_new_tokens, min_bucket)
+  tokens_BxT = np.full((len(prompts), T), pad_id, np.int32)
+  mask_BxT = np.zeros((len(prompts), T), bool)
+  for i, p in enumerate(prompts):
+    tokens_BxT[i, T - len(p):] = p
+    mask_BxT[i, T - len(p):] = True
+  new_BxN, len_B = _generate(model.params(), cfg, tokens_BxT, mask_BxT, jnp.int32(max_new_tokens),
+                             key if key is not None else jax.random.key(0),
+                             jnp.asarray(stop, jnp.int32).reshape(-1), jnp.int32(pad_id),
+                             slots=slots, sampling=sampling)
+  return Generation(np.asarray(new_BxN)[:, :max_new_tokens], np.asarray(len_B))
+
+
+def generate_text(model: Transformer, tokenizer, texts: Sequence[str], max_new_tokens: int = 32,
+                  **kw) -> list[str]:
+  """Tokenise, generate, and decode each row up to (not including) its stop token."""
+  prompts = [tokenizer.encode(t) for t in texts]
+  if kw.get("pad_id") is None and getattr(tokenizer, "pad_token_id", None) is not None:
+    kw["pad_id"] = tokenizer.pad_token_id
+  gen = generate(model, prompts, max_new_tokens, **kw)
+  stops = set(model.cfg.eos_token_ids if kw.get("stop_tokens") is None else kw["stop_tokens"])
+  outs = []
+  for row, n in zip(gen.tokens, gen.lengths):
+    ids = [int(t) for t in row[:n] if int(t) not in stops]
+    outs.append(tokenizer.decode(ids))
+  return outs

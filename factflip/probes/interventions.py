@@ -1,0 +1,109 @@
+"""Capture and intervene at hook sites: the base the probes stand on.
+
+Owns: building `Intervention`s from friendly arguments (layers and positions as lists, masks or
+None = all), capturing sites, and the residual stream.
+Must not: define sites or how the scan applies interventions (`factflip.models.hooks`), or build
+sweeps (`factflip.probes.patching`, later).
+
+Typical use (cross-model patching is capture in one model, replace in another):
+
+    caps = capture(base, tokens, ["resid_pre"])                    # {site: [L, B, T, D]}
+    iv = replace("resid_pre", caps["resid_pre"], layers=[5], positions=[-1])
+    logits = poisoned(tokens, interventions=[iv])
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from factflip.models.hooks import Intervention, check_site, parse_hook_name
+from factflip.models.transformer import Transformer
+
+Index = Sequence[int] | np.ndarray | jax.Array | None
+
+
+def layer_mask(n_layers: int, layers: Index = None) -> jax.Array:
+  """bool [L]: True at `layers` (ints, negative allowed) or everywhere when None."""
+  if layers is None:
+    return jnp.ones((n_layers,), bool)
+  idx = np.asarray(layers)
+  if idx.dtype == bool:
+    if idx.shape != (n_layers,):
+      raise ValueError(f"layer mask has shape {idx.shape}; expected ({n_layers},)")
+    return jnp.asarray(idx)
+  if idx.size and (idx.max() >= n_layers or idx.min() < -n_layers):
+    raise ValueError(f"layers {idx.tolist()} out of range for a {n_layers}-layer model")
+  return jnp.zeros((n_layers,), bool).at[idx].set(True)
+
+
+def position_mask(seq_len: int, positions: Index = None) -> jax.Array:
+  """bool [T] (or [B, T] if given as a 2-D mask): True at `positions`, everywhere when None."""
+  if positions is None:
+    return jnp.ones((seq_len,), bool)
+  idx = np.asarray(positions)
+  if idx.dtype == bool:
+    if idx.shape[-1] != seq_len:
+      raise ValueError(f"position mask has {idx.shape[-1]} positions; expected {seq_len}")
+    return jnp.asarray(idx)
+  if idx.size and (idx.max() >= seq_len or idx.min() < -seq_len):
+    raise ValueError(f"positions {idx.tolist()} out of range for {seq_len} tokens")
+  return jnp.zeros((seq_len,), bool).at[idx].set(True)
+
+
+def _make(site: str, mode: str, values, layers: Index, positions: Index,
+          n_layers: int | None) -> Intervention:
+  site, layer_from_name = parse_hook_name(site)
+  if layer_from_name is not None:
+    if layers is not None:
+      raise ValueError(f"hook name {site!r} already names layer {layer_from_name}; drop layers=")
+    layers = [layer_from_name]
+  values = jnp.asarray(values)
+  L = n_layers or values.shape[0]
+  if values.shape[0] != L:
+    raise ValueError(f"values have leading axis {values.shape[0]}; expected the layer axis ({L})")
+  T = values.shape[-2] if values.ndim >= 3 and values.shape[-2] > 1 else None
+  if T is None and positions is not None and np.asarray(positions).dtype != bool:
+    raise ValueError("positions given as indices need values with a position axis; pass a "
+                     "boolean position mask instead")
+  pos = position_mask(T, positions) if T is not None else (
+      jnp.asarray(positions) if positions is not None else jnp.ones((1,), bool))
+  return Intervention(layer_mask(L, layers), pos, values, site=check_site(site), mode=mode)
+
+
+def replace(site: str, values, layers: Index = None, positions: Index = None,
+            n_layers: int | None = None) -> Intervention:
+  """Replace `site` by `values` ([L, B, T, D], e.g. a capture) at the chosen layers/positions.
+
+  `site` may be a TransformerLens name ('blocks.5.hook_resid_pre'), which also picks the layer.
+  """
+  return _make(site, "replace", values, layers, positions, n_layers)
+
+
+def add(site: str, values, layers: Index = None, positions: Index = None,
+        n_layers: int | None = None) -> Intervention:
+  """Add `values` to `site` at the chosen layers/positions. `values` is [L, ...] broadcastable
+  per layer to [B, T, D]: a steering vector d [D] at layer 5 of 12 is
+  `add("resid_post", jnp.zeros((12, 1, 1, D)).at[5, 0, 0].set(d), layers=[5])`."""
+  return _make(site, "add", values, layers, positions, n_layers)
+
+
+def capture(model: Transformer, tokens_BxT, sites: Sequence[str], mask_BxT=None,
+            interventions: Sequence[Intervention] = (),
+            positions: Index = None) -> dict[str, jax.Array]:
+  """Activations at `sites`, each [L, B, T, D] (or [L, B, P, D] at `positions`)."""
+  idx = None if positions is None else jnp.asarray(positions, jnp.int32)
+  out = model.forward(tokens_BxT, mask_BxT, capture=tuple(sites), capture_index=idx,
+                      interventions=tuple(interventions), return_logits=False)
+  return dict(out.captures)
+
+
+def residual_stream(model: Transformer, tokens_BxT, mask_BxT=None) -> jax.Array:
+  """[L + 1, B, T, D]: index 0 the embedding output (after any embedding scale), index l the
+  output of block l - 1; the last entry is before the final norm."""
+  out = model.forward(tokens_BxT, mask_BxT, capture=("resid_pre", "resid_post"),
+                      return_logits=False)
+  return jnp.concatenate([out.captures["resid_pre"][:1], out.captures["resid_post"]], axis=0)

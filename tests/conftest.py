@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random HF models (one per family) saved with save_pretrained.
+
+XLA is given 8 host devices before jax is imported, so sharding tests can build meshes; every
+other test runs on device 0 as usual.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
+VOCAB = 101
+SEQ = 14  # longer than the sliding window (5) below
+
+
+def make_hf_model(family: str, seed: int = 0):
+  """A tiny random HF model of `family` exercising that family's switches."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  if family == "llama":
+    cfg = transformers.LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})
+    model = transformers.LlamaForCausalLM(cfg)
+  elif family == "qwen2":
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **common, tie_word_embeddings=True, rope_theta=1e6))
+  elif family == "qwen3":
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=24))
+  elif family == "mistral":
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(
+        **common, sliding_window=5, head_dim=24))
+  elif family == "gemma2":
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **common, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attn_implementation="eager"))
+  else:
+    raise ValueError(family)
+  with torch.no_grad():  # non-trivial norms and biases so conventions are actually tested
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.normal_(0.0, 0.3) if family == "gemma2" else p.uniform_(0.5, 1.5)
+      elif name.endswith("bias"):
+        p.normal_(0.0, 0.1)
+  return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+  """family -> (directory, torch model)."""
+  out = {}
+  for family in FAMILIES:
+    model = make_hf_model(family)
+    d = str(tmp_path_factory.mktemp(f"hf_{family}"))
+    model.save_pretrained(d)
+    out[family] = (d, model)
+  return out
+
+
+@pytest.fixture(scope="session")
+def batch():
+  """Tokens [3, SEQ] and a padding mask: row 0 full, row 1 right-padded, row 2 left-padded."""
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(3, VOCAB, (3, SEQ)).astype(np.int32)
+  mask = np.ones((3, SEQ), bool)
+  mask[1, 10:] = False
+  mask[2, :4] = False
+  tokens[~mask] = 0
+  return tokens, mask
+
+
+def torch_forward(model, tokens, mask):
+  import torch
+
+  with torch.no_grad():
+    out = model(torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask.astype(np.int64)), output_hidden_states=True)
+  return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
