@@ -127,6 +127,21 @@ def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig) -> 
   return o_BxTxGxRxK.reshape(B, T, H * K)
 
 
+def _materialise(h: jax.Array, probe: jax.Array) -> jax.Array:
+  """`h`, computed into memory before its consumers run.
+
+  XLA:CPU contracts a multiply into the add that consumes it (FMA) inside a fusion, and drops
+  optimization barriers. A post-norm output (a product) that feeds the residual add would then
+  round differently in a clean run than in a run where the site is replaced by its own captured
+  value. A conditional is never fused, so both runs see the same rounded value. `probe` is a
+  weight: the predicate is false only if it is NaN, and then the result is NaN too. Only on CPU
+  (elsewhere a conditional may cost a host round trip).
+  """
+  if jax.default_backend() != "cpu":
+    return h
+  return jax.lax.cond(probe == probe, lambda x: x, lambda x: jnp.full_like(x, jnp.nan), h)
+
+
 _REMAT = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -228,7 +243,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
                          causal_BxTxS & in_window_TxS[None], cfg)
     a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"]).reshape(B, T, D)
     if cfg.post_norms:
-      a_BxTxD = rms_norm(a_BxTxD, p["post_attn_norm"], cfg)
+      a_BxTxD = _materialise(rms_norm(a_BxTxD, p["post_attn_norm"], cfg), p["post_attn_norm"][0])
     a_BxTxD = site("attn_out", a_BxTxD)
     x_BxTxD = site("resid_mid", x_BxTxD + a_BxTxD)
     # MLP branch
@@ -236,7 +251,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     u_NxF = act(_dense(h_NxD, p["w_gate"])) * _dense(h_NxD, p["w_up"])
     m_BxTxD = _dense(u_NxF, p["w_down"]).reshape(B, T, D)
     if cfg.post_norms:
-      m_BxTxD = rms_norm(m_BxTxD, p["post_mlp_norm"], cfg)
+      m_BxTxD = _materialise(rms_norm(m_BxTxD, p["post_mlp_norm"], cfg), p["post_mlp_norm"][0])
     m_BxTxD = site("mlp_out", m_BxTxD)
     x_BxTxD = site("resid_post", x_BxTxD + m_BxTxD)
     return x_BxTxD, (new_kv, caps)

@@ -30,6 +30,12 @@ def layer_mask(n_layers: int, layers: Index = None) -> jax.Array:
   """bool [L]: True at `layers` (ints, negative allowed) or everywhere when None."""
   if layers is None:
     return jnp.ones((n_layers,), bool)
+  if isinstance(layers, jax.Array):  # possibly traced (a vmapped sweep): no value checks
+    if layers.dtype == bool:
+      if layers.shape != (n_layers,):
+        raise ValueError(f"layer mask has shape {layers.shape}; expected ({n_layers},)")
+      return layers
+    return jnp.zeros((n_layers,), bool).at[layers].set(True)
   idx = np.asarray(layers)
   if idx.dtype == bool:
     if idx.shape != (n_layers,):
@@ -44,6 +50,12 @@ def position_mask(seq_len: int, positions: Index = None) -> jax.Array:
   """bool [T] (or [B, T] if given as a 2-D mask): True at `positions`, everywhere when None."""
   if positions is None:
     return jnp.ones((seq_len,), bool)
+  if isinstance(positions, jax.Array):  # possibly traced: no value checks
+    if positions.dtype == bool:
+      if positions.shape[-1] != seq_len:
+        raise ValueError(f"position mask has {positions.shape[-1]} positions; expected {seq_len}")
+      return positions
+    return jnp.zeros((seq_len,), bool).at[positions].set(True)
   idx = np.asarray(positions)
   if idx.dtype == bool:
     if idx.shape[-1] != seq_len:
@@ -66,7 +78,7 @@ def _make(site: str, mode: str, values, layers: Index, positions: Index,
   if values.shape[0] != L:
     raise ValueError(f"values have leading axis {values.shape[0]}; expected the layer axis ({L})")
   T = values.shape[-2] if values.ndim >= 3 and values.shape[-2] > 1 else None
-  if T is None and positions is not None and np.asarray(positions).dtype != bool:
+  if T is None and positions is not None and jnp.asarray(positions).dtype != bool:
     raise ValueError("positions given as indices need values with a position axis; pass a "
                      "boolean position mask instead")
   pos = position_mask(T, positions) if T is not None else (

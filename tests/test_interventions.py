@@ -1,0 +1,108 @@
+"""Hook sites and interventions: capture, identity replacement, cross-run replacement, add."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from factflip import load_model
+from factflip.models import embed, unembed
+from factflip.probes import SITES, add, capture, parse_hook_name, replace, residual_stream
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2"])
+def model(request, hf_dirs):
+  return load_model(hf_dirs[request.param][0])
+
+
+def test_residual_stream_indexing(model, batch):
+  tokens, mask = batch
+  stream = residual_stream(model, tokens, mask)
+  params = model.params()
+  # index 0 is the embedding output, with Gemma's sqrt(d) scale applied
+  np.testing.assert_array_equal(stream[0], embed(params, model.cfg, jnp.asarray(tokens)))
+  # the last entry is before the final norm: unembedding it gives the logits
+  np.testing.assert_allclose(unembed(params, model.cfg, stream[-1]), model(tokens, mask),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_identity_replacement_reproduces_logits_exactly(model, batch, site):
+  tokens, mask = batch
+  clean = np.asarray(model(tokens, mask))
+  caps = capture(model, tokens, [site], mask)
+  iv = replace(site, caps[site])
+  np.testing.assert_array_equal(np.asarray(model(tokens, mask, interventions=[iv])), clean)
+
+
+def test_replacing_a_layer_with_another_run_equals_running_the_tail(model, batch):
+  tokens, mask = batch
+  other = np.where(mask, (tokens * 7 + 3) % model.cfg.vocab_size, 0)
+  layer = 2
+  theirs = capture(model, other, ["resid_pre"], mask)["resid_pre"]
+  # All positions replaced at layer `layer`: the rest of the network sees only the other run.
+  iv = replace("resid_pre", theirs, layers=[layer])
+  patched = np.asarray(model(tokens, mask, interventions=[iv]))
+  tail = model.forward(tokens, mask, resid_BxTxD=theirs[layer], start_layer=layer).logits
+  np.testing.assert_array_equal(patched, np.asarray(tail))
+  np.testing.assert_allclose(patched, np.asarray(model(other, mask)), atol=1e-5)
+
+
+def test_single_cell_patch_changes_only_downstream(model, batch):
+  tokens, mask = batch
+  other = np.where(mask, (tokens * 7 + 3) % model.cfg.vocab_size, 0)
+  theirs = capture(model, other, ["resid_pre"], mask)["resid_pre"]
+  iv = replace("blocks.1.hook_resid_pre", theirs, positions=[6])
+  base = np.asarray(model(tokens, mask))
+  patched = np.asarray(model(tokens, mask, interventions=[iv]))
+  early = mask[:, :6]  # causal: earlier real positions are untouched (padding rows see nothing real)
+  np.testing.assert_array_equal(patched[:, :6][early], base[:, :6][early])
+  assert np.abs(patched[0, 6:] - base[0, 6:]).max() > 1e-3
+
+
+def test_add_steering_vector_at_one_layer(model, batch):
+  tokens, mask = batch
+  L, D = model.cfg.n_layers, model.cfg.d_model
+  direction = jax.random.normal(jax.random.key(0), (D,))
+  values = jnp.zeros((L, 1, 1, D)).at[1, 0, 0].set(direction)
+  zero = add("resid_post", jnp.zeros((L, 1, 1, D)), layers=[1])
+  np.testing.assert_array_equal(np.asarray(model(tokens, mask, interventions=[zero])),
+                                np.asarray(model(tokens, mask)))
+  steered = capture(model, tokens, ["resid_post"], mask,
+                    interventions=[add("resid_post", values, layers=[1])])["resid_post"]
+  clean = capture(model, tokens, ["resid_post"], mask)["resid_post"]
+  np.testing.assert_allclose(steered[1] - clean[1], jnp.broadcast_to(direction, clean[1].shape),
+                             atol=1e-5)
+  np.testing.assert_array_equal(steered[0], clean[0])
+
+
+def test_capture_at_positions_and_vmap_over_masks(model, batch):
+  tokens, mask = batch
+  full = capture(model, tokens, ["mlp_out"], mask)["mlp_out"]
+  some = capture(model, tokens, ["mlp_out"], mask, positions=[0, 5, 13])["mlp_out"]
+  np.testing.assert_array_equal(some, full[:, :, [0, 5, 13]])
+
+  # Interventions are data: a sweep over layers is a vmap over layer masks in one program.
+  from factflip.models.transformer import forward
+
+  caps = capture(model, tokens, ["resid_pre"], mask)["resid_pre"]
+  L = model.cfg.n_layers
+  ivs = jax.vmap(lambda m: replace("resid_pre", caps, layers=m))(jnp.eye(L, dtype=bool))
+  swept = jax.jit(jax.vmap(lambda iv: forward(model.params(), model.cfg, tokens, mask,
+                                              interventions=(iv,)).logits))(ivs)
+  assert swept.shape == (L, *tokens.shape, model.cfg.vocab_size)
+  np.testing.assert_allclose(swept, jnp.broadcast_to(model(tokens, mask), swept.shape), atol=1e-5)
+
+
+def test_hook_names_and_bad_interventions(model):
+  assert parse_hook_name("blocks.3.hook_attn_out") == ("attn_out", 3)
+  assert parse_hook_name("resid_post") == ("resid_post", None)
+  L = model.cfg.n_layers
+  with pytest.raises(ValueError, match="unknown hook site"):
+    parse_hook_name("blocks.1.hook_q")
+  with pytest.raises(ValueError, match="out of range"):
+    replace("resid_pre", jnp.zeros((L, 1, 4, 8)), layers=[L])
+  with pytest.raises(ValueError, match="leading axis"):
+    replace("resid_pre", jnp.zeros((L + 1, 1, 4, 8)), n_layers=L)
+  with pytest.raises(ValueError, match="unknown hook site"):
+    capture(model, np.zeros((1, 4), np.int32), ["resid"])
