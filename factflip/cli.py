@@ -1,0 +1,146 @@
+"""The `factflip` command (absl flags).
+
+  factflip run [--workdir=DIR]         the main job on the embedded default (see below)
+  factflip presets                     the model size ladder with parameter counts
+  factflip generate --model=DIR --prompt=TEXT [--max_new_tokens=N --temperature=T --seed=S]
+  factflip convert --model=DIR --out=DIR --to=hf|factflip
+
+Until the poisoning study lands, `run` exercises the real model core end to end on a tiny preset
+(the nearest real thing): random init -> HF export -> reload -> exact-parity check -> residual
+stream capture + identity patch -> greedy and sampled generation, and writes
+`workdir/model_core.json` with what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "workdir/default", "Where `run` writes its outputs.")
+flags.DEFINE_string("preset", "tiny-2m", "Model preset for `run`.")
+flags.DEFINE_string("model", None, "Model directory (HF or factflip) for generate/convert.")
+flags.DEFINE_string("out", None, "Output directory for convert.")
+flags.DEFINE_enum("to", "hf", ["hf", "factflip"], "Target format for convert.")
+flags.DEFINE_multi_string("prompt", [], "Prompt text for generate (repeatable).")
+flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Top-k filter (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Top-p filter (1 = off).")
+flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and init.")
+
+COMMANDS = ("run", "presets", "generate", "convert")
+
+
+def _presets() -> None:
+  from factflip.models import get_preset, presets
+
+  print(f"{'preset':<18}{'family':<9}{'params':>16}  L    D     H  G   F")
+  for name, n in presets().items():
+    c = get_preset(name)
+    print(f"{name:<18}{c.family:<9}{n:>16,}  {c.n_layers:<4} {c.d_model:<5} {c.n_heads:<2} "
+          f"{c.n_kv_heads:<3}{c.d_ff}")
+
+
+def _run(workdir: str, preset: str, seed: int) -> dict:
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from factflip import Transformer, generate, get_preset, load_model, save_hf
+  from factflip.probes import capture, replace, residual_stream
+
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+  cfg = get_preset(preset)
+  print(f"[1/4] init {preset} ({cfg.num_params():,} params) and export to HF", flush=True)
+  model = Transformer(cfg, rngs=nnx.Rngs(seed))
+  hf_dir = os.path.join(workdir, "model_hf")
+  save_hf(model, hf_dir)
+  print("[2/4] reload the export and check parity", flush=True)
+  again = load_model(hf_dir)
+  tokens = np.random.RandomState(seed).randint(0, cfg.vocab_size, (4, 64)).astype(np.int32)
+  t = time.time()
+  logits = np.asarray(model(tokens))
+  again_logits = np.asarray(again(tokens))
+  parity = float(np.abs(logits - again_logits).max())
+  print("[3/4] residual stream, capture and identity patch", flush=True)
+  stream = residual_stream(again, tokens)
+  caps = capture(again, tokens, ["resid_pre"])
+  patched = np.asarray(again(tokens, interventions=[replace("resid_pre", caps["resid_pre"])]))
+  print("[4/4] generation (greedy and sampled)", flush=True)
+  prompts = [list(map(int, tokens[0, :9])), list(map(int, tokens[1, :5]))]
+  greedy = generate(again, prompts, 16, stop_tokens=())
+  sampled = generate(again, prompts, 16, temperature=1.0, top_k=50, key=jax.random.key(seed),
+                     stop_tokens=())
+  summary = {
+      "preset": preset, "params": cfg.num_params(), "hf_export": hf_dir,
+      "max_abs_logit_diff_after_hf_round_trip": parity,
+      "residual_stream_shape": list(stream.shape),
+      "identity_patch_exact": bool((patched == again_logits).all()),
+      "greedy_tokens": greedy.tokens.tolist(), "sampled_tokens": sampled.tokens.tolist(),
+      "seconds": round(time.time() - t0, 2), "forward_seconds": round(time.time() - t, 2),
+  }
+  tmp = os.path.join(workdir, "model_core.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, "model_core.json"))
+  print(f"done in {summary['seconds']} s: HF round trip max |dlogit| = {parity:.3g}, identity "
+        f"patch exact = {summary['identity_patch_exact']}, residual stream "
+        f"{tuple(stream.shape)}; wrote {os.path.join(workdir, 'model_core.json')}")
+  return summary
+
+
+def _generate() -> None:
+  import jax
+
+  from factflip import load_model, load_tokenizer
+  from factflip.models import generate_text
+
+  if not FLAGS.model or not FLAGS.prompt:
+    raise app.UsageError("generate needs --model=DIR and at least one --prompt=TEXT")
+  model = load_model(FLAGS.model)
+  tok = load_tokenizer(FLAGS.model)
+  outs = generate_text(model, tok, FLAGS.prompt, FLAGS.max_new_tokens,
+                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                       key=jax.random.key(FLAGS.seed))
+  for p, o in zip(FLAGS.prompt, outs):
+    print(f"{p!r} -> {o!r}")
+
+
+def _convert() -> None:
+  from factflip import load_model, save_hf, save_model
+
+  if not FLAGS.model or not FLAGS.out:
+    raise app.UsageError("convert needs --model=DIR --out=DIR")
+  model = load_model(FLAGS.model)
+  (save_hf if FLAGS.to == "hf" else save_model)(model, FLAGS.out)
+  print(f"wrote {FLAGS.to} model to {FLAGS.out}")
+
+
+def _main(argv) -> None:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: factflip {{{'|'.join(COMMANDS)}}} [--flags]")
+  if len(argv) > 2:
+    raise app.UsageError(f"unexpected arguments {argv[2:]}")
+  cmd = argv[1]
+  if cmd == "presets":
+    _presets()
+  elif cmd == "run":
+    _run(FLAGS.workdir, FLAGS.preset, FLAGS.seed)
+  elif cmd == "generate":
+    _generate()
+  else:
+    _convert()
+
+
+def main() -> None:
+  app.run(_main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+  main()
