@@ -48,3 +48,22 @@ def test_rules_drop_axes_that_do_not_divide():
     make_mesh(fsdp=3, tensor=1)
   with pytest.raises(ValueError, match="at most one may be -1"):
     make_mesh(fsdp=-1, tensor=-1)
+
+
+def test_sharded_load_reads_only_each_devices_slice(hf_dirs, monkeypatch):
+  """No device's callback reads a whole tensor: host memory per read is one shard."""
+  from factflip.models import safetensors_io
+
+  path, _ = hf_dirs["llama"]
+  reads = []
+  original = safetensors_io.SafetensorsFile.read
+
+  def spy(self, name, index=None):
+    out = original(self, name, index)
+    reads.append((name, out.size, int(np.prod(self.shape(name)))))
+    return out
+
+  monkeypatch.setattr(safetensors_io.SafetensorsFile, "read", spy)
+  load_model(path, mesh=make_mesh(fsdp=4, tensor=2))
+  big = [(n, got, full) for n, got, full in reads if "proj" in n or "embed" in n or "lm_head" in n]
+  assert big and all(got * 4 <= full for _, got, full in big), big[:5]
