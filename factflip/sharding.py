@@ -98,9 +98,13 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   return PartitionSpec(*spec)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-  """NamedSharding for every parameter (same tree as `cfg.param_shapes()`)."""
+def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict[str, Any]:
+  """A sharding for every parameter (same tree as `cfg.param_shapes()`): NamedShardings from the
+  rules on `mesh`, or the first local device when mesh is None."""
   shapes = cfg.param_shapes()
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: dev, shapes, is_leaf=lambda x: isinstance(x, tuple))
   axes = param_logical_axes(cfg)
   return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, s, mesh)), axes, shapes,
                       is_leaf=lambda x: isinstance(x, tuple))

@@ -282,11 +282,7 @@ def load_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None,
     log.warning("%s: ignoring %d tensor(s) the model does not use, e.g. %s", path, len(extra),
                 extra[:4])
 
-  if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: dev, shapes, is_leaf=lambda x: isinstance(x, tuple))
-  else:
-    shardings = sharding_lib.param_shardings(cfg, mesh)
+  shardings = sharding_lib.param_shardings(cfg, mesh)
   np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
   params: Params = {}
   for p, (names, transpose) in tmap.items():

@@ -71,11 +71,7 @@ def load_model(path: str, dtype: str = "float32", compute_dtype: str | None = No
 def _load_native(path, dtype, compute_dtype, mesh) -> Transformer:
   cfg = read_model_config(path).replace(param_dtype=dtype, dtype=compute_dtype or dtype)
   shapes = cfg.param_shapes()
-  if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: dev, shapes, is_leaf=lambda x: isinstance(x, tuple))
-  else:
-    shardings = sharding_lib.param_shardings(cfg, mesh)
+  shardings = sharding_lib.param_shardings(cfg, mesh)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh), shapes,
                         shardings, is_leaf=lambda x: isinstance(x, tuple))
   params_dir = os.path.join(os.path.abspath(path), "params")
