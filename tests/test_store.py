@@ -73,3 +73,22 @@ def test_tokenizer_and_generate_text_through_an_hf_export(hf_dirs, tmp_path):
   assert out == generate_text(model, tok, texts, 6, stop_tokens=())
   assert all(len(o.split()) == 6 and all(w.startswith("w") or w.startswith("<") for w in o.split())
              for o in out)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_gradients(policy, batch):
+  from factflip.models import forward
+
+  tokens, mask = batch
+  cfg = get_preset("tiny-0.5m", vocab_size=101)
+  params = Transformer(cfg, rngs=nnx.Rngs(0)).params()
+
+  def loss(p, c):
+    logits = forward(p, c, tokens, mask).logits
+    return -jax.nn.log_softmax(logits)[..., 0].mean()
+
+  g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)
+  g = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=policy))
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert float(np.abs(np.asarray(g_ref["layers"]["wq"])).max()) > 0
