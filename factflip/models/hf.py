@@ -240,6 +240,10 @@ def tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[list[str], bool]
   return out
 
 
+def _np_dtype(name: str) -> np.dtype:
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
 def _get(tree, path):
   for k in path:
     tree = tree[k]
@@ -283,7 +287,7 @@ def load_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None,
                 extra[:4])
 
   shardings = sharding_lib.param_shardings(cfg, mesh)
-  np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+  np_dtype = _np_dtype(dtype)
   params: Params = {}
   for p, (names, transpose) in tmap.items():
     shape = _get(shapes, p)
@@ -323,7 +327,7 @@ def save_hf(model: Transformer, out_dir: str, dtype: str | None = None,
     raise RuntimeError("save_hf runs in a single process; restore the checkpoint on one host")
   cfg = model.cfg
   dtype = dtype or cfg.param_dtype
-  np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+  np_dtype = _np_dtype(dtype)
   hf_cfg = config_to_hf(cfg, dtype)
   params = model.params()
   os.makedirs(out_dir, exist_ok=True)

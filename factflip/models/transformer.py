@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from factflip.models.config import ModelConfig
-from factflip.models.hooks import SITES, Intervention, check_site
+from factflip.models.hooks import Intervention, check_site
 
 Params = dict[str, Any]
 F32 = jnp.float32
