@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FAMILIES
 from factflip import load_model
 from factflip.models import embed, unembed
 from factflip.probes import SITES, add, capture, parse_hook_name, replace, residual_stream
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma2"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def model(request, hf_dirs):
   return load_model(hf_dirs[request.param][0])
 
@@ -44,7 +45,8 @@ def test_replacing_a_layer_with_another_run_equals_running_the_tail(model, batch
   iv = replace("resid_pre", theirs, layers=[layer])
   patched = np.asarray(model(tokens, mask, interventions=[iv]))
   tail = model.forward(tokens, mask, resid_BxTxD=theirs[layer], start_layer=layer).logits
-  np.testing.assert_array_equal(patched, np.asarray(tail))
+  # a different compiled program (a shorter scan): equal up to float32 rounding
+  np.testing.assert_allclose(patched, np.asarray(tail), rtol=0, atol=1e-6)
   np.testing.assert_allclose(patched, np.asarray(model(other, mask)), atol=1e-5)
 
 
