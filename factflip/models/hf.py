@@ -22,7 +22,8 @@ import numpy as np
 
 from factflip import sharding as sharding_lib
 from factflip.models.config import ModelConfig, RopeScaling
-from factflip.models.safetensors_io import CheckpointTensors, write_checkpoint, write_json
+from factflip.models.safetensors_io import (CheckpointTensors, read_json, write_checkpoint,
+                                            write_json)
 from factflip.models.transformer import Params, Transformer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -42,12 +43,7 @@ def read_hf_config(path: str) -> ModelConfig:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{path}: no config.json; expected an HF model directory")
-  with open(cfg_path) as f:
-    try:
-      d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{cfg_path}: line {e.lineno}: not valid JSON ({e.msg})") from e
-  return config_from_hf(d, cfg_path)
+  return config_from_hf(read_json(cfg_path), cfg_path)
 
 
 def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -111,9 +111,8 @@ class CheckpointTensors:
     self._where: dict[str, str] = {}
     if os.path.exists(index_path):
       try:
-        with open(index_path) as f:
-          weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        weight_map = read_json(index_path)["weight_map"]
+      except (KeyError, TypeError) as e:
         raise SafetensorsError(f"{index_path}: expected JSON with a 'weight_map' object "
                                f"({type(e).__name__}: {e})") from e
       for name, fname in weight_map.items():
@@ -221,6 +220,15 @@ def write_checkpoint(directory: str, specs: Mapping[str, TensorSpec],
   index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   write_json(os.path.join(directory, INDEX_NAME), index)
   return [os.path.join(directory, n) for n in names] + [os.path.join(directory, INDEX_NAME)]
+
+
+def read_json(path: str):
+  """Parse a JSON file; a syntax error names the file and line."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:

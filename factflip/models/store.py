@@ -14,7 +14,6 @@ Layout, readable with plain Orbax:
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -23,7 +22,7 @@ import orbax.checkpoint as ocp
 from factflip import sharding as sharding_lib
 from factflip.models.config import ModelConfig
 from factflip.models.hf import load_hf
-from factflip.models.safetensors_io import write_json
+from factflip.models.safetensors_io import read_json, write_json
 from factflip.models.transformer import Transformer
 
 CONFIG_NAME = "factflip_model.json"
@@ -42,12 +41,7 @@ def save_model(model: Transformer, directory: str) -> None:
 
 def read_model_config(directory: str) -> ModelConfig:
   path = os.path.join(directory, CONFIG_NAME)
-  with open(path) as f:
-    try:
-      d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
-  return ModelConfig.from_dict(d, path)
+  return ModelConfig.from_dict(read_json(path), path)
 
 
 def load_model(path: str, dtype: str = "float32", compute_dtype: str | None = None,
