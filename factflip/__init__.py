@@ -1,8 +1,16 @@
 """factflip: how language models gain, lose and overwrite facts while they keep training."""
 
 from factflip.data.tokenizer import load_tokenizer
-from factflip.models import (ModelConfig, Transformer, generate, get_preset, load_model, presets,
-                             save_hf, save_model)
+from factflip.models import (
+                             ModelConfig,
+                             Transformer,
+                             generate,
+                             get_preset,
+                             load_model,
+                             presets,
+                             save_hf,
+                             save_model,
+)
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "Transformer", "generate", "get_preset", "load_model", "load_tokenizer",

@@ -44,7 +44,7 @@ def test_missing_config_field_and_bad_json(llama_copy):
     load_model(llama_copy)
   with open(os.path.join(llama_copy, "config.json"), "w") as f:
     f.write('{"model_type": "llama",\n  "hidden_size": }')
-  with pytest.raises(ValueError, match=r"config\.json: line 2: not valid JSON"):
+  with pytest.raises(ValueError, match=r"config\.json:2: not valid JSON"):
     load_model(llama_copy)
 
 

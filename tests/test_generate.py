@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from factflip import generate, load_model
 
 PROMPTS = [[1, 17, 33, 8, 90, 45, 12], [1, 5, 77], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 3]]

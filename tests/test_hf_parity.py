@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import FAMILIES, torch_forward
+
 from factflip import load_model, save_hf
 from factflip.models.transformer import rms_norm
 from factflip.probes import residual_stream

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import FAMILIES
+
 from factflip import load_model
 from factflip.models import embed, unembed
 from factflip.probes import SITES, add, capture, parse_hook_name, replace, residual_stream

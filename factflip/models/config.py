@@ -125,7 +125,7 @@ class ModelConfig:
     types = self.layer_types or ("full",) * self.n_layers
     return tuple(int(self.sliding_window) if t == "sliding" else 0 for t in types)
 
-  def replace(self, **kw) -> "ModelConfig":
+  def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
 
   def to_dict(self) -> dict[str, Any]:
@@ -135,7 +135,7 @@ class ModelConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
+  def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

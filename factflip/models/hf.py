@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 
 from factflip import sharding as sharding_lib
+from factflip.fileio import read_json, write_json
 from factflip.models.config import ModelConfig, RopeScaling
-from factflip.models.safetensors_io import (CheckpointTensors, read_json, write_checkpoint,
-                                            write_json)
+from factflip.models.safetensors_io import CheckpointTensors, write_checkpoint
 from factflip.models.transformer import Params, Transformer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

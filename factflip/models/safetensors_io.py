@@ -15,10 +15,12 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from factflip.fileio import read_json
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -220,21 +222,3 @@ def write_checkpoint(directory: str, specs: Mapping[str, TensorSpec],
   index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   write_json(os.path.join(directory, INDEX_NAME), index)
   return [os.path.join(directory, n) for n in names] + [os.path.join(directory, INDEX_NAME)]
-
-
-def read_json(path: str):
-  """Parse a JSON file; a syntax error names the file and line."""
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
-
-
-def write_json(path: str, obj, indent: int = 2) -> None:
-  """Atomic JSON write (temporary file, then rename)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=indent, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)

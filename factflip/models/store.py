@@ -20,9 +20,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from factflip import sharding as sharding_lib
+from factflip.fileio import read_json, write_json
 from factflip.models.config import ModelConfig
 from factflip.models.hf import load_hf
-from factflip.models.safetensors_io import read_json, write_json
 from factflip.models.transformer import Transformer
 
 CONFIG_NAME = "factflip_model.json"

@@ -14,7 +14,7 @@ Typical use (cross-model patching is capture in one model, replace in another):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
