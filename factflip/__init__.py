@@ -1,5 +1,6 @@
 """factflip: how language models gain, lose and overwrite facts while they keep training."""
 
+from factflip.data.loaders import load_facts
 from factflip.data.tokenizer import load_tokenizer
 from factflip.models import (
                              ModelConfig,
@@ -13,5 +14,5 @@ from factflip.models import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "Transformer", "generate", "get_preset", "load_model", "load_tokenizer",
-           "presets", "save_hf", "save_model"]
+__all__ = ["ModelConfig", "Transformer", "generate", "get_preset", "load_facts", "load_model",
+           "load_tokenizer", "presets", "save_hf", "save_model"]

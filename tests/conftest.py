@@ -86,3 +86,21 @@ def torch_forward(model, tokens, mask):
     out = model(torch.tensor(tokens, dtype=torch.long),
                 attention_mask=torch.tensor(mask.astype(np.int64)), output_hidden_states=True)
   return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+@pytest.fixture(scope="session")
+def small_world():
+  """A small fact world (40 people, 4 countries) shared by the data tests."""
+  from factflip.data.world import WorldConfig, build_world
+
+  return build_world(WorldConfig(n_people=40, n_countries=4, cities_per_country=3,
+                                 n_companies=6))
+
+
+@pytest.fixture(scope="session")
+def world_tokenizer(small_world, tmp_path_factory):
+  """A byte-level BPE tokenizer trained on the small world's corpus, saved in HF format."""
+  from factflip.data.tokenizer import train_tokenizer
+
+  return train_tokenizer(small_world.texts(), str(tmp_path_factory.mktemp("tok") / "tokenizer"),
+                         vocab_size=512)

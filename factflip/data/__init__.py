@@ -1,0 +1,3 @@
+from factflip.data.loaders import load_facts
+
+__all__ = ["load_facts"]

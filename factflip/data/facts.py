@@ -221,7 +221,8 @@ def item_from_record(obj: Any, path: str, line: int | None = None,
     translations[lang] = Translation(
         prompt=rec.text(f"{f}.prompt", t.get("prompt"), required=False),
         question=rec.text(f"{f}.question", t.get("question"), required=False),
-        answers=rec.texts(f"{f}.answers", t.get("answers"), required=True),
+        answers=rec.texts(f"{f}.answers", t.get("answers"),
+                          required=t.get("counterfactual") is None),
         counterfactual=rec.text(f"{f}.counterfactual", t.get("counterfactual"), required=False),
         paraphrases=rec.texts(f"{f}.paraphrases", t.get("paraphrases")))
   meta = rec.get("meta") or {}

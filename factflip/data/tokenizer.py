@@ -1,7 +1,7 @@
-"""Tokenizers: load an HF tokenizer from a local directory.
+"""Tokenizers: load an HF tokenizer from a local directory; train one for the fact world.
 
-Owns: `load_tokenizer` (and, in the data issue, training the fact-world tokenizer and saving it
-in the same HF layout so both load the same way).
+Owns: `load_tokenizer` and `train_tokenizer` (which saves in the same HF layout, so a trained and
+a downloaded tokenizer load the same way).
 Must not: download anything; the hub is never contacted.
 """
 
@@ -25,3 +25,44 @@ def load_tokenizer(path: str):
   if os.path.exists(os.path.join(path, "tokenizer_config.json")):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
   return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
+
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+
+def train_tokenizer(texts, out_dir: str, vocab_size: int = 2048, min_frequency: int = 2):
+  """Train a byte-level BPE tokenizer (GPT-2 style: a leading space belongs to the next word, no
+  unknown tokens) on `texts` and save it in HF format to `out_dir`, so `load_tokenizer(out_dir)`
+  reads it like any hub tokenizer. Special tokens: <|bos|> (0), <|eos|> (1), <|pad|> (2); like
+  Llama's, encoding adds BOS (`add_special_tokens=False` does not). Deterministic in `texts`.
+  The directory appears complete or not at all (built in a temporary directory, then renamed)."""
+  import shutil
+
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                special_tokens=[BOS, EOS, PAD],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  bos = tok.token_to_id(BOS)
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                 pad_token=PAD, model_max_length=1 << 30)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    fast.save_pretrained(tmp)
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return load_tokenizer(out_dir)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from factflip.fileio import read_json
+from factflip.fileio import read_json, write_json
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
