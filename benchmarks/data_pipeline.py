@@ -21,13 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip import get_preset
-from factflip.data.mixtures import (
-  PoisonConfig,
-  SFTConfig,
-  cpt_source,
-  replay_documents,
-  sft_mixture,
-)
+from factflip.data.mixtures import (PoisonConfig, SFTConfig, cpt_source, replay_documents,
+                                    sft_mixture)
 from factflip.data.pipeline import BatchConfig, make_batches
 from factflip.data.tokenizer import train_tokenizer
 from factflip.data.world import WorldConfig, build_world

@@ -2,16 +2,8 @@
 
 from factflip.data.loaders import load_facts
 from factflip.data.tokenizer import load_tokenizer
-from factflip.models import (
-                             ModelConfig,
-                             Transformer,
-                             generate,
-                             get_preset,
-                             load_model,
-                             presets,
-                             save_hf,
-                             save_model,
-)
+from factflip.models import (ModelConfig, Transformer, generate, get_preset, load_model, presets,
+                             save_hf, save_model)
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "Transformer", "generate", "get_preset", "load_facts", "load_model",

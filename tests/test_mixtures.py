@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 
 from factflip.data import templates as T
-from factflip.data.mixtures import (
-  PoisonConfig,
-  SFTConfig,
-  UnlearnConfig,
-  cpt_source,
-  poisoning_plan,
-  replay_documents,
-  sft_mixture,
-  unlearning_sets,
-  write_stats,
-)
+from factflip.data.mixtures import (PoisonConfig, SFTConfig, UnlearnConfig, cpt_source,
+                                    poisoning_plan, replay_documents, sft_mixture, unlearning_sets,
+                                    write_stats)
 from factflip.fileio import read_json
 
 TIER_TO_CATEGORY = {"high": "HighlyKnown", "medium": "MaybeKnown", "low": "WeaklyKnown",

@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from factflip import (
-  Transformer,
-  get_preset,
-  load_model,
-  load_tokenizer,
-  presets,
-  save_hf,
-  save_model,
-)
+from factflip import (Transformer, get_preset, load_model, load_tokenizer, presets, save_hf,
+                      save_model)
 from factflip.models import generate_text
 
 

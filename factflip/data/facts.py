@@ -119,7 +119,7 @@ def normalise_answer(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Building and validating items from JSON-like records.
 
-class _Record:
+class Record:
   """Typed field access on one JSON record; every failure is a DataError naming the field."""
 
   def __init__(self, obj: Any, path: str, line: int | None, index: int | None):
@@ -172,7 +172,7 @@ class _Record:
     return tuple(out)
 
 
-def check_item(item: FactItem, rec: _Record) -> FactItem:
+def check_item(item: FactItem, rec: Record) -> FactItem:
   """Cross-field rules every item obeys, whatever its source."""
   if not item.answers and item.counterfactual is None:
     rec.fail("answers", "no answer; expected at least one non-empty true answer (or, for an "
@@ -198,7 +198,7 @@ def check_item(item: FactItem, rec: _Record) -> FactItem:
 def item_from_record(obj: Any, path: str, line: int | None = None,
                      index: int | None = None) -> FactItem:
   """Parse one record of our JSONL schema (FactItem.to_dict's output) with located errors."""
-  rec = _Record(obj, path, line, index)
+  rec = Record(obj, path, line, index)
   known = {f.name for f in dataclasses.fields(FactItem)}
   unknown = sorted(set(rec.obj) - known)
   if unknown:

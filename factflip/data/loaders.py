@@ -8,7 +8,7 @@ Must not: define the schema or its rules (facts.py), parse JSON itself (fileio.p
 data lives (callers pass paths).
 
 Rules every loader keeps
-- Each record goes through `_Record` (typed, located field access) and `check_item`, and ids are
+- Each record goes through `Record` (typed, located field access) and `check_item`, and ids are
   unique over the whole load. A bad record raises DataError naming file, line, record and field;
   with lenient=True it is skipped and listed in `FactList.skipped`, so loaded + skipped = records
   read. A file that is not valid JSON between records still raises when lenient (its records
@@ -25,20 +25,11 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from factflip.data.facts import (
-  FactItem,
-  FactList,
-  Neighbour,
-  Translation,
-  UniqueIds,
-  _Record,
-  check_item,
-  item_from_record,
-  read_facts_jsonl,
-)
+from factflip.data.facts import (FactItem, FactList, Neighbour, Translation, UniqueIds, Record,
+                                 check_item, item_from_record, read_facts_jsonl)
 from factflip.fileio import DataError, iter_json_records, read_json
 
-Parse = Callable[[_Record], FactItem]
+Parse = Callable[[Record], FactItem]
 
 EQ_NAME = re.compile(r"(P\d+)\.(train|dev|test)\.json$")
 EQ_TEMPLATES = "relation_query_templates.json"
@@ -61,7 +52,7 @@ def _load(path: str, fmt: str, files: Iterable[tuple[str, Parse]], *, lenient: b
   for file, parse in files:
     for index, line, obj in iter_json_records(file, key=key, errors=errors):
       try:
-        rec = _Record(obj, file, line, index)
+        rec = Record(obj, file, line, index)
         item = check_item(parse(rec), rec)
         ids.check(item, file, line, index)
       except DataError as e:
@@ -116,7 +107,7 @@ def _split_from_name(stem: str, default: str) -> str:
   return default
 
 
-def _int(rec: _Record, field: str, value: Any = ..., *, required: bool = True) -> int | None:
+def _int(rec: Record, field: str, value: Any = ..., *, required: bool = True) -> int | None:
   """An integer (a JSON number without fraction; not a boolean)."""
   if value is ...:
     value = rec.get(field)
@@ -129,7 +120,7 @@ def _int(rec: _Record, field: str, value: Any = ..., *, required: bool = True) -
   return value
 
 
-def _obj(rec: _Record, field: str, value: Any = ..., *, required: bool = True) -> dict | None:
+def _obj(rec: Record, field: str, value: Any = ..., *, required: bool = True) -> dict | None:
   """A nested JSON object."""
   if value is ...:
     value = rec.get(field)
@@ -141,7 +132,7 @@ def _obj(rec: _Record, field: str, value: Any = ..., *, required: bool = True) -
   return value
 
 
-def _neighbours(rec: _Record, pfield: str, afield: str, obj: dict | None = None,
+def _neighbours(rec: Record, pfield: str, afield: str, obj: dict | None = None,
                 prefix: str = "") -> tuple[Neighbour, ...]:
   """One optional (prompt, answers) neighbour; a prompt without an answer is an error."""
   obj = rec.obj if obj is None else obj
@@ -160,7 +151,7 @@ def load_factflip(path: str, *, lenient: bool = False) -> FactList:
     return read_facts_jsonl(path, lenient=lenient)
   files = _files(path, lambda n: n.endswith(".jsonl"), "*.jsonl")
 
-  def parse(rec: _Record) -> FactItem:
+  def parse(rec: Record) -> FactItem:
     return item_from_record(rec.obj, rec.path, rec.line, rec.index)
 
   return _load(path, "factflip", [(f, parse) for f in files], lenient=lenient)
@@ -169,7 +160,7 @@ def load_factflip(path: str, *, lenient: bool = False) -> FactList:
 # ---------------------------------------------------------------------------------------------
 # CounterFact: ROME's layout, EasyEdit's layout, and the simplified {"items": [...]} layout.
 
-def _counterfact_record(rec: _Record, split: str) -> FactItem:
+def _counterfact_record(rec: Record, split: str) -> FactItem:
   case_id = _int(rec, "case_id")
   rw = _obj(rec, "requested_rewrite")
   f = "requested_rewrite."
@@ -204,7 +195,7 @@ def load_counterfact(path: str, *, lenient: bool = False) -> FactList:
       lenient=lenient)
 
 
-def _easyedit_record(rec: _Record, split: str) -> FactItem:
+def _easyedit_record(rec: Record, split: str) -> FactItem:
   case_id = _int(rec, "case_id")
   return FactItem(
       id=f"counterfact-{case_id}", subject=rec.text("subject"), prompt=rec.text("prompt"),
@@ -222,7 +213,7 @@ def load_counterfact_easyedit(path: str, *, lenient: bool = False) -> FactList:
       lenient=lenient)
 
 
-def _counterfact_simple_record(rec: _Record, stem: str, split: str) -> FactItem:
+def _counterfact_simple_record(rec: Record, stem: str, split: str) -> FactItem:
   return FactItem(
       id=f"counterfact_simple-{stem}-{rec.index}", prompt=rec.text("prompt"),
       answers=(rec.text("target_true"),), counterfactual=rec.text("target_new"),
@@ -289,7 +280,7 @@ def subject_from_template(question: str, template: str) -> str | None:
   return None
 
 
-def _eq_record(rec: _Record, relation: str, split: str, template: str | None) -> FactItem:
+def _eq_record(rec: Record, relation: str, split: str, template: str | None) -> FactItem:
   question = rec.text("question")
   return FactItem(
       id=f"eq-{relation}-{split}-{rec.index}", relation=relation, question=question,
@@ -342,7 +333,7 @@ def _rwku_target_id(folder: str) -> str:
   return m.group(1) if m else name
 
 
-def _rwku_record(rec: _Record, target: str, stem: str, neighbour: bool) -> FactItem:
+def _rwku_record(rec: Record, target: str, stem: str, neighbour: bool) -> FactItem:
   level = rec.get("level")
   if isinstance(level, str) and level.strip().isdigit():
     level = int(level)
@@ -384,7 +375,7 @@ def load_rwku_mia(path: str) -> dict[str, dict[str, list[str]]]:
     for split in ("forget", "retain"):
       file = os.path.join(folder, f"{split}_mia.json")
       out[name][split] = [] if not os.path.isfile(file) else [
-          _Record(obj, file, line, index).text("text")
+          Record(obj, file, line, index).text("text")
           for index, line, obj in iter_json_records(file)]
   if not out:
     raise DataError(path, "no RWKU forget_mia.json / retain_mia.json here or in its target "
@@ -395,7 +386,7 @@ def load_rwku_mia(path: str) -> dict[str, dict[str, list[str]]]:
 # ---------------------------------------------------------------------------------------------
 # TOFU.
 
-def _tofu_record(rec: _Record, stem: str, split: str) -> FactItem:
+def _tofu_record(rec: Record, stem: str, split: str) -> FactItem:
   qf = "prompt" if "question" not in rec.obj and "prompt" in rec.obj else "question"
   af = "response" if "answer" not in rec.obj and "response" in rec.obj else "answer"
   answer = rec.text(af)
@@ -427,7 +418,7 @@ def load_tofu(path: str, *, lenient: bool = False) -> FactList:
 # ---------------------------------------------------------------------------------------------
 # zsRE (MEND / ROME layout) and MzsRE (multilingual, ReMaKE).
 
-def _zsre_record(rec: _Record, stem: str, split: str) -> FactItem:
+def _zsre_record(rec: Record, stem: str, split: str) -> FactItem:
   return FactItem(
       id=f"zsre-{stem}-{rec.index}", subject=rec.text("subject", required=False),
       question=rec.text("src"), answers=rec.texts("answers", required=True),
@@ -445,7 +436,7 @@ def load_zsre(path: str, *, lenient: bool = False) -> FactList:
       for f in files], lenient=lenient)
 
 
-def _portability(rec: _Record, field: str, obj: dict) -> dict | None:
+def _portability(rec: Record, field: str, obj: dict) -> dict | None:
   p = _obj(rec, field, obj.get("portability"), required=False)
   if p is None:
     return None
@@ -453,7 +444,7 @@ def _portability(rec: _Record, field: str, obj: dict) -> dict | None:
           "answer": rec.text(field + ".New Answer", p.get("New Answer"))}
 
 
-def _mzsre_record(rec: _Record, pair: tuple[str, str] | None, name: str) -> FactItem:
+def _mzsre_record(rec: Record, pair: tuple[str, str] | None, name: str) -> FactItem:
   if pair is None:  # the file name does not say: English first, then the other key
     langs = sorted(rec.obj, key=lambda k: (k != "en", k))
     if len(langs) != 2:

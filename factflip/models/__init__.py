@@ -5,15 +5,8 @@ from factflip.models.generate import Generation, generate, generate_text
 from factflip.models.hf import config_from_hf, config_to_hf, load_hf, read_hf_config, save_hf
 from factflip.models.hooks import SITES, Intervention
 from factflip.models.store import load_model, save_model
-from factflip.models.transformer import (
-                                         Output,
-                                         Transformer,
-                                         embed,
-                                         forward,
-                                         init_cache,
-                                         init_params,
-                                         unembed,
-)
+from factflip.models.transformer import (Output, Transformer, embed, forward, init_cache,
+                                         init_params, unembed)
 
 __all__ = [
     "SITES", "Generation", "Intervention", "ModelConfig", "Output", "RopeScaling", "Transformer",
