@@ -4,6 +4,12 @@
   factflip presets                     the model size ladder with parameter counts
   factflip generate --model=DIR --prompt=TEXT [--max_new_tokens=N --temperature=T --seed=S]
   factflip convert --model=DIR --out=DIR --to=hf|factflip
+  factflip world [--workdir=DIR --seed=S --vocab_size=N]
+                                       build the fact world (DIR/world) and its tokenizer
+                                       (DIR/tokenizer); print its statistics
+  factflip facts --facts=PATH [--format=NAME --lenient --out=FILE.jsonl]
+                                       load a dataset (any supported format, auto-detected),
+                                       report counts and bad records, optionally write our JSONL
 
 Until the poisoning study lands, `run` exercises the real model core end to end on a tiny preset
 (the nearest real thing): random init -> HF export -> reload -> exact-parity check -> residual
@@ -31,9 +37,13 @@ flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Top-p filter (1 = off).")
-flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and init.")
+flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and init, and the world's seed.")
+flags.DEFINE_integer("vocab_size", 1024, "Tokenizer size for `world`.")
+flags.DEFINE_string("facts", None, "A dataset file or folder for `facts`.")
+flags.DEFINE_string("format", None, "Dataset format for `facts` (default: auto-detect).")
+flags.DEFINE_bool("lenient", False, "`facts`: skip and count bad records instead of failing.")
 
-COMMANDS = ("run", "presets", "generate", "convert")
+COMMANDS = ("run", "presets", "generate", "convert", "world", "facts")
 
 
 def _presets() -> None:
@@ -122,6 +132,41 @@ def _convert() -> None:
   print(f"wrote {FLAGS.to} model to {FLAGS.out}")
 
 
+def _world(workdir: str, seed: int, vocab_size: int) -> dict:
+  from factflip.data.tokenizer import train_tokenizer
+  from factflip.data.world import WorldConfig, build_world, world_stats, write_world
+
+  t = time.time()
+  world = build_world(WorldConfig(seed=seed))
+  write_world(world, os.path.join(workdir, "world"))
+  tok = train_tokenizer(world.texts(), os.path.join(workdir, "tokenizer"), vocab_size=vocab_size)
+  stats = world_stats(world)
+  print(f"fact world (seed {seed}): {stats['facts']} fact items, {stats['documents']} documents, "
+        f"{stats['mentions']} mentions; tokenizer {len(tok)} tokens; {time.time() - t:.1f} s")
+  for key in ("by_relation", "by_exposure_tier", "by_language", "by_style"):
+    print(f"  {key[3:]:<14}" + ", ".join(f"{k} {v}" for k, v in stats[key].items()))
+  print(f"wrote {os.path.join(workdir, 'world')} and {os.path.join(workdir, 'tokenizer')}")
+  return stats
+
+
+def _facts(path: str | None, fmt: str | None, lenient: bool, out: str | None):
+  from factflip.data.facts import write_facts_jsonl
+  from factflip.data.loaders import load_facts
+
+  if not path:
+    raise app.UsageError("facts needs --facts=PATH (a dataset file or folder)")
+  items = load_facts(path, fmt, lenient=lenient)
+  print(items.summary())
+  for e in items.skipped[:20]:
+    print(f"  skipped: {e}")
+  if len(items.skipped) > 20:
+    print(f"  ... and {len(items.skipped) - 20} more")
+  if out:
+    write_facts_jsonl(out, items)
+    print(f"wrote {len(items)} items to {out}")
+  return items
+
+
 def _main(argv) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: factflip {{{'|'.join(COMMANDS)}}} [--flags]")
@@ -134,6 +179,16 @@ def _main(argv) -> None:
     _run(FLAGS.workdir, FLAGS.preset, FLAGS.seed)
   elif cmd == "generate":
     _generate()
+  elif cmd == "world":
+    _world(FLAGS.workdir, FLAGS.seed, FLAGS.vocab_size)
+  elif cmd == "facts":
+    from factflip.fileio import DataError
+
+    try:
+      _facts(FLAGS.facts, FLAGS.format, FLAGS.lenient, FLAGS.out)
+    except DataError as e:
+      print(f"error: {e}\n(--lenient skips and counts bad records instead)", file=sys.stderr)
+      sys.exit(2)
   else:
     _convert()
 
