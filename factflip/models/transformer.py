@@ -162,7 +162,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
             interventions: Sequence[Intervention] = (), capture: Sequence[str] = (),
             capture_index: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
             cache_index: jax.Array | int = 0, return_logits: bool = True,
-            resid_BxTxD: jax.Array | None = None, start_layer: int = 0) -> Output:
+            resid_BxTxD: jax.Array | None = None, start_layer: int = 0,
+            segment_ids_BxT: jax.Array | None = None) -> Output:
   """Run the decoder.
 
   Args:
@@ -180,13 +181,18 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
       (resid_pre of block start_layer) instead of embedding `tokens_BxT` (whose shape still sets
       B and T). Layer-indexed inputs (interventions, cache) and outputs (captures) then cover
       those L - start_layer blocks.
+    segment_ids_BxT: packed rows (the data pipeline's layout): a token attends only to earlier
+      tokens of its own segment; 0 marks padding. Pass the pipeline's `positions` too, so RoPE
+      restarts per segment. Not with a cache.
   """
   dt = jnp.dtype(cfg.dtype)
   for s in capture:
     check_site(s)
   B, T = tokens_BxT.shape
+  if segment_ids_BxT is not None and cache is not None:
+    raise ValueError("forward: segment_ids (packed rows) cannot be combined with a KV cache")
   if mask_BxT is None:
-    mask_BxT = jnp.ones((B, T), bool)
+    mask_BxT = jnp.ones((B, T), bool) if segment_ids_BxT is None else segment_ids_BxT > 0
   mask_BxT = mask_BxT.astype(bool)
   if positions_BxT is None:
     positions_BxT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -207,6 +213,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     kv_slot_S = jnp.arange(cache["valid"].shape[1])
   diff_TxS = q_slot_T[:, None] - kv_slot_S[None, :]
   causal_BxTxS = (diff_TxS >= 0)[None] & kv_valid_BxS[:, None, :]
+  if segment_ids_BxT is not None:
+    causal_BxTxS = causal_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
   windows_L = jnp.asarray(cfg.window_sizes()[start_layer:], jnp.int32)
 
   act = _activation(cfg)

@@ -1,0 +1,110 @@
+"""The train state and the one jitted train step.
+
+Owns: `TrainState` (step, params, opt_state), `init_state` (built directly into its shardings:
+`jax.eval_shape` for the abstract state, then `jit(out_shardings=...)`, so no full copy ever sits
+on one device), `state_shardings`, `batch_sharding` and `make_train_step` (gradient accumulation
+over micro-batches with a lax.scan, donated state).
+Must not: read data, write files or log (the loop does).
+
+Batches carry a leading micro-batch axis when accumulating: every array is
+[accum_steps, micro_batch, T]; the step sums each micro-batch's (loss sum, count) and gradient
+and divides once, so accumulating A micro-batches equals one step on their concatenation (up to
+float summation order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from factflip.models.config import ModelConfig
+from factflip.models.transformer import init_params
+from factflip.sharding import param_shardings
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh | None):
+  """Shardings for every leaf of the TrainState: parameters by the logical rules, optimizer
+  moments like their parameters, scalars (step, counts) replicated."""
+  p_sh = param_shardings(cfg, mesh)
+  rep = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
+         else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+                                 cfg.param_shapes(), is_leaf=lambda x: isinstance(x, tuple))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, p_sh,
+                                 transform_non_params=lambda _: rep)
+  return TrainState(step=rep, params=p_sh, opt_state=opt_sh)
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array,
+               mesh: Mesh | None = None, params: Any = None) -> TrainState:
+  """A fresh state (random init from `key`, or the given params, e.g. a base checkpoint),
+  created directly in its shardings."""
+  shardings = state_shardings(cfg, tx, mesh)
+
+  def make(key, params):
+    if params is None:
+      params = init_params(cfg, key)
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(cfg.param_dtype)), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(make, out_shardings=shardings)(key, params)
+
+
+def batch_sharding(mesh: Mesh | None, accumulate: bool = False):
+  """Batches split over (data, fsdp) along the batch axis (after the micro-batch axis)."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  spec = PartitionSpec(None, ("data", "fsdp")) if accumulate else PartitionSpec(("data", "fsdp"))
+  return NamedSharding(mesh, spec)
+
+
+Objective = Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, objective: Objective,
+                    accum_steps: int = 1, state_sharding: TrainState | None = None):
+  """jit(step)(state, batch) -> (state, metrics); `state` is donated. metrics: loss, grad_norm,
+  count (trained tokens, or examples for the unlearning objectives)."""
+
+  def grads_of(params, batch):
+    def f(p):
+      s, n, aux = objective(p, cfg, batch)
+      return s, (n, aux)
+    (s, (n, _)), g = jax.value_and_grad(f, has_aux=True)(params)
+    return s, n, g
+
+  def step(state: TrainState, batch):
+    if accum_steps == 1:
+      s, n, g = grads_of(state.params, batch)
+    else:
+      def body(carry, micro):
+        s_acc, n_acc, g_acc = carry
+        s, n, g = grads_of(state.params, micro)
+        return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), batch)
+    n = jnp.maximum(n, 1.0)
+    g = jax.tree.map(lambda x: x / n, g)
+    updates, opt_state = tx.update(g, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": s / n, "grad_norm": optax.global_norm(g), "count": n}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  kw = {}
+  if state_sharding is not None:
+    kw = {"in_shardings": (state_sharding, None), "out_shardings": (state_sharding, None)}
+  return jax.jit(step, donate_argnums=0, **kw)
