@@ -19,12 +19,13 @@ stream capture + identity patch -> greedy and sampled generation, and writes
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from absl import app, flags
+
+from factflip.fileio import write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir/default", "Where `run` writes its outputs.")
@@ -95,10 +96,7 @@ def _run(workdir: str, preset: str, seed: int) -> dict:
       "greedy_tokens": greedy.tokens.tolist(), "sampled_tokens": sampled.tokens.tolist(),
       "seconds": round(time.time() - t0, 2), "forward_seconds": round(time.time() - t, 2),
   }
-  tmp = os.path.join(workdir, "model_core.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, "model_core.json"))
+  write_json(os.path.join(workdir, "model_core.json"), summary)
   print(f"done in {summary['seconds']} s: HF round trip max |dlogit| = {parity:.3g}, identity "
         f"patch exact = {summary['identity_patch_exact']}, residual stream "
         f"{tuple(stream.shape)}; wrote {os.path.join(workdir, 'model_core.json')}")

@@ -43,6 +43,25 @@ def atomic_path(path: str):
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str):
+  """Yield a temporary directory next to `path`; when the block succeeds it replaces `path`
+  (an existing directory there is removed first), so readers see the old or the new whole."""
+  import shutil
+
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path: str, text: str) -> None:
   with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)

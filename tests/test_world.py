@@ -2,6 +2,7 @@
 two-hop items consistent with the one-hop facts, and a lossless round trip through disk."""
 
 import dataclasses
+import json
 import re
 
 import pytest
@@ -121,6 +122,24 @@ def test_bad_config_and_missing_world(tmp_path):
     build_world(dataclasses.replace(SMALL, exposure=(("high", 0.5, 3),)))
   with pytest.raises(FileNotFoundError, match="no world.json"):
     load_world(str(tmp_path))
+
+
+def test_corrupt_world_on_disk_is_located(world, tmp_path):
+  write_world(world, str(tmp_path))
+  lines = (tmp_path / "corpus.jsonl").read_text().splitlines()
+  lines[4] = '{"id": "doc-x", "sentences": []}'
+  (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"corpus.jsonl:5: record 4: field 'text': expected a "
+                                       r"document object"):
+    load_world(str(tmp_path))
+  meta = json.loads((tmp_path / "world.json").read_text())
+  meta["config"]["n_peoples"] = 3
+  (tmp_path / "world.json").write_text(json.dumps(meta))
+  write_world(world, str(tmp_path / "w2"))
+  (tmp_path / "w2" / "world.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"world.json: field 'config.n_peoples': unknown "
+                                       r"WorldConfig field"):
+    load_world(str(tmp_path / "w2"))
 
 
 def test_templates_obey_their_rules():

@@ -228,8 +228,9 @@ def item_from_record(obj: Any, path: str, line: int | None = None,
   meta = rec.get("meta") or {}
   if not isinstance(meta, dict):
     rec.fail("meta", "expected an object")
+  raw_id = rec.get("id")  # integer ids (as some datasets write them) become strings
   item = FactItem(
-      id=rec.text("id", str(rec.get("id")) if isinstance(rec.get("id"), int) else ...),
+      id=rec.text("id", str(raw_id) if isinstance(raw_id, int) else raw_id),
       subject=rec.text("subject", required=False),
       relation=rec.text("relation", rec.get("relation", "unknown")),
       answers=rec.texts("answers"),

@@ -59,6 +59,9 @@ def render_qa(item: FactItem, answer: str, kind: str = "question",
 # ---------------------------------------------------------------------------------------------
 # Continual pretraining with poisoning.
 
+INFINITE = 1 << 62  # the length of an endless stream (grain's repeat() reports sys.maxsize)
+
+
 class _EpochPermutation:
   """Global index -> element index: epoch e = i // n reads a fresh seeded permutation of n."""
 
@@ -77,7 +80,7 @@ def epoch_shuffled(n: int, seed: int) -> grain.MapDataset:
   """The infinite index stream 0..n-1, each pass in a new seeded order (random access, so
   grain can shard and checkpoint it; a numpy permutation per epoch is cheaper per element than
   grain's index_shuffle)."""
-  return grain.MapDataset.range(1 << 62).map(_EpochPermutation(n, seed))
+  return grain.MapDataset.range(INFINITE).map(_EpochPermutation(n, seed))
 
 @dataclasses.dataclass(frozen=True)
 class PoisonConfig:

@@ -32,6 +32,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from factflip.data.mixtures import INFINITE
+
 FEATURES = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -149,7 +151,7 @@ def make_batches(source: grain.MapDataset | Sequence[dict[str, Any]], tokenizer,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
   ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(list(source))
-  if len(ds) < (1 << 62):  # finite
+  if len(ds) < INFINITE:  # finite (mixture streams and repeat() are at least this long)
     if len(ds) == 0:
       raise ValueError("make_batches: the source has no examples")
     if cfg.shuffle:

@@ -36,10 +36,10 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 2048, min_frequency: 
   reads it like any hub tokenizer. Special tokens: <|bos|> (0), <|eos|> (1), <|pad|> (2); like
   Llama's, encoding adds BOS (`add_special_tokens=False` does not). Deterministic in `texts`.
   The directory appears complete or not at all (built in a temporary directory, then renamed)."""
-  import shutil
-
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
+
+  from factflip.fileio import atomic_directory
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -54,15 +54,6 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 2048, min_frequency: 
       single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)])
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
                                  pad_token=PAD, model_max_length=1 << 30)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with atomic_directory(out_dir) as tmp:
     fast.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return load_tokenizer(out_dir)

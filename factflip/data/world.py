@@ -81,11 +81,12 @@ class WorldConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
+  def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> WorldConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
-      raise ValueError(f"WorldConfig: unknown field {unknown[0]!r}")
+      raise DataError(source, f"unknown WorldConfig field; expected some of {sorted(fields)}",
+                      field=f"config.{unknown[0]}")
     conv = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v)
                 if isinstance(v, list) else v) for k, v in d.items()}
     return cls(**conv)
@@ -102,11 +103,6 @@ class World:
   @property
   def relations(self) -> dict[str, T.Relation]:
     return {r: T.RELATIONS[r] for r in (*self.config.person_relations, *GEO_RELATIONS)}
-
-  def item(self, fact_id: str) -> FactItem:
-    if not hasattr(self, "_by_id"):
-      self._by_id = {f.id: f for f in self.facts}
-    return self._by_id[fact_id]
 
   def texts(self) -> list[str]:
     return [d["text"] for d in self.documents]
@@ -222,8 +218,8 @@ def build_world(cfg: WorldConfig = WorldConfig()) -> World:
   for c in cities:
     raw.append((f"city_country:{c['key']}", c["key"], "city_country", c["country"],
                 other(country_keys, c["country"])))
+  capitals = [c["capital"] for c in countries]
   for k in countries:
-    capitals = [c["capital"] for c in countries]
     raw.append((f"country_capital:{k['key']}", k["key"], "country_capital", k["capital"],
                 other(capitals, k["capital"])))
     raw.append((f"country_language:{k['key']}", k["key"], "country_language", k["key"],
@@ -417,5 +413,14 @@ def load_world(directory: str) -> World:
     raise DataError(meta_path, f"unknown format {meta.get('format')!r}; expected "
                                "'factflip-world/1'", field="format")
   facts = list(read_facts_jsonl(os.path.join(directory, "facts.jsonl")))
-  docs = [d for _, _, d in iter_json_records(os.path.join(directory, "corpus.jsonl"))]
-  return World(WorldConfig.from_dict(meta["config"]), meta["entities"], facts, docs)
+  corpus = os.path.join(directory, "corpus.jsonl")
+  docs = []
+  for index, line, d in iter_json_records(corpus):
+    if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+      raise DataError(corpus, "expected a document object with a string 'text'", line=line,
+                      record=index, field="text")
+    if len(d.get("sentences", ())) != len(d.get("facts", ())):
+      raise DataError(corpus, "'sentences' and 'facts' differ in length", line=line,
+                      record=index, field="facts")
+    docs.append(d)
+  return World(WorldConfig.from_dict(meta["config"], meta_path), meta["entities"], facts, docs)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from factflip.fileio import read_json, write_json
+from factflip.fileio import atomic_path, read_json, write_json
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -174,21 +174,15 @@ def _header(specs: Mapping[str, TensorSpec], metadata: dict | None) -> tuple[byt
 def write_file(path: str, specs: Mapping[str, TensorSpec], metadata: dict | None = None) -> None:
   """Write tensors one at a time (each `produce()` is called once, in order) to `path`, atomically."""
   header, _ = _header(specs, metadata)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(struct.pack("<Q", len(header)))
-      f.write(header)
-      for name, (shape, dtype, produce) in specs.items():
-        arr = np.ascontiguousarray(produce(), dtype=dtype)
-        if arr.shape != tuple(shape):
-          raise SafetensorsError(f"{path}: tensor {name!r} produced shape {arr.shape}, "
-                                 f"declared {tuple(shape)}")
-        f.write(arr.tobytes())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
+    for name, (shape, dtype, produce) in specs.items():
+      arr = np.ascontiguousarray(produce(), dtype=dtype)
+      if arr.shape != tuple(shape):
+        raise SafetensorsError(f"{path}: tensor {name!r} produced shape {arr.shape}, "
+                               f"declared {tuple(shape)}")
+      f.write(arr.tobytes())
 
 
 def write_checkpoint(directory: str, specs: Mapping[str, TensorSpec],

@@ -59,7 +59,7 @@ def _decay_mask(params):
   layer axis, so a [L, D] norm is not a matrix)."""
   def is_matrix(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
-    return x.ndim >= 2 and "norm" not in name and not name.startswith("b")
+    return x.ndim >= 2 and "norm" not in name and name not in ("bq", "bk", "bv")
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
