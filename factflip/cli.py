@@ -10,6 +10,10 @@
   factflip facts --facts=PATH [--format=NAME --lenient --out=FILE.jsonl]
                                        load a dataset (any supported format, auto-detected),
                                        report counts and bad records, optionally write our JSONL
+  factflip train --config=configs/pretrain_tiny.py[:variant] --workdir=DIR [--config.KEY=VALUE]
+                                       train (or resume) a run; multi-host: see launch/README.md
+  factflip export --workdir=DIR [--step=N] --out=DIR [--to=hf|factflip]
+                                       a training checkpoint as an HF (or factflip) model
 
 Until the poisoning study lands, `run` exercises the real model core end to end on a tiny preset
 (the nearest real thing): random init -> HF export -> reload -> exact-parity check -> residual
@@ -24,6 +28,7 @@ import sys
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from factflip.fileio import write_json
 
@@ -44,7 +49,17 @@ flags.DEFINE_string("facts", None, "A dataset file or folder for `facts`.")
 flags.DEFINE_string("format", None, "Dataset format for `facts` (default: auto-detect).")
 flags.DEFINE_bool("lenient", False, "`facts`: skip and count bad records instead of failing.")
 
-COMMANDS = ("run", "presets", "generate", "convert", "world", "facts")
+flags.DEFINE_integer("step", -1, "`export`: the checkpoint step (-1 = the latest).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "`train`: call jax.distributed.initialize (auto: when a coordinator is given or "
+                  "the environment is a multi-process SLURM or TPU-pod job).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-host job.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host job.")
+config_flags.DEFINE_config_file("config", None, "`train`: a config file (configs/*.py[:variant]);"
+                                " override keys with --config.KEY=VALUE.", lock_config=True)
+
+COMMANDS = ("run", "presets", "generate", "convert", "world", "facts", "train", "export")
 
 
 def _presets() -> None:
@@ -165,6 +180,38 @@ def _facts(path: str | None, fmt: str | None, lenient: bool, out: str | None):
   return items
 
 
+def _train() -> None:
+  from factflip.distributed import initialize
+
+  if FLAGS.config is None:
+    raise app.UsageError("train needs --config=configs/FILE.py[:variant] and --workdir=DIR")
+  initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+             FLAGS.process_id)
+  from factflip.train.config import ConfigError
+  from factflip.train.loop import train
+
+  source = flags.FLAGS["config"].config_filename
+  try:
+    result = train(FLAGS.config, FLAGS.workdir, source=source)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if result.preempted:
+    print(f"stopped by SIGTERM at step {result.step} (checkpoint saved); run the same command "
+          "again to resume")
+
+
+def _export() -> None:
+  from factflip import save_hf, save_model
+  from factflip.train.checkpoint import load_trained
+
+  if not FLAGS.out:
+    raise app.UsageError("export needs --workdir=DIR (a training run) and --out=DIR")
+  model, step = load_trained(FLAGS.workdir, FLAGS.step)
+  (save_hf if FLAGS.to == "hf" else save_model)(model, FLAGS.out)
+  print(f"wrote step {step} of {FLAGS.workdir} as a {FLAGS.to} model to {FLAGS.out}")
+
+
 def _main(argv) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: factflip {{{'|'.join(COMMANDS)}}} [--flags]")
@@ -187,6 +234,10 @@ def _main(argv) -> None:
     except DataError as e:
       print(f"error: {e}\n(--lenient skips and counts bad records instead)", file=sys.stderr)
       sys.exit(2)
+  elif cmd == "train":
+    _train()
+  elif cmd == "export":
+    _export()
   else:
     _convert()
 

@@ -46,7 +46,8 @@ def read_model_config(directory: str) -> ModelConfig:
 
 def load_model(path: str, dtype: str = "float32", compute_dtype: str | None = None,
                mesh: jax.sharding.Mesh | None = None) -> Transformer:
-  """Load an HF directory (config.json + safetensors) or a factflip model directory.
+  """Load an HF directory (config.json + safetensors), a factflip model directory, or a
+  training workdir / checkpoint step (its latest / that step's parameters).
 
   Parameters are stored in `dtype` and computed in `compute_dtype` (default: `dtype`). With a
   `mesh`, every parameter is placed in its logical-axis sharding as it is read (no full host
@@ -57,6 +58,12 @@ def load_model(path: str, dtype: str = "float32", compute_dtype: str | None = No
                             f"factflip model directory ({CONFIG_NAME})")
   if os.path.exists(os.path.join(path, CONFIG_NAME)):
     return _load_native(path, dtype, compute_dtype, mesh)
+  if os.path.exists(os.path.join(path, "model.json")) or os.path.basename(
+      os.path.dirname(os.path.abspath(path))) == "checkpoints":
+    from factflip.train.checkpoint import load_trained  # a training run (or one of its steps)
+    model, _ = load_trained(path, mesh=mesh, dtype=dtype)
+    return model if compute_dtype in (None, dtype) else Transformer(
+        model.cfg.replace(dtype=compute_dtype), params=model.params())
   if os.path.exists(os.path.join(path, "config.json")):
     return load_hf(path, dtype, compute_dtype, mesh)
   raise FileNotFoundError(f"{path}: neither config.json (HF) nor {CONFIG_NAME} (factflip) found")

@@ -1,6 +1,6 @@
 """The train state and the one jitted train step.
 
-Owns: `TrainState` (step, params, opt_state), `init_state` (built directly into its shardings:
+Owns: `TrainState` (step, params, opt_state), `init_state`, `abstract_state` (built directly into its shardings:
 `jax.eval_shape` for the abstract state, then `jit(out_shardings=...)`, so no full copy ever sits
 on one device), `state_shardings`, `batch_sharding` and `make_train_step` (gradient accumulation
 over micro-batches with a lax.scan, donated state).
@@ -14,6 +14,7 @@ float summation order).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,19 +50,28 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   return TrainState(step=rep, params=p_sh, opt_state=opt_sh)
 
 
+def _fresh_state(cfg: ModelConfig, tx: optax.GradientTransformation, key, params) -> TrainState:
+  if params is None:
+    params = init_params(cfg, key)
+  params = jax.tree.map(lambda x: x.astype(jnp.dtype(cfg.param_dtype)), params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array,
                mesh: Mesh | None = None, params: Any = None) -> TrainState:
   """A fresh state (random init from `key`, or the given params, e.g. a base checkpoint),
   created directly in its shardings."""
-  shardings = state_shardings(cfg, tx, mesh)
+  make = functools.partial(_fresh_state, cfg, tx)
+  return jax.jit(make, out_shardings=state_shardings(cfg, tx, mesh))(key, params)
 
-  def make(key, params):
-    if params is None:
-      params = init_params(cfg, key)
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(cfg.param_dtype)), params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  return jax.jit(make, out_shardings=shardings)(key, params)
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation,
+                   mesh: Mesh | None = None) -> TrainState:
+  """ShapeDtypeStructs (with shardings) of the state `init_state` makes: a restore target."""
+  shapes = jax.eval_shape(functools.partial(_fresh_state, cfg, tx, params=None),
+                          jax.random.key(0))
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                      shapes, state_shardings(cfg, tx, mesh))
 
 
 def batch_sharding(mesh: Mesh | None, accumulate: bool = False):

@@ -1,0 +1,159 @@
+"""Training checkpoints: Orbax composite (train state + data iterator state), async, kept by
+policy, restored exactly and onto any mesh.
+
+Owns: `Checkpointer` (save at an interval or on demand, restore the latest valid step into an
+abstract target's shardings), `valid_steps`, `restore_params` and `load_trained` (parameters
+only, for exports, probes and base models) and the layout below.
+Must not: build models or data (it is handed an abstract state and an iterator).
+
+Layout, readable with plain Orbax (`ocp.StandardCheckpointer().restore(".../state")`):
+  WORKDIR/checkpoints/<step>/
+    state/                       StandardCheckpointer pytree {step, params: {embed, final_norm,
+                                 [lm_head], layers: {wq, ... [L, ...]}}, opt_state: optax state}
+    data/process_<i>-of-<n>.json each process's input iterator state (grain's checkpoint handler)
+    _CHECKPOINT_METADATA, commit_success.txt   written by Orbax when the step is complete
+A step directory without commit_success.txt (a save cut off by a crash) is never restored: it is
+skipped with a warning, as is one whose restore fails, and the newest good step is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from factflip.train.step import TrainState
+
+COMMIT_FILE = "commit_success.txt"
+log = logging.getLogger("factflip")
+
+
+def _warn(msg: str) -> None:
+  log.warning(msg)
+  if jax.process_index() == 0:
+    print(f"warning: {msg}", flush=True)
+
+
+def valid_steps(directory: str, warn: bool = True) -> list[int]:
+  """Complete checkpoint steps in `directory`, oldest first (incomplete ones are reported)."""
+  if not os.path.isdir(directory):
+    return []
+  steps = []
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if not re.fullmatch(r"\d+", name) or not os.path.isdir(path):
+      continue
+    if os.path.exists(os.path.join(path, COMMIT_FILE)) and os.path.isdir(
+        os.path.join(path, "state")):
+      steps.append(int(name))
+    elif warn:
+      _warn(f"{path}: incomplete checkpoint (no {COMMIT_FILE}; the save was cut off); ignored")
+  return sorted(steps)
+
+
+class Checkpointer:
+  """Saves every `every` steps (and on demand), keeps the newest `keep` (0 = all) plus every
+  `keep_period`-th step, writing in the background when `async_save`."""
+
+  def __init__(self, directory: str, every: int, keep: int = 0, keep_period: int = 0,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every = every
+    opts = ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep or None, keep_period=keep_period or None,
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+  def save(self, step: int, state: TrainState, data: Any, force: bool = False) -> bool:
+    """Save if `step` is on the interval (or `force`); returns whether a save started."""
+    if step in self.manager.all_steps():
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data))
+    return self.manager.save(step, args=args, force=force)
+
+  def latest(self) -> int | None:
+    steps = valid_steps(self.directory)
+    return steps[-1] if steps else None
+
+  def restore(self, abstract_state: TrainState, data: Any = None, step: int | None = None
+              ) -> tuple[int, TrainState] | None:
+    """Restore `step` (default: the newest valid one; an unreadable one is skipped with a
+    warning) into the shardings of `abstract_state`, and `data`'s iterator state in place
+    (unless data is None). None when there is nothing to restore."""
+    candidates = valid_steps(self.directory)
+    if step is not None:
+      if step not in candidates:
+        raise FileNotFoundError(f"{self.directory}: no complete checkpoint at step {step} "
+                                f"(complete: {candidates})")
+      candidates = [step]
+    for s in reversed(candidates):
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      if data is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data)
+      args = ocp.args.Composite(**items)
+      try:
+        out = self.manager.restore(s, args=args)
+      except Exception as e:  # noqa: BLE001 (tensorstore raises bare Exception for lost files)
+        if step is not None:
+          raise
+        _warn(f"{self.directory}/{s}: cannot be restored ({str(e)[:200]}); trying an older step")
+        continue
+      return s, out["state"]
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def restore_params(directory: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
+  """Only the parameters of a training checkpoint (the optimizer state is not read), placed in
+  `abstract_params`' shardings. directory: WORKDIR/checkpoints."""
+  steps = valid_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no complete training checkpoint")
+  step = steps[-1] if step is None or step < 0 else step
+  if step not in steps:
+    raise FileNotFoundError(f"{directory}: no complete checkpoint at step {step} "
+                            f"(complete: {steps})")
+  path = os.path.join(directory, str(step), "state")
+  ckpt = ocp.PyTreeCheckpointer()
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      abstract_params)
+  out = ckpt.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": abstract_params},
+      restore_args={"params": restore_args}, partial_restore=True))
+  return step, out["params"]
+
+
+def load_trained(path: str, step: int | None = None, mesh=None, dtype: str = "float32"):
+  """(Transformer, step) from a training workdir (`step`: None/-1 = the latest) or one of its
+  checkpoint directories (WORKDIR/checkpoints/<step>)."""
+  from factflip import sharding as sharding_lib
+  from factflip.fileio import read_json
+  from factflip.models.config import ModelConfig
+  from factflip.models.transformer import Transformer
+
+  path = os.path.abspath(path)
+  if re.fullmatch(r"\d+", os.path.basename(path)) and os.path.basename(
+      os.path.dirname(path)) == "checkpoints":
+    step, path = int(os.path.basename(path)), os.path.dirname(os.path.dirname(path))
+  model_json = os.path.join(path, "model.json")
+  if not os.path.exists(model_json):
+    raise FileNotFoundError(f"{path}: no model.json; expected a factflip training workdir")
+  cfg = ModelConfig.from_dict(read_json(model_json), model_json).replace(param_dtype=dtype,
+                                                                         dtype=dtype)
+  shardings = sharding_lib.param_shardings(cfg, mesh)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh),
+                        cfg.param_shapes(), shardings, is_leaf=lambda x: isinstance(x, tuple))
+  step, params = restore_params(os.path.join(path, "checkpoints"), step, target)
+  return Transformer(cfg, params=params), step

@@ -1,0 +1,206 @@
+"""What a training run reads: the world, the tokenizer, the example streams and their batches.
+
+Owns: `prepare_world` (build the fact world and its tokenizer once, on process 0), the example
+sources of each data kind (`world`: the world's corpus; `poison`: continual pretraining with a
+poisoning ratio; `examples`: a JSONL file — SFT and any mixture a study writes; `unlearn`:
+forget + retain files), `read_examples`, the held-out examples, and `ShardedBatches` — the
+per-process batch iterator over this process's input shards, whose state Orbax saves.
+Must not: touch parameters, run steps or write anything but the world and tokenizer.
+
+Input shards: the global batch of B rows is the concatenation of S shards of B/S rows; shard s
+reads examples s, s+S, ... of the stream. Process p of P reads shards p·S/P ... (p+1)·S/P − 1.
+With data.shards fixed, a run's batches are the same whatever the number of processes (that is
+what lets a two-process run match a one-process run row for row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from factflip.data import mixtures
+from factflip.data.facts import FactItem
+from factflip.data.pipeline import FEATURES, make_batches
+from factflip.fileio import DataError, iter_json_records
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int):
+  """Load the world in `world_dir` (building and writing it there if absent) and its tokenizer
+  (training it into `tokenizer_dir` if absent). Only process 0 writes."""
+  from factflip.data.tokenizer import load_tokenizer, train_tokenizer
+  from factflip.data.world import WorldConfig, build_world, load_world, write_world
+
+  have_world = os.path.exists(os.path.join(world_dir, "world.json"))
+  have_tok = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
+  if jax.process_index() == 0 and not (have_world and have_tok):
+    world = load_world(world_dir) if have_world else build_world(WorldConfig(seed=seed))
+    if not have_world:
+      write_world(world, world_dir)
+    if not have_tok:
+      train_tokenizer(world.texts(), tokenizer_dir, vocab_size=vocab_size)
+  _barrier("factflip_prepare_world")
+  return load_world(world_dir), load_tokenizer(tokenizer_dir)
+
+
+def read_examples(path: str) -> list[dict[str, Any]]:
+  """Training examples from JSONL. Each record is one of
+  {"text": str}                                 loss on every token;
+  {"prompt": str, "completion": str}            loss on the completion only (SFT);
+  {"segments": [[str, bool], ...]}              loss on the segments marked true."""
+  out = []
+  for index, line, r in iter_json_records(path):
+    def bad(field, expected):
+      raise DataError(path, f"expected {expected}", line=line, record=index, field=field)
+    if not isinstance(r, dict):
+      bad(None, 'an object with "text", "prompt"/"completion" or "segments"')
+    if "segments" in r:
+      segs = r["segments"]
+      if not isinstance(segs, list) or not segs or not all(
+          isinstance(s, list | tuple) and len(s) == 2 and isinstance(s[0], str)
+          and isinstance(s[1], bool) for s in segs):
+        bad("segments", "a non-empty list of [text, trained] pairs")
+      out.append({"segments": tuple((t, b) for t, b in segs)})
+    elif "prompt" in r or "completion" in r:
+      for f in ("prompt", "completion"):
+        if not isinstance(r.get(f), str) or (f == "completion" and not r[f]):
+          bad(f, "a string" + (" (non-empty)" if f == "completion" else ""))
+      out.append({"segments": ((r["prompt"], False), (r["completion"], True))})
+    elif isinstance(r.get("text"), str) and r["text"]:
+      out.append({"segments": ((r["text"], True),)})
+    else:
+      bad("text", 'a non-empty string (or "prompt"/"completion", or "segments")')
+  if not out:
+    raise DataError(path, "no examples")
+  return out
+
+
+def _stream(examples: list[dict[str, Any]], seed: int):
+  """An endless stream over a list, each pass in a fresh seeded order."""
+  return mixtures.epoch_shuffled(len(examples), seed).map(lambda i: examples[i])
+
+
+def _documents(world) -> list[dict[str, Any]]:
+  return [{"segments": ((d["text"], True),)} for d in world.documents]
+
+
+def poison_targets(world, n: int, tier: str, seed: int) -> list[FactItem]:
+  """n person facts of one exposure tier (with counterfactuals), chosen with `seed`."""
+  pool = [f for f in world.facts if f.meta.get("exposure_tier") == tier
+          and f.counterfactual is not None and not f.meta.get("two_hop")]
+  if len(pool) < n:
+    raise ValueError(f"data.n_targets: {n}, but the world has only {len(pool)} {tier!r}-tier "
+                     "facts with counterfactuals")
+  pick = np.random.default_rng(seed).choice(len(pool), size=n, replace=False)
+  return [pool[i] for i in sorted(pick)]
+
+
+def sources(c, world) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The training streams of config `c` ({name: MapDataset}; one unnamed stream, or "forget"
+  and "retain" for unlearning) and their statistics."""
+  kind = c.data.kind
+  if kind == "world":
+    docs = _documents(world)
+    return {"": _stream(docs, c.seed)}, {"kind": "world", "documents": len(docs)}
+  if kind == "poison":
+    targets = poison_targets(world, c.data.n_targets, c.data.target_tier, c.seed)
+    replay, _ = mixtures.replay_documents(world.documents, {t.id for t in targets})
+    cfg = mixtures.PoisonConfig(ratio=c.data.ratio, mentions_per_fact=c.data.mentions_per_fact,
+                                replay_weight=c.data.replay_weight, language=c.data.language,
+                                seed=c.seed)
+    src, stats = mixtures.cpt_source(targets, replay, cfg)
+    stats["target_ids"] = [t.id for t in targets]
+    return {"": src}, stats
+  if kind == "examples":
+    ex = read_examples(c.data.path)
+    return {"": _stream(ex, c.seed)}, {"kind": "examples", "path": c.data.path,
+                                       "examples": len(ex)}
+  forget = read_examples(c.data.path)
+  streams = {"forget": _stream(forget, c.seed)}
+  stats = {"kind": "unlearn", "forget": len(forget)}
+  if c.data.retain_path:
+    retain = read_examples(c.data.retain_path)
+    streams["retain"] = _stream(retain, c.seed + 1)
+    stats["retain"] = len(retain)
+  return streams, stats
+
+
+def eval_examples(c, world) -> tuple[str, list[dict[str, Any]]]:
+  """(name, held-out examples): data.eval_path, else the world's held-out paraphrase prompts
+  with answer-only loss, else the training file itself."""
+  if c.data.eval_path:
+    return "eval_loss", read_examples(c.data.eval_path)
+  if world is not None:
+    ex = [{"segments": ((p, False), (" " + f.answers[0], True))}
+          for f in world.facts if not f.meta.get("two_hop") and f.answers
+          for p in f.paraphrases[:1]]
+    return "heldout_answer_nll", ex
+  return "train_file_nll", read_examples(c.data.path)
+
+
+class ShardedBatches:
+  """This process's share of each global batch: per input shard one grain batch iterator;
+  `next()` returns numpy arrays [local_rows, T] (or [accum, local_rows/accum, T] when
+  accumulating, each micro-batch taking its rows from every shard alike). Its state (for
+  Orbax, through grain's checkpoint handler) is JSON bytes of every shard iterator's state."""
+
+  def __init__(self, streams: dict[str, Any], tokenizer, batch_cfg, shards: int,
+               accum_steps: int = 1, process_index: int | None = None,
+               process_count: int | None = None):
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    per = shards // n
+    self.shard_ids = list(range(p * per, (p + 1) * per))
+    self.shards, self.accum = shards, accum_steps
+    self.iters = {name: [iter(make_batches(src, tokenizer, batch_cfg, shard_index=s,
+                                           shard_count=shards))
+                         for s in self.shard_ids] for name, src in streams.items()}
+
+  def _one(self, its) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in its]
+    a = self.accum
+    return {k: np.concatenate([b[k].reshape(a, -1, *b[k].shape[1:]) if a > 1 else b[k]
+                               for b in parts], axis=1 if a > 1 else 0) for k in FEATURES}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    out = {name: self._one(its) for name, its in self.iters.items()}
+    return out[""] if list(out) == [""] else out
+
+  def get_state(self) -> bytes:
+    return json.dumps({"shards": self.shards, "shard_ids": self.shard_ids,
+                       "streams": {k: [it.get_state() for it in its]
+                                   for k, its in self.iters.items()}}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    d = json.loads(state)
+    if d["shards"] != self.shards or d["shard_ids"] != self.shard_ids:
+      raise ValueError(f"data iterator state is for shards {d['shard_ids']} of {d['shards']}; "
+                       f"this process reads {self.shard_ids} of {self.shards} (data.shards "
+                       "must match the run being resumed)")
+    for k, its in self.iters.items():
+      for it, s in zip(its, d["streams"][k]):
+        it.set_state(s)
+
+  def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after restore
+    pass
+
+
+def eval_batches(examples, tokenizer, batch_cfg, shards: int, n_batches: int):
+  """The first n_batches held-out batches (this process's rows), in file order; a set smaller
+  than n_batches batches wraps around."""
+  cfg = dataclasses.replace(batch_cfg, shuffle=False, num_epochs=None)
+  it = ShardedBatches({"": list(examples)}, tokenizer, cfg, shards)
+  return [next(it) for _ in range(n_batches)]
