@@ -10,7 +10,7 @@ into WORKDIR/world and WORKDIR/tokenizer on first use. Every key and its meaning
 factflip/train/config.py (`base_config`).
 
 Variants (`--config=configs/pretrain_tiny.py:VARIANT`):
-  (none)  tiny-0.5m, 600 steps of 32 x 128 packed tokens, AdamW 3e-3, cosine with warmup.
+  (none)  tiny-0.5m, 500 steps of 16 x 128 packed tokens, AdamW 3e-3, cosine with warmup.
   smoke   12 steps of 8 x 64 on the same world: what the tests and CI run.
 """
 
@@ -20,17 +20,17 @@ from factflip.train.config import base_config
 def get_config(arg=None):
   c = base_config()
   c.seed = 0
-  c.steps = 600
+  c.steps = 500
   c.model.preset = "tiny-0.5m"
   c.data.kind = "world"
   c.data.seq_len = 128
-  c.data.batch_size = 32
+  c.data.batch_size = 16
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 50
   c.optim.schedule = "cosine"
-  c.checkpoint.every = 200
+  c.checkpoint.every = 100
   c.log_every = 20
-  c.eval_every = 200
+  c.eval_every = 100
   if arg == "smoke":
     c.steps = 12
     c.data.seq_len = 64

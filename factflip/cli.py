@@ -213,6 +213,9 @@ def _export() -> None:
 
 
 def _main(argv) -> None:
+  from absl import logging
+  if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; -v=0 shows it again
+    logging.set_verbosity(logging.WARNING)
   if len(argv) < 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: factflip {{{'|'.join(COMMANDS)}}} [--flags]")
   if len(argv) > 2:

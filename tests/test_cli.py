@@ -21,7 +21,7 @@ def test_run_writes_a_consistent_summary(tmp_path):
 
 def test_usage_errors():
   with pytest.raises(app.UsageError, match="usage: factflip"):
-    cli._main(["factflip", "train"])
+    cli._main(["factflip", "frobnicate"])
   with pytest.raises(app.UsageError, match="unexpected arguments"):
     cli._main(["factflip", "run", "extra"])
 
@@ -54,3 +54,40 @@ def test_facts_command_strict_lenient_and_convert(tmp_path, capsys):
   assert [it.id for it in load_facts(str(out))] == ["a"]
   with pytest.raises(app.UsageError, match="facts needs --facts"):
     cli._facts(None, None, False, None)
+
+
+def test_train_and_export_commands(small_world, world_tokenizer, tmp_path):
+  """`factflip train` with --config.KEY overrides, its errors, and `factflip export`."""
+  import os
+  import subprocess
+  import sys
+
+  from factflip.data.world import write_world
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  write_world(small_world, str(tmp_path / "world"))
+  wd = tmp_path / "run"
+  base = [sys.executable, "-m", "factflip.cli", "train",
+          f"--config={root}/configs/pretrain_tiny.py:smoke", f"--workdir={wd}",
+          f"--config.data.world_dir={tmp_path / 'world'}",
+          f"--config.data.tokenizer_dir={world_tokenizer.name_or_path}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def run(*args):
+    return subprocess.run([*base, *args], capture_output=True, text=True, timeout=300, env=env)
+  r = run("--config.steps=3", "--config.data.seq_len=32", "--config.eval_every=0")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "step 3/3" in r.stdout and "ETA" in r.stdout
+  assert json.loads((wd / "config.json").read_text())["steps"] == 3
+  assert len((wd / "metrics.jsonl").read_text().splitlines()) == 3
+  r = run("--config.optim.lr_rate=0.1")  # not a key: absl/ml_collections refuse it
+  assert r.returncode != 0 and "lr_rate" in r.stderr
+  r = run("--config.mesh.fsdp=3")
+  assert r.returncode == 2
+  assert "pretrain_tiny.py:smoke: config.mesh: {'data': 1, 'fsdp': 3, 'tensor': 1}" in r.stderr
+  out = tmp_path / "hf"
+  r = subprocess.run([sys.executable, "-m", "factflip.cli", "export", f"--workdir={wd}",
+                      f"--out={out}"], capture_output=True, text=True, timeout=300, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"wrote step 3 of {wd} as a hf model" in r.stdout
+  assert json.loads((out / "config.json").read_text())["vocab_size"] == len(world_tokenizer)

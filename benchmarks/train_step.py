@@ -1,0 +1,193 @@
+"""Training throughput: factflip's jitted train step vs an HF PyTorch training step (same tiny
+Llama config, weights, batch and AdamW with global-norm clipping), in one run; achieved model
+FLOP/s vs the measured float32 matmul peak; and the cost of async Orbax checkpoints at a dense
+study interval.
+
+  python benchmarks/train_step.py [--presets=tiny-2m,tiny-8m,tiny-30m --batch=16 --seq=128]
+      [--iters=8 --hf_presets=tiny-2m,tiny-8m --ckpt_every=10,25]
+
+Prints markdown blocks for benchmarks/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from factflip import get_preset
+from factflip.models.transformer import init_params
+from factflip.train import objectives
+from factflip.train.checkpoint import Checkpointer
+from factflip.train.optim import OptimConfig, make_optimizer
+from factflip.train.step import init_state, make_train_step
+
+OPT = OptimConfig(name="adamw", lr=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.1,
+                  b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+
+
+def model_flops(cfg, B, T):
+  """6·N·tokens (non-embedding matmul parameters + the unembedding) + attention (fwd 4·B·H·T²·K
+  per layer, ×3 for forward + backward)."""
+  D, H, G, K, F, V, L = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                         cfg.vocab_size, cfg.n_layers)
+  n_matmul = L * (D * H * K + 2 * D * G * K + H * K * D + 3 * D * F) + D * V
+  return 6 * n_matmul * B * T + 3 * 4 * B * H * T * T * K * L
+
+
+def batch_of(cfg, B, T, seed=0):
+  inp = np.random.default_rng(seed).integers(3, cfg.vocab_size, (B, T)).astype(np.int32)
+  return {"inputs": inp, "targets": np.roll(inp, -1, 1), "loss_mask": np.ones((B, T), np.int32),
+          "segment_ids": np.ones((B, T), np.int32),
+          "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+
+
+def time_ours(cfg, batch, iters):
+  tx = make_optimizer(OPT)
+  state = init_state(cfg, tx, jax.random.key(0))
+  step = make_train_step(cfg, tx, objectives.lm)
+  b = jax.device_put(batch)
+  for _ in range(2):
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    state, m = step(state, b)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), state, step, b
+
+
+def time_hf(cfg, batch, iters):
+  import torch
+  import transformers
+  from flax import nnx
+
+  from factflip import Transformer, save_hf
+  torch.set_num_threads(os.cpu_count())
+  with tempfile.TemporaryDirectory() as d:
+    save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), d)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa")
+  model.train()
+  decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+  other = [p for n, p in model.named_parameters() if p.ndim < 2]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                           {"params": other, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95),
+                          eps=1e-8)
+  inp = torch.tensor(batch["inputs"], dtype=torch.long)
+  tgt = torch.tensor(batch["targets"], dtype=torch.long)
+
+  def step():
+    logits = model(inp).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+  for _ in range(2):
+    step()
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def matmul_peak(iters):
+  a = jnp.asarray(np.random.RandomState(1).randn(2048, 2048).astype(np.float32))
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  ts = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    mm(a).block_until_ready()
+    ts.append(time.perf_counter() - t)
+  return 2 * 2048 ** 3 / float(np.median(ts)) / 1e9
+
+
+def checkpoint_overhead(state, step, b, every, n_steps):
+  """Seconds per step of a loop that saves (async) every `every` steps, vs the same loop without
+  saves; the state is read back to host at each save, as in training."""
+  def run(save_every):
+    nonlocal state
+    with tempfile.TemporaryDirectory() as d:
+      ck = Checkpointer(d, every=save_every or 1, keep=0, async_save=True)
+
+      class NoData:
+        def get_state(self):
+          return b"{}"
+      t = time.perf_counter()
+      for i in range(1, n_steps + 1):
+        state, m = step(state, b)
+        if save_every and i % save_every == 0:
+          ck.save(i, state, NoData())
+      jax.block_until_ready(m)
+      dt = time.perf_counter() - t
+      ck.wait()
+      ck.close()
+    return dt / n_steps
+  run(0)
+  base = run(0)
+  with_ck = run(every)
+  return base, with_ck
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--presets", default="tiny-2m,tiny-8m,tiny-30m")
+  ap.add_argument("--hf_presets", default="tiny-2m,tiny-8m")
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--iters", type=int, default=8)
+  ap.add_argument("--ckpt_every", default="10,25")
+  ap.add_argument("--ckpt_preset", default="tiny-8m")
+  args = ap.parse_args()
+  import torch
+  import transformers
+
+  B, T = args.batch, args.seq
+  print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{datetime.date.today()}; batch {B} x {T}, float32, AdamW + clip 1.0")
+  peak = matmul_peak(args.iters)
+  print(f"matmul peak (jax 2048^3 f32): {peak:.0f} GFLOP/s")
+  print("| preset | params | factflip s/step | tokens/s | HF PyTorch s/step | tokens/s | "
+        "ours/HF | model GFLOP/s | of peak |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  kept = {}
+  for name in args.presets.split(","):
+    cfg = get_preset(name)
+    batch = batch_of(cfg, B, T)
+    t_ours, state, step, b = time_ours(cfg, batch, args.iters)
+    kept[name] = (state, step, b)
+    gf = model_flops(cfg, B, T) / t_ours / 1e9
+    if name in args.hf_presets.split(","):
+      t_hf = time_hf(cfg, batch, args.iters)
+      hf = f"{t_hf:.4f} | {B * T / t_hf:,.0f} | {t_hf / t_ours:.2f}x"
+    else:
+      hf = "- | - | -"
+    print(f"| {name} | {cfg.num_params():,} | {t_ours:.4f} | {B * T / t_ours:,.0f} | {hf} | "
+          f"{gf:.0f} | {gf / peak:.0%} |")
+    if name != args.ckpt_preset:
+      kept.pop(name)
+  if args.ckpt_preset in kept:
+    state, step, b = kept[args.ckpt_preset]
+    print(f"\nasync checkpoint overhead ({args.ckpt_preset}, full train state incl. AdamW "
+          "moments, local disk)")
+    print("| save every | s/step without | s/step with | overhead |")
+    print("|---|---|---|---|")
+    for every in map(int, args.ckpt_every.split(",")):
+      base, with_ck = checkpoint_overhead(state, step, b, every, n_steps=2 * every)
+      print(f"| {every} steps | {base:.4f} | {with_ck:.4f} | {with_ck / base - 1:+.1%} |")
+
+
+if __name__ == "__main__":
+  main()
