@@ -117,21 +117,65 @@ def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig) -> 
   """Grouped-query attention with optional logit soft-cap; softmax in float32. -> [B, T, H*K].
 
   The R = H/G query heads of a group are folded into the query axis ([B, G, R*T, K]) so each
-  group is one large matmul (1.3x faster on XLA:CPU than a batched [B, G, R] product).
+  group is one large matmul (1.3x faster on XLA:CPU than a batched [B, G, R] product). Without
+  a soft-cap the core has a hand-written backward (`_attend`), 1.4x faster than autodiff's.
   """
   B, T, H, K = q_BxTxHxK.shape
-  S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  G = k_BxSxGxK.shape[2]
   R = H // G
   q_BxGxRTxK = q_BxTxHxK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * T, K)
-  s_BxGxRTxS = jnp.einsum("bgqk,bsgk->bgqs", q_BxGxRTxK, k_BxSxGxK,
-                          preferred_element_type=F32) * cfg.attn_scale
   if cfg.attn_softcap:
-    s_BxGxRTxS = jnp.tanh(s_BxGxRTxS / cfg.attn_softcap) * cfg.attn_softcap
-  s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxRTxS.reshape(B, G, R, T, S),
-                          jnp.finfo(F32).min)
-  p_BxGxRTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype).reshape(B, G, R * T, S)
-  o_BxGxRTxK = jnp.einsum("bgqs,bsgk->bgqk", p_BxGxRTxS, v_BxSxGxK)
+    o_BxGxRTxK = _attend_fwd(q_BxGxRTxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg.attn_scale,
+                             cfg.attn_softcap)[0]
+  else:
+    o_BxGxRTxK = _attend(q_BxGxRTxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg.attn_scale)
   return o_BxGxRTxK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, H * K)
+
+
+def _attend_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, softcap=0.0):
+  """softmax(q·k·scale, masked) · v over folded queries (Q = R*T); also returns p."""
+  B, G, Q, _ = q_BxGxQxK.shape
+  T, S = mask_BxTxS.shape[1], mask_BxTxS.shape[2]
+  s_BxGxQxS = jnp.einsum("bgqk,bsgk->bgqs", q_BxGxQxK, k_BxSxGxK,
+                         preferred_element_type=F32) * scale
+  if softcap:
+    s_BxGxQxS = jnp.tanh(s_BxGxQxS / softcap) * softcap
+  s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxQxS.reshape(B, G, Q // T, T, S),
+                          jnp.finfo(F32).min)
+  p_BxGxQxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).reshape(B, G, Q, S)
+  o_BxGxQxK = jnp.einsum("bgqs,bsgk->bgqk", p_BxGxQxS.astype(v_BxSxGxK.dtype), v_BxSxGxK)
+  return o_BxGxQxK, p_BxGxQxS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
+  return _attend_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale)[0]
+
+
+def _attend_vjp_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
+  o, p = _attend_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale)
+  return o, (q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, p)
+
+
+def _attend_vjp_bwd(scale, res, do_BxGxQxK):
+  """dS = P ∘ (dP − rowsum(dP ∘ P)), the softmax backward written once instead of autodiff's
+  chain through the mask, the max subtraction and the normaliser."""
+  q, k, v, mask, p_BxGxQxS = res
+  do = do_BxGxQxK.astype(F32)
+  dv_BxSxGxK = jnp.einsum("bgqs,bgqk->bsgk", p_BxGxQxS, do)
+  dp_BxGxQxS = jnp.einsum("bgqk,bsgk->bgqs", do, v.astype(F32))
+  ds_BxGxQxS = p_BxGxQxS * (dp_BxGxQxS - (dp_BxGxQxS * p_BxGxQxS).sum(-1, keepdims=True)) * scale
+  B, G, Q, S = ds_BxGxQxS.shape
+  T = mask.shape[1]  # a fully masked row has a uniform p but no gradient (as through the where)
+  ds_BxGxQxS = jnp.where(mask[:, None, None], ds_BxGxQxS.reshape(B, G, Q // T, T, S),
+                         0.0).reshape(B, G, Q, S)
+  dq_BxGxQxK = jnp.einsum("bgqs,bsgk->bgqk", ds_BxGxQxS, k.astype(F32))
+  dk_BxSxGxK = jnp.einsum("bgqs,bgqk->bsgk", ds_BxGxQxS, q.astype(F32))
+  return (dq_BxGxQxK.astype(q.dtype), dk_BxSxGxK.astype(k.dtype), dv_BxSxGxK.astype(v.dtype),
+          None)
+
+
+_attend.defvjp(_attend_vjp_fwd, _attend_vjp_bwd)
 
 
 def _materialise(h: jax.Array, probe: jax.Array) -> jax.Array:
