@@ -128,9 +128,10 @@ def test_resharded_restore(world_dirs, tmp_path):
 
   assert jax.device_count() == 8
   wd = str(tmp_path / "fsdp8")
-  c = smoke(world_dirs, mesh__fsdp=8, steps=4, eval_every=0)
+  c = smoke(world_dirs, mesh__fsdp=8, steps=4, eval_every=0, checkpoint__keep=2)
   r = train(c, wd, quiet=True)
   saved = os.path.join(wd, "checkpoints")
+  assert valid_steps(saved) == [2, 4]  # keep=2: older steps deleted
   _, ref = params_of(wd, 4)
   tx = make_optimizer(config_lib.optim_config(resolve(c, wd)))
   for mesh in (make_mesh(data=1, fsdp=4, tensor=2), None):

@@ -137,3 +137,26 @@ def test_attention_backward_equals_autodiff():
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
   assert float(jnp.abs(ours[0][1, :3]).max()) == 0.0  # fully masked query rows get no gradient
+
+
+def test_remat_and_mixed_precision():
+  """remat gives the same step as no remat; bfloat16 compute keeps float32 master weights and
+  stays within bfloat16 rounding of the float32 loss."""
+  tx = make_optimizer(OPT)
+  batch = lm_batch()
+  runs = {}
+  for name, cfg in (("f32", CFG), ("remat", CFG.replace(remat="full")),
+                    ("bf16", CFG.replace(dtype="bfloat16"))):
+    state = init_state(cfg, tx, jax.random.key(0))
+    step = make_train_step(cfg, tx, O.lm)
+    losses = []
+    for _ in range(3):
+      state, m = step(state, batch)
+      losses.append(float(m["loss"]))
+    runs[name] = (losses, state)
+  np.testing.assert_allclose(runs["remat"][0], runs["f32"][0], rtol=1e-6)
+  np.testing.assert_allclose(runs["bf16"][0], runs["f32"][0], rtol=2e-2)
+  assert runs["bf16"][0] != runs["f32"][0]  # it really computed in bfloat16
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(runs["bf16"][1].params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(runs["bf16"][1].opt_state)
+             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating))
