@@ -95,7 +95,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
   return c
 
 
-def _objective(c, seq_len: int):
+def _objective(c):
   name = c.objective.name
   if name == "lm":
     return objectives.lm
@@ -239,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
     start, state = restored
     say(f"resumed from {ckpt.directory}/{start}")
 
-  objective = _objective(c, c.data.seq_len)
+  objective = _objective(c)
   step_fn = make_train_step(mcfg, tx, objective, c.accum_steps, state_sharding=shardings)
   b_sh = batch_sharding(mesh, accumulate=c.accum_steps > 1)
   e_sh = batch_sharding(mesh)
