@@ -1,0 +1,72 @@
+"""Fact preference and the logit lens: equal to direct log-prob sums; state and flip metrics."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from factflip import Transformer, get_preset
+from factflip.probes import preference as P
+
+
+@pytest.fixture(scope="module")
+def model_and_items(small_world, world_tokenizer):
+  cfg = get_preset("tiny-0.5m", vocab_size=len(world_tokenizer), max_seq_len=128)
+  model = Transformer(cfg, rngs=nnx.Rngs(3))
+  items = [f for f in small_world.facts if f.translations and f.neighbours][:6]
+  return model, world_tokenizer, items
+
+
+def direct_logprob(model, tok, prompt, answer):
+  p_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False).input_ids
+  a_ids = tok(" " + answer, add_special_tokens=False).input_ids
+  ids = np.asarray([p_ids + a_ids], np.int32)
+  logp = np.asarray(jax.nn.log_softmax(model(ids)[0], axis=-1))
+  return sum(logp[len(p_ids) - 1 + j, a] for j, a in enumerate(a_ids))
+
+
+def test_preference_equals_direct_sums_and_lens_ends_at_the_output(model_and_items):
+  model, tok, items = model_and_items
+  table = P.preference(model, tok, items, batch_size=8, lens=True)
+  kinds = set(table["kind"])
+  assert kinds == {"prompt", "paraphrase", "question", "language", "neighbour"}
+  n = len(table["item"])
+  assert all(len(v) == n for v in table.values()) and table["dll_layers"].shape == (n, 5)
+  for i in range(0, n, 3):
+    want_t = direct_logprob(model, tok, table["prompt"][i], table["true"][i])
+    want_c = direct_logprob(model, tok, table["prompt"][i], table["cf"][i])
+    assert table["logp_true"][i] == pytest.approx(want_t, abs=1e-4)
+    assert table["logp_cf"][i] == pytest.approx(want_c, abs=1e-4)
+  np.testing.assert_allclose(table["dll"], table["logp_true"] - table["logp_cf"], rtol=1e-6)
+  np.testing.assert_allclose(table["dll_layers"][:, -1], table["dll"], atol=1e-4)
+  assert np.abs(table["dll_layers"][:, 0] - table["dll"]).max() > 1e-3  # layers differ
+  # neighbours compare their own answer with the item's counterfactual
+  nb = np.flatnonzero(table["kind"] == "neighbour")[0]
+  it = next(x for x in items if x.id == table["item"][nb])
+  neighbour = it.neighbours[int(table["variant"][nb])]
+  assert table["cf"][nb] == it.counterfactual and table["true"][nb] == neighbour.answers[0]
+  assert table["prompt"][nb] == neighbour.prompt
+
+
+def test_bad_inputs(model_and_items):
+  model, tok, _ = model_and_items
+  with pytest.raises(ValueError, match="tokenises to nothing"):
+    P.score(model, tok, ["The capital is"], [""])
+  with pytest.raises(ValueError, match="longer than the model's context of 128"):
+    P.score(model, tok, ["word " * 300], ["Paris"])
+  with pytest.raises(ValueError, match="unknown prompt kinds"):
+    P.prompt_rows([], kinds=["prompts"])
+
+
+def test_states_flips_and_abruptness():
+  ref = np.array([2.0, 1.0, 0.7, -1.0, 0.2])          # correct: items 0, 1, 2
+  ckpts = np.array([[2.0, 1.0, 0.7, -1.0, 0.2],        # step 0
+                    [1.0, -0.6, 0.4, -1.0, 0.2],       # step 10: item 1 flips, 2 ambiguous
+                    [-2.0, -0.8, -0.1, 1.0, 0.2]])     # step 20: item 0 flips
+  np.testing.assert_array_equal(P.states(ckpts[1]), [1, -1, 0, -1, 0])
+  np.testing.assert_allclose(P.flip_rate(ref, ckpts), [0, 1 / 3, 2 / 3])
+  np.testing.assert_allclose(P.ambiguity_rate(ckpts), [0.2, 0.4, 0.4])
+  np.testing.assert_array_equal(P.first_flip(ref, ckpts, [0, 10, 20]), [20, 10, -1, -1, -1])
+  assert P.abruptness([0, 0.1, 0.7, 0.8]) == pytest.approx(0.6 / 0.8)
+  assert np.isnan(P.abruptness([0.2, 0.2]))
+  assert P.flip_rate(ref, ckpts, tau=0.0)[1] == pytest.approx(1 / 4)  # τ = 0: item 4 counts
