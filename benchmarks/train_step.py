@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip import get_preset
-from factflip.models.transformer import init_params
 from factflip.train import objectives
 from factflip.train.checkpoint import Checkpointer
 from factflip.train.optim import OptimConfig, make_optimizer

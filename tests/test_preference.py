@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from factflip import Transformer, get_preset
-from factflip.probes import preference as P
+from factflip.probes import fact_preference as P
 
 
 @pytest.fixture(scope="module")

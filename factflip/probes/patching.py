@@ -2,7 +2,8 @@
 
 Owns: `act_patch` (the generic layers × positions sweep: same-model clean→corrupted patching
 and cross-model patching, e.g. the base checkpoint's activations into the poisoned one),
-`position_groups` and `normalised_recovery`.
+`attribution_patch` (its first-order estimate from one backward), `position_groups` and
+`normalised_recovery`.
 Must not: choose items or write tables (studies do), or define sites (`factflip.models.hooks`).
 
 Semantics (TransformerLens' `get_act_patch_*`): cell (ℓ, c) runs `model` on the corrupted
@@ -143,3 +144,49 @@ def normalised_recovery(patched, corrupted, clean):
   denom = lift(clean) - lift(corrupted)
   with np.errstate(divide="ignore", invalid="ignore"):
     return np.where(denom != 0, (patched - lift(corrupted)) / denom, np.nan)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "src_cfg", "site", "metric",
+                                             "logit_positions"))
+def _attribution(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
+                 clean_mask_BxT, *, site, metric, logit_positions):
+  clean_LxBxTxD = forward(src_params, src_cfg, clean_BxT, clean_mask_BxT, capture=(site,),
+                          return_logits=False).captures[site]
+  pos = jnp.asarray(logit_positions, jnp.int32)
+
+  def run(delta_LxBxTxD):  # an all-zero "add" at every layer and position: its gradient is
+    iv = Intervention(jnp.ones((cfg.n_layers,), bool), jnp.ones((1,), bool), delta_LxBxTxD,
+                      site=site, mode="add")             # d metric / d activation
+    out = forward(params, cfg, corrupted_BxT, mask_BxT, interventions=(iv,), capture=(site,),
+                  return_logits=False)
+    m_B = metric(unembed(params, cfg, jnp.take(out.residual, pos, axis=1)))
+    return m_B.sum(), out.captures[site]
+  zeros = jnp.zeros_like(clean_LxBxTxD)
+  grad_LxBxTxD, corrupt_LxBxTxD = jax.grad(run, has_aux=True)(zeros)
+  return ((clean_LxBxTxD - corrupt_LxBxTxD) * grad_LxBxTxD).sum(-1)   # [L, B, T]
+
+
+def attribution_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
+                      site: str = "resid_pre", source_model: Transformer | None = None,
+                      mask=None, clean_mask=None, logit_positions: Sequence[int] = (-1,)
+                      ) -> np.ndarray:
+  """Attribution patching (Nanda 2023): the first-order estimate of every act_patch cell from
+  one forward and one backward, (clean − corrupted activation) · ∂metric/∂activation at the
+  corrupted run, summed over d_model: float32 [batch, layers, positions]. Same arguments and
+  result layout as `act_patch` with one position per cell and window 1."""
+  site, _ = parse_hook_name(site)
+  source_model = source_model or model
+  if source_model.cfg.vocab_size != model.cfg.vocab_size or (
+      source_model.cfg.d_model != model.cfg.d_model):
+    raise ValueError("mismatched vocabularies or widths between the source and patched model")
+  corrupted = np.atleast_2d(np.asarray(corrupted_tokens, np.int32))
+  clean = np.atleast_2d(np.asarray(clean_tokens, np.int32))
+  if corrupted.shape != clean.shape:
+    raise ValueError(f"corrupted tokens {corrupted.shape} and clean tokens {clean.shape} differ "
+                     "in shape (patching copies position t to position t)")
+  mask = np.ones(corrupted.shape, bool) if mask is None else np.asarray(mask, bool)
+  clean_mask = mask if clean_mask is None else np.asarray(clean_mask, bool)
+  res = _attribution(model.params(), model.cfg, source_model.params(), source_model.cfg,
+                     corrupted, clean, mask, clean_mask, site=check_site(site), metric=metric,
+                     logit_positions=tuple(int(p) for p in logit_positions))
+  return np.asarray(res).transpose(1, 0, 2)
