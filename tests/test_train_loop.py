@@ -180,6 +180,10 @@ def test_incomplete_checkpoints_are_ignored(world_dirs, tmp_path, capsys):
   assert "checkpoints/6: incomplete checkpoint" in err
   assert "checkpoints/5: cannot be restored" in err
   assert r.start_step == 4 and r.step == 8
+  # both were set aside (not deleted), and step 6 was saved again by the resumed run
+  assert os.path.isdir(os.path.join(ck, "6.incomplete"))
+  assert os.path.isdir(os.path.join(ck, "5.unreadable"))
+  assert valid_steps(ck) == [0, 2, 4, 6, 8]
 
 
 @pytest.mark.parametrize("change,key,message", [

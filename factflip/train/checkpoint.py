@@ -13,7 +13,8 @@ Layout, readable with plain Orbax (`ocp.StandardCheckpointer().restore(".../stat
     data/process_<i>-of-<n>.json each process's input iterator state (grain's checkpoint handler)
     _CHECKPOINT_METADATA, commit_success.txt   written by Orbax when the step is complete
 A step directory without commit_success.txt (a save cut off by a crash) is never restored: it is
-skipped with a warning, as is one whose restore fails, and the newest good step is used.
+renamed to <step>.incomplete with a warning, as is one whose restore fails (<step>.unreadable),
+and the newest good step is used; nothing is deleted, and the step can be saved again.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ def valid_steps(directory: str, warn: bool = True) -> list[int]:
   return sorted(steps)
 
 
+def _set_aside(path: str, suffix: str) -> None:
+  """Rename a step directory out of Orbax's way (process 0; nothing is deleted)."""
+  if jax.process_index() == 0 and os.path.isdir(path):
+    target, n = f"{path}.{suffix}", 1
+    while os.path.exists(target):
+      target, n = f"{path}.{suffix}{n}", n + 1
+    os.rename(path, target)
+    _warn(f"{path}: moved to {target}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"factflip_set_aside_{os.path.basename(path)}")
+
+
 class Checkpointer:
   """Saves every `every` steps (and on demand), keeps the newest `keep` (0 = all) plus every
   `keep_period`-th step, writing in the background when `async_save`."""
@@ -64,6 +78,13 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.every = every
+    good = set(valid_steps(self.directory, warn=False))
+    if os.path.isdir(self.directory):
+      for name in sorted(os.listdir(self.directory)):
+        if re.fullmatch(r"\d+", name) and int(name) not in good:
+          _warn(f"{self.directory}/{name}: incomplete checkpoint (no {COMMIT_FILE}; the save "
+                "was cut off); ignored")
+          _set_aside(os.path.join(self.directory, name), "incomplete")
     opts = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep or None, keep_period=keep_period or None,
         enable_async_checkpointing=async_save, create=True)
@@ -103,6 +124,8 @@ class Checkpointer:
         if step is not None:
           raise
         _warn(f"{self.directory}/{s}: cannot be restored ({str(e)[:200]}); trying an older step")
+        _set_aside(os.path.join(self.directory, str(s)), "unreadable")
+        self.manager.reload()
         continue
       return s, out["state"]
     return None
