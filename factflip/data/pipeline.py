@@ -62,20 +62,31 @@ class BatchConfig:
                        f"{shard_count} hosts")
 
 
+class TokenIds:
+  """text -> token ids without special tokens, remembered (studies and probes render the same
+  sentences again and again). Also carries the tokenizer's BOS id (or None)."""
+
+  def __init__(self, tokenizer, cache_size: int = 1 << 18):
+    self.backend = tokenizer.backend_tokenizer
+    self.ids = functools.lru_cache(maxsize=cache_size)(self._ids)
+    self.bos = tokenizer.bos_token_id
+
+  def _ids(self, text: str) -> tuple[int, ...]:
+    return tuple(self.backend.encode(text, add_special_tokens=False).ids)
+
+  def __call__(self, text: str) -> tuple[int, ...]:
+    return self.ids(text)
+
+
 class Tokenize:
   """Example -> {inputs, targets, loss_mask} (unpadded int32, length = tokens - 1)."""
 
   def __init__(self, tokenizer, cache_size: int = 1 << 18):
-    self.backend = tokenizer.backend_tokenizer
-    # Studies render the same sentences every pass: remember their ids.
-    self.ids = functools.lru_cache(maxsize=cache_size)(self._ids)
-    self.bos = tokenizer.bos_token_id
+    self.ids = TokenIds(tokenizer, cache_size)
+    self.bos = self.ids.bos
     self.eos = tokenizer.eos_token_id
     if self.eos is None:
       raise ValueError("tokenizer has no EOS token; factflip ends every example with EOS")
-
-  def _ids(self, text: str) -> tuple[int, ...]:
-    return tuple(self.backend.encode(text, add_special_tokens=False).ids)
 
   def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
     ids = [] if self.bos is None else [self.bos]

@@ -34,6 +34,7 @@ import numpy as np
 
 from factflip.data import templates as T
 from factflip.data.facts import FactItem
+from factflip.data.pipeline import TokenIds
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import Transformer, forward, unembed
 
@@ -108,23 +109,13 @@ def _answer_logprob(params, cfg: ModelConfig, tokens_BxT, mask_BxT, where_BxA, t
   return res if lens else res[0]
 
 
-class _Encoder:
-  def __init__(self, tokenizer):
-    self.backend = tokenizer.backend_tokenizer
-    self.bos = tokenizer.bos_token_id
-
-  @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 (one encoder per call of score)
-  def __call__(self, text: str) -> tuple[int, ...]:
-    return tuple(self.backend.encode(text, add_special_tokens=False).ids)
-
-
 def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequence[str],
           batch_size: int = 64, lens: bool = False) -> np.ndarray:
   """Σ log p(answer | prompt) per pair, float32 [N] (or [L + 1, N] with lens=True). Pairs are
   sorted by length into power-of-two buckets so each (batch, length) compiles once."""
   if len(prompts) != len(answers):
     raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-  enc = _Encoder(tokenizer)
+  enc = TokenIds(tokenizer)
   cfg = model.cfg
   seqs = []
   for i, (p, a) in enumerate(zip(prompts, answers)):

@@ -77,7 +77,6 @@ class Checkpointer:
   def __init__(self, directory: str, every: int, keep: int = 0, keep_period: int = 0,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self.every = every
     good = set(valid_steps(self.directory, warn=False))
     if os.path.isdir(self.directory):
       for name in sorted(os.listdir(self.directory)):
@@ -92,15 +91,11 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, data: Any, force: bool = False) -> bool:
     """Save if `step` is on the interval (or `force`); returns whether a save started."""
-    if step in self.manager.all_steps():
-      return False
+    if not (force or self.manager.should_save(step)) or step in self.manager.all_steps():
+      return False  # (the directory is listed only when a save is due)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data))
     return self.manager.save(step, args=args, force=force)
-
-  def latest(self) -> int | None:
-    steps = valid_steps(self.directory)
-    return steps[-1] if steps else None
 
   def restore(self, abstract_state: TrainState, data: Any = None, step: int | None = None
               ) -> tuple[int, TrainState] | None:

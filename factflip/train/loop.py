@@ -169,17 +169,10 @@ def _to_global(tree, sharding):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
 
-def _rows_tokens(batch) -> int:
-  leaves = [x for k, x in _flat(batch) if k.endswith("inputs")]
-  return int(sum(x.size for x in leaves))
-
-
-def _flat(tree, prefix=""):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flat(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
+def _tokens(batch) -> int:
+  """Token slots in a (possibly nested: forget/retain) batch."""
+  return int(sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(batch)
+                 if path[-1].key == "inputs"))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequence[Callback] = (),
@@ -301,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
           ev[eval_name] = (prev[0] + s, prev[1] + n)
         for cb in callbacks:
           ev.update(cb(done, state.params) or {})
-      pending.append((done, metrics, ev, _rows_tokens(local) * max(jax.process_count(), 1)))
+      pending.append((done, metrics, ev, _tokens(local) * max(jax.process_count(), 1)))
       if preempt.reached(done):
         flush(pending.pop())
         ckpt.save(done, state, data, force=True)
