@@ -24,7 +24,7 @@ from factflip import Transformer, load_model, save_hf
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import forward
 from factflip.probes import capture, replace
-from factflip.probes.patching import act_patch
+from factflip.probes.patching import act_patch, sweep_cost
 
 
 def metric(logits_BxPxV):
@@ -65,7 +65,7 @@ def main():
   corrupted[0, 3:6] = r.integers(3, args.vocab, 3)
 
   # (1) factflip act_patch
-  t_ours, ours = best_of(lambda: act_patch(model, corrupted, clean, metric, chunk=T), args.iters)
+  t_ours, ours = best_of(lambda: act_patch(model, corrupted, clean, metric), args.iters)
 
   # (2) per-cell loop of jitted factflip forwards (one compiled forward, L*T calls)
   caps = capture(model, clean, ["resid_pre"])["resid_pre"]
@@ -111,11 +111,15 @@ def main():
 
   # matmul FLOPs (attention scores over T = 32 tokens are < 2% and left out): per token and
   # block q, o D² each, k, v D²/2 each (2 KV heads of 4), MLP 3 x D x 4D
-  block_flops = 2 * T * (3 * D * D + 12 * D * D)
-  full_fwd_flops = L * block_flops + 2 * T * D * args.vocab
-  # blocks actually run: sum over start layers of (L - l) blocks x T cells; unembed at 1 position
-  ours_flops = T * sum(L - layer for layer in range(L)) * block_flops + L * T * 2 * D * args.vocab
+  cost = sweep_cost(model, corrupted, clean, metric)
+  block_flops = 2 * (3 * D * D + 12 * D * D)       # per token
+  unembed_flops = 2 * D * args.vocab              # per token
+  full_fwd_flops = T * (L * block_flops + unembed_flops)
+  ours_flops = (cost["block_tokens"] * block_flops
+                + cost["unembed_share"] * L * T * T * unembed_flops)
   share = ours_flops / (L * T * full_fwd_flops)
+  memory = {c: sweep_cost(model, corrupted, clean, metric, chunk=c)["temp_bytes"]
+            for c in (64, 256, 1024, None)}
   print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}, {datetime.date.today()}")
   print(f"model: Llama-shaped, {L} layers, d_model {D}, 4 heads (2 KV), vocab {args.vocab}, "
@@ -128,8 +132,12 @@ def main():
   print(f"| per-cell loop of jitted factflip forwards | {t_loop:.3f} | {t_loop / t_ours:.1f}x |")
   print(f"| per-cell loop, eager PyTorch + hook (TransformerLens way) | {t_tl:.3f} | "
         f"{t_tl / t_ours:.1f}x |")
-  print(f"FLOPs the sweep performs: {share:.0%} of L x T full forwards "
-        f"(blocks below the patched layer skipped, unembedding at the last position only)")
+  print(f"FLOPs the sweep performs: {share:.1%} of L x T full forwards ({ours_flops / 1e9:.1f} "
+        f"GFLOP, {ours_flops / t_ours / 1e9:.0f} GFLOP/s): blocks below the patched layer and "
+        f"positions before the patch skipped, unembedding at the last position only; "
+        f"{cost['packed_tokens']} packed tokens per layer for {L}x{T} cells")
+  print("peak temporary memory by chunk (packed tokens per step): "
+        + ", ".join(f"{c}: {m / 2**20:.1f} MiB" for c, m in memory.items()))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Patching sweeps equal a plain loop of single patched forwards; TransformerLens semantics."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from factflip import Transformer, get_preset
 from factflip.probes import capture, replace
 from factflip.models.hooks import Intervention
 from factflip.probes.patching import (act_patch, attribution_patch, normalised_recovery,
-                                      position_groups)
+                                      pack_cells, position_groups, sweep_cost)
 
 CFG = get_preset("tiny-0.5m", vocab_size=97, max_seq_len=64)
 B, T = 2, 7
@@ -78,6 +79,61 @@ def test_resid_pre_semantics_windows_groups_and_cross_model(setup):
   np.testing.assert_allclose(got, want, atol=1e-5)
   rec = normalised_recovery(all_pos, base, clean_m)
   np.testing.assert_allclose(rec[:, 0, 0], 1.0, atol=1e-4)
+
+
+def answer_diff(logits_BxPxV, ids_Bx2):
+  """Per-row answer ids (metric_aux): logit(true) − logit(counterfactual), summed over the two
+  read positions."""
+  lp = jnp.take_along_axis(logits_BxPxV, ids_Bx2[:, None, :], axis=-1)    # [B, P, 2]
+  return (lp[..., 0] - lp[..., 1]).sum(-1)
+
+
+def test_padded_rows_per_row_metric_and_packing_against_the_loop(setup):
+  """Left-padded prompts, a metric with per-row data reading two positions, cells patched
+  before and after the first read position: equal to full patched forwards."""
+  model, other, clean, corrupted = setup
+  mask = np.ones((B, T), bool)
+  mask[1, :2] = False                         # row 1 is a 5-token prompt padded on the left
+  ids = np.asarray([[5, 9], [11, 4]], np.int32)
+  cells = np.eye(T, dtype=bool)
+  got = act_patch(model, corrupted, clean, answer_diff, site="resid_post", source_model=other,
+                  mask=mask, metric_aux=jnp.asarray(ids), logit_positions=(-3, -1), chunk=8)
+  caps = capture(other, clean, ["resid_post"], mask)["resid_post"]
+  want = np.zeros_like(got)
+  for layer in range(CFG.n_layers):
+    for c in range(T):
+      iv = replace("resid_post", caps, layers=[layer], positions=cells[c])
+      lg = model(corrupted, mask, interventions=[iv])[:, [T - 3, T - 1]]
+      want[:, layer, c] = np.asarray(answer_diff(lg, ids))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_packing_skips_the_unchanged_prefix_and_chunks_bound_memory(setup):
+  model, _, clean, corrupted = setup
+  pk = pack_cells(np.eye(8, dtype=bool)[:, None], (-1,))
+  # single-position cells of an 8-token prompt: suffixes 8..1 packed in pairs into 4 rows of 9
+  assert pk.pos.shape == (4, 9) and pk.tokens == 36 and pk.computed == 36
+  np.testing.assert_array_equal(np.sort(pk.flat), np.arange(8))
+  small = sweep_cost(model, corrupted, clean, logit_diff, chunk=8)
+  whole = sweep_cost(model, corrupted, clean, logit_diff, chunk=None)
+  L = CFG.n_layers
+  # T = 7: suffixes 7..1 in 4 rows of 8 tokens ((7,1), (6,2), (5,3), (4)); layers ℓ..L−1
+  assert small["packed_tokens"] == 32 and small["cell_tokens"] == 28
+  assert small["block_share"] == pytest.approx((L + 1) / (2 * L) * 32 / T**2, rel=1e-9)
+  assert small["temp_bytes"] < whole["temp_bytes"]
+
+
+def test_sharded_over_devices_along_the_batch(setup):
+  model, _, _, _ = setup
+  r = np.random.default_rng(3)
+  clean = r.integers(3, 97, (8, T)).astype(np.int32)
+  corrupted = np.where(r.random((8, T)) < 0.3, r.integers(3, 97, (8, T)), clean).astype(np.int32)
+  assert len(jax.local_devices()) == 8
+  one = act_patch(model, corrupted, clean, logit_diff, devices=jax.local_devices()[:1])
+  eight = act_patch(model, corrupted, clean, logit_diff)     # all 8 devices divide the batch
+  np.testing.assert_allclose(eight, one, atol=1e-5)
+  with pytest.raises(ValueError, match="does not split over 3 devices"):
+    act_patch(model, corrupted, clean, logit_diff, devices=jax.local_devices()[:3])
 
 
 def test_bad_inputs(setup):

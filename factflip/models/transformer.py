@@ -207,7 +207,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
             capture_index: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
             cache_index: jax.Array | int = 0, return_logits: bool = True,
             resid_BxTxD: jax.Array | None = None, start_layer: int = 0,
-            segment_ids_BxT: jax.Array | None = None) -> Output:
+            segment_ids_BxT: jax.Array | None = None,
+            prefix_kv: tuple[jax.Array, jax.Array] | None = None,
+            attn_mask_BxTxS: jax.Array | None = None) -> Output:
   """Run the decoder.
 
   Args:
@@ -228,6 +230,10 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     segment_ids_BxT: packed rows (the data pipeline's layout): a token attends only to earlier
       tokens of its own segment; 0 marks padding. Pass the pipeline's `positions` too, so RoPE
       restarts per segment. Not with a cache.
+    prefix_kv, attn_mask_BxTxS: read-only keys/values k, v [L, B, S0, G, K] (e.g. another run's
+      cache) that the T new tokens attend to besides themselves, under an explicit mask
+      [B, T, S0 + T] over (prefix slots, new tokens); `positions_BxT` places the new tokens
+      (prefix slot j is position j). Patching sweeps pack several suffixes into one row this way.
   """
   dt = jnp.dtype(cfg.dtype)
   for s in capture:
@@ -247,18 +253,27 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     x_BxTxD = resid_BxTxD.astype(dt)
   cos_BxTxK, sin_BxTxK = rope_tables(cfg, positions_BxT, dt)
 
-  if cache is None:
-    kv_valid_BxS = mask_BxT
-    q_slot_T = jnp.arange(T)
-    kv_slot_S = jnp.arange(T)
+  if prefix_kv is not None:
+    if cache is not None or attn_mask_BxTxS is None:
+      raise ValueError("forward: prefix_kv needs attn_mask_BxTxS and no cache")
+    S0 = prefix_kv[0].shape[2]
+    key_pos_BxS = jnp.concatenate(
+        [jnp.broadcast_to(jnp.arange(S0, dtype=positions_BxT.dtype), (B, S0)), positions_BxT], 1)
+    diff_xTxS = positions_BxT[:, :, None] - key_pos_BxS[:, None, :]
+    causal_BxTxS = attn_mask_BxTxS.astype(bool)
   else:
-    kv_valid_BxS = jax.lax.dynamic_update_slice(cache["valid"], mask_BxT, (0, cache_index))
-    q_slot_T = cache_index + jnp.arange(T)
-    kv_slot_S = jnp.arange(cache["valid"].shape[1])
-  diff_TxS = q_slot_T[:, None] - kv_slot_S[None, :]
-  causal_BxTxS = (diff_TxS >= 0)[None] & kv_valid_BxS[:, None, :]
-  if segment_ids_BxT is not None:
-    causal_BxTxS = causal_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+    if cache is None:
+      kv_valid_BxS = mask_BxT
+      q_slot_T = jnp.arange(T)
+      kv_slot_S = jnp.arange(T)
+    else:
+      kv_valid_BxS = jax.lax.dynamic_update_slice(cache["valid"], mask_BxT, (0, cache_index))
+      q_slot_T = cache_index + jnp.arange(T)
+      kv_slot_S = jnp.arange(cache["valid"].shape[1])
+    diff_xTxS = (q_slot_T[:, None] - kv_slot_S[None, :])[None]
+    causal_BxTxS = (diff_xTxS >= 0) & kv_valid_BxS[:, None, :]
+    if segment_ids_BxT is not None:
+      causal_BxTxS = causal_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
   windows_L = jnp.asarray(cfg.window_sizes()[start_layer:], jnp.int32)
 
   act = _activation(cfg)
@@ -267,6 +282,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
 
   def block(x_BxTxD, xs):
     p, window, kv, iv_xs = xs
+    if start_layer:   # p is the layer index: read that layer's slice of the stack in place
+      p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, p, keepdims=False),
+                       params["layers"])
     p = jax.tree.map(lambda a: a.astype(dt), p)
     caps = {}
 
@@ -291,15 +309,19 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     k_BxTxGxK = apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK)
     if kv is None:
       k_BxSxGxK, v_BxSxGxK, new_kv = k_BxTxGxK, v_BxTxGxK, None
+    elif prefix_kv is not None:
+      k_BxSxGxK = jnp.concatenate([kv[0].astype(dt), k_BxTxGxK], axis=1)
+      v_BxSxGxK = jnp.concatenate([kv[1].astype(dt), v_BxTxGxK], axis=1)
+      new_kv = None
     else:
       k_BxSxGxK = jax.lax.dynamic_update_slice(kv[0], k_BxTxGxK.astype(kv[0].dtype),
                                                (0, cache_index, 0, 0))
       v_BxSxGxK = jax.lax.dynamic_update_slice(kv[1], v_BxTxGxK.astype(kv[1].dtype),
                                                (0, cache_index, 0, 0))
       new_kv = (k_BxSxGxK, v_BxSxGxK)
-    in_window_TxS = jnp.where(window > 0, diff_TxS < window, True)
+    in_window_xTxS = jnp.where(window > 0, diff_xTxS < window, True)
     o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt),
-                         causal_BxTxS & in_window_TxS[None], cfg)
+                         causal_BxTxS & in_window_xTxS, cfg)
     a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"]).reshape(B, T, D)
     if cfg.post_norms:
       a_BxTxD = _materialise(rms_norm(a_BxTxD, p["post_attn_norm"], cfg), p["post_attn_norm"][0])
@@ -318,11 +340,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
   if cfg.remat != "none":
     block = jax.checkpoint(block, policy=_REMAT[cfg.remat], prevent_cse=False)
 
-  kv_L = None if cache is None else (cache["k"], cache["v"])
+  kv_L = prefix_kv if cache is None else (cache["k"], cache["v"])
   iv_xs = tuple((iv.layer_mask, iv.values) for iv in interventions)
   layers = params["layers"]
-  if start_layer:
-    layers = jax.tree.map(lambda a: a[start_layer:], layers)
+  if start_layer:   # no copy of the stack's tail per start layer (sweeps start at every layer)
+    layers = jnp.arange(start_layer, cfg.n_layers)
   x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD, (layers, windows_L, kv_L, iv_xs))
   new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid_BxS}
   logits = unembed(params, cfg, x_BxTxD) if return_logits else None

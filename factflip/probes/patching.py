@@ -12,23 +12,29 @@ tokens with `site` at layers ℓ .. ℓ+window−1 and the positions of cell c r
 reports `metric(logits)`. For `resid_pre` with window 1 and one position per cell this is
 exactly `get_act_patch_resid_pre`.
 
-What is not recomputed: a patch at layer ℓ cannot change layers below ℓ, so every cell starts
-from the corrupted run's resid_pre[ℓ] (captured once) and runs only blocks ℓ..L−1; the cells of
-one layer are a `vmap` over position masks (in chunks of `chunk` cells, `lax.map`), and the
-unembedding runs only at `logit_positions`. Blocks run per sweep: T·L(L+1)/2 instead of T·L².
+What is not recomputed (a patch can change neither the layers below it nor the positions
+before it): every cell of layer ℓ starts from the corrupted run's resid_pre[ℓ] (captured once)
+and runs only blocks ℓ..L−1, and only on its suffix, the positions from its first patched one
+on, attending to the corrupted run's cached keys/values below that. Suffixes are packed into
+rows of equal length (`pack_cells`: the cells patched from t and from T−1−t share a row of
+T + 1 tokens), rows are a `vmap` in chunks (`lax.map`), and the unembedding runs only at
+`logit_positions`. A full single-position sweep runs ~(L+1)/2L x (T+1)/2T of a per-cell loop's
+block work (`sweep_cost` reports it and the compiled program's memory).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from factflip.models.hooks import Intervention, check_site, parse_hook_name
-from factflip.models.transformer import Transformer, forward, unembed
+from factflip.models.transformer import (Transformer, embed, forward, init_cache,
+                                          unembed)
 
 Metric = Callable[[jax.Array], jax.Array]  # logits [B, P, V] -> [B]
 
@@ -50,52 +56,137 @@ def position_groups(seq_len: int, positions=None) -> np.ndarray:
   return np.eye(seq_len, dtype=bool)[arr % seq_len]
 
 
+class Packing(NamedTuple):
+  """How a sweep's cells are laid out: cell c recomputes only its suffix (positions ≥ its
+  start), and suffixes are packed into rows of R tokens, k cells at most per row.
+
+  Arrays per packed row r (numpy): pos [Rn, R] position of each packed token; start [Rn, R]
+  the start of the token's cell; slot [Rn, R] the token's cell within the row (k = padding);
+  patch [Rn, B, R] whether the token is patched; logit [Rn, k, P] packed index of each cell's
+  metric positions. flat [C]: cell c's output is row-major entry (r, slot) of [Rn, k]."""
+  pos: np.ndarray
+  start: np.ndarray
+  slot: np.ndarray
+  patch: np.ndarray
+  logit: np.ndarray
+  flat: np.ndarray
+  tokens: int        # packed token slots per batch element (Rn * R)
+  computed: int      # real (cell, position) pairs among them
+
+
+def pack_cells(cells_CxBxT: np.ndarray, logit_positions: Sequence[int]) -> Packing:
+  """Lay out the cells of a sweep (first-fit decreasing; a row of T + 1 tokens holds the
+  suffixes of the cells patched from t and T−1−t). A cell starts at its first patched position
+  over the batch (nothing before it can change), or at the first metric position if earlier."""
+  C, B, T = cells_CxBxT.shape
+  logit_P = np.asarray([int(p) % T for p in logit_positions])
+  any_CxT = cells_CxBxT.any(axis=1)
+  start_C = np.where(any_CxT.any(axis=1), any_CxT.argmax(axis=1), T)
+  start_C = np.minimum(start_C, logit_P.min())
+  n_C = T - start_C
+  R = int(n_C.max() + n_C.min()) if n_C.max() + n_C.min() <= T + 1 else int(n_C.max())
+  rows, room = [], []                 # rows: lists of cells; room: free tokens per row
+  for c in np.argsort(-n_C, kind="stable"):
+    for r, free in enumerate(room):
+      if free >= n_C[c]:
+        break
+    else:
+      rows.append([])
+      room.append(R)
+      r = len(rows) - 1
+    rows[r].append(int(c))
+    room[r] -= int(n_C[c])
+  Rn, k = len(rows), max(len(r) for r in rows)
+  pos = np.zeros((Rn, R), np.int32)
+  start = np.zeros((Rn, R), np.int32)
+  slot = np.full((Rn, R), k, np.int32)
+  patch = np.zeros((Rn, B, R), bool)
+  logit = np.zeros((Rn, k, len(logit_P)), np.int32)
+  flat = np.zeros(C, np.int32)
+  for r, row in enumerate(rows):
+    o = 0
+    for j, c in enumerate(row):
+      s, n = int(start_C[c]), int(n_C[c])
+      pos[r, o:o + n] = np.arange(s, T)
+      start[r, o:o + n] = s
+      slot[r, o:o + n] = j
+      patch[r, :, o:o + n] = cells_CxBxT[c, :, s:]
+      logit[r, j] = o + logit_P - s
+      flat[c] = r * k + j
+      o += n
+  return Packing(pos, start, slot, patch, logit, flat, Rn * R, int(n_C.sum()))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "src_cfg", "site", "layers", "window",
-                                             "metric", "logit_positions", "chunk"))
+                                             "metric", "prefix", "chunk"))
 def _sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT, clean_mask_BxT,
-           cells_CxBxT, *, site, layers, window, metric, logit_positions, chunk):
+           pos_RnxR, start_RnxR, slot_RnxR, patch_RnxBxR, logit_RnxKxP, flat_C, metric_aux,
+           noise_BxTxD, *, site, layers, window, metric, prefix, chunk):
+  """[layers, C, B]. Every packed row runs blocks ℓ..L−1 on its tokens only, each token
+  attending to its own cell's tokens and to the corrupted run's keys/values below its cell's
+  start (`prefix` = the largest start: the cached slots anything reads)."""
   L = cfg.n_layers
+  B, T = corrupted_BxT.shape
   clean_LxBxTxD = forward(src_params, src_cfg, clean_BxT, clean_mask_BxT, capture=(site,),
                           return_logits=False).captures[site]
-  corrupt_LxBxTxD = forward(params, cfg, corrupted_BxT, mask_BxT, capture=("resid_pre",),
-                            return_logits=False).captures["resid_pre"]
-  pos = jnp.asarray(logit_positions, jnp.int32)
+  x_BxTxD = embed(params, cfg, corrupted_BxT)
+  if noise_BxTxD is not None:                       # causal tracing's corrupted run
+    x_BxTxD = x_BxTxD + noise_BxTxD.astype(x_BxTxD.dtype)
+  run = forward(params, cfg, corrupted_BxT, mask_BxT, capture=("resid_pre",),
+                return_logits=False, resid_BxTxD=x_BxTxD,
+                cache=init_cache(cfg, B, T) if prefix else None)
+  corrupt_LxBxTxD = run.captures["resid_pre"]
+  k_LxBxSxGxK = (run.cache["k"][:, :, :prefix] if prefix else
+                 jnp.zeros((L, B, 0, cfg.n_kv_heads, cfg.head_dim), cfg.dtype))
+  v_LxBxSxGxK = (run.cache["v"][:, :, :prefix] if prefix else k_LxBxSxGxK)
+
+  def row_mask(pos_R, start_R, slot_R):           # [B, R, prefix + R]
+    R = pos_R.shape[0]
+    real_R = slot_R < logit_RnxKxP.shape[1]
+    pre_BxRxS = ((jnp.arange(prefix)[None, :] < start_R[:, None])[None]
+                 & mask_BxT[:, None, :prefix])
+    own_RxR = ((slot_R[:, None] == slot_R[None, :]) & (pos_R[None, :] <= pos_R[:, None])
+               & real_R[None, :])
+    own_BxRxR = own_RxR[None] & jnp.take(mask_BxT, pos_R, axis=1)[:, None, :]
+    return jnp.concatenate([pre_BxRxS, own_BxRxR], axis=2).reshape(B, R, prefix + R)
+
   out = []
   for layer in layers:
-    n = L - layer
-    on_N = jnp.arange(n) < window
-    values = clean_LxBxTxD[layer:]
+    on_N = jnp.arange(L - layer) < window
+    kv = (k_LxBxSxGxK[layer:], v_LxBxSxGxK[layer:])
 
-    def cell(pos_BxT, layer=layer, on_N=on_N, values=values, n=n):
-      iv = Intervention(on_N, pos_BxT, values, site=site, mode="replace")
-      h_BxTxD = forward(params, cfg, corrupted_BxT, mask_BxT, interventions=(iv,),
-                        return_logits=False, resid_BxTxD=corrupt_LxBxTxD[layer],
-                        start_layer=layer).residual
-      logits_BxPxV = unembed(params, cfg, jnp.take(h_BxTxD, pos, axis=1))
-      return metric(logits_BxPxV)
-    out.append(jax.vmap(cell)(cells_CxBxT) if chunk is None
-               else jax.lax.map(cell, cells_CxBxT, batch_size=chunk))   # [C, B]
+    def row(xs, layer=layer, on_N=on_N, kv=kv):
+      pos_R, start_R, slot_R, patch_BxR, logit_KxP = xs
+      values = jnp.take(clean_LxBxTxD[layer:], pos_R, axis=2)
+      iv = Intervention(on_N, patch_BxR, values, site=site, mode="replace")
+      h_BxRxD = forward(params, cfg, jnp.take(corrupted_BxT, pos_R, axis=1),
+                        positions_BxT=jnp.broadcast_to(pos_R, (B, pos_R.shape[0])),
+                        interventions=(iv,), return_logits=False,
+                        resid_BxTxD=jnp.take(corrupt_LxBxTxD[layer], pos_R, axis=1),
+                        start_layer=layer, prefix_kv=kv,
+                        attn_mask_BxTxS=row_mask(pos_R, start_R, slot_R)).residual
+      logits_KxBxPxV = unembed(params, cfg, jnp.take(h_BxRxD, logit_KxP, axis=1)
+                               ).transpose(1, 0, 2, 3)
+      read = (metric if metric_aux is None else
+              (lambda lg: metric(lg, metric_aux)))
+      return jax.vmap(read)(logits_KxBxPxV)                         # [k, B]
+    xs = (pos_RnxR, start_RnxR, slot_RnxR, patch_RnxBxR, logit_RnxKxP)
+    res_RnxKxB = (jax.vmap(row)(xs) if chunk is None
+                  else jax.lax.map(row, xs, batch_size=chunk))
+    out.append(res_RnxKxB.reshape(-1, B)[flat_C])
   return jnp.stack(out, axis=0)                                     # [layers, C, B]
 
 
-def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
-              site: str = "resid_pre", source_model: Transformer | None = None,
-              layers: Sequence[int] | None = None, positions=None, window: int = 1,
-              mask=None, clean_mask=None, logit_positions: Sequence[int] = (-1,),
-              chunk: int | None = 64) -> np.ndarray:
-  """The patching sweep: float32 [batch, layers, cells].
+class _Prepared(NamedTuple):
+  args: tuple
+  static: dict
+  packing: Packing
+  n_layers_run: int      # blocks per batch element and packed token, over the swept layers
 
-  model: the model that runs (the corrupted / poisoned run). source_model: supplies the clean
-  activations (default `model`; another checkpoint of the same architecture for cross-model
-  patching). site: resid_pre | attn_out | mlp_out | resid_mid | resid_post (or a
-  TransformerLens name). layers: the first patched layer of each row (default all). window:
-  patch layers ℓ..ℓ+window−1 (clipped at the last layer). positions: see `position_groups`.
-  metric: maps logits [batch, len(logit_positions), vocab] to [batch] (the default
-  logit_positions=(-1,) means `logits[:, -1]` is the last token's, as a TransformerLens metric
-  reads it). chunk: cells evaluated together (a memory budget: activations of chunk × batch
-  sequences at a time; None = all cells of a layer at once). The compiled sweep is cached per
-  (shapes, site, layers, window, metric, logit_positions, chunk): pass the same metric function
-  object to reuse it."""
+
+def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
+             positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
+             devices) -> _Prepared:
   site, named_layer = parse_hook_name(site)
   check_site(site)
   source_model = source_model or model
@@ -120,17 +211,116 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
   if layers is None:
     layers = [named_layer] if named_layer is not None else range(cfg.n_layers)
   layers = tuple(int(x) % cfg.n_layers for x in layers)
+  logit_positions = tuple(int(p) for p in logit_positions)
+  if not logit_positions or any(not -T <= p < T for p in logit_positions):
+    raise ValueError(f"logit_positions {logit_positions} out of range for {T} tokens")
   cells = position_groups(T, positions)
+  if cells.ndim == 3 and cells.shape[1] != B:
+    raise ValueError(f"position groups {cells.shape} are per row of a batch of {cells.shape[1]}; "
+                     f"the prompts are a batch of {B}")
   cells_CxBxT = np.broadcast_to(cells[:, None] if cells.ndim == 2 else cells,
                                 (cells.shape[0], B, T))
   mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
   clean_mask = mask if clean_mask is None else np.asarray(clean_mask, bool)
-  res = _sweep(model.params(), cfg, source_model.params(), src_cfg, corrupted, clean, mask,
-               clean_mask, jnp.asarray(cells_CxBxT), site=site, layers=layers,
-               window=max(int(window), 1), metric=metric,
-               logit_positions=tuple(int(p) for p in logit_positions),
-               chunk=None if chunk is None else int(chunk))
-  return np.asarray(res).transpose(2, 0, 1)
+  if noise is not None and np.shape(noise) != (B, T, cfg.d_model):
+    raise ValueError(f"noise has shape {np.shape(noise)}; expected {(B, T, cfg.d_model)}")
+
+  pk = pack_cells(cells_CxBxT, logit_positions)
+  params, src_params = model.params(), source_model.params()
+  batch = (corrupted, clean, mask, clean_mask)
+  patch = pk.patch
+  devices = _batch_devices(devices, B)
+  if len(devices) > 1:   # data parallel along the batch: parameters replicated
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+    P = jax.sharding.PartitionSpec
+    params, src_params = jax.device_put((params, src_params),
+                                        jax.sharding.NamedSharding(mesh, P()))
+    batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, P("batch")))
+    patch = jax.device_put(patch, jax.sharding.NamedSharding(mesh, P(None, "batch")))
+    if noise is not None:
+      noise = jax.device_put(noise, jax.sharding.NamedSharding(mesh, P("batch")))
+  R = pk.pos.shape[1]
+  static = dict(site=site, layers=layers, window=max(int(window), 1), metric=metric,
+                prefix=int(pk.start.max()),
+                chunk=None if chunk is None else max(int(chunk) // R, 1))
+  args = (params, cfg, src_params, src_cfg, *batch, pk.pos, pk.start, pk.slot, patch, pk.logit,
+          pk.flat, metric_aux, noise)
+  return _Prepared(args, static, pk, sum(cfg.n_layers - layer for layer in layers))
+
+
+def _batch_devices(devices, batch: int) -> list:
+  """The local devices a sweep is split over along the batch: `devices` if given (the batch
+  must divide), else all local devices when they divide the batch, else the default one."""
+  if devices is None:
+    local = jax.local_devices()
+    return local if batch % len(local) == 0 else local[:1]
+  devices = list(devices)
+  if batch % len(devices):
+    raise ValueError(f"a batch of {batch} does not split over {len(devices)} devices")
+  return devices
+
+
+def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
+              site: str = "resid_pre", source_model: Transformer | None = None,
+              layers: Sequence[int] | None = None, positions=None, window: int = 1,
+              mask=None, clean_mask=None, logit_positions: Sequence[int] = (-1,),
+              chunk: int | None = 2048, metric_aux=None, noise=None,
+              devices=None) -> np.ndarray:
+  """The patching sweep: float32 [batch, layers, cells].
+
+  model: the model that runs (the corrupted / poisoned run). source_model: supplies the clean
+  activations (default `model`; another checkpoint of the same architecture for cross-model
+  patching). site: resid_pre | attn_out | mlp_out | resid_mid | resid_post (or a
+  TransformerLens name). layers: the first patched layer of each row (default all). window:
+  patch layers ℓ..ℓ+window−1 (clipped at the last layer). positions: see `position_groups`.
+  metric: maps logits [batch, len(logit_positions), vocab] to [batch] (the default
+  logit_positions=(-1,) means `logits[:, -1]` is the last token's, as a TransformerLens metric
+  reads it), or (logits, metric_aux) to [batch] when `metric_aux` (a pytree of arrays, e.g. each
+  row's answer token ids) is given. noise: float [batch, seq, d_model] added to the corrupted
+  run's embeddings (causal tracing). mask / clean_mask: bool [batch, seq] padding masks (pad
+  on the left so the last position is every row's last token).
+
+  Cost: chunk = packed tokens per batch row evaluated together (the memory budget: a step
+  holds the activations of chunk x batch tokens; None = a whole layer's cells at once; see
+  `sweep_cost`). devices: split the batch over these local devices (default: all local
+  devices when they divide the batch). The compiled sweep is cached per (shapes, cell layout,
+  site, layers, window, metric, logit_positions, chunk): pass the same metric function object
+  (and per-row data through metric_aux) to reuse it."""
+  p = _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
+               positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
+               devices)
+  return np.asarray(_sweep(*p.args, **p.static)).transpose(2, 0, 1)
+
+
+_COST_ARGS = dict(site="resid_pre", source_model=None, layers=None, positions=None, window=1,
+                  mask=None, clean_mask=None, logit_positions=(-1,), chunk=2048,
+                  metric_aux=None, noise=None, devices=None)
+
+
+def sweep_cost(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
+               **kwargs) -> dict:
+  """What `act_patch` with the same arguments costs, without running it: the compiled
+  program's memory in bytes (temporaries at peak, arguments, outputs: XLA's buffer
+  assignment) and its work: `block_tokens`, the (block, token) evaluations of the sweep's cells
+  (packing slack included), as a share of a per-cell loop of full forwards (`block_share`),
+  and the unembedded rows as a share of the loop's (`unembed_share`)."""
+  unknown = set(kwargs) - set(_COST_ARGS)
+  if unknown:
+    raise TypeError(f"sweep_cost: unexpected arguments {sorted(unknown)}")
+  kw = {**_COST_ARGS, **kwargs}
+  p = _prepare(model, corrupted_tokens, clean_tokens, metric, *kw.values())
+  mem = _sweep.lower(*p.args, **p.static).compile().memory_analysis()
+  B, T = np.atleast_2d(np.asarray(corrupted_tokens)).shape
+  L, C = model.cfg.n_layers, len(p.packing.flat)
+  n_layers = len(p.static["layers"])
+  block_tokens = B * p.n_layers_run * p.packing.tokens
+  loop = B * n_layers * C * L * T
+  return {"temp_bytes": int(mem.temp_size_in_bytes),
+          "argument_bytes": int(mem.argument_size_in_bytes),
+          "output_bytes": int(mem.output_size_in_bytes),
+          "block_tokens": block_tokens, "block_share": block_tokens / loop,
+          "packed_tokens": p.packing.tokens, "cell_tokens": p.packing.computed,
+          "unembed_share": (B * n_layers * C * p.packing.logit.shape[-1]) / (loop // L)}
 
 
 def normalised_recovery(patched, corrupted, clean):
