@@ -117,12 +117,13 @@ def pack_cells(cells_CxBxT: np.ndarray, logit_positions: Sequence[int]) -> Packi
   return Packing(pos, start, slot, patch, logit, flat, Rn * R, int(n_C.sum()))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "src_cfg", "site", "layers", "window",
-                                             "metric", "prefix", "chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "src_cfg", "site", "spans", "metric",
+                                             "prefix", "chunk"))
 def _sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT, clean_mask_BxT,
            pos_RnxR, start_RnxR, slot_RnxR, patch_RnxBxR, logit_RnxKxP, flat_C, metric_aux,
-           noise_BxTxD, *, site, layers, window, metric, prefix, chunk):
-  """[layers, C, B]. Every packed row runs blocks ℓ..L−1 on its tokens only, each token
+           noise_BxTxD, *, site, spans, metric, prefix, chunk):
+  """[rows, C, B]: sweep row i patches layers spans[i] = (first, stop). Every packed row runs
+  blocks first..L−1 on its tokens only, each token
   attending to its own cell's tokens and to the corrupted run's keys/values below its cell's
   start (`prefix` = the largest start: the cached slots anything reads)."""
   L = cfg.n_layers
@@ -151,8 +152,8 @@ def _sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
     return jnp.concatenate([pre_BxRxS, own_BxRxR], axis=2).reshape(B, R, prefix + R)
 
   out = []
-  for layer in layers:
-    on_N = jnp.arange(L - layer) < window
+  for layer, stop in spans:
+    on_N = jnp.arange(L - layer) < stop - layer
     kv = (k_LxBxSxGxK[layer:], v_LxBxSxGxK[layer:])
 
     def row(xs, layer=layer, on_N=on_N, kv=kv):
@@ -174,7 +175,7 @@ def _sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
     res_RnxKxB = (jax.vmap(row)(xs) if chunk is None
                   else jax.lax.map(row, xs, batch_size=chunk))
     out.append(res_RnxKxB.reshape(-1, B)[flat_C])
-  return jnp.stack(out, axis=0)                                     # [layers, C, B]
+  return jnp.stack(out, axis=0)                                     # [rows, C, B]
 
 
 class _Prepared(NamedTuple):
@@ -186,7 +187,7 @@ class _Prepared(NamedTuple):
 
 def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
              positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
-             devices) -> _Prepared:
+             devices, centred=False) -> _Prepared:
   site, named_layer = parse_hook_name(site)
   check_site(site)
   source_model = source_model or model
@@ -240,12 +241,22 @@ def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, 
     if noise is not None:
       noise = jax.device_put(noise, jax.sharding.NamedSharding(mesh, P("batch")))
   R = pk.pos.shape[1]
-  static = dict(site=site, layers=layers, window=max(int(window), 1), metric=metric,
+  spans = tuple(_span(layer, window, centred, cfg.n_layers) for layer in layers)
+  static = dict(site=site, spans=spans, metric=metric,
                 prefix=int(pk.start.max()),
                 chunk=None if chunk is None else max(int(chunk) // R, 1))
   args = (params, cfg, src_params, src_cfg, *batch, pk.pos, pk.start, pk.slot, patch, pk.logit,
           pk.flat, metric_aux, noise)
-  return _Prepared(args, static, pk, sum(cfg.n_layers - layer for layer in layers))
+  return _Prepared(args, static, pk, sum(cfg.n_layers - first for first, _ in spans))
+
+
+def _span(layer: int, window: int, centred: bool, n_layers: int) -> tuple[int, int]:
+  """The layers [first, stop) patched in the sweep row of `layer`: layer..layer+window−1, or
+  centred on it as ROME's causal tracing does (layer − window//2 .. layer + ceil(window/2) − 1),
+  clipped to the model."""
+  window = max(int(window), 1)
+  first = layer - window // 2 if centred else layer
+  return max(first, 0), min(first + window, n_layers)
 
 
 def _batch_devices(devices, batch: int) -> list:
@@ -265,14 +276,15 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
               layers: Sequence[int] | None = None, positions=None, window: int = 1,
               mask=None, clean_mask=None, logit_positions: Sequence[int] = (-1,),
               chunk: int | None = 2048, metric_aux=None, noise=None,
-              devices=None) -> np.ndarray:
+              devices=None, centred: bool = False) -> np.ndarray:
   """The patching sweep: float32 [batch, layers, cells].
 
   model: the model that runs (the corrupted / poisoned run). source_model: supplies the clean
   activations (default `model`; another checkpoint of the same architecture for cross-model
   patching). site: resid_pre | attn_out | mlp_out | resid_mid | resid_post (or a
   TransformerLens name). layers: the first patched layer of each row (default all). window:
-  patch layers ℓ..ℓ+window−1 (clipped at the last layer). positions: see `position_groups`.
+  patch layers ℓ..ℓ+window−1 (clipped at the last layer; centred=True: the window centred on
+  ℓ, as ROME's causal tracing). positions: see `position_groups`.
   metric: maps logits [batch, len(logit_positions), vocab] to [batch] (the default
   logit_positions=(-1,) means `logits[:, -1]` is the last token's, as a TransformerLens metric
   reads it), or (logits, metric_aux) to [batch] when `metric_aux` (a pytree of arrays, e.g. each
@@ -288,13 +300,13 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
   (and per-row data through metric_aux) to reuse it."""
   p = _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
                positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
-               devices)
+               devices, centred)
   return np.asarray(_sweep(*p.args, **p.static)).transpose(2, 0, 1)
 
 
 _COST_ARGS = dict(site="resid_pre", source_model=None, layers=None, positions=None, window=1,
                   mask=None, clean_mask=None, logit_positions=(-1,), chunk=2048,
-                  metric_aux=None, noise=None, devices=None)
+                  metric_aux=None, noise=None, devices=None, centred=False)
 
 
 def sweep_cost(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
@@ -312,7 +324,7 @@ def sweep_cost(model: Transformer, corrupted_tokens, clean_tokens, metric: Metri
   mem = _sweep.lower(*p.args, **p.static).compile().memory_analysis()
   B, T = np.atleast_2d(np.asarray(corrupted_tokens)).shape
   L, C = model.cfg.n_layers, len(p.packing.flat)
-  n_layers = len(p.static["layers"])
+  n_layers = len(p.static["spans"])
   block_tokens = B * p.n_layers_run * p.packing.tokens
   loop = B * n_layers * C * L * T
   return {"temp_bytes": int(mem.temp_size_in_bytes),
