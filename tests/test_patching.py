@@ -3,14 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 from flax import nnx
 
 from factflip import Transformer, get_preset
 from factflip.probes import capture, replace
 from factflip.models.hooks import Intervention
-from factflip.probes.patching import (act_patch, attribution_patch, normalised_recovery,
-                                      pack_cells, position_groups, sweep_cost)
+from factflip.probes.patching import (act_patch, answer_logit_diff, attribution_patch,
+                                      normalised_recovery, pack_cells, position_groups,
+                                      reversal_rate, sweep_cost, sweep_table)
 
 CFG = get_preset("tiny-0.5m", vocab_size=97, max_seq_len=64)
 B, T = 2, 7
@@ -134,6 +136,30 @@ def test_sharded_over_devices_along_the_batch(setup):
   np.testing.assert_allclose(eight, one, atol=1e-5)
   with pytest.raises(ValueError, match="does not split over 3 devices"):
     act_patch(model, corrupted, clean, logit_diff, devices=jax.local_devices()[:3])
+
+
+def test_reversal_rate_and_tidy_table(setup):
+  """The study's patching outputs: ΔLL sweeps (answer_logit_diff with per-item answer ids),
+  the reversal rate of flipped items, and the long-form table."""
+  model, other, clean, corrupted = setup
+  ids = jnp.asarray([[5, 9], [11, 4]], jnp.int32)
+  dll = act_patch(model, corrupted, clean, answer_logit_diff, site="resid_post",
+                  source_model=other, metric_aux=ids, positions=[1, 2, -1])
+  lp = np.asarray(jax.nn.log_softmax(model(corrupted)[:, -1], axis=-1))
+  np.testing.assert_allclose(dll[:, -1, 0],   # the last block's output at position 1 is read by nothing
+                             lp[[0, 1], [5, 11]] - lp[[0, 1], [9, 4]], atol=1e-5)
+  patched = np.asarray([[[0.5, -1.0]], [[0.2, 0.1]], [[-0.3, 2.0]]])      # [items, 1, 2]
+  np.testing.assert_allclose(reversal_rate(patched, [True, True, False]), [[1.0, 0.5]])
+  assert np.isnan(reversal_rate(patched, [False] * 3)).all()
+  with pytest.raises(ValueError, match="one flag per item"):
+    reversal_rate(patched, [True, False])
+  df = pd.DataFrame(sweep_table(dll, items=["a", "b"], cells=["subj0", "subj1", "last"],
+                                value="dll"))
+  assert list(df.columns) == ["item", "layer", "position", "dll"] and len(df) == dll.size
+  row = df[(df.item == "b") & (df.layer == 2) & (df.position == "last")]
+  assert row.dll.item() == pytest.approx(dll[1, 2, 2])
+  with pytest.raises(ValueError, match="2 cells labels for a sweep axis of 3"):
+    sweep_table(dll, cells=["x", "y"])
 
 
 def test_bad_inputs(setup):

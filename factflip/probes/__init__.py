@@ -1,16 +1,20 @@
 """Probes: read and intervene on a model's internals — hook sites and interventions, fact
-preference (ΔLL, states, flips) with its logit lens, and activation patching sweeps."""
+preference (ΔLL, states, flips) with its logit lens, activation patching sweeps and causal
+tracing."""
 
 from factflip.models.hooks import SITES, Intervention, parse_hook_name
 from factflip.probes.interventions import (add, capture, layer_mask, position_mask, replace,
                                            residual_stream)
-from factflip.probes.patching import (act_patch, attribution_patch, normalised_recovery,
-                                      position_groups)
+from factflip.probes.causal_trace import answer_prob, causal_trace, subject_noise_scale
+from factflip.probes.patching import (act_patch, answer_logit_diff, attribution_patch,
+                                      normalised_recovery, pack_cells, position_groups,
+                                      reversal_rate, sweep_cost, sweep_table)
 from factflip.probes.fact_preference import (abruptness, ambiguity_rate, first_flip, flip_rate,
                                         preference, score, states)
 
-__all__ = ["SITES", "Intervention", "abruptness", "act_patch", "add",
-           "attribution_patch", "ambiguity_rate", "capture",
-           "first_flip", "flip_rate", "layer_mask", "normalised_recovery", "parse_hook_name",
-           "position_groups", "position_mask", "preference", "replace", "residual_stream",
-           "score", "states"]
+__all__ = ["SITES", "Intervention", "abruptness", "act_patch", "add", "ambiguity_rate",
+           "answer_logit_diff", "answer_prob", "attribution_patch", "capture", "causal_trace",
+           "first_flip", "flip_rate", "layer_mask", "normalised_recovery", "pack_cells",
+           "parse_hook_name", "position_groups", "position_mask", "preference", "replace",
+           "residual_stream", "reversal_rate", "score", "states", "subject_noise_scale",
+           "sweep_cost", "sweep_table"]

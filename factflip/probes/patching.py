@@ -2,8 +2,9 @@
 
 Owns: `act_patch` (the generic layers × positions sweep: same-model clean→corrupted patching
 and cross-model patching, e.g. the base checkpoint's activations into the poisoned one),
-`attribution_patch` (its first-order estimate from one backward), `position_groups` and
-`normalised_recovery`.
+`attribution_patch` (its first-order estimate from one backward), `sweep_cost`,
+`position_groups`, the metrics `answer_logit_diff`, `normalised_recovery`, `reversal_rate`,
+and `sweep_table` (the tidy (item, layer, position, value) form).
 Must not: choose items or write tables (studies do), or define sites (`factflip.models.hooks`).
 
 Semantics (TransformerLens' `get_act_patch_*`): cell (ℓ, c) runs `model` on the corrupted
@@ -333,6 +334,48 @@ def sweep_cost(model: Transformer, corrupted_tokens, clean_tokens, metric: Metri
           "block_tokens": block_tokens, "block_share": block_tokens / loop,
           "packed_tokens": p.packing.tokens, "cell_tokens": p.packing.computed,
           "unembed_share": (B * n_layers * C * p.packing.logit.shape[-1]) / (loop // L)}
+
+
+def answer_logit_diff(logits_BxPxV: jax.Array, answers_Bx2: jax.Array) -> jax.Array:
+  """log p(answer a) − log p(answer b) at the last read position, per row: the ΔLL of the
+  answers' first tokens (the whole ΔLL for one-token answers), with answers_Bx2 = (a, b) token
+  ids per row passed as `metric_aux` — e.g. (true, counterfactual)."""
+  logp_BxV = jax.nn.log_softmax(logits_BxPxV[:, -1].astype(jnp.float32), axis=-1)
+  lp_Bx2 = jnp.take_along_axis(logp_BxV, answers_Bx2.astype(jnp.int32), axis=-1)
+  return lp_Bx2[:, 0] - lp_Bx2[:, 1]
+
+
+def reversal_rate(patched_dll, flipped, threshold: float = 0.0) -> np.ndarray:
+  """Share of the flipped items whose patched ΔLL returns above `threshold` (SCIENCE.md A:
+  patching reversal): patched_dll [items, layers, cells], flipped bool [items] →
+  [layers, cells] (NaN when no item flipped)."""
+  dll = np.asarray(patched_dll, np.float64)
+  flipped = np.asarray(flipped, bool)
+  if flipped.shape != dll.shape[:1]:
+    raise ValueError(f"flipped has shape {flipped.shape}; expected ({dll.shape[0]},), one "
+                     "flag per item of the sweep")
+  if not flipped.any():
+    return np.full(dll.shape[1:], np.nan)
+  return (dll[flipped] > threshold).mean(axis=0)
+
+
+def sweep_table(result, items=None, layers=None, cells=None, value: str = "value") -> dict:
+  """A sweep [items, layers, cells] as a tidy column table (pandas.DataFrame(table) opens it):
+  one row per (item, layer, cell) with columns item, layer, position (the cell's label: its
+  position for one-position cells, or a group name) and `value`. items / layers / cells label
+  the axes (default 0..n−1)."""
+  res = np.asarray(result)
+  if res.ndim != 3:
+    raise ValueError(f"a sweep result is [items, layers, cells]; got shape {res.shape}")
+  n_i, n_l, n_c = res.shape
+  labels = []
+  for name, given, n in (("items", items, n_i), ("layers", layers, n_l), ("cells", cells, n_c)):
+    given = list(range(n)) if given is None else list(given)
+    if len(given) != n:
+      raise ValueError(f"{len(given)} {name} labels for a sweep axis of {n}")
+    labels.append(np.asarray(given))
+  item, layer, cell = (a.ravel() for a in np.meshgrid(*labels, indexing="ij"))
+  return {"item": item, "layer": layer, "position": cell, value: res.ravel()}
 
 
 def normalised_recovery(patched, corrupted, clean):

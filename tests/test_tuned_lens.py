@@ -1,0 +1,137 @@
+"""The tuned lens: identity = logit lens, training beats the logit lens on held-out tokens, files
+round-trip bitwise and refuse other architectures."""
+
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from factflip import Transformer, get_preset
+from factflip.models.transformer import forward, unembed
+from factflip.probes.tuned_lens import (TENSORS_NAME, TunedLens, apply_tuned_lens, lens_kl,
+                                        load_tuned_lens, save_tuned_lens, train_tuned_lens,
+                                        tuned_lens_logits)
+
+V = 97
+CFG = get_preset("tiny-0.5m", vocab_size=V, max_seq_len=64)
+B, T = 16, 32
+
+
+def successor_stream(rng, perm, n, noise=0.2):
+  """n batches [B, T]: each token is perm[previous] (or, with prob `noise`, uniform)."""
+  out = []
+  for _ in range(n):
+    t = np.zeros((B, T), np.int32)
+    t[:, 0] = rng.integers(0, V, B)
+    for i in range(1, T):
+      t[:, i] = np.where(rng.random(B) < noise, rng.integers(0, V, B), perm[t[:, i - 1]])
+    out.append(t)
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A tiny model trained 40 Adam steps on a successor-permutation stream (loss 4.6 -> ~1.6):
+  its output predicts perm[token], while the tied embedding read out directly (the logit lens
+  at layer 0) predicts the token itself, so the lens has real work to do."""
+  rng = np.random.default_rng(0)
+  perm = rng.permutation(V)
+  model = Transformer(CFG, rngs=nnx.Rngs(0))
+  params, tx = model.params(), optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, opt_state, tokens_BxT):
+    def loss(p):
+      logits = forward(p, CFG, tokens_BxT[:, :-1]).logits
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT[:, 1:]).mean()
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  opt_state = tx.init(params)
+  for tokens in successor_stream(rng, perm, 40):
+    params, opt_state, value = step(params, opt_state, np.pad(tokens, ((0, 0), (0, 1))))
+  model = Transformer(CFG, params=params)
+  train = successor_stream(rng, perm, 8)
+  held_out = successor_stream(rng, perm, 1)[0]
+  lens, losses = train_tuned_lens(model, train, 150, learning_rate=1e-2)
+  return model, lens, losses, held_out
+
+
+def test_identity_lens_is_the_logit_lens_and_the_last_entry_is_the_model(trained):
+  model, _, _, tokens = trained
+  mask = np.ones(tokens.shape, bool)
+  mask[:4, 20:] = False                                       # right padding on some rows
+  ident = TunedLens.identity(model)
+  assert ident.fingerprint == {"n_layers": 4, "d_model": 64, "vocab_size": V}
+  params = model.params()
+  resid = forward(params, CFG, tokens, mask, capture=("resid_pre",)).captures["resid_pre"]
+  got = jax.jit(apply_tuned_lens, static_argnums=2)(ident, params, CFG, resid)
+  assert got.shape == (4, B, T, V)
+  np.testing.assert_allclose(got, unembed(params, CFG, resid), atol=1e-6)
+  every = tuned_lens_logits(model, ident, tokens, mask)
+  assert every.shape == (5, B, T, V) and every.dtype == np.float32
+  np.testing.assert_allclose(every[-1], model(tokens, mask), atol=1e-5)
+  np.testing.assert_allclose(every[:-1], got, atol=1e-6)
+  # padding is excluded: KL on right-padded rows equals KL on the real prefix alone
+  prefix = np.ones((B, 20), bool)
+  np.testing.assert_allclose(lens_kl(model, None, tokens, np.pad(prefix, ((0, 0), (0, T - 20)))),
+                             lens_kl(model, None, tokens[:, :20]), rtol=1e-5)
+
+
+def test_training_beats_the_logit_lens_on_held_out_tokens(trained):
+  model, lens, losses, held_out = trained
+  logit = lens_kl(model, None, held_out)
+  tuned = lens_kl(model, lens, held_out)
+  # measured (2 CPU cores, jax 0.10.2): logit lens [3.58, 0.058, 0.027, 0.011] nats,
+  # tuned [0.12, 0.0065, 0.0028, 0.0011]: ~90% lower at every layer; train loss 0.91 -> 0.032.
+  assert logit.shape == tuned.shape == (4,)
+  assert logit[0] > 1.0                                        # the embedding predicts itself
+  assert np.all(tuned < 0.5 * logit), (logit, tuned)
+  assert tuned.mean() < 0.2 * logit.mean(), (logit, tuned)
+  assert len(losses) == 150 and np.all(np.isfinite(losses))
+  assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10]) and losses[-1] < 0.1 * losses[0]
+  # the output itself is untouched: the last lens entry is still the model
+  np.testing.assert_allclose(tuned_lens_logits(model, lens, held_out)[-1], model(held_out),
+                             atol=1e-5)
+
+
+def test_save_load_round_trip_and_wrong_architectures(trained, tmp_path):
+  model, lens, _, tokens = trained
+  d = str(tmp_path / "model")
+  save_tuned_lens(lens, d, info={"steps": 150})
+  assert sorted(os.listdir(d)) == ["tuned_lens.json", "tuned_lens.safetensors"]
+  again = load_tuned_lens(d, model)
+  np.testing.assert_array_equal(np.asarray(again.weight), np.asarray(lens.weight))
+  np.testing.assert_array_equal(np.asarray(again.bias), np.asarray(lens.bias))
+  assert again.fingerprint == lens.fingerprint
+  np.testing.assert_array_equal(tuned_lens_logits(model, again, tokens),
+                                tuned_lens_logits(model, lens, tokens))
+  wide = Transformer(get_preset("tiny-2m", vocab_size=V, max_seq_len=64), rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=r"n_layers=4, d_model=64.*n_layers=6, d_model=128"):
+    load_tuned_lens(d, wide)
+  with pytest.raises(ValueError, match=r"vocab_size=97.*vocab_size=101 \(vocab_size differs\)"):
+    load_tuned_lens(d, CFG.replace(vocab_size=101))
+  with pytest.raises(ValueError, match="d_model differs"):
+    lens_kl(Transformer(CFG.replace(d_model=32, head_dim=8), rngs=nnx.Rngs(0)), lens, tokens)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match=str(empty / TENSORS_NAME)):
+    load_tuned_lens(str(empty))
+
+
+def test_bad_inputs(trained):
+  model, lens, _, _ = trained
+  long = np.zeros((2, 65), np.int32)
+  with pytest.raises(ValueError, match="65 tokens per row is longer than the model's context of "
+                                       "64"):
+    train_tuned_lens(model, [long], 1)
+  with pytest.raises(ValueError, match="longer than the model's context of 64"):
+    lens_kl(model, lens, long)
+  with pytest.raises(ValueError, match=r"expected ids in \[0, 97\)"):
+    lens_kl(model, lens, np.full((2, 8), 97, np.int32))
+  with pytest.raises(ValueError, match="yielded no batches"):
+    train_tuned_lens(model, [], 1)
