@@ -70,3 +70,31 @@ def test_states_flips_and_abruptness():
   assert P.abruptness([0, 0.1, 0.7, 0.8]) == pytest.approx(0.6 / 0.8)
   assert np.isnan(P.abruptness([0.2, 0.2]))
   assert P.flip_rate(ref, ckpts, tau=0.0)[1] == pytest.approx(1 / 4)  # τ = 0: item 4 counts
+
+
+def test_tuned_lens_in_preference(model_and_items):
+  """lens=TunedLens: the identity lens is the logit lens; a trained-looking lens gives each
+  layer's ΔLL through its translator (checked against tuned_lens_logits), the output unchanged."""
+  from factflip.probes.tuned_lens import TunedLens, tuned_lens_logits
+  model, tok, items = model_and_items
+  logit = P.preference(model, tok, items[:2], kinds=("prompt",), lens=True)
+  ident = P.preference(model, tok, items[:2], kinds=("prompt",), lens=TunedLens.identity(model))
+  np.testing.assert_allclose(ident["dll_layers"], logit["dll_layers"], atol=1e-5)
+  r = np.random.default_rng(0)
+  L, D = model.cfg.n_layers, model.cfg.d_model
+  lens = TunedLens(weight=jax.numpy.asarray(0.05 * r.standard_normal((L, D, D)), "float32"),
+                   bias=jax.numpy.asarray(0.5 * r.standard_normal((L, D)), "float32"),
+                   vocab_size=model.cfg.vocab_size)
+  tuned = P.preference(model, tok, items[:2], kinds=("prompt",), lens=lens)
+  np.testing.assert_allclose(tuned["dll_layers"][:, -1], logit["dll_layers"][:, -1], atol=1e-5)
+  assert np.abs(tuned["dll_layers"][:, :-1] - logit["dll_layers"][:, :-1]).max() > 1e-2
+
+  def lens_logprob(prompt, answer):           # Σ log p(answer) per layer through the lens
+    p_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False).input_ids
+    a_ids = tok(" " + answer, add_special_tokens=False).input_ids
+    lg = tuned_lens_logits(model, lens, np.asarray([p_ids + a_ids], np.int32))
+    logp = np.asarray(jax.nn.log_softmax(lg[:, 0], axis=-1))      # [L + 1, T, V]
+    return sum(logp[:, len(p_ids) - 1 + j, a] for j, a in enumerate(a_ids))
+  want = lens_logprob(tuned["prompt"][0], tuned["true"][0]) - lens_logprob(
+      tuned["prompt"][0], tuned["cf"][0])
+  np.testing.assert_allclose(tuned["dll_layers"][0], want, atol=1e-3)

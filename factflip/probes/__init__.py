@@ -1,5 +1,5 @@
 """Probes: read and intervene on a model's internals — hook sites and interventions, fact
-preference (ΔLL, states, flips) with its logit lens, activation patching sweeps and causal
+preference (ΔLL, states, flips) with its logit and tuned lens, activation patching sweeps and causal
 tracing."""
 
 from factflip.models.hooks import SITES, Intervention, parse_hook_name
@@ -9,6 +9,8 @@ from factflip.probes.causal_trace import answer_prob, causal_trace, subject_nois
 from factflip.probes.patching import (act_patch, answer_logit_diff, attribution_patch,
                                       normalised_recovery, pack_cells, position_groups,
                                       reversal_rate, sweep_cost, sweep_table)
+from factflip.probes.tuned_lens import (TunedLens, lens_kl, load_tuned_lens, save_tuned_lens,
+                                        train_tuned_lens, tuned_lens_logits)
 from factflip.probes.fact_preference import (abruptness, ambiguity_rate, first_flip, flip_rate,
                                         preference, score, states)
 
@@ -17,4 +19,5 @@ __all__ = ["SITES", "Intervention", "abruptness", "act_patch", "add", "ambiguity
            "first_flip", "flip_rate", "layer_mask", "normalised_recovery", "pack_cells",
            "parse_hook_name", "position_groups", "position_mask", "preference", "replace",
            "residual_stream", "reversal_rate", "score", "states", "subject_noise_scale",
-           "sweep_cost", "sweep_table"]
+           "sweep_cost", "sweep_table", "TunedLens", "lens_kl", "load_tuned_lens",
+           "save_tuned_lens", "train_tuned_lens", "tuned_lens_logits"]

@@ -37,6 +37,7 @@ from factflip.data.facts import FactItem
 from factflip.data.pipeline import TokenIds
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import Transformer, forward, unembed
+from factflip.probes.tuned_lens import TunedLens, check_fits, translate
 
 KINDS = ("prompt", "paraphrase", "question", "language", "neighbour")
 CORRECT, AMBIGUOUS, COUNTERFACTUAL = 1, 0, -1
@@ -89,9 +90,10 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lens"))
 def _answer_logprob(params, cfg: ModelConfig, tokens_BxT, mask_BxT, where_BxA, target_BxA,
-                    amask_BxA, lens: bool = False):
-  """Σ log p(target) over answer tokens: [B], or [L + 1, B] from every layer (lens). Logits are
-  computed only at the A answer positions."""
+                    amask_BxA, tuned=None, lens: bool = False):
+  """Σ log p(target) over answer tokens: [B], or [L + 1, B] from every layer (lens; through the
+  `tuned` lens's translators when given). Logits are computed only at the A answer
+  positions."""
   out = forward(params, cfg, tokens_BxT, mask_BxT, capture=("resid_pre",) if lens else (),
                 return_logits=False)
   if lens:
@@ -99,6 +101,11 @@ def _answer_logprob(params, cfg: ModelConfig, tokens_BxT, mask_BxT, where_BxA, t
   else:
     h_LxBxTxD = out.residual[None]
   h_LxBxAxD = jnp.take_along_axis(h_LxBxTxD, where_BxA[None, :, :, None], axis=2)
+  if tuned is not None:
+    L, B, A, D = h_LxBxAxD.shape
+    t_LxBxAxD = translate(tuned, h_LxBxAxD[:-1].reshape(L - 1, B * A, D)).reshape(
+        L - 1, B, A, D).astype(h_LxBxAxD.dtype)
+    h_LxBxAxD = jnp.concatenate([t_LxBxAxD, h_LxBxAxD[-1:]], axis=0)
 
   def one(h_BxAxD):
     logits_BxAxV = unembed(params, cfg, h_BxAxD)
@@ -110,9 +117,14 @@ def _answer_logprob(params, cfg: ModelConfig, tokens_BxT, mask_BxT, where_BxA, t
 
 
 def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-          batch_size: int = 64, lens: bool = False) -> np.ndarray:
-  """Σ log p(answer | prompt) per pair, float32 [N] (or [L + 1, N] with lens=True). Pairs are
-  sorted by length into power-of-two buckets so each (batch, length) compiles once."""
+          batch_size: int = 64, lens: bool | TunedLens = False) -> np.ndarray:
+  """Σ log p(answer | prompt) per pair, float32 [N] (or [L + 1, N] with lens=True, the logit
+  lens, or lens=a TunedLens). Pairs are sorted by length into power-of-two buckets so each
+  (batch, length) compiles once."""
+  tuned = lens if isinstance(lens, TunedLens) else None
+  if tuned is not None:
+    check_fits(tuned, model.cfg, "score")
+  lens = lens is not False and lens is not None
   if len(prompts) != len(answers):
     raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
   enc = TokenIds(tokenizer)
@@ -151,17 +163,21 @@ def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequen
       where[r, :n_a] = np.arange(n_p - 1, n_p - 1 + n_a)   # position predicting answer token j
       target[r, :n_a] = ids[n_p:]
       amask[r, :n_a] = 1.0
-    res = np.asarray(_answer_logprob(params, cfg, tokens, mask, where, target, amask, lens=lens))
+    res = np.asarray(_answer_logprob(params, cfg, tokens, mask, where, target, amask, tuned,
+                                     lens=lens))
     out[:, idx] = res.reshape(n_out, B)[:, :len(idx)]
   return out if lens else out[0]
 
 
 def preference(model: Transformer, tokenizer, items: Sequence[FactItem],
-               kinds: Sequence[str] = KINDS, batch_size: int = 64, lens: bool = False,
+               kinds: Sequence[str] = KINDS, batch_size: int = 64,
+               lens: bool | TunedLens = False,
                question_format: str = T.QUESTION_FORMAT) -> dict[str, np.ndarray]:
   """A table (dict of equal-length columns; `pandas.DataFrame(table)` opens it) with one row
   per (item, prompt): item, kind, variant, prompt, true, cf, logp_true, logp_cf, dll; with
-  lens=True also dll_layers [rows, L + 1] (layer 0 = embeddings, L = the output)."""
+  lens=True also dll_layers [rows, L + 1] (layer 0 = embeddings, L = the output) by the logit
+  lens, or by a tuned lens when lens=TunedLens (`factflip.probes.tuned_lens`)."""
+  lens_on = lens is not False and lens is not None
   rows = prompt_rows(items, kinds, question_format)
   if not rows:
     raise ValueError("no prompts to score (items need answers and a counterfactual)")
@@ -169,7 +185,7 @@ def preference(model: Transformer, tokenizer, items: Sequence[FactItem],
   lt = score(model, tokenizer, prompts, [r["true"] for r in rows], batch_size, lens)
   lc = score(model, tokenizer, prompts, [r["cf"] for r in rows], batch_size, lens)
   table = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
-  if lens:
+  if lens_on:
     table["dll_layers"] = (lt - lc).T
     lt, lc = lt[-1], lc[-1]
   table.update(logp_true=lt, logp_cf=lc, dll=lt - lc)

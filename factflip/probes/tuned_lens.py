@@ -2,7 +2,7 @@
 the model's own unembedding, trained to match the model's output distribution.
 
 Owns: `TunedLens` (the translators and the fingerprint of the architecture they fit),
-`apply_tuned_lens` (pure, jittable: residual stream -> logits per layer), `tuned_lens_logits`,
+`apply_tuned_lens` (pure, jittable: residual stream -> logits per layer), `translate`, `tuned_lens_logits`,
 `lens_kl` (mean KL(output || layer) per layer, the tuned or the plain logit lens),
 `train_tuned_lens`, and the lens files `tuned_lens.safetensors` + `tuned_lens.json`.
 Must not: change the model's parameters, choose data or studies, or know where models live
@@ -107,7 +107,7 @@ def check_fits(lens: TunedLens, model: Transformer | ModelConfig, where: str = "
                      f"{tuple(lens.bias.shape)} are not [L, D, D] and [L, D]")
 
 
-# ---- the lens -----------------------------------------------------------------------------------
+# ---- the lens ---------------------------------------------------------------------------------
 def _translate(weight_DxD: jax.Array, bias_D: jax.Array, h_NxD: jax.Array) -> jax.Array:
   h_NxD = h_NxD.astype(F32)
   return h_NxD + h_NxD @ weight_DxD + bias_D
@@ -122,16 +122,21 @@ def apply_tuned_lens(lens: TunedLens, params: Params, cfg: ModelConfig,
   if L != lens.n_layers or D != lens.d_model:
     raise ValueError(f"apply_tuned_lens: residual stream has shape {resid_LxBxTxD.shape}; "
                      f"expected [{lens.n_layers}, B, T, {lens.d_model}] (resid_pre)")
-  h_LxNxD = resid_LxBxTxD.reshape(L, B * T, D).astype(F32)
-  t_LxNxD = h_LxNxD + jnp.einsum("lnd,lde->lne", h_LxNxD, lens.weight) + lens.bias[:, None]
+  t_LxNxD = translate(lens, resid_LxBxTxD.reshape(L, B * T, D))
   return unembed(params, cfg, t_LxNxD).reshape(L, B, T, cfg.vocab_size)
+
+
+def translate(lens: TunedLens, h_LxNxD: jax.Array) -> jax.Array:
+  """T_ℓ(h[ℓ]) for every layer ℓ, float32, on residuals [L, N, D] (N any token rows)."""
+  h_LxNxD = h_LxNxD.astype(F32)
+  return h_LxNxD + jnp.einsum("lnd,lde->lne", h_LxNxD, lens.weight) + lens.bias[:, None]
 
 
 def _kl_LxBxT(lens: TunedLens, params: Params, cfg: ModelConfig, resid_LxBxTxD: jax.Array,
               logits_BxTxV: jax.Array) -> jax.Array:
   """KL(p_L || p_ℓ) per layer and token, [L, B, T]. One layer at a time (`lax.map`, rematerialised
   in the backward), so memory holds one layer's [B, T, V] logits, not L of them."""
-  L, B, T, D = resid_LxBxTxD.shape
+  _, B, T, D = resid_LxBxTxD.shape
   logp_NxV = jax.nn.log_softmax(jax.lax.stop_gradient(logits_BxTxV).astype(F32), axis=-1)
   logp_NxV = logp_NxV.reshape(B * T, -1)
   p_NxV = jnp.exp(logp_NxV)
@@ -196,7 +201,7 @@ def lens_kl(model: Transformer, lens: TunedLens | None, tokens_BxT, mask_BxT=Non
   return np.asarray(_layer_kl(lens, model.params(), cfg, batch), np.float32)
 
 
-# ---- training -----------------------------------------------------------------------------------
+# ---- training ---------------------------------------------------------------------------------
 Batch = tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]
 
 
@@ -344,7 +349,7 @@ def train_tuned_lens(model: Transformer, token_batches, steps: int,
   return lens, [float(x) for x in jax.device_get(losses)]
 
 
-# ---- files ----------------------------------------------------------------------------------------
+# ---- files ------------------------------------------------------------------------------------
 def save_tuned_lens(lens: TunedLens, directory: str, info: Mapping[str, Any] | None = None
                     ) -> str:
   """Write `directory/tuned_lens.safetensors` (atomic; the whole lens and its fingerprint) and
@@ -360,8 +365,8 @@ def save_tuned_lens(lens: TunedLens, directory: str, info: Mapping[str, Any] | N
   st.write_file(path, {"weight": (weight.shape, np.float32, lambda: weight),
                        "bias": (bias.shape, np.float32, lambda: bias)}, meta)
   write_json(os.path.join(directory, JSON_NAME),
-             {**meta, "translator": "h + h @ weight[l] + bias[l] at resid_pre[l], l = 0..L-1",
-              "tensors": TENSORS_NAME, **dict(info or {})})
+             {**dict(info or {}), **meta, "tensors": TENSORS_NAME,
+              "translator": "h + h @ weight[l] + bias[l] at resid_pre[l], l = 0..L-1"})
   return path
 
 
@@ -384,7 +389,7 @@ def load_tuned_lens(directory: str, model: Transformer | ModelConfig | None = No
                      f"vocab_size ({type(e).__name__}: {e})") from e
   L, D = fp["n_layers"], fp["d_model"]
   for name, shape in (("weight", (L, D, D)), ("bias", (L, D))):
-    if name not in f.keys():
+    if name not in f.keys():  # noqa: SIM118 (not a dict)
       raise ValueError(f"{path}: no tensor {name!r}; found {f.keys()}")
     if f.shape(name) != shape or f.dtype(name) != np.float32:
       raise ValueError(f"{path}: tensor {name!r} is {f.dtype(name)} {list(f.shape(name))}; "
