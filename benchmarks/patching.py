@@ -78,7 +78,7 @@ def main():
   def loop_jax():
     out = [[fwd(params, corrupted, ivs[layer][t]) for t in range(T)] for layer in range(L)]
     return np.asarray(jax.device_get(out))[..., 0]
-  t_loop, loop = best_of(loop_jax, 1)
+  t_loop, loop = best_of(loop_jax, args.iters)
 
   # (3) TransformerLens-style: eager PyTorch, forward pre-hook overwriting the residual
   with tempfile.TemporaryDirectory() as d:
@@ -107,7 +107,7 @@ def main():
         handle.remove()
         out[layer, t] = float(lg[0, -1, 5] - lg[0, -1, 9])
     return out
-  t_tl, tl = best_of(loop_torch, 1)
+  t_tl, tl = best_of(loop_torch, args.iters)
 
   # matmul FLOPs (attention scores over T = 32 tokens are < 2% and left out): per token and
   # block q, o D² each, k, v D²/2 each (2 KV heads of 4), MLP 3 x D x 4D
