@@ -124,9 +124,9 @@ def _sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
            pos_RnxR, start_RnxR, slot_RnxR, patch_RnxBxR, logit_RnxKxP, flat_C, metric_aux,
            noise_BxTxD, *, site, spans, metric, prefix, chunk):
   """[rows, C, B]: sweep row i patches layers spans[i] = (first, stop). Every packed row runs
-  blocks first..L−1 on its tokens only, each token
-  attending to its own cell's tokens and to the corrupted run's keys/values below its cell's
-  start (`prefix` = the largest start: the cached slots anything reads)."""
+  blocks first..L−1 on its tokens only, each token attending to its own cell's tokens and to
+  the corrupted run's keys/values below its cell's start (`prefix` = the largest start: the
+  cached slots anything reads)."""
   L = cfg.n_layers
   B, T = corrupted_BxT.shape
   clean_LxBxTxD = forward(src_params, src_cfg, clean_BxT, clean_mask_BxT, capture=(site,),
