@@ -17,11 +17,13 @@ def model_and_items(small_world, world_tokenizer):
   return model, world_tokenizer, items
 
 
-def direct_logprob(model, tok, prompt, answer):
+def direct_logprob(model, tok, prompt, answer, greedy=False):
   p_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False).input_ids
   a_ids = tok(" " + answer, add_special_tokens=False).input_ids
   ids = np.asarray([p_ids + a_ids], np.int32)
   logp = np.asarray(jax.nn.log_softmax(model(ids)[0], axis=-1))
+  if greedy:   # greedy decoding reproduces the answer: each answer token is the argmax
+    return all(logp[len(p_ids) - 1 + j].argmax() == a for j, a in enumerate(a_ids))
   return sum(logp[len(p_ids) - 1 + j, a] for j, a in enumerate(a_ids))
 
 
@@ -37,6 +39,8 @@ def test_preference_equals_direct_sums_and_lens_ends_at_the_output(model_and_ite
     want_c = direct_logprob(model, tok, table["prompt"][i], table["cf"][i])
     assert table["logp_true"][i] == pytest.approx(want_t, abs=1e-4)
     assert table["logp_cf"][i] == pytest.approx(want_c, abs=1e-4)
+    assert table["correct"][i] == direct_logprob(model, tok, table["prompt"][i],
+                                                 table["true"][i], greedy=True)
   np.testing.assert_allclose(table["dll"], table["logp_true"] - table["logp_cf"], rtol=1e-6)
   np.testing.assert_allclose(table["dll_layers"][:, -1], table["dll"], atol=1e-4)
   assert np.abs(table["dll_layers"][:, 0] - table["dll"]).max() > 1e-3  # layers differ

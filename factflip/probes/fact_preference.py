@@ -111,16 +111,19 @@ def _answer_logprob(params, cfg: ModelConfig, tokens_BxT, mask_BxT, where_BxA, t
     logits_BxAxV = unembed(params, cfg, h_BxAxD)
     logp_BxA = jnp.take_along_axis(jax.nn.log_softmax(logits_BxAxV, axis=-1),
                                    target_BxA[..., None], axis=-1)[..., 0]
-    return (logp_BxA * amask_BxA).sum(-1)
-  res = jax.lax.map(one, h_LxBxAxD)
-  return res if lens else res[0]
+    hit_BxA = (logits_BxAxV.argmax(-1) == target_BxA) | (amask_BxA == 0)
+    return (logp_BxA * amask_BxA).sum(-1), hit_BxA.all(-1)
+  res, greedy_LxB = jax.lax.map(one, h_LxBxAxD)
+  return (res if lens else res[0]), greedy_LxB[-1]
 
 
 def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-          batch_size: int = 64, lens: bool | TunedLens = False) -> np.ndarray:
+          batch_size: int = 64, lens: bool | TunedLens = False, return_greedy: bool = False):
   """Σ log p(answer | prompt) per pair, float32 [N] (or [L + 1, N] with lens=True, the logit
-  lens, or lens=a TunedLens). Pairs are sorted by length into power-of-two buckets so each
-  (batch, length) compiles once."""
+  lens, or lens=a TunedLens). return_greedy=True also returns bool [N]: greedy decoding from
+  the prompt reproduces the answer's tokens (every answer token is the argmax given the ones
+  before it — closed-book exact match). Pairs are sorted by length into power-of-two buckets
+  so each (batch, length) compiles once."""
   tuned = lens if isinstance(lens, TunedLens) else None
   if tuned is not None:
     check_fits(tuned, model.cfg, "score")
@@ -144,6 +147,7 @@ def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequen
     seqs.append((ids, len(p_ids), len(a_ids)))
   n_out = cfg.n_layers + 1 if lens else 1
   out = np.zeros((n_out, len(seqs)), np.float32)
+  greedy = np.zeros(len(seqs), bool)
   order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
   params = model.params()
   for start in range(0, len(order), batch_size):
@@ -163,10 +167,12 @@ def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequen
       where[r, :n_a] = np.arange(n_p - 1, n_p - 1 + n_a)   # position predicting answer token j
       target[r, :n_a] = ids[n_p:]
       amask[r, :n_a] = 1.0
-    res = np.asarray(_answer_logprob(params, cfg, tokens, mask, where, target, amask, tuned,
-                                     lens=lens))
-    out[:, idx] = res.reshape(n_out, B)[:, :len(idx)]
-  return out if lens else out[0]
+    res, hit = _answer_logprob(params, cfg, tokens, mask, where, target, amask, tuned,
+                               lens=lens)
+    out[:, idx] = np.asarray(res).reshape(n_out, B)[:, :len(idx)]
+    greedy[idx] = np.asarray(hit)[:len(idx)]
+  out = out if lens else out[0]
+  return (out, greedy) if return_greedy else out
 
 
 def preference(model: Transformer, tokenizer, items: Sequence[FactItem],
@@ -174,7 +180,8 @@ def preference(model: Transformer, tokenizer, items: Sequence[FactItem],
                lens: bool | TunedLens = False,
                question_format: str = T.QUESTION_FORMAT) -> dict[str, np.ndarray]:
   """A table (dict of equal-length columns; `pandas.DataFrame(table)` opens it) with one row
-  per (item, prompt): item, kind, variant, prompt, true, cf, logp_true, logp_cf, dll; with
+  per (item, prompt): item, kind, variant, prompt, true, cf, logp_true, logp_cf, dll, correct
+  (greedy decoding gives the true answer: closed-book accuracy); with
   lens=True also dll_layers [rows, L + 1] (layer 0 = embeddings, L = the output) by the logit
   lens, or by a tuned lens when lens=TunedLens (`factflip.probes.tuned_lens`)."""
   lens_on = lens is not False and lens is not None
@@ -182,13 +189,14 @@ def preference(model: Transformer, tokenizer, items: Sequence[FactItem],
   if not rows:
     raise ValueError("no prompts to score (items need answers and a counterfactual)")
   prompts = [r["prompt"] for r in rows]
-  lt = score(model, tokenizer, prompts, [r["true"] for r in rows], batch_size, lens)
+  lt, greedy = score(model, tokenizer, prompts, [r["true"] for r in rows], batch_size, lens,
+                     return_greedy=True)
   lc = score(model, tokenizer, prompts, [r["cf"] for r in rows], batch_size, lens)
   table = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
   if lens_on:
     table["dll_layers"] = (lt - lc).T
     lt, lc = lt[-1], lc[-1]
-  table.update(logp_true=lt, logp_cf=lc, dll=lt - lc)
+  table.update(logp_true=lt, logp_cf=lc, dll=lt - lc, correct=greedy)
   return table
 
 
