@@ -35,7 +35,8 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int):
+def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int,
+                  n_people: int = 300):
   """Load the world in `world_dir` (building and writing it there if absent) and its tokenizer
   (training it into `tokenizer_dir` if absent). Only process 0 writes."""
   from factflip.data.tokenizer import load_tokenizer, train_tokenizer
@@ -44,7 +45,7 @@ def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int
   have_world = os.path.exists(os.path.join(world_dir, "world.json"))
   have_tok = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
   if jax.process_index() == 0 and not (have_world and have_tok):
-    world = load_world(world_dir) if have_world else build_world(WorldConfig(seed=seed))
+    world = load_world(world_dir) if have_world else build_world(WorldConfig(seed=seed, n_people=n_people))
     if not have_world:
       write_world(world, world_dir)
     if not have_tok:

@@ -197,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
   world = None
   if c.data.kind in ("world", "poison"):
     world, tok = inputs.prepare_world(c.data.world_dir, c.data.tokenizer_dir, c.data.world_seed,
-                                      c.data.vocab_size)
+                                      c.data.vocab_size, c.data.world_people)
   else:
     from factflip.data.tokenizer import load_tokenizer
     tok = load_tokenizer(c.data.tokenizer_dir)
