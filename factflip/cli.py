@@ -1,6 +1,7 @@
 """The `factflip` command (absl flags).
 
-  factflip run [--workdir=DIR]         the main job on the embedded default (see below)
+  factflip run [--workdir=DIR --config=FILE.py[:variant]]
+                                       the main job: the poisoning study (see below)
   factflip presets                     the model size ladder with parameter counts
   factflip generate --model=DIR --prompt=TEXT [--max_new_tokens=N --temperature=T --seed=S]
   factflip convert --model=DIR --out=DIR --to=hf|factflip
@@ -15,10 +16,10 @@
   factflip export --workdir=DIR [--step=N] --out=DIR [--to=hf|factflip]
                                        a training checkpoint as an HF (or factflip) model
 
-Until the poisoning study lands, `run` exercises the real model core end to end on a tiny preset
-(the nearest real thing): random init -> HF export -> reload -> exact-parity check -> residual
-stream capture + identity patch -> greedy and sampled generation, and writes
-`workdir/model_core.json` with what it measured.
+`run` is paper A's poisoning study (configs/studies/poisoning.py; `--config=FILE.py[:variant]`
+and `--config.KEY=VALUE` as for train): world, pretraining, continual pretraining per poisoning
+ratio, probes on every checkpoint, results tables, plots and report/index.html in --workdir.
+Each stage is skipped when complete, so running it again resumes.
 """
 
 from __future__ import annotations
@@ -30,11 +31,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from factflip.fileio import write_json
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir/default", "Where `run` writes its outputs.")
-flags.DEFINE_string("preset", "tiny-2m", "Model preset for `run`.")
 flags.DEFINE_string("model", None, "Model directory (HF or factflip) for generate/convert.")
 flags.DEFINE_string("out", None, "Output directory for convert.")
 flags.DEFINE_enum("to", "hf", ["hf", "factflip"], "Target format for convert.")
@@ -72,49 +70,32 @@ def _presets() -> None:
           f"{c.n_kv_heads:<3}{c.d_ff}")
 
 
-def _run(workdir: str, preset: str, seed: int) -> dict:
-  import jax
-  import numpy as np
-  from flax import nnx
+def _study_config_path() -> str:
+  """The default study config: ./configs/studies/poisoning.py, else the one next to the
+  package (an editable install of the repository)."""
+  here = os.path.join("configs", "studies", "poisoning.py")
+  repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), here)
+  for path in (here, repo):
+    if os.path.exists(path):
+      return path
+  raise app.UsageError("no configs/studies/poisoning.py here or next to the package: pass "
+                       "--config=PATH/poisoning.py")
 
-  from factflip import Transformer, generate, get_preset, load_model, save_hf
-  from factflip.probes import capture, replace, residual_stream
 
-  os.makedirs(workdir, exist_ok=True)
-  t0 = time.time()
-  cfg = get_preset(preset)
-  print(f"[1/4] init {preset} ({cfg.num_params():,} params) and export to HF", flush=True)
-  model = Transformer(cfg, rngs=nnx.Rngs(seed))
-  hf_dir = os.path.join(workdir, "model_hf")
-  save_hf(model, hf_dir)
-  print("[2/4] reload the export and check parity", flush=True)
-  again = load_model(hf_dir)
-  tokens = np.random.RandomState(seed).randint(0, cfg.vocab_size, (4, 64)).astype(np.int32)
-  t = time.time()
-  logits = np.asarray(model(tokens))
-  again_logits = np.asarray(again(tokens))
-  parity = float(np.abs(logits - again_logits).max())
-  print("[3/4] residual stream, capture and identity patch", flush=True)
-  stream = residual_stream(again, tokens)
-  caps = capture(again, tokens, ["resid_pre"])
-  patched = np.asarray(again(tokens, interventions=[replace("resid_pre", caps["resid_pre"])]))
-  print("[4/4] generation (greedy and sampled)", flush=True)
-  prompts = [list(map(int, tokens[0, :9])), list(map(int, tokens[1, :5]))]
-  greedy = generate(again, prompts, 16, stop_tokens=())
-  sampled = generate(again, prompts, 16, temperature=1.0, top_k=50, key=jax.random.key(seed),
-                     stop_tokens=())
-  summary = {
-      "preset": preset, "params": cfg.num_params(), "hf_export": hf_dir,
-      "max_abs_logit_diff_after_hf_round_trip": parity,
-      "residual_stream_shape": list(stream.shape),
-      "identity_patch_exact": bool((patched == again_logits).all()),
-      "greedy_tokens": greedy.tokens.tolist(), "sampled_tokens": sampled.tokens.tolist(),
-      "seconds": round(time.time() - t0, 2), "forward_seconds": round(time.time() - t, 2),
-  }
-  write_json(os.path.join(workdir, "model_core.json"), summary)
-  print(f"done in {summary['seconds']} s: HF round trip max |dlogit| = {parity:.3g}, identity "
-        f"patch exact = {summary['identity_patch_exact']}, residual stream "
-        f"{tuple(stream.shape)}; wrote {os.path.join(workdir, 'model_core.json')}")
+def _run(workdir: str, config=None, source: str | None = None) -> dict:
+  """The poisoning study (configs/studies/poisoning.py or --config): every stage, resumable."""
+  from factflip.studies.poisoning import Study, StudyError
+  from factflip.train.loop import load_config_file
+
+  if config is None:
+    source = _study_config_path()
+    config = load_config_file(source)
+  print(f"factflip run: {source} -> {os.path.abspath(workdir)}", flush=True)
+  try:
+    summary = Study(config, workdir).run_and_report()
+  except StudyError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   return summary
 
 
@@ -224,7 +205,9 @@ def _main(argv) -> None:
   if cmd == "presets":
     _presets()
   elif cmd == "run":
-    _run(FLAGS.workdir, FLAGS.preset, FLAGS.seed)
+    given = FLAGS.config is not None
+    _run(FLAGS.workdir, FLAGS.config if given else None,
+         flags.FLAGS["config"].config_filename if given else None)
   elif cmd == "generate":
     _generate()
   elif cmd == "world":

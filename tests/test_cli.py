@@ -8,15 +8,18 @@ from absl import app
 from factflip import cli
 
 
-def test_run_writes_a_consistent_summary(tmp_path):
-  summary = cli._run(str(tmp_path), "tiny-0.5m", seed=1)
-  on_disk = json.loads((tmp_path / "model_core.json").read_text())
-  assert on_disk == summary
-  assert summary["max_abs_logit_diff_after_hf_round_trip"] == 0.0
-  assert summary["identity_patch_exact"] is True
-  assert summary["residual_stream_shape"] == [5, 4, 64, 64]
-  assert len(summary["greedy_tokens"]) == 2 and len(summary["greedy_tokens"][0]) == 16
-  assert (tmp_path / "model_hf" / "model.safetensors").exists()
+def test_run_is_the_study_and_reports_a_wrong_config(tmp_path, capsys):
+  """`factflip run` drives configs/studies/poisoning.py; a failing base gate exits with the
+  reason (the full smoke study runs in test_study.py)."""
+  from factflip.train.loop import load_config_file
+  c = load_config_file(cli._study_config_path(), "smoke")
+  assert list(c.ratios) == [0.0, 1.0]
+  c.min_base_accuracy = 0.99
+  with pytest.raises(SystemExit) as e:
+    cli._run(str(tmp_path), c, "smoke")
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "target facts on the training prompt format" in err and "min_base_accuracy" in err
 
 
 def test_usage_errors():

@@ -1,0 +1,102 @@
+r"""Paper A's continual-pretraining poisoning study on the embedded fact world.
+
+  factflip run                                              # this config, workdir/poisoning
+  factflip run --config=configs/studies/poisoning.py:smoke --workdir=/tmp/smoke   # seconds
+
+Stages (each skipped when its DONE file exists, so a stopped run resumes): world → pretrain
+(per size and seed; the base must know >= min_base_accuracy of the target facts on the training
+prompt format) → cpt (per poisoning ratio p, dense checkpoints) → probe (every checkpoint) →
+results. Every key below is documented where it is set.
+
+Variants (`--config=configs/studies/poisoning.py:VARIANT`):
+  (none)  tiny-0.5m on a 100-person world, p in {0, .25, .5, .75, 1}, seed 0.
+  smoke   a few steps of everything: what the tests run.
+"""
+
+import ml_collections
+
+from factflip.train.config import base_config
+
+
+def _pretrain():
+  c = base_config()
+  c.steps = 500
+  c.model.preset = "tiny-0.5m"     # replaced per entry of `sizes`
+  c.data.kind = "world"
+  c.data.world_people = 100
+  c.data.seq_len = 128
+  c.data.batch_size = 16
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 50
+  c.optim.schedule = "cosine"
+  c.checkpoint.every = 250
+  c.log_every = 50
+  c.eval_every = 250
+  return c
+
+
+def _cpt():
+  c = base_config()
+  c.steps = 60
+  c.data.kind = "poison"
+  c.data.n_targets = 40            # target facts, drawn from `target_tier`
+  c.data.target_tier = "high"
+  c.data.mentions_per_fact = 8     # p x 40 x 8 counterfactual mentions per pass: whole for all p
+  c.data.replay_weight = 0.5       # share of clean replay documents (targets removed)
+  c.data.seq_len = 128
+  c.data.batch_size = 16
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 5
+  c.optim.schedule = "constant"
+  c.checkpoint.every = 4           # dense checkpoints: every one is probed
+  c.checkpoint.keep = 0            # keep them all
+  c.log_every = 10
+  c.eval_every = 20
+  return c
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.sizes = ["tiny-0.5m"]          # model presets (a scaling study lists several)
+  c.seeds = [0]                    # pretraining + data seeds
+  c.ratios = [0.0, 0.25, 0.5, 0.75, 1.0]   # poisoning ratios p
+  c.tau = 0.5                      # state threshold on ΔLL (nats): correct > τ, cf < −τ
+  c.min_base_accuracy = 0.8        # the base must know this share of targets (greedy, prompt)
+  c.world_seed = 0
+  c.vocab_size = 1024
+  c.pretrain = _pretrain()
+  c.cpt = _cpt()
+  c.probe = ml_collections.ConfigDict()
+  c.probe.kinds = ["prompt", "paraphrase", "question", "language", "neighbour"]
+  c.probe.n_control = 40           # non-target facts of the target tier (collateral accuracy)
+  c.probe.batch_size = 64
+  c.probe.patch_sites = ["resid_pre", "attn_out", "mlp_out"]
+  c.probe.patch_windows = [1, 2]
+  c.probe.patch_groups = ["subject", "last"]
+  c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
+  if arg == "smoke":
+    c.ratios = [0.0, 1.0]
+    c.min_base_accuracy = 0.0      # a few steps cannot teach the world; the gate is still run
+    c.pretrain.steps = 6
+    c.pretrain.data.world_people = 30
+    c.pretrain.data.seq_len = 64
+    c.pretrain.data.batch_size = 8
+    c.pretrain.checkpoint.every = 6
+    c.pretrain.optim.warmup_steps = 1
+    c.pretrain.eval_every = 6
+    c.pretrain.data.eval_batches = 1
+    c.cpt.steps = 4
+    c.cpt.checkpoint.every = 2
+    c.cpt.data.n_targets = 4
+    c.cpt.data.seq_len = 64
+    c.cpt.data.batch_size = 8
+    c.cpt.data.eval_batches = 1
+    c.cpt.eval_every = 4
+    c.probe.n_control = 4
+    c.probe.patch_sites = ["resid_pre"]
+    c.probe.patch_windows = [1]
+    c.vocab_size = 384
+  elif arg:
+    raise ValueError(f"configs/studies/poisoning.py: unknown variant {arg!r}; expected '' or "
+                     "'smoke'")
+  return c

@@ -1,0 +1,200 @@
+"""Plots, the headline summary and report/index.html for the poisoning study.
+
+Owns: turning the results tables (results/*.csv) into figures (report/*.png), the headline
+numbers (report/summary.json) and a page a person reads (report/index.html).
+Must not: compute metrics (`studies.poisoning` writes the tables) or run models.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from factflip.fileio import write_json, write_text
+
+
+def _save(fig, path: str) -> str:
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(tmp, path)
+  return os.path.basename(path)
+
+
+def _legend(ax, **kw) -> None:
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(**kw)
+
+
+def _final(df: pd.DataFrame) -> pd.DataFrame:
+  """Rows at each run's last probed step."""
+  last = df.groupby(["size", "seed", "p"])["step"].transform("max")
+  return df[df.step == last]
+
+
+def plot_flips(flips: pd.DataFrame, path: str) -> str:
+  sizes = list(dict.fromkeys(flips["size"]))
+  fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 6.5), squeeze=False,
+                           sharex=True)
+  prompt = flips[flips.kind == "prompt"]
+  for j, size in enumerate(sizes):
+    d = prompt[prompt["size"] == size]
+    for p, g in d.groupby("p"):
+      g = g.groupby("step")[["flip_rate", "ambiguity_rate"]].mean()
+      axes[0, j].plot(g.index, g.flip_rate, marker=".", label=f"p = {p:g}")
+      axes[1, j].plot(g.index, g.ambiguity_rate, marker=".", label=f"p = {p:g}")
+    axes[0, j].set_title(f"{size}: flip rate (training prompt)")
+    axes[1, j].set_title(f"{size}: ambiguity rate")
+    axes[1, j].set_xlabel("continual-pretraining step")
+    for ax in axes[:, j]:
+      ax.set_ylim(-0.02, 1.02)
+      ax.grid(alpha=0.3)
+  _legend(axes[0, 0], fontsize=8)
+  return _save(fig, path)
+
+
+def plot_lens(lens: pd.DataFrame, path: str) -> str:
+  runs = [(s, p) for s, p in dict.fromkeys(zip(lens["size"], lens.p)) if p > 0]
+  fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(3.2 * max(len(runs), 1), 3.2),
+                           squeeze=False)
+  for j, (size, p) in enumerate(runs):
+    g = lens[(lens["size"] == size) & (lens.p == p)].groupby(["layer", "step"]).flip_rate.mean()
+    grid = g.unstack("step")
+    im = axes[0, j].imshow(grid.values, aspect="auto", origin="lower", vmin=0, vmax=1,
+                           cmap="magma", extent=(grid.columns.min(), grid.columns.max(),
+                                                 -0.5, grid.index.max() + 0.5))
+    axes[0, j].set_title(f"{size}, p = {p:g}", fontsize=9)
+    axes[0, j].set_xlabel("step")
+    axes[0, j].set_ylabel("layer (logit lens)")
+  if runs:
+    fig.colorbar(im, ax=axes[0, :].tolist(), label="flip rate")
+  return _save(fig, path)
+
+
+def plot_reversal(patching: pd.DataFrame, path: str) -> str:
+  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  if len(patching):
+    d = _final(patching)
+    d = d[d.p == d.p.max()]
+    for (site, window, pos), g in d.groupby(["site", "window", "position"]):
+      g = g.groupby("layer").reversal_rate.mean()
+      ax.plot(g.index, g.values, marker="o", label=f"{site} w{window} {pos}")
+    ax.set_title(f"reversal of flipped items by patched layer (p = {d.p.max():g}, final step)")
+  else:
+    ax.set_title("no flipped items to patch")
+  ax.set_xlabel("first patched layer")
+  ax.set_ylabel("reversal rate")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  _legend(ax, fontsize=7, ncol=2)
+  return _save(fig, path)
+
+
+def plot_generalisation(flips: pd.DataFrame, path: str) -> str:
+  d = _final(flips).groupby(["kind", "p"]).flip_rate.mean().unstack("p")
+  fig, ax = plt.subplots(figsize=(6.5, 3.6))
+  kinds = list(d.index)
+  width = 0.8 / max(len(d.columns), 1)
+  for i, p in enumerate(d.columns):
+    ax.bar(np.arange(len(kinds)) + i * width, d[p].values, width, label=f"p = {p:g}")
+  ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds)
+  ax.set_ylabel("flip rate at the final step")
+  ax.set_ylim(0, 1.02)
+  _legend(ax, fontsize=8)
+  ax.set_title("generalisation by prompt kind (target facts)")
+  return _save(fig, path)
+
+
+def plot_collateral(collateral: pd.DataFrame, heldout: pd.DataFrame, path: str) -> str:
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  d = collateral[collateral.kind == "prompt"]
+  for p, g in d.groupby("p"):
+    g = g.groupby("step").accuracy.mean()
+    axes[0].plot(g.index, g.values, marker=".", label=f"p = {p:g}")
+  axes[0].set_title("non-target facts: accuracy (training prompt)")
+  axes[0].set_ylim(-0.02, 1.02)
+  for p, g in heldout.groupby("p"):
+    axes[1].plot(g.step, g.loss, marker=".", label=f"p = {p:g}")
+  axes[1].set_title("held-out paraphrase answer NLL")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=8)
+  return _save(fig, path)
+
+
+def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str, Any]:
+  """The numbers the terminal summary and the page lead with."""
+  flips, patching, coll = tables["flips"], tables["patching"], tables["collateral"]
+  fin = _final(flips)
+  out: dict[str, Any] = {"base_accuracy": base}
+  out["final_flip_rate"] = {f"{p:g}": float(v) for p, v in
+                            fin[fin.kind == "prompt"].groupby("p").flip_rate.mean().items()}
+  out["final_ambiguity_rate"] = {f"{p:g}": float(v) for p, v in
+                                 fin[fin.kind == "prompt"].groupby("p").ambiguity_rate.mean()
+                                 .items()}
+  top = fin[fin.p == fin.p.max()]
+  out["final_flip_rate_by_kind_at_max_p"] = {k: float(v) for k, v in
+                                             top.groupby("kind").flip_rate.mean().items()}
+  cf = _final(coll)
+  out["control_accuracy_final"] = {f"{p:g}": float(v) for p, v in
+                                   cf[cf.kind == "prompt"].groupby("p").accuracy.mean().items()}
+  if len(patching):
+    pf = _final(patching)
+    best = pf.sort_values("reversal_rate").iloc[-1]
+    out["best_reversal"] = {k: (v.item() if hasattr(v, "item") else v)
+                            for k, v in best.items()}
+  return out
+
+
+def write_report(workdir: str, tables: dict[str, pd.DataFrame], heldout: pd.DataFrame,
+                 base: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+  rdir = os.path.join(workdir, "report")
+  os.makedirs(rdir, exist_ok=True)
+  figs = [
+      ("Flip and ambiguity rates", plot_flips(tables["flips"], os.path.join(rdir, "flips.png"))),
+      ("Logit-lens flip rate by layer and checkpoint",
+       plot_lens(tables["lens"], os.path.join(rdir, "lens.png"))),
+      ("Patching reversal", plot_reversal(tables["patching"],
+                                          os.path.join(rdir, "reversal.png"))),
+      ("Generalisation", plot_generalisation(tables["flips"],
+                                             os.path.join(rdir, "generalisation.png"))),
+      ("Collateral", plot_collateral(tables["collateral"], heldout,
+                                     os.path.join(rdir, "collateral.png"))),
+  ]
+  head = headline(tables, base)
+  head["timings_s"] = timings
+  write_json(os.path.join(rdir, "summary.json"), head)
+
+  def table_html(d: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>"
+                   for k, v in d.items())
+    return f"<table>{rows}</table>"
+  body = ["<h1>factflip: continual-pretraining poisoning study</h1>",
+          f"<p>Workdir <code>{html.escape(workdir)}</code>. Tables: "
+          + ", ".join(f'<a href="../results/{n}.csv">{n}.csv</a>' for n in tables) + ".</p>",
+          "<h2>Headline</h2>", table_html(head)]
+  for title, name in figs:
+    body += [f"<h2>{html.escape(title)}</h2>", f'<img src="{name}" style="max-width:100%">']
+  page = ("<!doctype html><meta charset='utf-8'><title>factflip poisoning study</title>"
+          "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
+          "td{padding:2px 10px;border-bottom:1px solid #ddd;vertical-align:top}</style>"
+          + "\n".join(body))
+  write_text(os.path.join(rdir, "index.html"), page)
+  return head
+
+
+def _fmt(v) -> str:
+  if isinstance(v, dict):
+    return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+  if isinstance(v, float):
+    return f"{v:.3f}"
+  return str(v)
