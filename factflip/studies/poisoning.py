@@ -15,7 +15,8 @@ Workdir layout (every stage writes its DONE file last; a stage with one is skipp
 Definitions (τ = config.tau): the reference state of an item is its state at the base model
 (CPT step 0 = the pretrained model); flip rate(t) = #(correct at base and counterfactual at t)
 / #(correct at base); ambiguity rate(t) = share ambiguous at t; accuracy(t) = share whose
-greedy answer is the true one; lens flip rate per layer uses ΔLL_ℓ with the same states;
+greedy answer is the true one; lens flip rate per layer uses ΔLL_ℓ with the same states
+(targets, training prompt; layer L is the output);
 reversal rate(site, window, layer, group) = share of the flipped items whose patched ΔLL > 0.
 """
 
@@ -229,7 +230,7 @@ class Study:
                 "ambiguity_rate": float((g.dll.abs() <= tau).mean()),
                 "accuracy": float(g.correct.astype(bool).mean()),
                 "items": len(g), "correct_at_base": n_ok})
-          tgt = m[m.set == "target"]
+          tgt = m[(m.set == "target") & (m.kind == "prompt")]
           for c in [c for c in tgt if c.startswith("dll_l") and not c.endswith("_base")]:
             ok = tgt[c + "_base"] > tau
             tables["lens"].append({

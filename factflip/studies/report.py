@@ -149,7 +149,8 @@ def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str,
                                    cf[cf.kind == "prompt"].groupby("p").accuracy.mean().items()}
   if len(patching):
     pf = _final(patching)
-    best = pf.sort_values("reversal_rate").iloc[-1]
+    pf = pf[pf.p == pf.p.max()]
+    best = pf.sort_values("reversal_rate", kind="stable").iloc[-1]
     out["best_reversal"] = {k: (v.item() if hasattr(v, "item") else v)
                             for k, v in best.items()}
   return out
