@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip.models.hooks import Intervention, check_site, parse_hook_name
-from factflip.models.transformer import (Transformer, embed, forward, init_cache,
-                                          unembed)
+from factflip.models.transformer import Transformer, embed, forward, init_cache, unembed
 
 Metric = Callable[[jax.Array], jax.Array]  # logits [B, P, V] -> [B]
 
@@ -243,9 +242,8 @@ def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, 
       noise = jax.device_put(noise, jax.sharding.NamedSharding(mesh, P("batch")))
   R = pk.pos.shape[1]
   spans = tuple(_span(layer, window, centred, cfg.n_layers) for layer in layers)
-  static = dict(site=site, spans=spans, metric=metric,
-                prefix=int(pk.start.max()),
-                chunk=None if chunk is None else max(int(chunk) // R, 1))
+  static = {"site": site, "spans": spans, "metric": metric, "prefix": int(pk.start.max()),
+            "chunk": None if chunk is None else max(int(chunk) // R, 1)}
   args = (params, cfg, src_params, src_cfg, *batch, pk.pos, pk.start, pk.slot, patch, pk.logit,
           pk.flat, metric_aux, noise)
   return _Prepared(args, static, pk, sum(cfg.n_layers - first for first, _ in spans))
@@ -305,9 +303,10 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
   return np.asarray(_sweep(*p.args, **p.static)).transpose(2, 0, 1)
 
 
-_COST_ARGS = dict(site="resid_pre", source_model=None, layers=None, positions=None, window=1,
-                  mask=None, clean_mask=None, logit_positions=(-1,), chunk=2048,
-                  metric_aux=None, noise=None, devices=None, centred=False)
+_COST_ARGS = {"site": "resid_pre", "source_model": None, "layers": None, "positions": None,
+              "window": 1, "mask": None, "clean_mask": None, "logit_positions": (-1,),
+              "chunk": 2048, "metric_aux": None, "noise": None, "devices": None,
+              "centred": False}
 
 
 def sweep_cost(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,

@@ -101,7 +101,7 @@ class Study:
       c.seed = seed
       c.model.preset = size
       c.data.world_dir, c.data.tokenizer_dir = self.world_dir, self.tok_dir
-      res = train(c, out, quiet=True, source="study.pretrain")
+      res = train(c, out, quiet=False, source="study.pretrain")
       _mark(out, {"step": res.step, "seconds": round(res.seconds, 1)})
     return self.base_gate(size, seed)
 
@@ -157,7 +157,7 @@ class Study:
       c.seed = seed
       c.data.ratio = float(p)
       c.model.init_from = self.run_dir(size, seed, "pretrain")
-      res = train(c, out, quiet=True, source="study.cpt")
+      res = train(c, out, quiet=False, source="study.cpt")
       _mark(out, {"step": res.step, "seconds": round(res.seconds, 1)})
     return out
 
@@ -275,8 +275,10 @@ class Study:
         stage("probe", lambda p=p, size=size, seed=seed: self.probe(size, seed, p))
     results = {}
     stage("results", lambda: results.update(self.results()))
-    write_json(os.path.join(self.wd, "results", "timings.json"),
-               {k: round(v, 1) for k, v in timings.items()})
+    path = os.path.join(self.wd, "results", "timings.json")   # wall seconds per stage, summed
+    before = read_json(path) if os.path.exists(path) else {}  # over resumed invocations
+    write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
+                      for k in dict.fromkeys([*before, *timings])})
     return results
 
   def heldout(self) -> pd.DataFrame:
