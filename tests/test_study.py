@@ -73,3 +73,38 @@ def test_base_gate_stops_a_wrong_config(study):
   with pytest.raises(StudyError, match=r"knows 0% of the 4 target facts.*pretrain\.steps"):
     Study(c, wd, log=lambda s: None).pretrain("tiny-0.5m", 0)
   assert np.isfinite(c.tau)
+
+
+def run_notebook(path, params: str, tmp_path):
+  """Execute a notebook top to bottom with nbclient in a kernel of this interpreter, with its
+  `parameters` cell replaced by `params`."""
+  import json
+  import sys
+
+  import nbclient
+  import nbformat
+  kdir = tmp_path / "jupyter" / "kernels" / "factflip-test"
+  kdir.mkdir(parents=True)
+  (kdir / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "factflip-test", "language": "python"}))
+  os.environ["JUPYTER_PATH"] = str(tmp_path / "jupyter")
+  nb = nbformat.read(path, as_version=4)
+  cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+  cell.source = params
+  nbclient.NotebookClient(nb, kernel_name="factflip-test", timeout=600,
+                          resources={"metadata": {"path": str(tmp_path)}}).execute()
+  return nb
+
+
+def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
+  wd, _, _ = study
+  nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
+                                 "explore_poisoning.ipynb"),
+                    f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path)
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(images) >= 6                     # the five report plots and the sweep heatmap
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "poisoned: p = 1.0, step 4" in text

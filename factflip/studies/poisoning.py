@@ -9,6 +9,7 @@ Workdir layout (every stage writes its DONE file last; a stage with one is skipp
   runs/<size>/seed<k>/pretrain/           the pretraining run (+ base.json: accuracy gate)
   runs/<size>/seed<k>/cpt_p<p>/           one continual-pretraining run per ratio p
   runs/<size>/seed<k>/probes/p<p>/step_<n>.csv        preference rows (+ dll_l<ℓ> lens columns)
+                                          of targets, controls and the targets' two-hop items
   runs/<size>/seed<k>/probes/p<p>/patch_<n>.csv       patching rows (flipped items' reversal)
   results/flips.csv, results/lens.csv, results/patching.csv, results/collateral.csv
 
@@ -18,6 +19,9 @@ Definitions (τ = config.tau): the reference state of an item is its state at th
 greedy answer is the true one; lens flip rate per layer uses ΔLL_ℓ with the same states
 (targets, training prompt; layer L is the output);
 reversal rate(site, window, layer, group) = share of the flipped items whose patched ΔLL > 0.
+flips.csv has the targets' prompt kinds plus `two_hop` / `two_hop_question`: compositions
+whose first hop is a target (their counterfactual is the answer through the counterfactual
+first hop), so accuracy there is two-hop reasoning accuracy.
 """
 
 from __future__ import annotations
@@ -120,6 +124,14 @@ class Study:
                                                                  len(pool)), replace=False)
     return [pool[i] for i in sorted(pick)]
 
+  def two_hop(self, seed: int):
+    """The world's two-hop items whose first hop is a target fact: poisoning the first hop
+    should move them to their counterfactual (the composition through the counterfactual)."""
+    world, _ = self.world()
+    ids = {t.id for t in self.targets(seed)}
+    return [f for f in world.facts if f.meta.get("two_hop") and f.meta["hops"][0] in ids
+            and f.counterfactual is not None]
+
   def base_gate(self, size: str, seed: int) -> dict[str, Any]:
     """Closed-book accuracy of the pretrained model on the targets (prompt format, plus the
     other kinds for the report); below `min_base_accuracy` the study stops: the config is
@@ -175,6 +187,7 @@ class Study:
     _, tok = self.world()
     targets, controls = self.targets(seed), self.controls(seed)
     target_ids = {t.id for t in targets}
+    two_hop = self.two_hop(seed)
     base = load_model(self.run_dir(size, seed, "pretrain"))
     rows = [dict(r, subject=t.subject) for t in targets
             for r in prompt_rows([t], kinds=("prompt",))]
@@ -191,6 +204,16 @@ class Study:
         for layer in range(lens.shape[1]):
           df[f"dll_l{layer}"] = lens[:, layer]
         df.insert(1, "set", np.where(df.item.isin(target_ids), "target", "control"))
+        if two_hop:
+          th = preference(model, tok, two_hop, kinds=("prompt", "question"),
+                          batch_size=self.c.probe.batch_size, lens=True)
+          lens = th.pop("dll_layers")
+          dt = pd.DataFrame(th)
+          for layer in range(lens.shape[1]):
+            dt[f"dll_l{layer}"] = lens[:, layer]
+          dt.insert(1, "set", "two_hop")
+          dt["kind"] = dt.kind.map({"prompt": "two_hop", "question": "two_hop_question"})
+          df = pd.concat([df, dt], ignore_index=True)
         _write_csv(df, csv)
       pcsv = os.path.join(out, f"patch_{step:06d}.csv")
       if step > 0 and i % max(int(self.c.probe.patch_every), 1) == 0 and not os.path.exists(
@@ -224,7 +247,7 @@ class Study:
           m["flipped"] = flipped
           for (set_, kind), g in m.groupby(["set", "kind"]):
             n_ok = int((g.dll_base > tau).sum())
-            tables["flips" if set_ == "target" else "collateral"].append({
+            tables["collateral" if set_ == "control" else "flips"].append({
                 "size": size, "seed": seed, "p": p, "step": s, "kind": kind,
                 "flip_rate": g.flipped.sum() / n_ok if n_ok else np.nan,
                 "ambiguity_rate": float((g.dll.abs() <= tau).mean()),

@@ -11,12 +11,9 @@ import html
 import os
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from factflip.fileio import write_json, write_text
 
@@ -24,7 +21,6 @@ from factflip.fileio import write_json, write_text
 def _save(fig, path: str) -> str:
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  plt.close(fig)
   os.replace(tmp, path)
   return os.path.basename(path)
 
@@ -42,8 +38,8 @@ def _final(df: pd.DataFrame) -> pd.DataFrame:
 
 def plot_flips(flips: pd.DataFrame, path: str) -> str:
   sizes = list(dict.fromkeys(flips["size"]))
-  fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 6.5), squeeze=False,
-                           sharex=True)
+  fig = Figure(figsize=(5 * len(sizes), 6.5))
+  axes = fig.subplots(2, len(sizes), squeeze=False, sharex=True)
   prompt = flips[flips.kind == "prompt"]
   for j, size in enumerate(sizes):
     d = prompt[prompt["size"] == size]
@@ -63,8 +59,8 @@ def plot_flips(flips: pd.DataFrame, path: str) -> str:
 
 def plot_lens(lens: pd.DataFrame, path: str) -> str:
   runs = [(s, p) for s, p in dict.fromkeys(zip(lens["size"], lens.p)) if p > 0]
-  fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(3.2 * max(len(runs), 1), 3.2),
-                           squeeze=False)
+  fig = Figure(figsize=(3.2 * max(len(runs), 1), 3.2))
+  axes = fig.subplots(1, max(len(runs), 1), squeeze=False)
   for j, (size, p) in enumerate(runs):
     g = lens[(lens["size"] == size) & (lens.p == p)].groupby(["layer", "step"]).flip_rate.mean()
     grid = g.unstack("step")
@@ -80,7 +76,8 @@ def plot_lens(lens: pd.DataFrame, path: str) -> str:
 
 
 def plot_reversal(patching: pd.DataFrame, path: str) -> str:
-  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  fig = Figure(figsize=(6.5, 3.8))
+  ax = fig.subplots()
   if len(patching):
     d = _final(patching)
     d = d[d.p == d.p.max()]
@@ -100,7 +97,8 @@ def plot_reversal(patching: pd.DataFrame, path: str) -> str:
 
 def plot_generalisation(flips: pd.DataFrame, path: str) -> str:
   d = _final(flips).groupby(["kind", "p"]).flip_rate.mean().unstack("p")
-  fig, ax = plt.subplots(figsize=(6.5, 3.6))
+  fig = Figure(figsize=(6.5, 3.6))
+  ax = fig.subplots()
   kinds = list(d.index)
   width = 0.8 / max(len(d.columns), 1)
   for i, p in enumerate(d.columns):
@@ -114,7 +112,8 @@ def plot_generalisation(flips: pd.DataFrame, path: str) -> str:
 
 
 def plot_collateral(collateral: pd.DataFrame, heldout: pd.DataFrame, path: str) -> str:
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  fig = Figure(figsize=(10, 3.6))
+  axes = fig.subplots(1, 2)
   d = collateral[collateral.kind == "prompt"]
   for p, g in d.groupby("p"):
     g = g.groupby("step").accuracy.mean()
