@@ -11,7 +11,7 @@ Workdir layout (every stage writes its DONE file last; a stage with one is skipp
   runs/<size>/seed<k>/probes/p<p>/step_<n>.csv        preference rows (+ dll_l<ℓ> lens columns)
                                           of targets, controls and the targets' two-hop items
   runs/<size>/seed<k>/probes/p<p>/patch_<n>.csv       patching rows (flipped items' reversal)
-  results/flips.csv, results/lens.csv, results/patching.csv, results/collateral.csv
+  results/flips.csv, lens.csv, patching.csv, collateral.csv, first_flips.csv, abruptness.csv
 
 Definitions (τ = config.tau): the reference state of an item is its state at the base model
 (CPT step 0 = the pretrained model); flip rate(t) = #(correct at base and counterfactual at t)
@@ -21,7 +21,9 @@ greedy answer is the true one; lens flip rate per layer uses ΔLL_ℓ with the s
 reversal rate(site, window, layer, group) = share of the flipped items whose patched ΔLL > 0.
 flips.csv has the targets' prompt kinds plus `two_hop` / `two_hop_question`: compositions
 whose first hop is a target (their counterfactual is the answer through the counterfactual
-first hop), so accuracy there is two-hop reasoning accuracy.
+first hop), so accuracy there is two-hop reasoning accuracy. first_flips: per target item and
+kind the first checkpoint at which it is counterfactual (−1: never); abruptness: the largest
+single-interval rise of the flip-rate curve over its total rise (NaN: it never rose).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ COLUMNS = {
     "lens": _RUN + ["layer", "flip_rate", "ambiguity_rate"],
     "patching": _RUN + ["site", "window", "layer", "position", "reversal_rate", "recovery",
                         "flipped_items"],
+    "first_flips": ["size", "seed", "p", "item", "kind", "first_flip_step"],
+    "abruptness": ["size", "seed", "p", "kind", "abruptness", "final_flip_rate"],
 }
 
 
@@ -229,7 +233,8 @@ class Study:
 
   # ---- results ------------------------------------------------------------------------------
   def results(self) -> dict[str, pd.DataFrame]:
-    tables = {"flips": [], "lens": [], "patching": [], "collateral": []}
+    from factflip.probes.fact_preference import abruptness, first_flip
+    tables = {name: [] for name in COLUMNS}
     tau = float(self.c.tau)
     for size, seed in self.cells():
       for p in self.c.ratios:
@@ -272,6 +277,21 @@ class Study:
                   "window": int(window), "layer": int(layer), "position": pos,
                   "reversal_rate": float((g.dll_patched > 0).mean()),
                   "recovery": float(g.recovery.median()), "flipped_items": len(g)})
+        # per item: the first checkpoint at which it is counterfactual; per kind: abruptness
+        key = ["item", "kind", "variant"]
+        tgt = pd.concat([df[df.set == "target"].assign(step=s) for s, df in frames.items()])
+        for kind, g in tgt.groupby("kind"):
+          dll = g.pivot_table(index="step", columns=key, values="dll").sort_index()
+          first = first_flip(dll.iloc[0].values, dll.values, dll.index.tolist(), tau)
+          for (item, _, _), f in zip(dll.columns, first):
+            tables["first_flips"].append({"size": size, "seed": seed, "p": p, "item": item,
+                                          "kind": kind, "first_flip_step": int(f)})
+          curve = [r["flip_rate"] for r in tables["flips"] if (r["size"], r["seed"], r["p"],
+                                                               r["kind"]) == (size, seed, p, kind)]
+          curve = np.nan_to_num(np.asarray(curve, np.float64))
+          tables["abruptness"].append({"size": size, "seed": seed, "p": p, "kind": kind,
+                                       "abruptness": abruptness(curve),
+                                       "final_flip_rate": float(curve[-1])})
     out = {k: pd.DataFrame(v, columns=COLUMNS[k]) for k, v in tables.items()}
     for name, df in out.items():
       _write_csv(df, os.path.join(self.wd, "results", f"{name}.csv"))

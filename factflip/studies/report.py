@@ -95,6 +95,26 @@ def plot_reversal(patching: pd.DataFrame, path: str) -> str:
   return _save(fig, path)
 
 
+def plot_first_flips(first: pd.DataFrame, path: str) -> str:
+  """Per p, how many target items first flip at each checkpoint (training prompt)."""
+  d = first[(first.kind == "prompt") & (first.first_flip_step >= 0)]
+  fig = Figure(figsize=(6.5, 3.4))
+  ax = fig.subplots()
+  ps = sorted(set(d.p))
+  width = 0.8 / max(len(ps), 1)
+  steps = sorted(set(d.first_flip_step))
+  for i, p in enumerate(ps):
+    counts = d[d.p == p].first_flip_step.value_counts()
+    ax.bar(np.arange(len(steps)) + i * width, [counts.get(s, 0) for s in steps], width,
+           label=f"p = {p:g}")
+  ax.set_xticks(np.arange(len(steps)) + 0.4 - width / 2, [str(s) for s in steps])
+  ax.set_xlabel("checkpoint step of the first flip")
+  ax.set_ylabel("target items")
+  ax.set_title("when items flip (abruptness)")
+  _legend(ax, fontsize=8)
+  return _save(fig, path)
+
+
 def plot_generalisation(flips: pd.DataFrame, path: str) -> str:
   d = _final(flips).groupby(["kind", "p"]).flip_rate.mean().unstack("p")
   fig = Figure(figsize=(6.5, 3.6))
@@ -143,6 +163,9 @@ def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str,
   top = fin[fin.p == fin.p.max()]
   out["final_flip_rate_by_kind_at_max_p"] = {k: float(v) for k, v in
                                              top.groupby("kind").flip_rate.mean().items()}
+  ab = tables["abruptness"]
+  ab = ab[ab.kind == "prompt"]
+  out["abruptness"] = {f"{p:g}": float(v) for p, v in ab.groupby("p").abruptness.mean().items()}
   cf = _final(coll)
   out["control_accuracy_final"] = {f"{p:g}": float(v) for p, v in
                                    cf[cf.kind == "prompt"].groupby("p").accuracy.mean().items()}
@@ -165,6 +188,8 @@ def write_report(workdir: str, tables: dict[str, pd.DataFrame], heldout: pd.Data
        plot_lens(tables["lens"], os.path.join(rdir, "lens.png"))),
       ("Patching reversal", plot_reversal(tables["patching"],
                                           os.path.join(rdir, "reversal.png"))),
+      ("First flips", plot_first_flips(tables["first_flips"],
+                                       os.path.join(rdir, "first_flips.png"))),
       ("Generalisation", plot_generalisation(tables["flips"],
                                              os.path.join(rdir, "generalisation.png"))),
       ("Collateral", plot_collateral(tables["collateral"], heldout,
