@@ -85,6 +85,7 @@ def _study_config_path() -> str:
 def _run(workdir: str, config=None, source: str | None = None) -> dict:
   """The poisoning study (configs/studies/poisoning.py or --config): every stage, resumable."""
   from factflip.studies.poisoning import Study, StudyError
+  from factflip.train.config import ConfigError
   from factflip.train.loop import load_config_file
 
   if config is None:
@@ -92,8 +93,8 @@ def _run(workdir: str, config=None, source: str | None = None) -> dict:
     config = load_config_file(source)
   print(f"factflip run: {source} -> {os.path.abspath(workdir)}", flush=True)
   try:
-    summary = Study(config, workdir).run_and_report()
-  except StudyError as e:
+    summary = Study(config, workdir, source=source).run_and_report()
+  except (StudyError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   return summary

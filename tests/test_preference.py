@@ -102,3 +102,25 @@ def test_tuned_lens_in_preference(model_and_items):
   want = lens_logprob(tuned["prompt"][0], tuned["true"][0]) - lens_logprob(
       tuned["prompt"][0], tuned["cf"][0])
   np.testing.assert_allclose(tuned["dll_layers"][0], want, atol=1e-3)
+
+
+def test_greedy_correct_is_the_argmax_of_every_answer_token(model_and_items):
+  """`correct` (closed-book accuracy): true exactly when each answer token is the argmax given
+  the ones before it — answers made of the model's own greedy tokens are correct, and changing
+  any one of their tokens (first or last) makes them incorrect."""
+  model, _, _ = model_and_items
+  r = np.random.default_rng(0)
+  B, T, A = 4, 16, 3
+  tokens = r.integers(3, model.cfg.vocab_size, (B, T)).astype(np.int32)
+  mask = np.ones((B, T), bool)
+  where = np.tile(np.arange(T - 1 - A, T - 1), (B, 1)).astype(np.int32)
+  logits = np.asarray(model(tokens))
+  greedy = logits[np.arange(B)[:, None], where].argmax(-1).astype(np.int32)   # [B, A]
+  amask = np.ones((B, A), np.float32)
+  amask[3, 0] = 0.0                                      # row 3: a 2-token answer
+  target = greedy.copy()
+  target[1, 0] = (target[1, 0] + 1) % model.cfg.vocab_size   # row 1: wrong first token
+  target[2, -1] = (target[2, -1] + 1) % model.cfg.vocab_size  # row 2: wrong last token
+  target[3, 0] = (target[3, 0] + 1) % model.cfg.vocab_size    # row 3: masked, so it still counts
+  _, hit = P._answer_logprob(model.params(), model.cfg, tokens, mask, where, target, amask)
+  np.testing.assert_array_equal(np.asarray(hit), [True, False, False, True])

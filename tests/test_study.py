@@ -108,3 +108,22 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
   assert len(images) >= 6                     # the five report plots and the sweep heatmap
   text = "".join(o.get("text", "") for o in outputs)
   assert "poisoned: p = 1.0, step 4" in text
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("ratios", [0.0, 0.33], r"config\.cpt\.data\.mentions_per_fact: .*105\.6"),
+    ("sizes", ["tiny-05m"], r"config\.sizes: \['tiny-05m'\]; expected"),
+    ("probe.patch_groups", ["subj"], r"config\.probe\.patch_groups"),
+    ("cpt.steps", 0, r"study\.py: cpt: config\.steps: 0; expected > 0"),
+])
+def test_bad_study_configs_fail_before_anything_runs(tmp_path, key, value, match):
+  from factflip.train.config import ConfigError
+  c = load_config_file(CONFIG)
+  *path, last = key.split(".")
+  node = c
+  for k in path:
+    node = node[k]
+  node[last] = value
+  with pytest.raises(ConfigError, match=match):
+    Study(c, str(tmp_path / "wd"), source="study.py")
+  assert not (tmp_path / "wd").exists()

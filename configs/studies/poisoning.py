@@ -13,22 +13,18 @@ Variants (`--config=configs/studies/poisoning.py:VARIANT`):
   smoke   a few steps of everything: what the tests run.
 """
 
+import os
+
 import ml_collections
 
 from factflip.train.config import base_config
+from factflip.train.loop import load_config_file
 
 
 def _pretrain():
-  c = base_config()
-  c.steps = 500
-  c.model.preset = "tiny-0.5m"     # replaced per entry of `sizes`
-  c.data.kind = "world"
+  """configs/pretrain_tiny.py on a 100-person world (tiny-0.5m then knows all 40 targets)."""
+  c = load_config_file(os.path.join(os.path.dirname(__file__), "..", "pretrain_tiny.py"))
   c.data.world_people = 100
-  c.data.seq_len = 128
-  c.data.batch_size = 16
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 50
-  c.optim.schedule = "cosine"
   c.checkpoint.every = 250
   c.log_every = 50
   c.eval_every = 250
@@ -77,25 +73,17 @@ def get_config(arg=None):
   if arg == "smoke":
     c.ratios = [0.0, 1.0]
     c.min_base_accuracy = 0.0      # a few steps cannot teach the world; the gate is still run
-    c.pretrain.steps = 6
+    c.vocab_size = 384
+    c.pretrain.steps, c.pretrain.checkpoint.every, c.pretrain.eval_every = 6, 6, 6
     c.pretrain.data.world_people = 30
-    c.pretrain.data.seq_len = 64
-    c.pretrain.data.batch_size = 8
-    c.pretrain.checkpoint.every = 6
     c.pretrain.optim.warmup_steps = 1
-    c.pretrain.eval_every = 6
-    c.pretrain.data.eval_batches = 1
-    c.cpt.steps = 4
-    c.cpt.checkpoint.every = 2
+    c.cpt.steps, c.cpt.checkpoint.every, c.cpt.eval_every = 4, 2, 4
     c.cpt.data.n_targets = 4
-    c.cpt.data.seq_len = 64
-    c.cpt.data.batch_size = 8
-    c.cpt.data.eval_batches = 1
-    c.cpt.eval_every = 4
+    for t in (c.pretrain, c.cpt):
+      t.data.seq_len, t.data.batch_size, t.data.eval_batches = 64, 8, 1
     c.probe.n_control = 4
     c.probe.patch_sites = ["resid_pre"]
     c.probe.patch_windows = [1]
-    c.vocab_size = 384
   elif arg:
     raise ValueError(f"configs/studies/poisoning.py: unknown variant {arg!r}; expected '' or "
                      "'smoke'")

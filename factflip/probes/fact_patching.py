@@ -69,7 +69,8 @@ def item_batch(tokenizer, rows: Sequence[dict[str, Any]], max_len: int) -> dict[
       a = r[key] if r[key][:1].isspace() else " " + r[key]
       a_ids = list(enc(a)) if r[key].strip() else []
       if not a_ids:
-        raise ValueError(f"row {i}: answer {r[key]!r} tokenises to nothing")
+        raise ValueError(f"row {i} (item {r.get('item', '?')}): field {key!r}: answer "
+                         f"{r[key]!r} tokenises to nothing")
       seqs.append((p_ids, a_ids))
   T = max(len(p) + len(a) for p, a in seqs)
   A = max(len(a) for _, a in seqs)

@@ -190,25 +190,10 @@ def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, 
              devices, centred=False) -> _Prepared:
   site, named_layer = parse_hook_name(site)
   check_site(site)
-  source_model = source_model or model
+  source_model, corrupted, clean = _model_and_token_pair(model, source_model, corrupted_tokens,
+                                                         clean_tokens)
   cfg, src_cfg = model.cfg, source_model.cfg
-  if (src_cfg.n_layers, src_cfg.d_model) != (cfg.n_layers, cfg.d_model):
-    raise ValueError(f"source model has {src_cfg.n_layers} layers x d_model {src_cfg.d_model}; "
-                     f"the patched model {cfg.n_layers} x {cfg.d_model}: activations do not fit")
-  if src_cfg.vocab_size != cfg.vocab_size:
-    raise ValueError(f"mismatched vocabularies: source model {src_cfg.vocab_size} tokens, "
-                     f"patched model {cfg.vocab_size}; both must read the same token ids")
-  corrupted = np.asarray(corrupted_tokens, np.int32)
-  clean = np.asarray(clean_tokens, np.int32)
-  if corrupted.ndim == 1:
-    corrupted, clean = corrupted[None], clean[None]
-  if corrupted.shape != clean.shape:
-    raise ValueError(f"corrupted tokens {corrupted.shape} and clean tokens {clean.shape} differ "
-                     "in shape (patching copies position t to position t)")
   B, T = corrupted.shape
-  if T > cfg.max_seq_len:
-    raise ValueError(f"prompts of {T} tokens are longer than the model's context of "
-                     f"{cfg.max_seq_len}")
   if layers is None:
     layers = [named_layer] if named_layer is not None else range(cfg.n_layers)
   layers = tuple(int(x) % cfg.n_layers for x in layers)
@@ -256,6 +241,29 @@ def _span(layer: int, window: int, centred: bool, n_layers: int) -> tuple[int, i
   window = max(int(window), 1)
   first = layer - window // 2 if centred else layer
   return max(first, 0), min(first + window, n_layers)
+
+
+def _model_and_token_pair(model, source_model, corrupted_tokens, clean_tokens):
+  """(source model, corrupted [B, T], clean [B, T]) after the checks every patching entry point
+  needs: the two models' activations and vocabularies fit, the token arrays match and fit the
+  context."""
+  source_model = source_model or model
+  cfg, src_cfg = model.cfg, source_model.cfg
+  if (src_cfg.n_layers, src_cfg.d_model) != (cfg.n_layers, cfg.d_model):
+    raise ValueError(f"source model has {src_cfg.n_layers} layers x d_model {src_cfg.d_model}; "
+                     f"the patched model {cfg.n_layers} x {cfg.d_model}: activations do not fit")
+  if src_cfg.vocab_size != cfg.vocab_size:
+    raise ValueError(f"mismatched vocabularies: source model {src_cfg.vocab_size} tokens, "
+                     f"patched model {cfg.vocab_size}; both must read the same token ids")
+  corrupted = np.atleast_2d(np.asarray(corrupted_tokens, np.int32))
+  clean = np.atleast_2d(np.asarray(clean_tokens, np.int32))
+  if corrupted.shape != clean.shape:
+    raise ValueError(f"corrupted tokens {corrupted.shape} and clean tokens {clean.shape} differ "
+                     "in shape (patching copies position t to position t)")
+  if corrupted.shape[1] > cfg.max_seq_len:
+    raise ValueError(f"prompts of {corrupted.shape[1]} tokens are longer than the model's "
+                     f"context of {cfg.max_seq_len}")
+  return source_model, corrupted, clean
 
 
 def _batch_devices(devices, batch: int) -> list:
@@ -419,15 +427,8 @@ def attribution_patch(model: Transformer, corrupted_tokens, clean_tokens, metric
   corrupted run, summed over d_model: float32 [batch, layers, positions]. Same arguments and
   result layout as `act_patch` with one position per cell and window 1."""
   site, _ = parse_hook_name(site)
-  source_model = source_model or model
-  if source_model.cfg.vocab_size != model.cfg.vocab_size or (
-      source_model.cfg.d_model != model.cfg.d_model):
-    raise ValueError("mismatched vocabularies or widths between the source and patched model")
-  corrupted = np.atleast_2d(np.asarray(corrupted_tokens, np.int32))
-  clean = np.atleast_2d(np.asarray(clean_tokens, np.int32))
-  if corrupted.shape != clean.shape:
-    raise ValueError(f"corrupted tokens {corrupted.shape} and clean tokens {clean.shape} differ "
-                     "in shape (patching copies position t to position t)")
+  source_model, corrupted, clean = _model_and_token_pair(model, source_model, corrupted_tokens,
+                                                         clean_tokens)
   mask = np.ones(corrupted.shape, bool) if mask is None else np.asarray(mask, bool)
   clean_mask = mask if clean_mask is None else np.asarray(clean_mask, bool)
   res = _attribution(model.params(), model.cfg, source_model.params(), source_model.cfg,

@@ -56,6 +56,58 @@ class StudyError(RuntimeError):
   """A study cannot go on as configured (e.g. the base model does not know the targets)."""
 
 
+def validate(c, source: str = "study") -> None:
+  """Check a study config before anything runs (training configs included, per size and
+  ratio): ConfigError naming the source and key."""
+  import jax
+
+  from factflip.data.mixtures import PoisonConfig
+  from factflip.models.config import presets
+  from factflip.models.hooks import SITES
+  from factflip.probes.fact_patching import GROUPS
+  from factflip.probes.fact_preference import KINDS
+  from factflip.train import config as train_config
+  ConfigError = train_config.ConfigError
+
+  def need(ok, key, message):
+    if not ok:
+      raise ConfigError(source, key, message)
+
+  def subset(key, given, allowed):
+    bad = [x for x in given if x not in allowed]
+    need(given and not bad, key, f"{list(given)}; expected a non-empty list of {list(allowed)}")
+
+  subset("sizes", list(c.sizes), list(presets()))
+  need(len(c.seeds) > 0 and all(isinstance(k, int) for k in c.seeds), "seeds",
+       f"{list(c.seeds)}; expected a non-empty list of integers")
+  need(len(c.ratios) > 0 and all(0 <= p <= 1 for p in c.ratios)
+       and len(set(c.ratios)) == len(c.ratios), "ratios",
+       f"{list(c.ratios)}; expected distinct poisoning ratios in [0, 1]")
+  need(c.tau >= 0, "tau", f"{c.tau}; expected >= 0 nats")
+  need(0 <= c.min_base_accuracy <= 1, "min_base_accuracy",
+       f"{c.min_base_accuracy}; expected a share in [0, 1]")
+  subset("probe.kinds", list(c.probe.kinds), KINDS)
+  subset("probe.patch_sites", list(c.probe.patch_sites), SITES)
+  subset("probe.patch_groups", list(c.probe.patch_groups), GROUPS)
+  need(len(c.probe.patch_windows) > 0 and min(c.probe.patch_windows) >= 1,
+       "probe.patch_windows", f"{list(c.probe.patch_windows)}; expected windows >= 1")
+  need(c.probe.patch_every >= 1, "probe.patch_every", f"{c.probe.patch_every}; expected >= 1")
+  need(c.probe.n_control >= 0 and c.probe.batch_size >= 1, "probe",
+       "n_control must be >= 0 and batch_size >= 1")
+  need(c.cpt.data.kind == "poison", "cpt.data.kind", f"{c.cpt.data.kind!r}; expected 'poison'")
+  for p in c.ratios:
+    try:
+      PoisonConfig(ratio=p, mentions_per_fact=c.cpt.data.mentions_per_fact,
+                   replay_weight=c.cpt.data.replay_weight).validate(c.cpt.data.n_targets)
+    except ValueError as e:
+      raise ConfigError(source, "cpt.data.mentions_per_fact", str(e)) from None
+  for stage in ("pretrain", "cpt"):
+    sub = c[stage].copy_and_resolve_references()
+    sub.model.preset = c.sizes[0]
+    train_config.validate(sub, source=f"{source}: {stage}", n_devices=jax.device_count(),
+                          n_processes=jax.process_count())
+
+
 def _done(path: str) -> bool:
   return os.path.exists(os.path.join(path, "DONE"))
 
@@ -79,12 +131,15 @@ def _ptag(p: float) -> str:
 class Study:
   """One study: its config, workdir and the runs it owns. `run()` goes through the stages."""
 
-  def __init__(self, config, workdir: str, log=print):
+  def __init__(self, config, workdir: str, log=print, source: str = "study"):
+    validate(config, source)
     self.c = config
     self.wd = os.path.abspath(workdir)
     self.log = log
     self.world_dir = os.path.join(self.wd, "world")
     self.tok_dir = os.path.join(self.wd, "tokenizer")
+    self._world = None      # (world, tokenizer) once loaded
+    self._targets = {}      # seed -> target facts
 
   # ---- layout -----------------------------------------------------------------------------
   def run_dir(self, size: str, seed: int, name: str) -> str:
@@ -97,9 +152,12 @@ class Study:
 
   # ---- stages -----------------------------------------------------------------------------
   def world(self):
+    """(world, tokenizer), built into the workdir on first use and read from disk once."""
     from factflip.train.inputs import prepare_world
-    return prepare_world(self.world_dir, self.tok_dir, self.c.world_seed, self.c.vocab_size,
-                         self.c.pretrain.data.world_people)
+    if self._world is None:
+      self._world = prepare_world(self.world_dir, self.tok_dir, self.c.world_seed,
+                                  self.c.vocab_size, self.c.pretrain.data.world_people)
+    return self._world
 
   def pretrain(self, size: str, seed: int) -> dict[str, Any]:
     from factflip.train.loop import train
@@ -114,9 +172,12 @@ class Study:
     return self.base_gate(size, seed)
 
   def targets(self, seed: int):
+    """The CPT run's target facts (the same draw `factflip.train` makes for data.kind poison)."""
     from factflip.train.inputs import poison_targets
-    world, _ = self.world()
-    return poison_targets(world, self.c.cpt.data.n_targets, self.c.cpt.data.target_tier, seed)
+    if seed not in self._targets:
+      self._targets[seed] = poison_targets(self.world()[0], self.c.cpt.data.n_targets,
+                                           self.c.cpt.data.target_tier, seed)
+    return self._targets[seed]
 
   def controls(self, seed: int):
     """Non-target facts of the target tier (collateral accuracy), `probe.n_control` of them."""
@@ -182,7 +243,7 @@ class Study:
     patching (base → checkpoint) of the targets' prompts at every `patch_every`-th one."""
     from factflip.models.store import load_model
     from factflip.probes.fact_patching import patch_items
-    from factflip.probes.fact_preference import preference, prompt_rows
+    from factflip.probes.fact_preference import prompt_rows
     from factflip.train.checkpoint import valid_steps
     run = self.run_dir(size, seed, f"cpt_{_ptag(p)}")
     out = os.path.join(self.run_dir(size, seed, "probes"), _ptag(p))
@@ -193,35 +254,28 @@ class Study:
     target_ids = {t.id for t in targets}
     two_hop = self.two_hop(seed)
     base = load_model(self.run_dir(size, seed, "pretrain"))
-    rows = [dict(r, subject=t.subject) for t in targets
-            for r in prompt_rows([t], kinds=("prompt",))]
+    subject = {t.id: t.subject for t in targets}
+    rows = [dict(r, subject=subject[r["item"]]) for r in prompt_rows(targets, kinds=("prompt",))]
     steps = valid_steps(os.path.join(run, "checkpoints"))
+    kinds = tuple(self.c.probe.kinds)
     t0 = time.time()
     for i, step in enumerate(steps):
       csv = os.path.join(out, f"step_{step:06d}.csv")
+      pcsv = os.path.join(out, f"patch_{step:06d}.csv")
+      patch = step > 0 and i % self.c.probe.patch_every == 0
+      if os.path.exists(csv) and not (patch and not os.path.exists(pcsv)):
+        continue                                   # this checkpoint was probed before a stop
       model = load_model(os.path.join(run, "checkpoints", str(step)))
       if not os.path.exists(csv):
-        tab = preference(model, tok, targets + controls, kinds=tuple(self.c.probe.kinds),
-                         batch_size=self.c.probe.batch_size, lens=True)
-        lens = tab.pop("dll_layers")
-        df = pd.DataFrame(tab)
-        for layer in range(lens.shape[1]):
-          df[f"dll_l{layer}"] = lens[:, layer]
+        df = self._preference_frame(model, tok, targets + controls, kinds)
         df.insert(1, "set", np.where(df.item.isin(target_ids), "target", "control"))
         if two_hop:
-          th = preference(model, tok, two_hop, kinds=("prompt", "question"),
-                          batch_size=self.c.probe.batch_size, lens=True)
-          lens = th.pop("dll_layers")
-          dt = pd.DataFrame(th)
-          for layer in range(lens.shape[1]):
-            dt[f"dll_l{layer}"] = lens[:, layer]
+          dt = self._preference_frame(model, tok, two_hop, ("prompt", "question"))
           dt.insert(1, "set", "two_hop")
           dt["kind"] = dt.kind.map({"prompt": "two_hop", "question": "two_hop_question"})
           df = pd.concat([df, dt], ignore_index=True)
         _write_csv(df, csv)
-      pcsv = os.path.join(out, f"patch_{step:06d}.csv")
-      if step > 0 and i % max(int(self.c.probe.patch_every), 1) == 0 and not os.path.exists(
-          pcsv):
+      if patch and not os.path.exists(pcsv):
         table = patch_items(model, base, tok, rows, sites=tuple(self.c.probe.patch_sites),
                             windows=tuple(self.c.probe.patch_windows),
                             groups=tuple(self.c.probe.patch_groups))
@@ -230,6 +284,17 @@ class Study:
       self.log(f"    probe {size} seed {seed} {_ptag(p)}: checkpoint {i + 1}/{len(steps)} "
                f"(step {step}), {rate:.2f} ckpt/s, ETA {(len(steps) - i - 1) / rate:.0f} s")
     _mark(out, {"checkpoints": len(steps), "seconds": round(time.time() - t0, 1)})
+
+  def _preference_frame(self, model, tok, items, kinds) -> pd.DataFrame:
+    """`preference` with the logit lens as columns dll_l0 .. dll_lL."""
+    from factflip.probes.fact_preference import preference
+    tab = preference(model, tok, items, kinds=kinds, batch_size=self.c.probe.batch_size,
+                     lens=True)
+    lens = tab.pop("dll_layers")
+    df = pd.DataFrame(tab)
+    for layer in range(lens.shape[1]):
+      df[f"dll_l{layer}"] = lens[:, layer]
+    return df
 
   # ---- results ------------------------------------------------------------------------------
   def results(self) -> dict[str, pd.DataFrame]:
