@@ -41,6 +41,8 @@ def test_files_tables_and_ranges(study):
             "collateral.png", "summary.json"):
     assert os.path.getsize(os.path.join(wd, "report", f)) > 0, f
   assert set(head["final_flip_rate"]) == {"0", "1"}
+  held = Study.open(wd).heldout()                        # read back through study.json
+  assert len(held) == 2 * 1 and set(held.p) == {0.0, 1.0} and (held.loss > 0).all()
   assert any("report:" in line for line in logs)
   probes = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "probes", "p1.00")
   assert sorted(f for f in os.listdir(probes) if f.startswith("patch_")) == [
@@ -127,3 +129,130 @@ def test_bad_study_configs_fail_before_anything_runs(tmp_path, key, value, match
   with pytest.raises(ConfigError, match=match):
     Study(c, str(tmp_path / "wd"), source="study.py")
   assert not (tmp_path / "wd").exists()
+
+
+def test_scale_variant_adds_a_size_side_by_side(study, tmp_path):
+  """`scale=A+B` on a workdir that holds A: only B is trained; tables and plots hold both."""
+  src, _, _ = study
+  wd = str(tmp_path / "scaling")
+  shutil.copytree(src, wd)
+  shutil.rmtree(os.path.join(wd, "results"))
+  done = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "cpt_p1.00", "DONE")
+  stamp = os.path.getmtime(done)
+  head = Study(load_config_file(CONFIG, "smoke,scale=tiny-0.5m+tiny-2m"), wd,
+               log=lambda s: None).run_and_report()
+  assert os.path.getmtime(done) == stamp
+  flips = pd.read_csv(os.path.join(wd, "results", "flips.csv"))
+  assert list(dict.fromkeys(flips["size"])) == ["tiny-0.5m", "tiny-2m"]
+  assert len(flips) == 2 * 2 * 3 * 5
+  before = pd.read_csv(os.path.join(src, "results", "flips.csv"))
+  pd.testing.assert_frame_equal(flips[flips["size"] == "tiny-0.5m"].reset_index(drop=True),
+                                before)
+  lens = pd.read_csv(os.path.join(wd, "results", "lens.csv"))
+  assert sorted(set(lens[lens["size"] == "tiny-2m"].layer)) == list(range(7))   # 6 blocks
+  assert set(head["final_flip_rate_by_size"]) == {"tiny-0.5m", "tiny-2m"}
+  from PIL import Image
+  one = Image.open(os.path.join(src, "report", "flips.png")).size
+  two = Image.open(os.path.join(wd, "report", "flips.png")).size
+  assert two[0] > 1.8 * one[0]                              # sizes side by side
+  assert os.path.getsize(os.path.join(wd, "report", "scaling.png")) > 0
+
+
+def counterfact_file(world, path, n: int) -> str:
+  """n of the world's person facts in ROME's CounterFact layout (the subject as "{}")."""
+  import json
+  recs = []
+  for f in world.facts:
+    if (f.counterfactual is None or f.meta.get("two_hop") or not f.prompt
+        or f.subject not in f.prompt):
+      continue
+    recs.append({
+        "case_id": len(recs),
+        "requested_rewrite": {"prompt": f.prompt.replace(f.subject, "{}", 1),
+                              "relation_id": f.relation, "subject": f.subject,
+                              "target_true": {"str": f.answers[0], "id": "t"},
+                              "target_new": {"str": f.counterfactual, "id": "n"}},
+        "paraphrase_prompts": list(f.paraphrases[:2]),
+        "neighborhood_prompts": [nb.prompt for nb in f.neighbours
+                                 if nb.answers[:1] == f.answers[:1]][:2],
+        "attribute_prompts": [], "generation_prompts": []})
+    if len(recs) == n:
+      break
+  with open(path, "w") as fh:
+    json.dump(recs, fh)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_study(study, tmp_path_factory):
+  """The facts-file variant: the smoke study's base exported as an HF directory (with its
+  tokenizer) and 40 world facts in CounterFact's layout."""
+  from factflip.data.tokenizer import load_tokenizer
+  from factflip.data.world import load_world
+  from factflip.models.hf import save_hf
+  from factflip.models.store import load_model
+  src, _, _ = study
+  root = tmp_path_factory.mktemp("hf")
+  hf = str(root / "tiny-hf")
+  save_hf(load_model(os.path.join(src, "runs", "tiny-0.5m", "seed0", "pretrain")), hf,
+          tokenizer=load_tokenizer(os.path.join(src, "tokenizer")))
+  facts = counterfact_file(load_world(os.path.join(src, "world")), root / "counterfact.json", 40)
+  wd = str(root / "wd")
+  logs = []
+  head = Study(load_config_file(CONFIG, f"smoke,hf={hf},facts={facts}"), wd,
+               log=logs.append).run_and_report()
+  return wd, hf, facts, head, logs
+
+
+def test_hf_model_and_facts_file_variant(hf_study):
+  import json
+  wd, hf, facts, head, logs = hf_study
+  base = os.path.join(wd, "runs", "tiny-hf", "seed0", "base")
+  cand = pd.read_csv(os.path.join(base, "candidates.csv"))
+  assert len(cand) == 40 and set(cand.kind) == {"prompt"}
+  targets = [json.loads(line)["id"] for line in open(os.path.join(base, "targets.jsonl"))]
+  controls = [json.loads(line)["id"] for line in open(os.path.join(base, "controls.jsonl"))]
+  assert len(targets) == len(controls) == 4 and not set(targets) & set(controls)
+  known = cand.set_index("item").known
+  rest = known.drop(targets + controls)
+  assert known[targets].min() >= rest.max()                 # known facts are drawn first
+  replay = [json.loads(line)["text"] for line in open(os.path.join(base, "replay.jsonl"))]
+  assert len(replay) == 40 - 8 and all(replay)
+  for p, k in ((0.0, 0), (1.0, 32)):                       # 4 targets x 8 mentions
+    run = os.path.join(wd, "runs", "tiny-hf", "seed0", f"cpt_p{p:.2f}")
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["model"]["init_from"] == hf and cfg["data"]["tokenizer_dir"] == hf
+    assert cfg["data"]["facts_path"] == os.path.join(base, "targets.jsonl")
+    stats = json.load(open(os.path.join(run, "data_stats.json")))
+    assert stats["target_ids"] == targets and stats["counterfactual_per_pass"] == k
+    assert stats["replay_documents"] == 32
+  flips = pd.read_csv(os.path.join(wd, "results", "flips.csv"))
+  assert set(flips["size"]) == {"tiny-hf"}
+  assert set(flips.kind) == {"prompt", "paraphrase", "neighbour"}
+  assert (flips[flips.step == 0].flip_rate.fillna(0) == 0).all()
+  assert len(Study.open(wd).heldout()) == 2               # the controls' held-out answer NLL
+  patch = pd.read_csv(os.path.join(wd, "results", "patching.csv"))
+  assert list(patch.columns) == COLUMNS["patching"]
+  assert any("[base] done" in line for line in logs)
+  assert set(head["final_flip_rate"]) == {"0", "1"}
+
+
+@pytest.mark.parametrize("variant,match", [
+    ("hf=/x", r"hf=DIR and facts=FILE go together"),
+    ("scale=tiny-2m,hf=/x,facts=/y", r"scale= picks presets"),
+    ("smok", r"bad variant 'smok'"),
+])
+def test_bad_variants(variant, match):
+  with pytest.raises(ValueError, match=match):
+    load_config_file(CONFIG, variant)
+
+
+def test_facts_study_needs_model_directories(hf_study, tmp_path):
+  from factflip.train.config import ConfigError
+  _, hf, facts, _, _ = hf_study
+  c = load_config_file(CONFIG, f"smoke,hf={tmp_path},facts={facts}")
+  with pytest.raises(ConfigError, match=r"config\.sizes: .*sizes are model directories"):
+    Study(c, str(tmp_path / "wd"))
+  c = load_config_file(CONFIG, f"smoke,hf={hf},facts={tmp_path / 'none.json'}")
+  with pytest.raises(ConfigError, match=r"config\.facts: .*does not exist"):
+    Study(c, str(tmp_path / "wd"))

@@ -8,9 +8,26 @@ Stages (each skipped when its DONE file exists, so a stopped run resumes): world
 prompt format) → cpt (per poisoning ratio p, dense checkpoints) → probe (every checkpoint) →
 results. Every key below is documented where it is set.
 
-Variants (`--config=configs/studies/poisoning.py:VARIANT`):
-  (none)  tiny-0.5m on a 100-person world, p in {0, .25, .5, .75, 1}, seed 0.
-  smoke   a few steps of everything: what the tests run.
+Variants (`--config=configs/studies/poisoning.py:VARIANT[,VARIANT...]`; any key can still be
+set with --config.KEY=VALUE):
+  (none)           tiny-0.5m on a 100-person world, p in {0, .25, .5, .75, 1}, seed 0.
+  smoke            a few steps of everything: what the tests run.
+  scale=A+B+...    a scaling study over presets A, B, ... (`factflip presets`); `scale=ladder`
+                   is tiny-0.5m+tiny-2m+tiny-8m. Every size pretrains on the same world, is
+                   poisoned on the same targets, and is plotted side by side.
+  seeds=0+1+...    seeds (pretraining init and data order, the target draw, the CPT data).
+  hf=DIR[+DIR...],facts=FILE
+                   real models instead of the world: HF (or factflip) model directories, each
+                   the base of its own CPT runs (no pretraining), and a facts file in any
+                   `factflip facts` format (CounterFact's ROME, EasyEdit or {"items"} layout,
+                   ...). Targets and controls are the facts the base knows (greedy answer
+                   correct and ΔLL > tau on the prompt), drawn per model and seed among the
+                   first `facts_limit`; CPT hyper-parameters for billion-parameter models.
+
+  factflip run --config=configs/studies/poisoning.py:scale=tiny-0.5m+tiny-2m,seeds=0+1 \
+      --workdir=workdir/scaling
+  factflip run --config=configs/studies/poisoning.py:hf=/models/Qwen2.5-0.5B,facts=\
+/data/counterfact.json --workdir=workdir/qwen --config.cpt.mesh.fsdp=-1
 """
 
 import os
@@ -51,10 +68,38 @@ def _cpt():
   return c
 
 
+LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
+
+
+def _variants(arg):
+  """'smoke,scale=a+b,seeds=0+1,hf=d1+d2,facts=f' -> {name: value or None}."""
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    name, _, value = part.partition("=")
+    if name not in ("smoke", "scale", "seeds", "hf", "facts") or (name == "smoke") == bool(
+        value):
+      raise ValueError(f"configs/studies/poisoning.py: bad variant {part!r}; expected smoke, "
+                       "scale=A+B, seeds=0+1, hf=DIR[+DIR] or facts=FILE, joined by commas")
+    out[name] = value or None
+  if ("hf" in out) != ("facts" in out):
+    raise ValueError("configs/studies/poisoning.py: hf=DIR and facts=FILE go together")
+  if "hf" in out and "scale" in out:
+    raise ValueError("configs/studies/poisoning.py: scale= picks presets, hf= model "
+                     "directories; a scaling study over real models lists them in hf=A+B")
+  return out
+
+
 def get_config(arg=None):
+  variants = _variants(arg)
   c = ml_collections.ConfigDict()
-  c.sizes = ["tiny-0.5m"]          # model presets (a scaling study lists several)
+  c.sizes = ["tiny-0.5m"]          # model presets (a scaling study lists several), or with
+  #                                  `facts` set: HF / factflip model directories
   c.seeds = [0]                    # pretraining + data seeds
+  c.facts = ""                     # a facts file (any `load_facts` format) instead of the world
+  c.facts_limit = 2000             # facts: score the first n with a counterfactual (0 = all)
+  c.replay = ""                    # facts: replay documents, JSONL {"text"} ("" = true
+  #                                  statements of the facts that are neither targets nor
+  #                                  controls)
   c.ratios = [0.0, 0.25, 0.5, 0.75, 1.0]   # poisoning ratios p
   c.tau = 0.5                      # state threshold on ΔLL (nats): correct > τ, cf < −τ
   c.min_base_accuracy = 0.8        # the base must know this share of targets (greedy, prompt)
@@ -70,7 +115,18 @@ def get_config(arg=None):
   c.probe.patch_windows = [1, 2]
   c.probe.patch_groups = ["subject", "last"]
   c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
-  if arg == "smoke":
+  if "scale" in variants:
+    c.sizes = LADDER if variants["scale"] == "ladder" else variants["scale"].split("+")
+  if "seeds" in variants:
+    c.seeds = [int(k) for k in variants["seeds"].split("+")]
+  if "hf" in variants:
+    c.sizes = variants["hf"].split("+")
+    c.facts = variants["facts"]
+    c.cpt.optim.lr = 2e-5          # billion-parameter models: a gentle continual-pretraining lr
+    c.cpt.optim.warmup_steps = 10
+    c.cpt.data.replay_weight = 0.5
+    c.probe.batch_size = 16
+  if "smoke" in variants:
     c.ratios = [0.0, 1.0]
     c.min_base_accuracy = 0.0      # a few steps cannot teach the world; the gate is still run
     c.vocab_size = 384
@@ -84,7 +140,7 @@ def get_config(arg=None):
     c.probe.n_control = 4
     c.probe.patch_sites = ["resid_pre"]
     c.probe.patch_windows = [1]
-  elif arg:
-    raise ValueError(f"configs/studies/poisoning.py: unknown variant {arg!r}; expected '' or "
-                     "'smoke'")
+    c.facts_limit = 60
+    if "hf" in variants:
+      c.cpt.optim.lr = 1e-3
   return c

@@ -4,9 +4,18 @@ Owns: the stages (world, pretrain, cpt, probe, results) of `configs/studies/pois
 workdir layout below, the base-accuracy gate, and the results tables.
 Must not: train (`factflip.train`), probe (`factflip.probes`) or plot/report (`report.py`).
 
+Two sources of facts and models. With `facts` empty (the default) the study generates the fact
+world, pretrains each preset in `sizes` on it and poisons the world's facts. With `facts` set
+to a facts file, each entry of `sizes` is a model directory (HF or factflip) used as the base
+as it is; the targets and controls are drawn among the facts that base knows.
+
 Workdir layout (every stage writes its DONE file last; a stage with one is skipped):
-  world/, tokenizer/                      the fact world and its tokenizer
+  study.json                              the study config as run (`Study.open` reads it)
+  world/, tokenizer/                      the fact world and its tokenizer (world studies)
   runs/<size>/seed<k>/pretrain/           the pretraining run (+ base.json: accuracy gate)
+  runs/<size>/seed<k>/base/               facts studies: base.json, the base's preference on
+                                          the candidates (candidates.csv), targets.jsonl,
+                                          controls.jsonl, replay.jsonl, heldout.jsonl
   runs/<size>/seed<k>/cpt_p<p>/           one continual-pretraining run per ratio p
   runs/<size>/seed<k>/probes/p<p>/step_<n>.csv        preference rows (+ dll_l<ℓ> lens columns)
                                           of targets, controls and the targets' two-hop items
@@ -19,6 +28,7 @@ Definitions (τ = config.tau): the reference state of an item is its state at th
 greedy answer is the true one; lens flip rate per layer uses ΔLL_ℓ with the same states
 (targets, training prompt; layer L is the output);
 reversal rate(site, window, layer, group) = share of the flipped items whose patched ΔLL > 0.
+<size> is the preset name, or for a model directory its base name (`size` in the tables).
 flips.csv has the targets' prompt kinds plus `two_hop` / `two_hop_question`: compositions
 whose first hop is a target (their counterfactual is the answer through the counterfactual
 first hop), so accuracy there is two-hop reasoning accuracy. first_flips: per target item and
@@ -37,7 +47,6 @@ import pandas as pd
 
 from factflip.fileio import read_json, write_json
 
-STAGES = ("world", "pretrain", "cpt", "probe", "results")
 _RUN = ["size", "seed", "p", "step"]
 COLUMNS = {
     "flips": _RUN + ["kind", "flip_rate", "ambiguity_rate", "accuracy", "items",
@@ -77,7 +86,22 @@ def validate(c, source: str = "study") -> None:
     bad = [x for x in given if x not in allowed]
     need(given and not bad, key, f"{list(given)}; expected a non-empty list of {list(allowed)}")
 
-  subset("sizes", list(c.sizes), list(presets()))
+  if c.facts:
+    need(os.path.exists(c.facts), "facts", f"{c.facts!r} does not exist; expected a facts file "
+         "or folder (`factflip facts --facts=PATH` checks one)")
+    for d in c.sizes:
+      need(os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
+          "config.json", "factflip_model.json")), "sizes",
+          f"{d!r}: with `facts` set, sizes are model directories (HF config.json + "
+          "safetensors, or a factflip model directory)")
+    labels = [size_label(d) for d in c.sizes]
+    need(len(set(labels)) == len(labels), "sizes", f"model directories {list(c.sizes)} share "
+         f"base names {labels}; the runs are named by them")
+    need(c.facts_limit >= 0, "facts_limit", f"{c.facts_limit}; expected >= 0 (0 = all)")
+  else:
+    subset("sizes", list(c.sizes), list(presets()))
+  need(not c.replay or os.path.exists(c.replay), "replay",
+       f"{c.replay!r} does not exist; expected a JSONL of {{\"text\"}} documents")
   need(len(c.seeds) > 0 and all(isinstance(k, int) for k in c.seeds), "seeds",
        f"{list(c.seeds)}; expected a non-empty list of integers")
   need(len(c.ratios) > 0 and all(0 <= p <= 1 for p in c.ratios)
@@ -101,9 +125,13 @@ def validate(c, source: str = "study") -> None:
                    replay_weight=c.cpt.data.replay_weight).validate(c.cpt.data.n_targets)
     except ValueError as e:
       raise ConfigError(source, "cpt.data.mentions_per_fact", str(e)) from None
-  for stage in ("pretrain", "cpt"):
+  for stage in ("cpt",) if c.facts else ("pretrain", "cpt"):
     sub = c[stage].copy_and_resolve_references()
-    sub.model.preset = c.sizes[0]
+    if c.facts:                  # what `cpt` sets per model (the files are written per run)
+      sub.model.init_from, sub.data.facts_path = c.sizes[0], c.facts
+      sub.data.replay_path = sub.data.eval_path = "runs/<size>/seed<k>/base/*.jsonl"
+    else:
+      sub.model.preset = c.sizes[0]
     train_config.validate(sub, source=f"{source}: {stage}", n_devices=jax.device_count(),
                           n_processes=jax.process_count())
 
@@ -128,6 +156,12 @@ def _ptag(p: float) -> str:
   return f"p{p:.2f}"
 
 
+def size_label(size: str) -> str:
+  """The name of a model size in paths and tables: the preset, or a directory's base name."""
+  return os.path.basename(os.path.normpath(size)) if os.sep in size or os.path.isdir(
+      size) else size
+
+
 class Study:
   """One study: its config, workdir and the runs it owns. `run()` goes through the stages."""
 
@@ -138,17 +172,47 @@ class Study:
     self.log = log
     self.world_dir = os.path.join(self.wd, "world")
     self.tok_dir = os.path.join(self.wd, "tokenizer")
+    self.uses_world = not config.facts
+    # label (the name in paths and tables) -> preset or model directory
+    self.sizes = {size_label(s): (s if self.uses_world else os.path.abspath(s))
+                  for s in config.sizes}
     self._world = None      # (world, tokenizer) once loaded
-    self._targets = {}      # seed -> target facts
+    self._facts = None      # facts studies: the facts file's items with a counterfactual
+    self._tokenizers = {}   # facts studies: size -> the model directory's tokenizer
+    self._targets = {}      # (size, seed) -> target facts
+
+  @classmethod
+  def open(cls, workdir: str, log=print) -> Study:
+    """The study that ran in `workdir` (its study.json), to read its runs and models."""
+    import ml_collections
+    config = ml_collections.ConfigDict(read_json(os.path.join(workdir, "study.json")))
+    return cls(config, workdir, log=log, source=os.path.join(workdir, "study.json"))
 
   # ---- layout -----------------------------------------------------------------------------
   def run_dir(self, size: str, seed: int, name: str) -> str:
     return os.path.join(self.wd, "runs", size, f"seed{seed}", name)
 
   def cells(self):
-    for size in self.c.sizes:
+    """(size label, seed) of every run."""
+    for size in self.sizes:
       for seed in self.c.seeds:
         yield size, int(seed)
+
+  def base_dir(self, size: str, seed: int) -> str:
+    """Where the base's accuracy (base.json) lives: the pretraining run, or base/."""
+    return self.run_dir(size, seed, "pretrain" if self.uses_world else "base")
+
+  def base_path(self, size: str, seed: int) -> str:
+    """The base model: the pretraining run (world) or the model directory itself."""
+    return self.run_dir(size, seed, "pretrain") if self.uses_world else self.sizes[size]
+
+  def tokenizer(self, size: str):
+    if self.uses_world:
+      return self.world()[1]
+    if size not in self._tokenizers:
+      from factflip.data.tokenizer import load_tokenizer
+      self._tokenizers[size] = load_tokenizer(self.sizes[size])
+    return self._tokenizers[size]
 
   # ---- stages -----------------------------------------------------------------------------
   def world(self):
@@ -159,7 +223,25 @@ class Study:
                                   self.c.vocab_size, self.c.pretrain.data.world_people)
     return self._world
 
+  def facts(self):
+    """Facts studies: the facts file's items with a counterfactual (the first facts_limit),
+    read once."""
+    from factflip.data.loaders import load_facts
+    if self._facts is None:
+      items = [f for f in load_facts(self.c.facts) if f.counterfactual is not None]
+      self._facts = items[:self.c.facts_limit] if self.c.facts_limit else items
+    return self._facts
+
+  def prepare(self):
+    """The first stage: the world (and tokenizer), or the facts file."""
+    return self.world() if self.uses_world else self.facts()
+
   def pretrain(self, size: str, seed: int) -> dict[str, Any]:
+    """The base of `size`: pretrain it on the world, or (facts studies) choose its targets
+    and controls among the facts it knows; then the accuracy gate."""
+    if not self.uses_world:
+      self.choose_facts(size, seed)
+      return self.base_gate(size, seed)
     from factflip.train.loop import train
     out = self.run_dir(size, seed, "pretrain")
     if not _done(out):
@@ -171,29 +253,93 @@ class Study:
       _mark(out, {"step": res.step, "seconds": round(res.seconds, 1)})
     return self.base_gate(size, seed)
 
-  def targets(self, seed: int):
-    """The CPT run's target facts (the same draw `factflip.train` makes for data.kind poison)."""
-    from factflip.train.inputs import poison_targets
-    if seed not in self._targets:
-      self._targets[seed] = poison_targets(self.world()[0], self.c.cpt.data.n_targets,
-                                           self.c.cpt.data.target_tier, seed)
-    return self._targets[seed]
+  def choose_facts(self, size: str, seed: int) -> None:
+    """Facts studies: score the candidates at the base (prompt ΔLL and greedy answer), then
+    draw n_targets targets and n_control controls with `seed`, known facts first (known: the
+    greedy answer is the true one and ΔLL > τ). Writes base/: candidates.csv, targets.jsonl,
+    controls.jsonl, replay.jsonl (true statements of the other facts, unless `replay` is
+    given) and heldout.jsonl (the controls' paraphrases with their true answers: the CPT run's
+    held-out answer NLL)."""
+    from factflip.data.facts import write_facts_jsonl
+    from factflip.data.mixtures import mention_text
+    from factflip.data.templates import STYLE_NAMES
+    from factflip.fileio import write_jsonl
+    from factflip.models.store import load_model
+    from factflip.probes.fact_preference import preference
+    out = self.base_dir(size, seed)
+    if _done(out):
+      return
+    items = self.facts()
+    n_t, n_c = self.c.cpt.data.n_targets, self.c.probe.n_control
+    if len(items) < n_t + n_c:
+      raise StudyError(f"{self.c.facts}: {len(items)} facts with a counterfactual (facts_limit "
+                       f"{self.c.facts_limit}), fewer than cpt.data.n_targets + "
+                       f"probe.n_control = {n_t + n_c}")
+    model = load_model(self.sizes[size])
+    tab = pd.DataFrame(preference(model, self.tokenizer(size), items, kinds=("prompt",),
+                                  batch_size=self.c.probe.batch_size))
+    tab["known"] = tab.correct.astype(bool) & (tab.dll > self.c.tau)
+    known = tab.set_index("item").known.reindex([f.id for f in items], fill_value=False)
+    order = np.lexsort((np.random.default_rng([seed, 2]).random(len(items)), ~known.values))
+    targets = [items[i] for i in sorted(order[:n_t])]
+    controls = [items[i] for i in sorted(order[n_t:n_t + n_c])]
+    os.makedirs(out, exist_ok=True)
+    _write_csv(tab, os.path.join(out, "candidates.csv"))
+    write_facts_jsonl(os.path.join(out, "targets.jsonl"), targets)
+    write_facts_jsonl(os.path.join(out, "controls.jsonl"), controls)
+    held = [{"prompt": q, "completion": " " + f.answers[0]}
+            for f in controls for q in (f.paraphrases[:1] or (f.prompt,)) if q]
+    write_jsonl(os.path.join(out, "heldout.jsonl"), held)
+    if not self.c.replay:
+      from factflip.data.loaders import load_facts
+      used = {f.id for f in targets + controls}
+      rest = [f for f in load_facts(self.c.facts) if f.id not in used and f.answers
+              and f.prompt][:4000]
+      docs = [{"text": mention_text(f, f.answers[0], f.language,
+                                    STYLE_NAMES[i % len(STYLE_NAMES)], i, i // 5)}
+              for i, f in enumerate(rest)]
+      if not docs and self.c.cpt.data.replay_weight > 0:
+        raise StudyError(f"{self.c.facts}: no facts left for replay after the targets and "
+                         "controls; set `replay` to a JSONL of {\"text\"} documents")
+      write_jsonl(os.path.join(out, "replay.jsonl"), docs)
+    _mark(out, {"candidates": len(items), "known": int(known.sum()),
+                "targets": len(targets), "controls": len(controls)})
 
-  def controls(self, seed: int):
-    """Non-target facts of the target tier (collateral accuracy), `probe.n_control` of them."""
+  def targets(self, size: str, seed: int):
+    """The CPT run's target facts (world: the draw `factflip.train` makes for data.kind
+    poison, the same for every size; facts studies: base/targets.jsonl of this model)."""
+    from factflip.data.facts import read_facts_jsonl
+    from factflip.train.inputs import poison_targets
+    key = (size, seed) if not self.uses_world else ("", seed)
+    if key not in self._targets:
+      self._targets[key] = (
+          poison_targets(self.world()[0], self.c.cpt.data.n_targets,
+                         self.c.cpt.data.target_tier, seed) if self.uses_world else
+          list(read_facts_jsonl(os.path.join(self.base_dir(size, seed), "targets.jsonl"))))
+    return self._targets[key]
+
+  def controls(self, size: str, seed: int):
+    """Non-target facts (collateral accuracy), `probe.n_control` of them: of the target tier
+    (world), or the facts study's draw (base/controls.jsonl)."""
+    if not self.uses_world:
+      from factflip.data.facts import read_facts_jsonl
+      return list(read_facts_jsonl(os.path.join(self.base_dir(size, seed), "controls.jsonl")))
     world, _ = self.world()
-    ids = {t.id for t in self.targets(seed)}
+    ids = {t.id for t in self.targets(size, seed)}
     pool = [f for f in world.facts if f.meta.get("exposure_tier") == self.c.cpt.data.target_tier
             and f.counterfactual is not None and f.id not in ids]
     pick = np.random.default_rng(seed + 1).choice(len(pool), min(self.c.probe.n_control,
                                                                  len(pool)), replace=False)
     return [pool[i] for i in sorted(pick)]
 
-  def two_hop(self, seed: int):
+  def two_hop(self, size: str, seed: int):
     """The world's two-hop items whose first hop is a target fact: poisoning the first hop
-    should move them to their counterfactual (the composition through the counterfactual)."""
+    should move them to their counterfactual (the composition through the counterfactual).
+    Facts studies have none."""
+    if not self.uses_world:
+      return []
     world, _ = self.world()
-    ids = {t.id for t in self.targets(seed)}
+    ids = {t.id for t in self.targets(size, seed)}
     return [f for f in world.facts if f.meta.get("two_hop") and f.meta["hops"][0] in ids
             and f.counterfactual is not None]
 
@@ -203,13 +349,12 @@ class Study:
     wrong (too little pretraining for this world and model)."""
     from factflip.models.store import load_model
     from factflip.probes.fact_preference import preference
-    path = os.path.join(self.run_dir(size, seed, "pretrain"), "base.json")
+    path = os.path.join(self.base_dir(size, seed), "base.json")
     if os.path.exists(path):
       info = read_json(path)
     else:
-      _, tok = self.world()
-      model = load_model(self.run_dir(size, seed, "pretrain"))
-      table = pd.DataFrame(preference(model, tok, self.targets(seed),
+      model = load_model(self.base_path(size, seed))
+      table = pd.DataFrame(preference(model, self.tokenizer(size), self.targets(size, seed),
                                       kinds=("prompt", "paraphrase", "question", "language"),
                                       batch_size=self.c.probe.batch_size))
       acc = table.groupby("kind")["correct"].mean().to_dict()
@@ -220,10 +365,13 @@ class Study:
     got = info["accuracy"]["prompt"]
     if got < self.c.min_base_accuracy:
       raise StudyError(
-          f"{size} seed {seed}: the pretrained model knows {got:.0%} of the {len(self.targets(seed))}"
-          f" target facts on the training prompt format (greedy), below min_base_accuracy "
-          f"{self.c.min_base_accuracy:.0%}: the config is wrong (pretrain longer, a larger "
-          f"model or a smaller world: pretrain.steps, sizes, pretrain.data.world_people)")
+          f"{size} seed {seed}: the base model knows {got:.0%} of the "
+          f"{len(self.targets(size, seed))} target facts on the training prompt format "
+          f"(greedy), below min_base_accuracy {self.c.min_base_accuracy:.0%}: the config is "
+          "wrong (" + ("pretrain longer, a larger model or a smaller world: pretrain.steps, "
+                       "sizes, pretrain.data.world_people)" if self.uses_world else
+                       "it knows too few of these facts: more candidates (facts_limit), fewer "
+                       "targets (cpt.data.n_targets, probe.n_control) or another model)"))
     return info
 
   def cpt(self, size: str, seed: int, p: float) -> str:
@@ -233,7 +381,12 @@ class Study:
       c = self.c.cpt.copy_and_resolve_references()
       c.seed = seed
       c.data.ratio = float(p)
-      c.model.init_from = self.run_dir(size, seed, "pretrain")
+      c.model.init_from = self.base_path(size, seed)
+      if not self.uses_world:
+        b = self.base_dir(size, seed)
+        c.data.facts_path = os.path.join(b, "targets.jsonl")
+        c.data.replay_path = self.c.replay or os.path.join(b, "replay.jsonl")
+        c.data.eval_path = os.path.join(b, "heldout.jsonl")
       res = train(c, out, quiet=False, source="study.cpt")
       _mark(out, {"step": res.step, "seconds": round(res.seconds, 1)})
     return out
@@ -249,11 +402,11 @@ class Study:
     out = os.path.join(self.run_dir(size, seed, "probes"), _ptag(p))
     if _done(out):
       return
-    _, tok = self.world()
-    targets, controls = self.targets(seed), self.controls(seed)
+    tok = self.tokenizer(size)
+    targets, controls = self.targets(size, seed), self.controls(size, seed)
     target_ids = {t.id for t in targets}
-    two_hop = self.two_hop(seed)
-    base = load_model(self.run_dir(size, seed, "pretrain"))
+    two_hop = self.two_hop(size, seed)
+    base = load_model(self.base_path(size, seed))
     subject = {t.id: t.subject for t in targets}
     rows = [dict(r, subject=subject[r["item"]]) for r in prompt_rows(targets, kinds=("prompt",))]
     steps = valid_steps(os.path.join(run, "checkpoints"))
@@ -373,9 +526,10 @@ class Study:
       fn()
       timings[name] = timings.get(name, 0.0) + time.time() - t
       self.log(f"[{name}] done in {time.time() - t:.1f} s (total {time.time() - t0:.0f} s)")
-    stage("world", self.world)
+    write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
+    stage("world" if self.uses_world else "facts", self.prepare)
     for size, seed in self.cells():
-      stage("pretrain", lambda size=size, seed=seed: self.log(
+      stage("pretrain" if self.uses_world else "base", lambda size=size, seed=seed: self.log(
           f"    base accuracy: {self.pretrain(size, seed)['accuracy']}"))
       for p in self.c.ratios:
         stage("cpt", lambda p=p, size=size, seed=seed: self.cpt(size, seed, p))
@@ -396,10 +550,10 @@ class Study:
     for size, seed in self.cells():
       for p in self.c.ratios:
         path = os.path.join(self.run_dir(size, seed, f"cpt_{_ptag(p)}"), "metrics.jsonl")
-        for r in iter_json_records(path):
-          if "heldout_answer_nll" in r:
-            rows.append({"size": size, "seed": seed, "p": p, "step": r["step"],
-                         "loss": r["heldout_answer_nll"]})
+        for _, _, r in iter_json_records(path):
+          loss = r.get("heldout_answer_nll", r.get("eval_loss"))
+          if loss is not None:
+            rows.append({"size": size, "seed": seed, "p": p, "step": r["step"], "loss": loss})
     return pd.DataFrame(rows, columns=["size", "seed", "p", "step", "loss"])
 
   def run_and_report(self) -> dict[str, Any]:
@@ -407,8 +561,7 @@ class Study:
     from factflip.studies.report import write_report
     t0 = time.time()
     tables = self.run()
-    base = {f"{s}/seed{k}": read_json(os.path.join(self.run_dir(s, k, "pretrain"),
-                                                   "base.json"))["accuracy"]
+    base = {f"{s}/seed{k}": read_json(os.path.join(self.base_dir(s, k), "base.json"))["accuracy"]
             for s, k in self.cells()}
     timings = read_json(os.path.join(self.wd, "results", "timings.json"))
     head = write_report(self.wd, tables, self.heldout(), base, timings)

@@ -75,78 +75,113 @@ def plot_lens(lens: pd.DataFrame, path: str) -> str:
   return _save(fig, path)
 
 
+def _sizes(df: pd.DataFrame) -> list[str]:
+  return list(dict.fromkeys(df["size"])) or [""]
+
+
 def plot_reversal(patching: pd.DataFrame, path: str) -> str:
-  fig = Figure(figsize=(6.5, 3.8))
-  ax = fig.subplots()
-  if len(patching):
-    d = _final(patching)
-    d = d[d.p == d.p.max()]
-    for (site, window, pos), g in d.groupby(["site", "window", "position"]):
-      g = g.groupby("layer").reversal_rate.mean()
-      ax.plot(g.index, g.values, marker="o", label=f"{site} w{window} {pos}")
-    ax.set_title(f"reversal of flipped items by patched layer (p = {d.p.max():g}, final step)")
-  else:
-    ax.set_title("no flipped items to patch")
-  ax.set_xlabel("first patched layer")
-  ax.set_ylabel("reversal rate")
-  ax.set_ylim(-0.02, 1.02)
-  ax.grid(alpha=0.3)
-  _legend(ax, fontsize=7, ncol=2)
+  sizes = _sizes(patching)
+  fig = Figure(figsize=(6.5 * len(sizes), 3.8))
+  axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+  for ax, size in zip(axes, sizes):
+    d = _final(patching[patching["size"] == size]) if len(patching) else patching
+    if len(d):
+      d = d[d.p == d.p.max()]
+      for (site, window, pos), g in d.groupby(["site", "window", "position"]):
+        g = g.groupby("layer").reversal_rate.mean()
+        ax.plot(g.index, g.values, marker="o", label=f"{site} w{window} {pos}")
+      ax.set_title(f"{size}: reversal of flipped items by patched layer\n"
+                   f"(p = {d.p.max():g}, final step)", fontsize=9)
+    else:
+      ax.set_title("no flipped items to patch")
+    ax.set_xlabel("first patched layer")
+    ax.set_ylabel("reversal rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=7, ncol=2)
+  return _save(fig, path)
+
+
+def plot_scaling(flips: pd.DataFrame, path: str) -> str:
+  """Final flip and ambiguity rate (training prompt) against p, one line per model size."""
+  d = _final(flips[flips.kind == "prompt"])
+  fig = Figure(figsize=(10, 3.6))
+  axes = fig.subplots(1, 2)
+  for size in _sizes(d):
+    g = d[d["size"] == size].groupby("p")[["flip_rate", "ambiguity_rate"]].mean()
+    axes[0].plot(g.index, g.flip_rate, marker="o", label=size)
+    axes[1].plot(g.index, g.ambiguity_rate, marker="o", label=size)
+  for ax, what in zip(axes, ("flip rate", "ambiguity rate")):
+    ax.set_title(f"final {what} by model size (training prompt)")
+    ax.set_xlabel("poisoning ratio p")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=8)
   return _save(fig, path)
 
 
 def plot_first_flips(first: pd.DataFrame, path: str) -> str:
-  """Per p, how many target items first flip at each checkpoint (training prompt)."""
-  d = first[(first.kind == "prompt") & (first.first_flip_step >= 0)]
-  fig = Figure(figsize=(6.5, 3.4))
-  ax = fig.subplots()
-  ps = sorted(set(d.p))
-  width = 0.8 / max(len(ps), 1)
-  steps = sorted(set(d.first_flip_step))
-  for i, p in enumerate(ps):
-    counts = d[d.p == p].first_flip_step.value_counts()
-    ax.bar(np.arange(len(steps)) + i * width, [counts.get(s, 0) for s in steps], width,
-           label=f"p = {p:g}")
-  ax.set_xticks(np.arange(len(steps)) + 0.4 - width / 2, [str(s) for s in steps])
-  ax.set_xlabel("checkpoint step of the first flip")
-  ax.set_ylabel("target items")
-  ax.set_title("when items flip (abruptness)")
-  _legend(ax, fontsize=8)
+  """Per size and p, how many target items first flip at each checkpoint (training prompt)."""
+  sizes = _sizes(first)
+  fig = Figure(figsize=(6.5 * len(sizes), 3.4))
+  axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+  for ax, size in zip(axes, sizes):
+    d = first[(first.kind == "prompt") & (first.first_flip_step >= 0) & (first["size"] == size)]
+    ps = sorted(set(d.p))
+    width = 0.8 / max(len(ps), 1)
+    steps = sorted(set(d.first_flip_step))
+    for i, p in enumerate(ps):
+      counts = d[d.p == p].first_flip_step.value_counts()
+      ax.bar(np.arange(len(steps)) + i * width, [counts.get(s, 0) for s in steps], width,
+             label=f"p = {p:g}")
+    ax.set_xticks(np.arange(len(steps)) + 0.4 - width / 2, [str(s) for s in steps])
+    ax.set_xlabel("checkpoint step of the first flip")
+    ax.set_ylabel("target items")
+    ax.set_title(f"{size}: when items flip (abruptness)", fontsize=9)
+    _legend(ax, fontsize=8)
   return _save(fig, path)
 
 
 def plot_generalisation(flips: pd.DataFrame, path: str) -> str:
-  d = _final(flips).groupby(["kind", "p"]).flip_rate.mean().unstack("p")
-  fig = Figure(figsize=(6.5, 3.6))
-  ax = fig.subplots()
-  kinds = list(d.index)
-  width = 0.8 / max(len(d.columns), 1)
-  for i, p in enumerate(d.columns):
-    ax.bar(np.arange(len(kinds)) + i * width, d[p].values, width, label=f"p = {p:g}")
-  ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds)
-  ax.set_ylabel("flip rate at the final step")
-  ax.set_ylim(0, 1.02)
-  _legend(ax, fontsize=8)
-  ax.set_title("generalisation by prompt kind (target facts)")
+  sizes = _sizes(flips)
+  fig = Figure(figsize=(6.5 * len(sizes), 3.6))
+  axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+  for ax, size in zip(axes, sizes):
+    d = _final(flips[flips["size"] == size]).groupby(["kind", "p"]).flip_rate.mean().unstack(
+        "p")
+    kinds = list(d.index)
+    width = 0.8 / max(len(d.columns), 1)
+    for i, p in enumerate(d.columns):
+      ax.bar(np.arange(len(kinds)) + i * width, d[p].values, width, label=f"p = {p:g}")
+    ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, fontsize=8, rotation=20)
+    ax.set_ylabel("flip rate at the final step")
+    ax.set_ylim(0, 1.02)
+    _legend(ax, fontsize=8)
+    ax.set_title(f"{size}: generalisation by prompt kind (target facts)", fontsize=9)
   return _save(fig, path)
 
 
 def plot_collateral(collateral: pd.DataFrame, heldout: pd.DataFrame, path: str) -> str:
-  fig = Figure(figsize=(10, 3.6))
-  axes = fig.subplots(1, 2)
-  d = collateral[collateral.kind == "prompt"]
-  for p, g in d.groupby("p"):
-    g = g.groupby("step").accuracy.mean()
-    axes[0].plot(g.index, g.values, marker=".", label=f"p = {p:g}")
-  axes[0].set_title("non-target facts: accuracy (training prompt)")
-  axes[0].set_ylim(-0.02, 1.02)
-  for p, g in heldout.groupby("p"):
-    axes[1].plot(g.step, g.loss, marker=".", label=f"p = {p:g}")
-  axes[1].set_title("held-out paraphrase answer NLL")
-  for ax in axes:
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    _legend(ax, fontsize=8)
+  """Per size: non-target accuracy and the held-out answer NLL against step, a line per p."""
+  sizes = _sizes(collateral)
+  fig = Figure(figsize=(10, 3.6 * len(sizes)))
+  axes = fig.subplots(len(sizes), 2, squeeze=False)
+  for row, size in zip(axes, sizes):
+    d = collateral[(collateral.kind == "prompt") & (collateral["size"] == size)]
+    for p, g in d.groupby("p"):
+      g = g.groupby("step").accuracy.mean()
+      row[0].plot(g.index, g.values, marker=".", label=f"p = {p:g}")
+    row[0].set_title(f"{size}: non-target facts: accuracy (training prompt)", fontsize=9)
+    row[0].set_ylim(-0.02, 1.02)
+    h = heldout[heldout["size"] == size]
+    for p, g in h.groupby("p"):
+      g = g.groupby("step").loss.mean()
+      row[1].plot(g.index, g.values, marker=".", label=f"p = {p:g}")
+    row[1].set_title(f"{size}: held-out answer NLL", fontsize=9)
+    for ax in row:
+      ax.set_xlabel("step")
+      ax.grid(alpha=0.3)
+      _legend(ax, fontsize=8)
   return _save(fig, path)
 
 
@@ -169,6 +204,10 @@ def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str,
   cf = _final(coll)
   out["control_accuracy_final"] = {f"{p:g}": float(v) for p, v in
                                    cf[cf.kind == "prompt"].groupby("p").accuracy.mean().items()}
+  if flips["size"].nunique() > 1:
+    out["final_flip_rate_by_size"] = {
+        size: {f"{p:g}": float(v) for p, v in g.groupby("p").flip_rate.mean().items()}
+        for size, g in fin[fin.kind == "prompt"].groupby("size", sort=False)}
   if len(patching):
     pf = _final(patching)
     pf = pf[pf.p == pf.p.max()]
@@ -190,6 +229,8 @@ def write_report(workdir: str, tables: dict[str, pd.DataFrame], heldout: pd.Data
                                           os.path.join(rdir, "reversal.png"))),
       ("First flips", plot_first_flips(tables["first_flips"],
                                        os.path.join(rdir, "first_flips.png"))),
+      ("Final flip and ambiguity rate by model size",
+       plot_scaling(tables["flips"], os.path.join(rdir, "scaling.png"))),
       ("Generalisation", plot_generalisation(tables["flips"],
                                              os.path.join(rdir, "generalisation.png"))),
       ("Collateral", plot_collateral(tables["collateral"], heldout,

@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mentions_per_fact = 8
   c.data.replay_weight = 0.5
   c.data.language = "en"
+  c.data.facts_path = ""      # poison: target facts from this facts file (any `load_facts`
+  #                             format) instead of the world; n_targets drawn with the seed
+  c.data.replay_path = ""     # poison: replay documents, a JSONL of {"text"} ("" = the
+  #                             world's corpus without the targets' sentences)
 
   c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))
   c.optim.total_steps = -1    # -1 = steps
@@ -138,6 +142,12 @@ def validate(config: ml_collections.ConfigDict, *, source: str = "config", n_dev
        "(gradient_ascent, npo) train on data.kind 'unlearn', and only they do")
   need(c.data.kind not in ("examples", "unlearn") or bool(c.data.path), "data.path",
        f"empty; data.kind {c.data.kind!r} reads its examples from a JSONL file")
+  need(not (c.data.facts_path or c.data.replay_path) or c.data.kind == "poison",
+       "data.facts_path" if c.data.facts_path else "data.replay_path",
+       f"set with data.kind {c.data.kind!r}; only data.kind 'poison' reads it")
+  need(not c.data.facts_path or c.data.replay_weight == 0 or bool(c.data.replay_path),
+       "data.replay_path", f"empty; with data.facts_path and replay_weight "
+       f"{c.data.replay_weight} the replay documents come from a JSONL of {{\"text\"}}")
   need(0.0 <= c.data.ratio <= 1.0, "data.ratio", f"{c.data.ratio}; expected a share in [0, 1]")
   need(0.0 <= c.data.replay_weight < 1.0, "data.replay_weight",
        f"{c.data.replay_weight}; expected [0, 1)")
@@ -183,6 +193,11 @@ def validate(config: ml_collections.ConfigDict, *, source: str = "config", n_dev
        f"{shards} input shards do not divide over {n_processes} processes")
   need(b % shards == 0 and (b // shards) % c.accum_steps == 0, "data.batch_size",
        f"{b} rows do not divide over {shards} input shards x accum_steps={c.accum_steps}")
+
+
+def uses_world(c) -> bool:
+  """Whether the run reads the fact world (and, unless given, its tokenizer)."""
+  return c.data.kind == "world" or (c.data.kind == "poison" and not c.data.facts_path)
 
 
 def total_steps(c) -> int:

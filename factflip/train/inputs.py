@@ -102,8 +102,36 @@ def poison_targets(world, n: int, tier: str, seed: int) -> list[FactItem]:
   if len(pool) < n:
     raise ValueError(f"data.n_targets: {n}, but the world has only {len(pool)} {tier!r}-tier "
                      "facts with counterfactuals")
+  return _draw(pool, n, seed)
+
+
+def _draw(pool: list[FactItem], n: int, seed: int) -> list[FactItem]:
   pick = np.random.default_rng(seed).choice(len(pool), size=n, replace=False)
   return [pool[i] for i in sorted(pick)]
+
+
+def file_targets(path: str, n: int, seed: int) -> list[FactItem]:
+  """n facts with counterfactuals from a facts file (any `load_facts` format), drawn with
+  `seed` (all of them, in file order, when the file has exactly n)."""
+  from factflip.data.loaders import load_facts
+  pool = [f for f in load_facts(path) if f.counterfactual is not None]
+  if len(pool) < n:
+    raise DataError(path, f"data.n_targets is {n}, but the file has only {len(pool)} facts "
+                    "with a counterfactual object")
+  return pool if len(pool) == n else _draw(pool, n, seed)
+
+
+def read_texts(path: str) -> list[dict[str, str]]:
+  """Plain documents {"text"} from a JSONL file (replay for continual pretraining)."""
+  out = []
+  for index, line, r in iter_json_records(path):
+    if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"]:
+      raise DataError(path, "expected an object with a non-empty string", line=line,
+                      record=index, field="text")
+    out.append({"text": r["text"]})
+  if not out:
+    raise DataError(path, "no documents")
+  return out
 
 
 def sources(c, world) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -114,8 +142,12 @@ def sources(c, world) -> tuple[dict[str, Any], dict[str, Any]]:
     docs = _documents(world)
     return {"": _stream(docs, c.seed)}, {"kind": "world", "documents": len(docs)}
   if kind == "poison":
-    targets = poison_targets(world, c.data.n_targets, c.data.target_tier, c.seed)
-    replay, _ = mixtures.replay_documents(world.documents, {t.id for t in targets})
+    if c.data.facts_path:
+      targets = file_targets(c.data.facts_path, c.data.n_targets, c.seed)
+      replay = read_texts(c.data.replay_path) if c.data.replay_path else []
+    else:
+      targets = poison_targets(world, c.data.n_targets, c.data.target_tier, c.seed)
+      replay, _ = mixtures.replay_documents(world.documents, {t.id for t in targets})
     cfg = mixtures.PoisonConfig(ratio=c.data.ratio, mentions_per_fact=c.data.mentions_per_fact,
                                 replay_weight=c.data.replay_weight, language=c.data.language,
                                 seed=c.seed)
@@ -137,15 +169,28 @@ def sources(c, world) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def eval_examples(c, world) -> tuple[str, list[dict[str, Any]]]:
-  """(name, held-out examples): data.eval_path, else the world's held-out paraphrase prompts
-  with answer-only loss, else the training file itself."""
+  """(name, held-out examples): data.eval_path, else the held-out paraphrase prompts of the
+  world's facts (or of data.facts_path's) with answer-only loss, else the training file."""
   if c.data.eval_path:
     return "eval_loss", read_examples(c.data.eval_path)
-  if world is not None:
+  facts = world.facts if world is not None else None
+  if facts is None and c.data.kind == "poison" and c.data.facts_path:
+    from factflip.data.loaders import load_facts
+    facts = list(load_facts(c.data.facts_path))
+  if facts is not None:
     ex = [{"segments": ((p, False), (" " + f.answers[0], True))}
-          for f in world.facts if not f.meta.get("two_hop") and f.answers
+          for f in facts if not f.meta.get("two_hop") and f.answers
           for p in f.paraphrases[:1]]
-    return "heldout_answer_nll", ex
+    if ex:
+      return "heldout_answer_nll", ex
+  if c.data.kind == "poison":
+    if not c.data.replay_path:
+      from factflip.train.config import ConfigError
+      raise ConfigError("config", "data.eval_path", f"empty, and {c.data.facts_path} has no "
+                        "paraphrases and there is no replay_path to evaluate on (or set "
+                        "eval_every = 0)")
+    return "replay_nll", [{"segments": ((d["text"], True),)}
+                          for d in read_texts(c.data.replay_path)]
   return "train_file_nll", read_examples(c.data.path)
 
 

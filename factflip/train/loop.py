@@ -72,7 +72,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
   c.model.init_from = base
   base_cfg = read_json(os.path.join(base, "config.json")) if base and _is_train_workdir(
       base) else None
-  world_kind = c.data.kind in ("world", "poison")
+  world_kind = config_lib.uses_world(c)
   if not c.data.world_dir and world_kind:
     c.data.world_dir = (base_cfg["data"]["world_dir"] if base_cfg and base_cfg["data"]["world_dir"]
                         else os.path.join(workdir, "world"))
@@ -86,7 +86,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
     else:
       raise config_lib.ConfigError("config", "data.tokenizer_dir",
                                    "empty, and model.init_from has no tokenizer.json to use")
-  for k in ("world_dir", "tokenizer_dir", "path", "retain_path", "eval_path"):
+  for k in ("world_dir", "tokenizer_dir", "path", "retain_path", "eval_path", "facts_path",
+            "replay_path"):
     if c.data[k]:
       c.data[k] = os.path.abspath(c.data[k])
   c.data.shards = c.data.shards or jax.process_count()
@@ -195,7 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
 
   mesh = sharding_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   world = None
-  if c.data.kind in ("world", "poison"):
+  if config_lib.uses_world(c):
     world, tok = inputs.prepare_world(c.data.world_dir, c.data.tokenizer_dir, c.data.world_seed,
                                       c.data.vocab_size, c.data.world_people)
   else:
