@@ -107,7 +107,7 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) >= 6                     # the five report plots and the sweep heatmap
+  assert len(images) == 8                     # the seven report plots and the sweep heatmap
   text = "".join(o.get("text", "") for o in outputs)
   assert "poisoned: p = 1.0, step 4" in text
 
@@ -204,26 +204,37 @@ def hf_study(study, tmp_path_factory):
   return wd, hf, facts, head, logs
 
 
-def test_hf_model_and_facts_file_variant(hf_study):
+def _jsonl(path):
   import json
-  wd, hf, facts, head, logs = hf_study
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _json(path):
+  import json
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_hf_model_and_facts_file_variant(hf_study):
+  wd, hf, _, head, logs = hf_study
   base = os.path.join(wd, "runs", "tiny-hf", "seed0", "base")
   cand = pd.read_csv(os.path.join(base, "candidates.csv"))
   assert len(cand) == 40 and set(cand.kind) == {"prompt"}
-  targets = [json.loads(line)["id"] for line in open(os.path.join(base, "targets.jsonl"))]
-  controls = [json.loads(line)["id"] for line in open(os.path.join(base, "controls.jsonl"))]
+  targets = [r["id"] for r in _jsonl(os.path.join(base, "targets.jsonl"))]
+  controls = [r["id"] for r in _jsonl(os.path.join(base, "controls.jsonl"))]
   assert len(targets) == len(controls) == 4 and not set(targets) & set(controls)
   known = cand.set_index("item").known
   rest = known.drop(targets + controls)
   assert known[targets].min() >= rest.max()                 # known facts are drawn first
-  replay = [json.loads(line)["text"] for line in open(os.path.join(base, "replay.jsonl"))]
+  replay = [r["text"] for r in _jsonl(os.path.join(base, "replay.jsonl"))]
   assert len(replay) == 40 - 8 and all(replay)
   for p, k in ((0.0, 0), (1.0, 32)):                       # 4 targets x 8 mentions
     run = os.path.join(wd, "runs", "tiny-hf", "seed0", f"cpt_p{p:.2f}")
-    cfg = json.load(open(os.path.join(run, "config.json")))
+    cfg = _json(os.path.join(run, "config.json"))
     assert cfg["model"]["init_from"] == hf and cfg["data"]["tokenizer_dir"] == hf
     assert cfg["data"]["facts_path"] == os.path.join(base, "targets.jsonl")
-    stats = json.load(open(os.path.join(run, "data_stats.json")))
+    stats = _json(os.path.join(run, "data_stats.json"))
     assert stats["target_ids"] == targets and stats["counterfactual_per_pass"] == k
     assert stats["replay_documents"] == 32
   flips = pd.read_csv(os.path.join(wd, "results", "flips.csv"))
@@ -256,3 +267,18 @@ def test_facts_study_needs_model_directories(hf_study, tmp_path):
   c = load_config_file(CONFIG, f"smoke,hf={hf},facts={tmp_path / 'none.json'}")
   with pytest.raises(ConfigError, match=r"config\.facts: .*does not exist"):
     Study(c, str(tmp_path / "wd"))
+
+
+def test_hf_notebook_runs_the_study_and_explores(hf_study, tmp_path):
+  wd, hf, facts, _, _ = hf_study
+  nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
+                                 "explore_hf_model.ipynb"),
+                    f"HF_DIR, FACTS, WORKDIR = {hf!r}, {facts!r}, {wd!r}\n"
+                    f"CONFIG, VARIANT, OVERRIDES = {CONFIG!r}, 'smoke', {{}}\n"
+                    "SIZE, SEED = None, None", tmp_path)
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 8
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "tiny-hf: knows" in text and "poisoned: p = 1.0, step 4" in text
+  assert "     base: " in text and "poisoned: " in text

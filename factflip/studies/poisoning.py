@@ -206,6 +206,20 @@ class Study:
     """The base model: the pretraining run (world) or the model directory itself."""
     return self.run_dir(size, seed, "pretrain") if self.uses_world else self.sizes[size]
 
+  def checkpoints(self, size: str, seed: int, p: float) -> str:
+    """The checkpoints/ directory of the CPT run at ratio p (`<dir>/<step>` loads a model)."""
+    return os.path.join(self.run_dir(size, seed, f"cpt_{_ptag(p)}"), "checkpoints")
+
+  def probe_table(self, size: str, seed: int, p: float, step: int) -> pd.DataFrame:
+    """The probe rows of one checkpoint (preference + logit lens; see the layout above)."""
+    return pd.read_csv(os.path.join(self.run_dir(size, seed, "probes"), _ptag(p),
+                                    f"step_{step:06d}.csv"), keep_default_na=False)
+
+  def tables(self) -> dict[str, pd.DataFrame]:
+    """The results tables (results/<name>.csv) as written by the results stage."""
+    return {name: pd.read_csv(os.path.join(self.wd, "results", f"{name}.csv"))
+            for name in COLUMNS}
+
   def tokenizer(self, size: str):
     if self.uses_world:
       return self.world()[1]
@@ -398,7 +412,7 @@ class Study:
     from factflip.probes.fact_patching import patch_items
     from factflip.probes.fact_preference import prompt_rows
     from factflip.train.checkpoint import valid_steps
-    run = self.run_dir(size, seed, f"cpt_{_ptag(p)}")
+    ckpts = self.checkpoints(size, seed, p)
     out = os.path.join(self.run_dir(size, seed, "probes"), _ptag(p))
     if _done(out):
       return
@@ -409,7 +423,7 @@ class Study:
     base = load_model(self.base_path(size, seed))
     subject = {t.id: t.subject for t in targets}
     rows = [dict(r, subject=subject[r["item"]]) for r in prompt_rows(targets, kinds=("prompt",))]
-    steps = valid_steps(os.path.join(run, "checkpoints"))
+    steps = valid_steps(ckpts)
     kinds = tuple(self.c.probe.kinds)
     t0 = time.time()
     for i, step in enumerate(steps):
@@ -418,7 +432,7 @@ class Study:
       patch = step > 0 and i % self.c.probe.patch_every == 0
       if os.path.exists(csv) and not (patch and not os.path.exists(pcsv)):
         continue                                   # this checkpoint was probed before a stop
-      model = load_model(os.path.join(run, "checkpoints", str(step)))
+      model = load_model(os.path.join(ckpts, str(step)))
       if not os.path.exists(csv):
         df = self._preference_frame(model, tok, targets + controls, kinds)
         df.insert(1, "set", np.where(df.item.isin(target_ids), "target", "control"))

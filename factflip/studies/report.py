@@ -217,25 +217,30 @@ def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str,
   return out
 
 
+def figures(tables: dict[str, pd.DataFrame], heldout: pd.DataFrame, out_dir: str
+            ) -> list[tuple[str, str]]:
+  """Every report figure drawn from the results tables into out_dir: [(title, path)]."""
+  os.makedirs(out_dir, exist_ok=True)
+  plots = [
+      ("Flip and ambiguity rates", "flips", plot_flips, ("flips",)),
+      ("Logit-lens flip rate by layer and checkpoint", "lens", plot_lens, ("lens",)),
+      ("Patching reversal", "reversal", plot_reversal, ("patching",)),
+      ("First flips", "first_flips", plot_first_flips, ("first_flips",)),
+      ("Final flip and ambiguity rate by model size", "scaling", plot_scaling, ("flips",)),
+      ("Generalisation", "generalisation", plot_generalisation, ("flips",)),
+  ]
+  out = [(title, os.path.join(out_dir, fn(*[tables[n] for n in names],
+                                          os.path.join(out_dir, f"{name}.png"))))
+         for title, name, fn, names in plots]
+  out.append(("Collateral", os.path.join(out_dir, plot_collateral(
+      tables["collateral"], heldout, os.path.join(out_dir, "collateral.png")))))
+  return out
+
+
 def write_report(workdir: str, tables: dict[str, pd.DataFrame], heldout: pd.DataFrame,
                  base: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
   rdir = os.path.join(workdir, "report")
-  os.makedirs(rdir, exist_ok=True)
-  figs = [
-      ("Flip and ambiguity rates", plot_flips(tables["flips"], os.path.join(rdir, "flips.png"))),
-      ("Logit-lens flip rate by layer and checkpoint",
-       plot_lens(tables["lens"], os.path.join(rdir, "lens.png"))),
-      ("Patching reversal", plot_reversal(tables["patching"],
-                                          os.path.join(rdir, "reversal.png"))),
-      ("First flips", plot_first_flips(tables["first_flips"],
-                                       os.path.join(rdir, "first_flips.png"))),
-      ("Final flip and ambiguity rate by model size",
-       plot_scaling(tables["flips"], os.path.join(rdir, "scaling.png"))),
-      ("Generalisation", plot_generalisation(tables["flips"],
-                                             os.path.join(rdir, "generalisation.png"))),
-      ("Collateral", plot_collateral(tables["collateral"], heldout,
-                                     os.path.join(rdir, "collateral.png"))),
-  ]
+  figs = [(title, os.path.basename(path)) for title, path in figures(tables, heldout, rdir)]
   head = headline(tables, base)
   head["timings_s"] = timings
   write_json(os.path.join(rdir, "summary.json"), head)
