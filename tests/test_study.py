@@ -41,6 +41,9 @@ def test_files_tables_and_ranges(study):
             "collateral.png", "summary.json"):
     assert os.path.getsize(os.path.join(wd, "report", f)) > 0, f
   assert set(head["final_flip_rate"]) == {"0", "1"}
+  base = _json(os.path.join(wd, "runs", "tiny-0.5m", "seed0", "pretrain", "base.json"))
+  assert {"prompt", "paraphrase", "question", "language", "language:fr", "language:de"} <= set(
+      base["accuracy"])
   held = Study.open(wd).heldout()                        # read back through study.json
   assert len(held) == 2 * 1 and set(held.p) == {0.0, 1.0} and (held.loss > 0).all()
   assert any("report:" in line for line in logs)

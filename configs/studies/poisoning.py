@@ -124,7 +124,6 @@ def get_config(arg=None):
     c.facts = variants["facts"]
     c.cpt.optim.lr = 2e-5          # billion-parameter models: a gentle continual-pretraining lr
     c.cpt.optim.warmup_steps = 10
-    c.cpt.data.replay_weight = 0.5
     c.probe.batch_size = 16
   if "smoke" in variants:
     c.ratios = [0.0, 1.0]

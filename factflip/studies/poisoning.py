@@ -177,7 +177,7 @@ class Study:
     self.sizes = {size_label(s): (s if self.uses_world else os.path.abspath(s))
                   for s in config.sizes}
     self._world = None      # (world, tokenizer) once loaded
-    self._facts = None      # facts studies: the facts file's items with a counterfactual
+    self._facts = None      # facts studies: every item of the facts file
     self._tokenizers = {}   # facts studies: size -> the model directory's tokenizer
     self._targets = {}      # (size, seed) -> target facts
 
@@ -237,14 +237,16 @@ class Study:
                                   self.c.vocab_size, self.c.pretrain.data.world_people)
     return self._world
 
-  def facts(self):
-    """Facts studies: the facts file's items with a counterfactual (the first facts_limit),
-    read once."""
+  def facts(self, candidates: bool = True):
+    """Facts studies: the facts file's items (read once); with `candidates`, those with a
+    counterfactual, the first facts_limit of them (what the base is scored on)."""
     from factflip.data.loaders import load_facts
     if self._facts is None:
-      items = [f for f in load_facts(self.c.facts) if f.counterfactual is not None]
-      self._facts = items[:self.c.facts_limit] if self.c.facts_limit else items
-    return self._facts
+      self._facts = list(load_facts(self.c.facts))
+    if not candidates:
+      return self._facts
+    items = [f for f in self._facts if f.counterfactual is not None]
+    return items[:self.c.facts_limit] if self.c.facts_limit else items
 
   def prepare(self):
     """The first stage: the world (and tokenizer), or the facts file."""
@@ -305,9 +307,8 @@ class Study:
             for f in controls for q in (f.paraphrases[:1] or (f.prompt,)) if q]
     write_jsonl(os.path.join(out, "heldout.jsonl"), held)
     if not self.c.replay:
-      from factflip.data.loaders import load_facts
       used = {f.id for f in targets + controls}
-      rest = [f for f in load_facts(self.c.facts) if f.id not in used and f.answers
+      rest = [f for f in self.facts(candidates=False) if f.id not in used and f.answers
               and f.prompt][:4000]
       docs = [{"text": mention_text(f, f.answers[0], f.language,
                                     STYLE_NAMES[i % len(STYLE_NAMES)], i, i // 5)}
@@ -371,10 +372,13 @@ class Study:
       table = pd.DataFrame(preference(model, self.tokenizer(size), self.targets(size, seed),
                                       kinds=("prompt", "paraphrase", "question", "language"),
                                       batch_size=self.c.probe.batch_size))
-      acc = table.groupby("kind")["correct"].mean().to_dict()
-      info = {"accuracy": {k: float(v) for k, v in acc.items()},
-              "dll_positive": {k: float(v) for k, v in
-                               (table.dll > 0).groupby(table.kind).mean().items()}}
+      # per kind, and per language as "language:<code>"
+      group = np.where(table.kind == "language", "language:" + table.variant.astype(str),
+                       table.kind)
+      info = {name: {k: float(v) for k, v in pd.concat([
+                  col.groupby(table.kind).mean(), col.groupby(group).mean()]).items()}
+              for name, col in (("accuracy", table.correct.astype(float)),
+                                ("dll_positive", (table.dll > 0).astype(float)))}
       write_json(path, info)
     got = info["accuracy"]["prompt"]
     if got < self.c.min_base_accuracy:
