@@ -83,7 +83,8 @@ def main():
 
   size = next(iter(study.sizes))
   cand = pd.read_csv(os.path.join(study.base_dir(size, 0), "candidates.csv"))
-  timings = json.load(open(os.path.join(study.wd, "results", "timings.json")))
+  from factflip.fileio import read_json
+  timings = read_json(os.path.join(study.wd, "results", "timings.json"))
   print(f"\n### hf variant on CounterFact ({datetime.date.today()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores)\n")
   print(f"facts file {args.facts}: {len(items)} records taught to {args.preset} in "
