@@ -41,6 +41,9 @@ def test_files_tables_and_ranges(study):
             "collateral.png", "summary.json"):
     assert os.path.getsize(os.path.join(wd, "report", f)) > 0, f
   assert set(head["final_flip_rate"]) == {"0", "1"}
+  with open(os.path.join(wd, "report", "index.html")) as f:
+    page = f.read()
+  assert page.count("<img ") == 7 and "share of the flipped items whose patched" in page
   base = _json(os.path.join(wd, "runs", "tiny-0.5m", "seed0", "pretrain", "base.json"))
   assert {"prompt", "paraphrase", "question", "language", "language:fr", "language:de"} <= set(
       base["accuracy"])
@@ -159,6 +162,15 @@ def test_scale_variant_adds_a_size_side_by_side(study, tmp_path):
   two = Image.open(os.path.join(wd, "report", "flips.png")).size
   assert two[0] > 1.8 * one[0]                              # sizes side by side
   assert os.path.getsize(os.path.join(wd, "report", "scaling.png")) > 0
+
+
+def test_seeds_variant_runs_a_cell_per_seed_with_its_own_targets(study):
+  wd, _, _ = study
+  s = Study(load_config_file(CONFIG, "smoke,seeds=0+1"), wd, log=lambda m: None)
+  assert list(s.cells()) == [("tiny-0.5m", 0), ("tiny-0.5m", 1)]
+  t0, t1 = ([t.id for t in s.targets("tiny-0.5m", k)] for k in (0, 1))
+  assert len(t0) == len(t1) == 4 and t0 != t1
+  assert s.run_dir("tiny-0.5m", 1, "cpt_p1.00").endswith(os.path.join("seed1", "cpt_p1.00"))
 
 
 def counterfact_file(world, path, n: int) -> str:

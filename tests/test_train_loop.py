@@ -196,6 +196,9 @@ def test_incomplete_checkpoints_are_ignored(world_dirs, tmp_path, capsys):
     ({"data__kind": "books"}, "data.kind", "expected one of"),
     ({"steps": 0}, "steps", "expected > 0"),
     ({"objective__name": "npo"}, "objective.name", "data.kind 'unlearn'"),
+    ({"data__facts_path": "f.json"}, "data.facts_path", "only data.kind 'poison' reads it"),
+    ({"data__kind": "poison", "data__facts_path": "f.json"}, "data.replay_path",
+     r"with data.facts_path and replay_weight 0.5"),
 ])
 def test_bad_config_fails_before_anything_runs(world_dirs, tmp_path, change, key, message):
   c = smoke(world_dirs)
@@ -267,3 +270,27 @@ def test_sft_examples_and_npo_unlearning(full_run, world_dirs, tmp_path):
   from factflip.fileio import DataError
   with pytest.raises(DataError, match=r"bad.jsonl:2: record 1: field 'completion'"):
     train(c, str(tmp_path / "npo_bad"), quiet=True)
+
+
+def test_poison_targets_from_a_facts_file(tmp_path):
+  """data.facts_path: a seeded draw of n facts with counterfactuals (all of them, in file
+  order, when the file holds exactly n); too few is an error naming the file."""
+  from factflip.data.facts import FactItem, write_facts_jsonl
+  from factflip.fileio import DataError
+  from factflip.train.inputs import file_targets, read_texts
+  items = [FactItem(id=f"f{i}", subject=f"S{i}", relation="r", prompt=f"S{i} lives in",
+                    answers=("Paris",), counterfactual=None if i == 3 else "Rome")
+           for i in range(6)]
+  path = str(tmp_path / "facts.jsonl")
+  write_facts_jsonl(path, items)
+  assert [f.id for f in file_targets(path, 5, seed=0)] == ["f0", "f1", "f2", "f4", "f5"]
+  three = [f.id for f in file_targets(path, 3, seed=1)]
+  assert three == [f.id for f in file_targets(path, 3, seed=1)] and len(set(three)) == 3
+  assert "f3" not in three
+  with pytest.raises(DataError, match=r"facts\.jsonl: data\.n_targets is 6, but the file has "
+                     r"only 5 facts with a counterfactual"):
+    file_targets(path, 6, seed=0)
+  bad = tmp_path / "replay.jsonl"
+  bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+  with pytest.raises(DataError, match=r"replay\.jsonl:2: record 1: field 'text'"):
+    read_texts(str(bad))

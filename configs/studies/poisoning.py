@@ -111,6 +111,8 @@ def get_config(arg=None):
   c.probe.kinds = ["prompt", "paraphrase", "question", "language", "neighbour"]
   c.probe.n_control = 40           # non-target facts of the target tier (collateral accuracy)
   c.probe.batch_size = 64
+  c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
+  c.probe.devices = 1              # local devices a probed model is sharded over (-1 = all)
   c.probe.patch_sites = ["resid_pre", "attn_out", "mlp_out"]
   c.probe.patch_windows = [1, 2]
   c.probe.patch_groups = ["subject", "last"]
@@ -125,6 +127,7 @@ def get_config(arg=None):
     c.cpt.optim.lr = 2e-5          # billion-parameter models: a gentle continual-pretraining lr
     c.cpt.optim.warmup_steps = 10
     c.probe.batch_size = 16
+    c.probe.devices = -1           # shard each probed model over the host's accelerators
   if "smoke" in variants:
     c.ratios = [0.0, 1.0]
     c.min_base_accuracy = 0.0      # a few steps cannot teach the world; the gate is still run

@@ -118,6 +118,11 @@ def validate(c, source: str = "study") -> None:
   need(c.probe.patch_every >= 1, "probe.patch_every", f"{c.probe.patch_every}; expected >= 1")
   need(c.probe.n_control >= 0 and c.probe.batch_size >= 1, "probe",
        "n_control must be >= 0 and batch_size >= 1")
+  need(c.probe.dtype in ("float32", "bfloat16"), "probe.dtype",
+       f"{c.probe.dtype!r}; expected float32 or bfloat16")
+  need(c.probe.devices == -1 or 1 <= c.probe.devices <= jax.local_device_count(),
+       "probe.devices", f"{c.probe.devices}; expected -1 (all) or 1..{jax.local_device_count()} "
+       "local devices")
   need(c.cpt.data.kind == "poison", "cpt.data.kind", f"{c.cpt.data.kind!r}; expected 'poison'")
   for p in c.ratios:
     try:
@@ -220,6 +225,18 @@ class Study:
     return {name: pd.read_csv(os.path.join(self.wd, "results", f"{name}.csv"))
             for name in COLUMNS}
 
+  def load(self, path: str):
+    """A model to probe (a base, a checkpoint step), in `probe.dtype`, its parameters sharded
+    over `probe.devices` local devices (fsdp) when that is more than one."""
+    import jax
+
+    from factflip.models.store import load_model
+    from factflip.sharding import make_mesh
+    n = self.c.probe.devices
+    devices = jax.local_devices() if n == -1 else jax.local_devices()[:n]
+    mesh = make_mesh(1, -1, 1, devices=devices) if len(devices) > 1 else None
+    return load_model(path, dtype=self.c.probe.dtype, mesh=mesh)
+
   def tokenizer(self, size: str):
     if self.uses_world:
       return self.world()[1]
@@ -280,7 +297,6 @@ class Study:
     from factflip.data.mixtures import mention_text
     from factflip.data.templates import STYLE_NAMES
     from factflip.fileio import write_jsonl
-    from factflip.models.store import load_model
     from factflip.probes.fact_preference import preference
     out = self.base_dir(size, seed)
     if _done(out):
@@ -291,7 +307,7 @@ class Study:
       raise StudyError(f"{self.c.facts}: {len(items)} facts with a counterfactual (facts_limit "
                        f"{self.c.facts_limit}), fewer than cpt.data.n_targets + "
                        f"probe.n_control = {n_t + n_c}")
-    model = load_model(self.sizes[size])
+    model = self.load(self.sizes[size])
     tab = pd.DataFrame(preference(model, self.tokenizer(size), items, kinds=("prompt",),
                                   batch_size=self.c.probe.batch_size))
     tab["known"] = tab.correct.astype(bool) & (tab.dll > self.c.tau)
@@ -362,13 +378,12 @@ class Study:
     """Closed-book accuracy of the pretrained model on the targets (prompt format, plus the
     other kinds for the report); below `min_base_accuracy` the study stops: the config is
     wrong (too little pretraining for this world and model)."""
-    from factflip.models.store import load_model
     from factflip.probes.fact_preference import preference
     path = os.path.join(self.base_dir(size, seed), "base.json")
     if os.path.exists(path):
       info = read_json(path)
     else:
-      model = load_model(self.base_path(size, seed))
+      model = self.load(self.base_path(size, seed))
       table = pd.DataFrame(preference(model, self.tokenizer(size), self.targets(size, seed),
                                       kinds=("prompt", "paraphrase", "question", "language"),
                                       batch_size=self.c.probe.batch_size))
@@ -412,7 +427,6 @@ class Study:
   def probe(self, size: str, seed: int, p: float) -> None:
     """Preference (+ logit lens) on targets and controls at every checkpoint; cross-model
     patching (base → checkpoint) of the targets' prompts at every `patch_every`-th one."""
-    from factflip.models.store import load_model
     from factflip.probes.fact_patching import patch_items
     from factflip.probes.fact_preference import prompt_rows
     from factflip.train.checkpoint import valid_steps
@@ -424,7 +438,7 @@ class Study:
     targets, controls = self.targets(size, seed), self.controls(size, seed)
     target_ids = {t.id for t in targets}
     two_hop = self.two_hop(size, seed)
-    base = load_model(self.base_path(size, seed))
+    base = self.load(self.base_path(size, seed))
     subject = {t.id: t.subject for t in targets}
     rows = [dict(r, subject=subject[r["item"]]) for r in prompt_rows(targets, kinds=("prompt",))]
     steps = valid_steps(ckpts)
@@ -436,7 +450,7 @@ class Study:
       patch = step > 0 and i % self.c.probe.patch_every == 0
       if os.path.exists(csv) and not (patch and not os.path.exists(pcsv)):
         continue                                   # this checkpoint was probed before a stop
-      model = load_model(os.path.join(ckpts, str(step)))
+      model = self.load(os.path.join(ckpts, str(step)))
       if not os.path.exists(csv):
         df = self._preference_frame(model, tok, targets + controls, kinds)
         df.insert(1, "set", np.where(df.item.isin(target_ids), "target", "control"))
@@ -585,8 +599,10 @@ class Study:
     head = write_report(self.wd, tables, self.heldout(), base, timings)
     self.log(f"\nfactflip poisoning study done in {time.time() - t0:.0f} s")
     self.log(f"  base accuracy (greedy, targets): {base}")
-    self.log("  final flip rate by p (training prompt): "
+    self.log("  final flip rate by p (training prompt; mean over sizes and seeds): "
              + ", ".join(f"{p}: {v:.2f}" for p, v in head["final_flip_rate"].items()))
+    for size, rates in head.get("final_flip_rate_by_size", {}).items():
+      self.log(f"    {size}: " + ", ".join(f"{p}: {v:.2f}" for p, v in rates.items()))
     self.log("  final ambiguity rate by p: "
              + ", ".join(f"{p}: {v:.2f}" for p, v in head["final_ambiguity_rate"].items()))
     self.log("  flip rate by prompt kind at the largest p: "

@@ -217,6 +217,29 @@ def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str,
   return out
 
 
+# What each figure shows, under its title on the page (definitions: studies/poisoning.py).
+CAPTIONS = {
+    "flips": "Target facts on the training prompt. Flip rate: share of the items correct at "
+             "step 0 (ΔLL > τ) that are counterfactual (ΔLL < −τ) at the step; ambiguity "
+             "rate: share with |ΔLL| ≤ τ. A line per poisoning ratio p, a column per size.",
+    "lens": "Logit lens: the flip rate computed from each layer's residual stream through the "
+            "final norm and unembedding (the top row is the output), per checkpoint.",
+    "reversal": "Cross-model patching at the final step of the largest p: the base model's "
+                "activations (site, window of layers from the first patched layer, subject "
+                "or last-token positions) copied into the poisoned model; reversal rate = "
+                "share of the flipped items whose patched ΔLL returns above 0.",
+    "first_flips": "How many target items first become counterfactual at each checkpoint "
+                   "(abruptness: the largest single-interval rise over the total rise is in "
+                   "summary.json and abruptness.csv).",
+    "scaling": "Final flip and ambiguity rate against p, a line per model size.",
+    "generalisation": "Final flip rate by prompt kind: the poisoned (training) prompt, held-out "
+                      "paraphrases, questions, other languages, neighbours (other subjects: "
+                      "should not move) and two-hop compositions through the target.",
+    "collateral": "Non-target (control) facts' accuracy and the held-out answer NLL during "
+                  "continual pretraining: a broad collapse would show here.",
+}
+
+
 def figures(tables: dict[str, pd.DataFrame], heldout: pd.DataFrame, out_dir: str
             ) -> list[tuple[str, str]]:
   """Every report figure drawn from the results tables into out_dir: [(title, path)]."""
@@ -254,7 +277,9 @@ def write_report(workdir: str, tables: dict[str, pd.DataFrame], heldout: pd.Data
           + ", ".join(f'<a href="../results/{n}.csv">{n}.csv</a>' for n in tables) + ".</p>",
           "<h2>Headline</h2>", table_html(head)]
   for title, name in figs:
-    body += [f"<h2>{html.escape(title)}</h2>", f'<img src="{name}" style="max-width:100%">']
+    caption = CAPTIONS.get(name[:-len(".png")], "")
+    body += [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(caption)}</p>",
+             f'<img src="{name}" style="max-width:100%">']
   page = ("<!doctype html><meta charset='utf-8'><title>factflip poisoning study</title>"
           "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
           "td{padding:2px 10px;border-bottom:1px solid #ddd;vertical-align:top}</style>"
