@@ -267,6 +267,7 @@ def test_hf_model_and_facts_file_variant(hf_study):
     ("hf=/x", r"hf=DIR and facts=FILE go together"),
     ("scale=tiny-2m,hf=/x,facts=/y", r"scale= picks presets"),
     ("smok", r"bad variant 'smok'"),
+    ("seeds=0+x", r"seeds=0\+x; expected integers joined by '\+'"),
 ])
 def test_bad_variants(variant, match):
   with pytest.raises(ValueError, match=match):

@@ -27,7 +27,7 @@ set with --config.KEY=VALUE):
   factflip run --config=configs/studies/poisoning.py:scale=tiny-0.5m+tiny-2m,seeds=0+1 \
       --workdir=workdir/scaling
   factflip run --config=configs/studies/poisoning.py:hf=/models/Qwen2.5-0.5B,facts=\
-/data/counterfact.json --workdir=workdir/qwen --config.cpt.mesh.fsdp=-1
+/data/counterfact.json --workdir=workdir/qwen --config.cpt.model.dtype=bfloat16
 """
 
 import os
@@ -120,6 +120,9 @@ def get_config(arg=None):
   if "scale" in variants:
     c.sizes = LADDER if variants["scale"] == "ladder" else variants["scale"].split("+")
   if "seeds" in variants:
+    if not all(k.isdigit() for k in variants["seeds"].split("+")):
+      raise ValueError(f"configs/studies/poisoning.py: seeds={variants['seeds']}; expected "
+                       "integers joined by '+', e.g. seeds=0+1+2")
     c.seeds = [int(k) for k in variants["seeds"].split("+")]
   if "hf" in variants:
     c.sizes = variants["hf"].split("+")
@@ -144,5 +147,5 @@ def get_config(arg=None):
     c.probe.patch_windows = [1]
     c.facts_limit = 60
     if "hf" in variants:
-      c.cpt.optim.lr = 1e-3
+      c.cpt.optim.lr = 1e-3        # the tests' tiny model: move visibly in 4 steps
   return c
