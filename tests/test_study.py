@@ -123,6 +123,9 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
     ("sizes", ["tiny-05m"], r"config\.sizes: \['tiny-05m'\]; expected"),
     ("probe.patch_groups", ["subj"], r"config\.probe\.patch_groups"),
     ("cpt.steps", 0, r"study\.py: cpt: config\.steps: 0; expected > 0"),
+    ("probe.batchsize", 8, r"config\.probe\.batchsize: unknown key; expected one of .*batch_size"),
+    ("taus", 0.5, r"config\.taus: unknown key; expected one of .*tau"),
+    ("probe.devices", 0, r"config\.probe\.devices: 0; expected -1 \(all\) or 1\.\.8"),
 ])
 def test_bad_study_configs_fail_before_anything_runs(tmp_path, key, value, match):
   from factflip.train.config import ConfigError
@@ -162,6 +165,22 @@ def test_scale_variant_adds_a_size_side_by_side(study, tmp_path):
   two = Image.open(os.path.join(wd, "report", "flips.png")).size
   assert two[0] > 1.8 * one[0]                              # sizes side by side
   assert os.path.getsize(os.path.join(wd, "report", "scaling.png")) > 0
+
+
+def test_open_fills_keys_added_since_and_refuses_unknown_ones(study, tmp_path):
+  import json
+
+  from factflip.train.config import ConfigError
+  wd, _, _ = study
+  old = _json(os.path.join(wd, "study.json"))
+  del old["probe"]["devices"], old["facts_limit"]          # a study.json from before them
+  (tmp_path / "study.json").write_text(json.dumps(old))
+  s = Study.open(str(tmp_path))
+  assert s.c.probe.devices == 1 and s.c.facts_limit == 2000 and s.c.cpt.steps == 4
+  old["probe"]["frobs"] = 1
+  (tmp_path / "study.json").write_text(json.dumps(old))
+  with pytest.raises(ConfigError, match=r"study\.json: config\.probe\.frobs: unknown key"):
+    Study.open(str(tmp_path))
 
 
 def test_seeds_variant_runs_a_cell_per_seed_with_its_own_targets(study):

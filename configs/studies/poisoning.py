@@ -1,12 +1,13 @@
 r"""Paper A's continual-pretraining poisoning study on the embedded fact world.
 
-  factflip run                                              # this config, workdir/poisoning
+  factflip run                                              # this config, workdir/default
   factflip run --config=configs/studies/poisoning.py:smoke --workdir=/tmp/smoke   # seconds
 
 Stages (each skipped when its DONE file exists, so a stopped run resumes): world → pretrain
 (per size and seed; the base must know >= min_base_accuracy of the target facts on the training
 prompt format) → cpt (per poisoning ratio p, dense checkpoints) → probe (every checkpoint) →
-results. Every key below is documented where it is set.
+results. Every study key, its default and meaning: `base_config` in factflip/studies/poisoning.py
+(`pretrain` and `cpt` are training configs: factflip/train/config.py); this file sets values.
 
 Variants (`--config=configs/studies/poisoning.py:VARIANT[,VARIANT...]`; any key can still be
 set with --config.KEY=VALUE):
@@ -32,9 +33,8 @@ set with --config.KEY=VALUE):
 
 import os
 
-import ml_collections
-
-from factflip.train.config import base_config
+from factflip.studies.poisoning import base_config
+from factflip.train import config as train_config
 from factflip.train.loop import load_config_file
 
 
@@ -49,7 +49,7 @@ def _pretrain():
 
 
 def _cpt():
-  c = base_config()
+  c = train_config.base_config()
   c.steps = 60
   c.data.kind = "poison"
   c.data.n_targets = 40            # target facts, drawn from `target_tier`
@@ -91,32 +91,9 @@ def _variants(arg):
 
 def get_config(arg=None):
   variants = _variants(arg)
-  c = ml_collections.ConfigDict()
-  c.sizes = ["tiny-0.5m"]          # model presets (a scaling study lists several), or with
-  #                                  `facts` set: HF / factflip model directories
-  c.seeds = [0]                    # pretraining + data seeds
-  c.facts = ""                     # a facts file (any `load_facts` format) instead of the world
-  c.facts_limit = 2000             # facts: score the first n with a counterfactual (0 = all)
-  c.replay = ""                    # facts: replay documents, JSONL {"text"} ("" = true
-  #                                  statements of the facts that are neither targets nor
-  #                                  controls)
-  c.ratios = [0.0, 0.25, 0.5, 0.75, 1.0]   # poisoning ratios p
-  c.tau = 0.5                      # state threshold on ΔLL (nats): correct > τ, cf < −τ
-  c.min_base_accuracy = 0.8        # the base must know this share of targets (greedy, prompt)
-  c.world_seed = 0
-  c.vocab_size = 1024
+  c = base_config()                # every study key, its default and meaning
   c.pretrain = _pretrain()
   c.cpt = _cpt()
-  c.probe = ml_collections.ConfigDict()
-  c.probe.kinds = ["prompt", "paraphrase", "question", "language", "neighbour"]
-  c.probe.n_control = 40           # non-target facts of the target tier (collateral accuracy)
-  c.probe.batch_size = 64
-  c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
-  c.probe.devices = 1              # local devices a probed model is sharded over (-1 = all)
-  c.probe.patch_sites = ["resid_pre", "attn_out", "mlp_out"]
-  c.probe.patch_windows = [1, 2]
-  c.probe.patch_groups = ["subject", "last"]
-  c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
   if "scale" in variants:
     c.sizes = LADDER if variants["scale"] == "ladder" else variants["scale"].split("+")
   if "seeds" in variants:

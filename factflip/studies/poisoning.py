@@ -61,6 +61,55 @@ COLUMNS = {
 }
 
 
+def base_config():
+  """Every key a poisoning study reads, with its default (configs/studies/poisoning.py starts
+  from it; `pretrain` and `cpt` are training configs with `factflip.train.config`'s schema)."""
+  import ml_collections
+
+  from factflip.train import config as train_config
+  c = ml_collections.ConfigDict()
+  c.sizes = ["tiny-0.5m"]          # model presets (a scaling study lists several), or with
+  #                                  `facts` set: HF / factflip model directories
+  c.seeds = [0]                    # pretraining + data seeds
+  c.facts = ""                     # a facts file (any `load_facts` format) instead of the world
+  c.facts_limit = 2000             # facts: score the first n with a counterfactual (0 = all)
+  c.replay = ""                    # facts: replay documents, JSONL {"text"} ("" = true
+  #                                  statements of the facts that are neither targets nor
+  #                                  controls)
+  c.ratios = [0.0, 0.25, 0.5, 0.75, 1.0]   # poisoning ratios p
+  c.tau = 0.5                      # state threshold on ΔLL (nats): correct > τ, cf < −τ
+  c.min_base_accuracy = 0.8        # the base must know this share of targets (greedy, prompt)
+  c.world_seed = 0
+  c.vocab_size = 1024              # the world's tokenizer
+  c.pretrain = train_config.base_config()   # world studies: pretraining of each size
+  c.pretrain.data.kind = "world"
+  c.cpt = train_config.base_config()        # continual pretraining per ratio (data.ratio is
+  c.cpt.data.kind = "poison"                # set per run; dense checkpoints are the point)
+  c.probe = ml_collections.ConfigDict()
+  c.probe.kinds = ["prompt", "paraphrase", "question", "language", "neighbour"]
+  c.probe.n_control = 40           # non-target facts (collateral accuracy)
+  c.probe.batch_size = 64
+  c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
+  c.probe.devices = 1              # local devices a probed model is sharded over (-1 = all)
+  c.probe.patch_sites = ["resid_pre", "attn_out", "mlp_out"]
+  c.probe.patch_windows = [1, 2]
+  c.probe.patch_groups = ["subject", "last"]
+  c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
+  return c
+
+
+def _merge(into, values: dict, source: str, prefix: str = "") -> None:
+  """Set `values` (nested dicts) on the ConfigDict `into`; a key it lacks is a ConfigError."""
+  from factflip.train.config import ConfigError
+  for k, v in values.items():
+    if k not in into:
+      raise ConfigError(source, prefix + k, "unknown key")
+    if isinstance(v, dict) and not isinstance(into[k], list | str | int | float | bool):
+      _merge(into[k], v, source, prefix + k + ".")
+    else:
+      into[k] = v
+
+
 class StudyError(RuntimeError):
   """A study cannot go on as configured (e.g. the base model does not know the targets)."""
 
@@ -110,6 +159,12 @@ def validate(c, source: str = "study") -> None:
   need(c.tau >= 0, "tau", f"{c.tau}; expected >= 0 nats")
   need(0 <= c.min_base_accuracy <= 1, "min_base_accuracy",
        f"{c.min_base_accuracy}; expected a share in [0, 1]")
+  schema = base_config()
+  for key in c:
+    need(key in schema, key, "unknown key; expected one of " + ", ".join(schema))
+  for key in c.probe:
+    need(key in schema.probe, "probe." + key,
+         "unknown key; expected one of " + ", ".join(schema.probe))
   subset("probe.kinds", list(c.probe.kinds), KINDS)
   subset("probe.patch_sites", list(c.probe.patch_sites), SITES)
   subset("probe.patch_groups", list(c.probe.patch_groups), GROUPS)
@@ -188,10 +243,12 @@ class Study:
 
   @classmethod
   def open(cls, workdir: str, log=print) -> Study:
-    """The study that ran in `workdir` (its study.json), to read its runs and models."""
-    import ml_collections
-    config = ml_collections.ConfigDict(read_json(os.path.join(workdir, "study.json")))
-    return cls(config, workdir, log=log, source=os.path.join(workdir, "study.json"))
+    """The study that ran in `workdir` (its study.json over today's defaults, so keys added
+    since read as their defaults), to read its runs and models."""
+    path = os.path.join(workdir, "study.json")
+    config = base_config()
+    _merge(config, read_json(path), path)
+    return cls(config, workdir, log=log, source=path)
 
   # ---- layout -----------------------------------------------------------------------------
   def run_dir(self, size: str, seed: int, name: str) -> str:

@@ -38,7 +38,7 @@ def _final(df: pd.DataFrame) -> pd.DataFrame:
 
 def plot_flips(flips: pd.DataFrame, path: str) -> str:
   sizes = list(dict.fromkeys(flips["size"]))
-  fig = Figure(figsize=(5 * len(sizes), 6.5))
+  fig = Figure(figsize=(5 * len(sizes), 6.5), layout="constrained")
   axes = fig.subplots(2, len(sizes), squeeze=False, sharex=True)
   prompt = flips[flips.kind == "prompt"]
   for j, size in enumerate(sizes):
@@ -58,20 +58,29 @@ def plot_flips(flips: pd.DataFrame, path: str) -> str:
 
 
 def plot_lens(lens: pd.DataFrame, path: str) -> str:
-  runs = [(s, p) for s, p in dict.fromkeys(zip(lens["size"], lens.p)) if p > 0]
-  fig = Figure(figsize=(3.2 * max(len(runs), 1), 3.2))
-  axes = fig.subplots(1, max(len(runs), 1), squeeze=False)
-  for j, (size, p) in enumerate(runs):
-    g = lens[(lens["size"] == size) & (lens.p == p)].groupby(["layer", "step"]).flip_rate.mean()
-    grid = g.unstack("step")
-    im = axes[0, j].imshow(grid.values, aspect="auto", origin="lower", vmin=0, vmax=1,
-                           cmap="magma", extent=(grid.columns.min(), grid.columns.max(),
-                                                 -0.5, grid.index.max() + 0.5))
-    axes[0, j].set_title(f"{size}, p = {p:g}", fontsize=9)
-    axes[0, j].set_xlabel("step")
-    axes[0, j].set_ylabel("layer (logit lens)")
-  if runs:
-    fig.colorbar(im, ax=axes[0, :].tolist(), label="flip rate")
+  """Layer × checkpoint heatmaps of the logit-lens flip rate: a row per size, a column per
+  p > 0."""
+  sizes = _sizes(lens)
+  ps = sorted(p for p in set(lens.p) if p > 0) or [None]
+  fig = Figure(figsize=(3.2 * len(ps) + 0.8, 3.0 * len(sizes)), layout="constrained")
+  axes = fig.subplots(len(sizes), len(ps), squeeze=False)
+  im = None
+  for i, size in enumerate(sizes):
+    for j, p in enumerate(ps):
+      ax = axes[i, j]
+      g = lens[(lens["size"] == size) & (lens.p == p)]
+      if not len(g):
+        ax.set_axis_off()
+        continue
+      grid = g.groupby(["layer", "step"]).flip_rate.mean().unstack("step")
+      im = ax.imshow(grid.values, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="magma",
+                     extent=(grid.columns.min(), grid.columns.max(), -0.5,
+                             grid.index.max() + 0.5))
+      ax.set_title(f"{size}, p = {p:g}", fontsize=9)
+      ax.set_xlabel("step")
+      ax.set_ylabel("layer (logit lens)")
+  if im is not None:
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="flip rate")
   return _save(fig, path)
 
 
@@ -81,7 +90,7 @@ def _sizes(df: pd.DataFrame) -> list[str]:
 
 def plot_reversal(patching: pd.DataFrame, path: str) -> str:
   sizes = _sizes(patching)
-  fig = Figure(figsize=(6.5 * len(sizes), 3.8))
+  fig = Figure(figsize=(6.5 * len(sizes), 3.8), layout="constrained")
   axes = fig.subplots(1, len(sizes), squeeze=False)[0]
   for ax, size in zip(axes, sizes):
     d = _final(patching[patching["size"] == size]) if len(patching) else patching
@@ -105,7 +114,7 @@ def plot_reversal(patching: pd.DataFrame, path: str) -> str:
 def plot_scaling(flips: pd.DataFrame, path: str) -> str:
   """Final flip and ambiguity rate (training prompt) against p, one line per model size."""
   d = _final(flips[flips.kind == "prompt"])
-  fig = Figure(figsize=(10, 3.6))
+  fig = Figure(figsize=(10, 3.6), layout="constrained")
   axes = fig.subplots(1, 2)
   for size in _sizes(d):
     g = d[d["size"] == size].groupby("p")[["flip_rate", "ambiguity_rate"]].mean()
@@ -123,7 +132,7 @@ def plot_scaling(flips: pd.DataFrame, path: str) -> str:
 def plot_first_flips(first: pd.DataFrame, path: str) -> str:
   """Per size and p, how many target items first flip at each checkpoint (training prompt)."""
   sizes = _sizes(first)
-  fig = Figure(figsize=(6.5 * len(sizes), 3.4))
+  fig = Figure(figsize=(6.5 * len(sizes), 3.4), layout="constrained")
   axes = fig.subplots(1, len(sizes), squeeze=False)[0]
   for ax, size in zip(axes, sizes):
     d = first[(first.kind == "prompt") & (first.first_flip_step >= 0) & (first["size"] == size)]
@@ -144,7 +153,7 @@ def plot_first_flips(first: pd.DataFrame, path: str) -> str:
 
 def plot_generalisation(flips: pd.DataFrame, path: str) -> str:
   sizes = _sizes(flips)
-  fig = Figure(figsize=(6.5 * len(sizes), 3.6))
+  fig = Figure(figsize=(6.5 * len(sizes), 3.6), layout="constrained")
   axes = fig.subplots(1, len(sizes), squeeze=False)[0]
   for ax, size in zip(axes, sizes):
     d = _final(flips[flips["size"] == size]).groupby(["kind", "p"]).flip_rate.mean().unstack(
@@ -164,7 +173,7 @@ def plot_generalisation(flips: pd.DataFrame, path: str) -> str:
 def plot_collateral(collateral: pd.DataFrame, heldout: pd.DataFrame, path: str) -> str:
   """Per size: non-target accuracy and the held-out answer NLL against step, a line per p."""
   sizes = _sizes(collateral)
-  fig = Figure(figsize=(10, 3.6 * len(sizes)))
+  fig = Figure(figsize=(10, 3.6 * len(sizes)), layout="constrained")
   axes = fig.subplots(len(sizes), 2, squeeze=False)
   for row, size in zip(axes, sizes):
     d = collateral[(collateral.kind == "prompt") & (collateral["size"] == size)]
