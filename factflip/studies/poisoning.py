@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from factflip.fileio import read_json, write_json
+from factflip.fileio import atomic_path, read_json, write_json
 
 _RUN = ["size", "seed", "p", "step"]
 COLUMNS = {
@@ -100,11 +100,13 @@ def base_config():
 
 def _merge(into, values: dict, source: str, prefix: str = "") -> None:
   """Set `values` (nested dicts) on the ConfigDict `into`; a key it lacks is a ConfigError."""
+  import ml_collections
+
   from factflip.train.config import ConfigError
   for k, v in values.items():
     if k not in into:
       raise ConfigError(source, prefix + k, "unknown key")
-    if isinstance(v, dict) and not isinstance(into[k], list | str | int | float | bool):
+    if isinstance(v, dict) and isinstance(into[k], ml_collections.ConfigDict):
       _merge(into[k], v, source, prefix + k + ".")
     else:
       into[k] = v
@@ -122,6 +124,7 @@ def validate(c, source: str = "study") -> None:
   from factflip.data.mixtures import PoisonConfig
   from factflip.models.config import presets
   from factflip.models.hooks import SITES
+  from factflip.models.store import CONFIG_NAME
   from factflip.probes.fact_patching import GROUPS
   from factflip.probes.fact_preference import KINDS
   from factflip.train import config as train_config
@@ -135,12 +138,18 @@ def validate(c, source: str = "study") -> None:
     bad = [x for x in given if x not in allowed]
     need(given and not bad, key, f"{list(given)}; expected a non-empty list of {list(allowed)}")
 
+  schema = base_config()
+  for key in c:
+    need(key in schema, key, "unknown key; expected one of " + ", ".join(schema))
+  for key in c.probe:
+    need(key in schema.probe, "probe." + key,
+         "unknown key; expected one of " + ", ".join(schema.probe))
   if c.facts:
     need(os.path.exists(c.facts), "facts", f"{c.facts!r} does not exist; expected a facts file "
          "or folder (`factflip facts --facts=PATH` checks one)")
     for d in c.sizes:
       need(os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
-          "config.json", "factflip_model.json")), "sizes",
+          "config.json", CONFIG_NAME)), "sizes",
           f"{d!r}: with `facts` set, sizes are model directories (HF config.json + "
           "safetensors, or a factflip model directory)")
     labels = [size_label(d) for d in c.sizes]
@@ -159,12 +168,6 @@ def validate(c, source: str = "study") -> None:
   need(c.tau >= 0, "tau", f"{c.tau}; expected >= 0 nats")
   need(0 <= c.min_base_accuracy <= 1, "min_base_accuracy",
        f"{c.min_base_accuracy}; expected a share in [0, 1]")
-  schema = base_config()
-  for key in c:
-    need(key in schema, key, "unknown key; expected one of " + ", ".join(schema))
-  for key in c.probe:
-    need(key in schema.probe, "probe." + key,
-         "unknown key; expected one of " + ", ".join(schema.probe))
   subset("probe.kinds", list(c.probe.kinds), KINDS)
   subset("probe.patch_sites", list(c.probe.patch_sites), SITES)
   subset("probe.patch_groups", list(c.probe.patch_groups), GROUPS)
@@ -206,10 +209,8 @@ def _mark(path: str, info: dict[str, Any]) -> None:
 
 def _write_csv(df: pd.DataFrame, path: str) -> None:
   """Atomic CSV write (a temporary name, then rename)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  df.to_csv(tmp, index=False)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    df.to_csv(tmp, index=False)
 
 
 def _ptag(p: float) -> str:
@@ -218,8 +219,7 @@ def _ptag(p: float) -> str:
 
 def size_label(size: str) -> str:
   """The name of a model size in paths and tables: the preset, or a directory's base name."""
-  return os.path.basename(os.path.normpath(size)) if os.sep in size or os.path.isdir(
-      size) else size
+  return os.path.basename(os.path.normpath(size))
 
 
 class Study:
@@ -398,7 +398,7 @@ class Study:
     poison, the same for every size; facts studies: base/targets.jsonl of this model)."""
     from factflip.data.facts import read_facts_jsonl
     from factflip.train.inputs import poison_targets
-    key = (size, seed) if not self.uses_world else ("", seed)
+    key = (size, seed)
     if key not in self._targets:
       self._targets[key] = (
           poison_targets(self.world()[0], self.c.cpt.data.n_targets,

@@ -15,13 +15,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from factflip.fileio import write_json, write_text
+from factflip.fileio import atomic_path, write_json, write_text
 
 
 def _save(fig, path: str) -> str:
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
   return os.path.basename(path)
 
 
