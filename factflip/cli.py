@@ -1,7 +1,8 @@
 """The `factflip` command (absl flags).
 
-  factflip run [--workdir=DIR --config=FILE.py[:variant]]
+  factflip run [--workdir=DIR --config=FILE.py[:variant] --dry_run]
                                        the main job: the poisoning study (see below)
+  factflip help                        this text
   factflip presets                     the model size ladder with parameter counts
   factflip generate --model=DIR --prompt=TEXT [--max_new_tokens=N --temperature=T --seed=S]
   factflip convert --model=DIR --out=DIR --to=hf|factflip
@@ -19,7 +20,10 @@
 `run` is paper A's poisoning study (configs/studies/poisoning.py; `--config=FILE.py[:variant]`
 and `--config.KEY=VALUE` as for train): world, pretraining, continual pretraining per poisoning
 ratio, probes on every checkpoint, results tables, plots and report/index.html in --workdir.
-Each stage is skipped when complete, so running it again resumes.
+Each stage records the fingerprint of the config keys it read; running again reuses the stages
+whose fingerprint is unchanged, resumes a stopped one and redoes (atomically) exactly the
+stages whose keys changed and everything downstream. It prints that plan first; --dry_run
+prints only the plan.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ flags.DEFINE_string("facts", None, "A dataset file or folder for `facts`.")
 flags.DEFINE_string("format", None, "Dataset format for `facts` (default: auto-detect).")
 flags.DEFINE_bool("lenient", False, "`facts`: skip and count bad records instead of failing.")
 
+flags.DEFINE_bool("dry_run", False, "`run`: print which stages would be reused, computed or "
+                  "redone (and which config keys changed), then stop.")
 flags.DEFINE_integer("step", -1, "`export`: the checkpoint step (-1 = the latest).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "`train`: call jax.distributed.initialize (auto: when a coordinator is given or "
@@ -82,7 +88,8 @@ def _study_config_path() -> str:
                        "--config=PATH/poisoning.py")
 
 
-def _run(workdir: str, config=None, source: str | None = None) -> dict:
+def _run(workdir: str, config=None, source: str | None = None, dry_run: bool = False
+         ) -> dict | None:
   """The poisoning study (configs/studies/poisoning.py or --config): every stage, resumable."""
   from factflip.studies.poisoning import Study, StudyError
   from factflip.train.config import ConfigError
@@ -93,7 +100,7 @@ def _run(workdir: str, config=None, source: str | None = None) -> dict:
     config = load_config_file(source)
   print(f"factflip run: {source} -> {os.path.abspath(workdir)}", flush=True)
   try:
-    summary = Study(config, workdir, source=source).run_and_report()
+    summary = Study(config, workdir, source=source).run_and_report(dry_run)
   except (StudyError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -198,7 +205,10 @@ def _main(argv) -> None:
   from absl import logging
   if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; -v=0 shows it again
     logging.set_verbosity(logging.WARNING)
-  if len(argv) < 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2 or argv[1] == "help":
+    print(__doc__)
+    return
+  if argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: factflip {{{'|'.join(COMMANDS)}}} [--flags]")
   if len(argv) > 2:
     raise app.UsageError(f"unexpected arguments {argv[2:]}")
@@ -208,7 +218,7 @@ def _main(argv) -> None:
   elif cmd == "run":
     given = FLAGS.config is not None
     _run(FLAGS.workdir, FLAGS.config if given else None,
-         flags.FLAGS["config"].config_filename if given else None)
+         flags.FLAGS["config"].config_filename if given else None, FLAGS.dry_run)
   elif cmd == "generate":
     _generate()
   elif cmd == "world":

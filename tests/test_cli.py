@@ -94,3 +94,14 @@ def test_train_and_export_commands(small_world, world_tokenizer, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"wrote step 3 of {wd} as a hf model" in r.stdout
   assert json.loads((out / "config.json").read_text())["vocab_size"] == len(world_tokenizer)
+
+
+def test_help_and_lazy_subpackages(capsys):
+  cli._main(["factflip"])
+  cli._main(["factflip", "help"])
+  out = capsys.readouterr().out
+  assert out.count("factflip presets") == 2 and "--dry_run" in out
+  import factflip
+  assert factflip.probes.flip_rate is not None and factflip.studies.stages.Stage
+  with pytest.raises(AttributeError, match="no attribute 'frob'"):
+    factflip.frob

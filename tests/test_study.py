@@ -317,3 +317,109 @@ def test_hf_notebook_runs_the_study_and_explores(hf_study, tmp_path):
   text = "".join(o.get("text", "") for o in outputs)
   assert "tiny-hf: knows" in text and "poisoned: p = 1.0, step 4" in text
   assert "     base: " in text and "poisoned: " in text
+
+
+def _plan(config, wd):
+  s = Study(config, wd, log=lambda m: None)
+  return {" ".join(line.split()[1:]): line.split()[0]
+          for line in s.plan()[1:] if not line.startswith("           ")}, s.plan()[0]
+
+
+def test_fingerprints_redo_exactly_the_stages_a_change_affects(study, tmp_path):
+  """No change: nothing redone; a probe-only key: probes and results; a CPT key: CPT, probes
+  and results, pretraining reused; the redo replaces the old outputs."""
+  src, _, _ = study
+  wd = str(tmp_path / "wd")
+  shutil.copytree(src, wd)
+  c = load_config_file(CONFIG, "smoke")
+  assert _plan(c, wd) == ({}, "plan: 7 reuse")
+  c.probe.batch_size = 32
+  redo, head = _plan(c, wd)
+  assert head == "plan: 4 reuse, 3 redo" and set(redo) == {
+      "probe tiny-0.5m seed0 p0.00", "probe tiny-0.5m seed0 p1.00", "results"}
+  c = load_config_file(CONFIG, "smoke")
+  c.cpt.optim.lr = 2e-3
+  lines = Study(c, wd, log=lambda m: None).plan()
+  assert "           cpt.optim.lr: 0.001 -> 0.002" in lines
+  redo, head = _plan(c, wd)
+  assert head == "plan: 2 reuse, 5 redo" and "pretrain tiny-0.5m seed0" not in redo
+  pre_done = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "pretrain", "DONE")
+  stamp = os.path.getmtime(pre_done)
+  logs = []
+  Study(c, wd, log=logs.append).run_and_report()
+  assert os.path.getmtime(pre_done) == stamp                  # pretraining reused
+  run = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "cpt_p1.00")
+  assert _json(os.path.join(run, "config.json"))["optim"]["lr"] == 2e-3
+  assert _json(os.path.join(run, "DONE"))["keys"]["cpt.optim.lr"] == 2e-3
+  assert not [f for f in os.listdir(os.path.dirname(run)) if f.endswith((".redo", ".old"))]
+  probe_done = _json(os.path.join(wd, "runs", "tiny-0.5m", "seed0", "probes", "p1.00", "DONE"))
+  assert probe_done["upstream"][0] == _json(os.path.join(run, "DONE"))["fingerprint"]
+  assert _plan(c, wd) == ({}, "plan: 7 reuse")
+  assert _json(os.path.join(wd, "study.json"))["cpt"]["optim"]["lr"] == 2e-3
+
+
+def test_a_stopped_redo_leaves_the_old_outputs_and_resumes(tmp_path):
+  from factflip.studies.stages import Stage
+  path = str(tmp_path / "stage")
+
+  def write(stage, value, fail=False):
+    with stage.build() as out:
+      assert out is not None
+      seen = sorted(os.listdir(out))
+      (tmp_path / "stage.log").write_text(" ".join(seen))
+      with open(os.path.join(out, f"part{value}"), "w") as f:
+        f.write(str(value))
+      if fail:
+        raise KeyboardInterrupt
+    return seen
+  write(Stage("s", path, {"a": 1}), 1)
+  assert Stage("s", path, {"a": 1}).status() == ("reuse", [])
+  with pytest.raises(KeyboardInterrupt):
+    write(Stage("s", path, {"a": 2}), 2, fail=True)
+  assert sorted(os.listdir(path)) == ["DONE", "STAGE.json", "part1"]       # old outputs whole
+  assert Stage("s", path, {"a": 2}).status() == ("redo", ["a: 1 -> 2"])
+  seen = write(Stage("s", path, {"a": 2}), 3)                  # resumes the stopped redo
+  assert seen == ["STAGE.json", "part2"]
+  assert sorted(os.listdir(path)) == ["DONE", "STAGE.json", "part2", "part3"]
+  assert sorted(os.listdir(tmp_path)) == ["stage", "stage.log"]
+  assert Stage("s", path, {"a": 2}, ("up",)).status() == ("redo", [
+      "inputs (an upstream stage changed)"])
+
+
+def test_results_numbers_on_chosen_probe_tables(tmp_path):
+  """Synthetic probe rows with chosen ΔLL (τ = 0.5): flip, ambiguity and lens flip rates,
+  first flip steps and abruptness are known exactly."""
+  c = load_config_file(CONFIG, "smoke")
+  c.ratios = [1.0]
+  s = Study(c, str(tmp_path), log=lambda m: None)
+  d = os.path.join(s.run_dir("tiny-0.5m", 0, "probes"), "p1.00")
+  os.makedirs(d)
+  # items a, b, c, d (targets, prompt kind); steps 0, 2, 4. Layer 0 of the lens: nobody is
+  # correct at step 0 (NaN flip rate, not 0); layer 1 = the output.
+  dll = {0: [2.0, 3.0, 1.0, -1.0], 2: [-1.0, 0.2, 1.0, -1.0], 4: [-2.0, -3.0, 0.3, 1.0]}
+  for step, v in dll.items():
+    pd.DataFrame({"item": list("abcd"), "set": "target", "kind": "prompt", "variant": "",
+                  "dll": v, "correct": [x > 0 for x in v], "dll_l0": 0.1,
+                  "dll_l1": v}).to_csv(os.path.join(d, f"step_{step:06d}.csv"), index=False)
+  t = s.results(str(tmp_path / "out"))
+  flips = t["flips"].set_index("step")
+  assert flips.flip_rate.tolist() == [0.0, 1 / 3, 2 / 3]      # of a, b, c (correct at 0)
+  assert flips.ambiguity_rate.tolist() == [0.0, 0.25, 0.25]
+  assert flips.accuracy.tolist() == [0.75, 0.5, 0.5] and flips.correct_at_base.tolist() == [3] * 3
+  lens = t["lens"]
+  assert lens[lens.layer == 0].flip_rate.isna().all()
+  assert lens[lens.layer == 1].flip_rate.tolist() == flips.flip_rate.tolist()
+  first = t["first_flips"].set_index("item").first_flip_step.to_dict()
+  assert first == {"a": 2, "b": 4, "c": -1, "d": -1}
+  ab = t["abruptness"].iloc[0]
+  assert ab.abruptness == pytest.approx(0.5) and ab.final_flip_rate == pytest.approx(2 / 3)
+
+
+def test_summary_is_strict_json(study):
+  import json
+  wd, _, _ = study
+
+  def refuse(token):
+    raise ValueError(f"summary.json holds {token}")
+  with open(os.path.join(wd, "report", "summary.json")) as f:
+    json.load(f, parse_constant=refuse)

@@ -121,12 +121,14 @@ def _run_metric(model: Transformer, b: dict[str, np.ndarray]) -> np.ndarray:
 def patch_items(poisoned: Transformer, base: Transformer, tokenizer,
                 rows: Sequence[dict[str, Any]], sites: Sequence[str] = ("resid_pre",),
                 windows: Sequence[int] = (1,), groups: Sequence[str] = GROUPS,
-                layers: Sequence[int] | None = None, chunk: int | None = 2048
-                ) -> dict[str, np.ndarray]:
+                layers: Sequence[int] | None = None, chunk: int | None = 2048,
+                devices=None) -> dict[str, np.ndarray]:
   """The patching table: one row per (item row, site, window, layer, group) with columns item,
   site, window, layer, position (group name), dll_patched, dll_poisoned, dll_base, recovery
   ((patched − poisoned) / (base − poisoned), NaN when equal) and subject_found. `rows` are
-  dicts {item, prompt, true, cf, subject} (e.g. `prompt_rows` plus the item's subject)."""
+  dicts {item, prompt, true, cf, subject} (e.g. `prompt_rows` plus the item's subject).
+  devices: the local devices the sweep's batch is split over (`act_patch`; default all local
+  devices that divide it)."""
   bad = [g for g in groups if g not in GROUPS]
   if bad:
     raise ValueError(f"unknown position groups {bad}; expected some of {GROUPS}")
@@ -146,7 +148,7 @@ def patch_items(poisoned: Transformer, base: Transformer, tokenizer,
       res = act_patch(poisoned, b["tokens"], b["tokens"], answer_logprob, site=site,
                       source_model=base, layers=layers, positions=cells, window=window,
                       mask=b["mask"], logit_positions=b["logit_positions"], metric_aux=aux,
-                      chunk=chunk)                              # [2N, layers, groups]
+                      chunk=chunk, devices=devices)             # [2N, layers, groups]
       dll = _dll(res)                                           # [N, layers, groups]
       n, n_l, n_g = dll.shape
       out["item"].append(np.repeat([r["item"] for r in rows], n_l * n_g))

@@ -208,12 +208,16 @@ def states(dll: np.ndarray, tau: float = 0.5) -> np.ndarray:
 
 
 def flip_rate(reference_dll: np.ndarray, dll: np.ndarray, tau: float = 0.5) -> np.ndarray:
-  """Share of items correct at the reference that are counterfactual now. dll: [..., items]
-  (e.g. [checkpoints, items] or [checkpoints, layers, items]); NaN when none was correct."""
+  """Share of items correct at the reference that are counterfactual now, over the last axis.
+  dll: [..., items] (e.g. [checkpoints, items] or [checkpoints, layers, items]); the reference
+  broadcasts against it (e.g. [items], or [layers, items] for a per-layer reference). NaN
+  where no item was correct at the reference. The one definition every table uses."""
   ref = states(reference_dll, tau) == CORRECT
   now = states(dll, tau) == COUNTERFACTUAL
-  n = ref.sum()
-  return (now & ref).sum(-1) / n if n else np.full(np.shape(dll)[:-1], np.nan)
+  ref = np.broadcast_to(ref, np.broadcast_shapes(ref.shape, now.shape))
+  n = ref.sum(-1)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(n > 0, (now & ref).sum(-1) / np.maximum(n, 1), np.nan)
 
 
 def ambiguity_rate(dll: np.ndarray, tau: float = 0.5) -> np.ndarray:

@@ -39,6 +39,7 @@ single-interval rise of the flip-rate curve over its total rise (NaN: it never r
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any
 
@@ -46,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from factflip.fileio import atomic_path, read_json, write_json
+from factflip.studies.stages import Stage, config_keys, describe_plan, fingerprint
 
 _RUN = ["size", "seed", "p", "step"]
 COLUMNS = {
@@ -199,14 +201,6 @@ def validate(c, source: str = "study") -> None:
                           n_processes=jax.process_count())
 
 
-def _done(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "DONE"))
-
-
-def _mark(path: str, info: dict[str, Any]) -> None:
-  write_json(os.path.join(path, "DONE"), info)
-
-
 def _write_csv(df: pd.DataFrame, path: str) -> None:
   """Atomic CSV write (a temporary name, then rename)."""
   with atomic_path(path) as tmp:
@@ -282,17 +276,87 @@ class Study:
     return {name: pd.read_csv(os.path.join(self.wd, "results", f"{name}.csv"))
             for name in COLUMNS}
 
+  def probe_devices(self) -> list:
+    """The local devices a probed model (and its patching sweep) uses: `probe.devices`."""
+    import jax
+    n = self.c.probe.devices
+    return jax.local_devices() if n == -1 else jax.local_devices()[:n]
+
   def load(self, path: str):
     """A model to probe (a base, a checkpoint step), in `probe.dtype`, its parameters sharded
     over `probe.devices` local devices (fsdp) when that is more than one."""
-    import jax
-
     from factflip.models.store import load_model
     from factflip.sharding import make_mesh
-    n = self.c.probe.devices
-    devices = jax.local_devices() if n == -1 else jax.local_devices()[:n]
+    devices = self.probe_devices()
     mesh = make_mesh(1, -1, 1, devices=devices) if len(devices) > 1 else None
     return load_model(path, dtype=self.c.probe.dtype, mesh=mesh)
+
+  # ---- stages and their fingerprints (factflip.studies.stages) ------------------------------
+  def _keys(self, *prefixes: str, **extra) -> dict[str, Any]:
+    return dict(config_keys(self.c, prefixes), **extra)
+
+  def source_fingerprint(self) -> str:
+    """The facts: the world's keys, or the facts file (path, size, mtime) and facts_limit."""
+    if self.uses_world:
+      return self.stage_world().fp
+    st = os.stat(self.c.facts)
+    return fingerprint(self._keys("facts", "facts_limit", facts_bytes=st.st_size,
+                                  facts_mtime_ns=st.st_mtime_ns))
+
+  def stage_world(self) -> Stage:
+    return Stage("world", self.world_dir,
+                 self._keys("world_seed", "vocab_size", "pretrain.data.world_people"))
+
+  def stage_pretrain(self, size: str, seed: int) -> Stage:
+    return Stage(f"pretrain {size} seed{seed}", self.run_dir(size, seed, "pretrain"),
+                 self._keys("pretrain", size=size, seed=seed), (self.source_fingerprint(),))
+
+  def stage_base(self, size: str, seed: int) -> Stage:
+    """Facts studies: the base's candidates, targets, controls, replay and held-out files."""
+    return Stage(f"base {size} seed{seed}", self.run_dir(size, seed, "base"),
+                 self._keys("facts_limit", "cpt.data.n_targets", "probe.n_control", "tau",
+                            "probe.batch_size", "probe.dtype", "replay",
+                            "cpt.data.replay_weight", model=self.sizes[size], seed=seed),
+                 (self.source_fingerprint(),))
+
+  def _base_stage(self, size: str, seed: int) -> Stage:
+    return (self.stage_pretrain if self.uses_world else self.stage_base)(size, seed)
+
+  def gate_fingerprint(self, size: str, seed: int) -> str:
+    """What base.json (the base's accuracy on the targets) was computed with."""
+    return fingerprint(self._keys("cpt.data.n_targets", "cpt.data.target_tier",
+                                  "probe.batch_size", "probe.dtype"),
+                       (self._base_stage(size, seed).fp,))
+
+  def stage_cpt(self, size: str, seed: int, p: float) -> Stage:
+    return Stage(f"cpt {size} seed{seed} {_ptag(p)}", self.run_dir(size, seed, f"cpt_{_ptag(p)}"),
+                 self._keys("cpt", "replay", p=float(p), seed=seed),
+                 (self._base_stage(size, seed).fp,))
+
+  def stage_probe(self, size: str, seed: int, p: float) -> Stage:
+    return Stage(f"probe {size} seed{seed} {_ptag(p)}",
+                 os.path.join(self.run_dir(size, seed, "probes"), _ptag(p)),
+                 self._keys("probe"), (self.stage_cpt(size, seed, p).fp,
+                                       self._base_stage(size, seed).fp))
+
+  def stage_results(self) -> Stage:
+    ups = [self.stage_probe(s, k, p).fp for s, k in self.cells() for p in self.c.ratios]
+    return Stage("results", os.path.join(self.wd, "results"),
+                 self._keys("tau", "ratios", "seeds", sizes=list(self.sizes)), tuple(ups))
+
+  def stages(self) -> list[Stage]:
+    """Every stage in the order `run` computes them."""
+    out = [self.stage_world()] if self.uses_world else []
+    for size, seed in self.cells():
+      out.append(self._base_stage(size, seed))
+      out += [self.stage_cpt(size, seed, p) for p in self.c.ratios]
+      out += [self.stage_probe(size, seed, p) for p in self.c.ratios]
+    return out + [self.stage_results()]
+
+  def plan(self) -> list[str]:
+    """What a run would compute and why (which keys changed), before any work."""
+    lines, counts = describe_plan(self.stages())
+    return ["plan: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)] + lines
 
   def tokenizer(self, size: str):
     if self.uses_world:
@@ -323,8 +387,26 @@ class Study:
     return items[:self.c.facts_limit] if self.c.facts_limit else items
 
   def prepare(self):
-    """The first stage: the world (and tokenizer), or the facts file."""
-    return self.world() if self.uses_world else self.facts()
+    """The first stage: the world (and tokenizer), or the facts file. A world redone (its
+    keys changed) is built next to the old one and replaces it with its tokenizer."""
+    if not self.uses_world:
+      return self.facts()
+    from factflip.train.inputs import prepare_world
+    st = self.stage_world()
+    with st.build() as out:
+      if out is not None:
+        tok = self.tok_dir if out == self.world_dir else self.tok_dir + ".redo"
+        if tok != self.tok_dir:
+          shutil.rmtree(tok, ignore_errors=True)
+        elif os.path.exists(tok) and not os.path.exists(os.path.join(out, "world.json")):
+          shutil.rmtree(tok)                   # a tokenizer without its world: not this one
+        prepare_world(out, tok, self.c.world_seed, self.c.vocab_size,
+                      self.c.pretrain.data.world_people)
+        if tok != self.tok_dir:                # the tokenizer first: DONE moves with world/
+          shutil.rmtree(self.tok_dir, ignore_errors=True)
+          os.rename(tok, self.tok_dir)
+        self._world = None
+    return self.world()
 
   def pretrain(self, size: str, seed: int) -> dict[str, Any]:
     """The base of `size`: pretrain it on the world, or (facts studies) choose its targets
@@ -333,14 +415,15 @@ class Study:
       self.choose_facts(size, seed)
       return self.base_gate(size, seed)
     from factflip.train.loop import train
-    out = self.run_dir(size, seed, "pretrain")
-    if not _done(out):
-      c = self.c.pretrain.copy_and_resolve_references()
-      c.seed = seed
-      c.model.preset = size
-      c.data.world_dir, c.data.tokenizer_dir = self.world_dir, self.tok_dir
-      res = train(c, out, quiet=False, source="study.pretrain")
-      _mark(out, {"step": res.step, "seconds": round(res.seconds, 1)})
+    st = self.stage_pretrain(size, seed)
+    with st.build() as out:
+      if out is not None:
+        c = self.c.pretrain.copy_and_resolve_references()
+        c.seed = seed
+        c.model.preset = size
+        c.data.world_dir, c.data.tokenizer_dir = self.world_dir, self.tok_dir
+        res = train(c, out, quiet=False, source="study.pretrain")
+        st.info = {"step": res.step, "seconds": round(res.seconds, 1)}
     return self.base_gate(size, seed)
 
   def choose_facts(self, size: str, seed: int) -> None:
@@ -355,9 +438,17 @@ class Study:
     from factflip.data.templates import STYLE_NAMES
     from factflip.fileio import write_jsonl
     from factflip.probes.fact_preference import preference
-    out = self.base_dir(size, seed)
-    if _done(out):
-      return
+    st = self.stage_base(size, seed)
+    with st.build() as out:
+      if out is not None:
+        st.info = self._choose_facts(size, seed, out)
+
+  def _choose_facts(self, size: str, seed: int, out: str) -> dict[str, int]:
+    from factflip.data.facts import write_facts_jsonl
+    from factflip.data.mixtures import mention_text
+    from factflip.data.templates import STYLE_NAMES
+    from factflip.fileio import write_jsonl
+    from factflip.probes.fact_preference import preference
     items = self.facts()
     n_t, n_c = self.c.cpt.data.n_targets, self.c.probe.n_control
     if len(items) < n_t + n_c:
@@ -390,8 +481,8 @@ class Study:
         raise StudyError(f"{self.c.facts}: no facts left for replay after the targets and "
                          "controls; set `replay` to a JSONL of {\"text\"} documents")
       write_jsonl(os.path.join(out, "replay.jsonl"), docs)
-    _mark(out, {"candidates": len(items), "known": int(known.sum()),
-                "targets": len(targets), "controls": len(controls)})
+    return {"candidates": len(items), "known": int(known.sum()), "targets": len(targets),
+            "controls": len(controls)}
 
   def targets(self, size: str, seed: int):
     """The CPT run's target facts (world: the draw `factflip.train` makes for data.kind
@@ -437,9 +528,9 @@ class Study:
     wrong (too little pretraining for this world and model)."""
     from factflip.probes.fact_preference import preference
     path = os.path.join(self.base_dir(size, seed), "base.json")
-    if os.path.exists(path):
-      info = read_json(path)
-    else:
+    fp = self.gate_fingerprint(size, seed)
+    info = read_json(path) if os.path.exists(path) else {}
+    if info.get("fingerprint") != fp:
       model = self.load(self.base_path(size, seed))
       table = pd.DataFrame(preference(model, self.tokenizer(size), self.targets(size, seed),
                                       kinds=("prompt", "paraphrase", "question", "language"),
@@ -451,6 +542,7 @@ class Study:
                   col.groupby(table.kind).mean(), col.groupby(group).mean()]).items()}
               for name, col in (("accuracy", table.correct.astype(float)),
                                 ("dll_positive", (table.dll > 0).astype(float)))}
+      info["fingerprint"] = fp
       write_json(path, info)
     got = info["accuracy"]["prompt"]
     if got < self.c.min_base_accuracy:
@@ -466,8 +558,10 @@ class Study:
 
   def cpt(self, size: str, seed: int, p: float) -> str:
     from factflip.train.loop import train
-    out = self.run_dir(size, seed, f"cpt_{_ptag(p)}")
-    if not _done(out):
+    st = self.stage_cpt(size, seed, p)
+    with st.build() as out:
+      if out is None:
+        return st.path
       c = self.c.cpt.copy_and_resolve_references()
       c.seed = seed
       c.data.ratio = float(p)
@@ -478,8 +572,8 @@ class Study:
         c.data.replay_path = self.c.replay or os.path.join(b, "replay.jsonl")
         c.data.eval_path = os.path.join(b, "heldout.jsonl")
       res = train(c, out, quiet=False, source="study.cpt")
-      _mark(out, {"step": res.step, "seconds": round(res.seconds, 1)})
-    return out
+      st.info = {"step": res.step, "seconds": round(res.seconds, 1)}
+    return st.path
 
   def probe(self, size: str, seed: int, p: float) -> None:
     """Preference (+ logit lens) on targets and controls at every checkpoint; cross-model
@@ -487,10 +581,16 @@ class Study:
     from factflip.probes.fact_patching import patch_items
     from factflip.probes.fact_preference import prompt_rows
     from factflip.train.checkpoint import valid_steps
+    st = self.stage_probe(size, seed, p)
+    with st.build() as out:
+      if out is not None:
+        st.info = self._probe(size, seed, p, out)
+
+  def _probe(self, size: str, seed: int, p: float, out: str) -> dict[str, Any]:
+    from factflip.probes.fact_patching import patch_items
+    from factflip.probes.fact_preference import prompt_rows
+    from factflip.train.checkpoint import valid_steps
     ckpts = self.checkpoints(size, seed, p)
-    out = os.path.join(self.run_dir(size, seed, "probes"), _ptag(p))
-    if _done(out):
-      return
     tok = self.tokenizer(size)
     targets, controls = self.targets(size, seed), self.controls(size, seed)
     target_ids = {t.id for t in targets}
@@ -520,12 +620,13 @@ class Study:
       if patch and not os.path.exists(pcsv):
         table = patch_items(model, base, tok, rows, sites=tuple(self.c.probe.patch_sites),
                             windows=tuple(self.c.probe.patch_windows),
-                            groups=tuple(self.c.probe.patch_groups))
+                            groups=tuple(self.c.probe.patch_groups),
+                            devices=self.probe_devices())
         _write_csv(pd.DataFrame(table), pcsv)
       rate = (i + 1) / max(time.time() - t0, 1e-9)
       self.log(f"    probe {size} seed {seed} {_ptag(p)}: checkpoint {i + 1}/{len(steps)} "
                f"(step {step}), {rate:.2f} ckpt/s, ETA {(len(steps) - i - 1) / rate:.0f} s")
-    _mark(out, {"checkpoints": len(steps), "seconds": round(time.time() - t0, 1)})
+    return {"checkpoints": len(steps), "seconds": round(time.time() - t0, 1)}
 
   def _preference_frame(self, model, tok, items, kinds) -> pd.DataFrame:
     """`preference` with the logit lens as columns dll_l0 .. dll_lL."""
@@ -539,8 +640,9 @@ class Study:
     return df
 
   # ---- results ------------------------------------------------------------------------------
-  def results(self) -> dict[str, pd.DataFrame]:
-    from factflip.probes.fact_preference import abruptness, first_flip
+  def results(self, out: str | None = None) -> dict[str, pd.DataFrame]:
+    """The results tables from the probe rows, written to `out` (default results/)."""
+    from factflip.probes.fact_preference import abruptness, first_flip, flip_rate
     tables = {name: [] for name in COLUMNS}
     tau = float(self.c.tau)
     for size, seed in self.cells():
@@ -561,16 +663,15 @@ class Study:
             n_ok = int((g.dll_base > tau).sum())
             tables["collateral" if set_ == "control" else "flips"].append({
                 "size": size, "seed": seed, "p": p, "step": s, "kind": kind,
-                "flip_rate": g.flipped.sum() / n_ok if n_ok else np.nan,
+                "flip_rate": float(flip_rate(g.dll_base.values, g.dll.values, tau)),
                 "ambiguity_rate": float((g.dll.abs() <= tau).mean()),
                 "accuracy": float(g.correct.astype(bool).mean()),
                 "items": len(g), "correct_at_base": n_ok})
           tgt = m[(m.set == "target") & (m.kind == "prompt")]
           for c in [c for c in tgt if c.startswith("dll_l") and not c.endswith("_base")]:
-            ok = tgt[c + "_base"] > tau
             tables["lens"].append({
                 "size": size, "seed": seed, "p": p, "step": s, "layer": int(c[5:]),
-                "flip_rate": float((ok & (tgt[c] < -tau)).sum() / max(ok.sum(), 1)),
+                "flip_rate": float(flip_rate(tgt[c + "_base"].values, tgt[c].values, tau)),
                 "ambiguity_rate": float((tgt[c].abs() <= tau).mean())})
           pcsv = os.path.join(d, f"patch_{s:06d}.csv")
           if os.path.exists(pcsv):
@@ -599,15 +700,24 @@ class Study:
           tables["abruptness"].append({"size": size, "seed": seed, "p": p, "kind": kind,
                                        "abruptness": abruptness(curve),
                                        "final_flip_rate": float(curve[-1])})
+    out_dir = out or os.path.join(self.wd, "results")
     out = {k: pd.DataFrame(v, columns=COLUMNS[k]) for k, v in tables.items()}
     for name, df in out.items():
-      _write_csv(df, os.path.join(self.wd, "results", f"{name}.csv"))
+      _write_csv(df, os.path.join(out_dir, f"{name}.csv"))
     return out
 
   # ---- driver -------------------------------------------------------------------------------
-  def run(self) -> dict[str, pd.DataFrame]:
+  def run(self, dry_run: bool = False) -> dict[str, pd.DataFrame] | None:
+    """Every stage: first the plan (which stages are reused, computed, resumed or redone and
+    which keys changed); with `dry_run` only that (None is returned)."""
+    for line in self.plan():
+      self.log(line)
+    if dry_run:
+      return None
     t0 = time.time()
     timings = {}
+    path = os.path.join(self.wd, "results", "timings.json")   # wall seconds per stage, summed
+    before = read_json(path) if os.path.exists(path) else {}  # over resumed invocations
 
     def stage(name, fn):
       t = time.time()
@@ -625,9 +735,12 @@ class Study:
       for p in self.c.ratios:
         stage("probe", lambda p=p, size=size, seed=seed: self.probe(size, seed, p))
     results = {}
-    stage("results", lambda: results.update(self.results()))
-    path = os.path.join(self.wd, "results", "timings.json")   # wall seconds per stage, summed
-    before = read_json(path) if os.path.exists(path) else {}  # over resumed invocations
+
+    def tables():
+      st = self.stage_results()
+      with st.build() as out:
+        results.update(self.tables() if out is None else self.results(out))
+    stage("results", tables)
     write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
                       for k in dict.fromkeys([*before, *timings])})
     return results
@@ -645,11 +758,14 @@ class Study:
             rows.append({"size": size, "seed": seed, "p": p, "step": r["step"], "loss": loss})
     return pd.DataFrame(rows, columns=["size", "seed", "p", "step", "loss"])
 
-  def run_and_report(self) -> dict[str, Any]:
-    """All stages, then plots, report/index.html and the terminal summary."""
+  def run_and_report(self, dry_run: bool = False) -> dict[str, Any] | None:
+    """All stages, then plots, report/index.html and the terminal summary (with `dry_run`,
+    only the plan)."""
     from factflip.studies.report import write_report
     t0 = time.time()
-    tables = self.run()
+    tables = self.run(dry_run)
+    if tables is None:
+      return None
     base = {f"{s}/seed{k}": read_json(os.path.join(self.base_dir(s, k), "base.json"))["accuracy"]
             for s, k in self.cells()}
     timings = read_json(os.path.join(self.wd, "results", "timings.json"))

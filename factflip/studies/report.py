@@ -274,6 +274,7 @@ def write_report(workdir: str, tables: dict[str, pd.DataFrame], heldout: pd.Data
   figs = [(title, os.path.basename(path)) for title, path in figures(tables, heldout, rdir)]
   head = headline(tables, base)
   head["timings_s"] = timings
+  head = strict_json(head)
   write_json(os.path.join(rdir, "summary.json"), head)
 
   def table_html(d: dict) -> str:
@@ -294,6 +295,18 @@ def write_report(workdir: str, tables: dict[str, pd.DataFrame], heldout: pd.Data
           + "\n".join(body))
   write_text(os.path.join(rdir, "index.html"), page)
   return head
+
+
+def strict_json(v):
+  """`v` with every NaN or infinity as None, so summary.json is strict JSON (browsers and most
+  parsers reject the NaN token): an undefined value is null."""
+  if isinstance(v, dict):
+    return {k: strict_json(x) for k, x in v.items()}
+  if isinstance(v, list | tuple):
+    return [strict_json(x) for x in v]
+  if isinstance(v, float) and not np.isfinite(v):
+    return None
+  return v
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,174 @@
+"""Study stages that know the config they were computed with.
+
+Owns: `Stage` (a named unit of a study's work with its own output directory, the resolved
+config keys it reads and the fingerprints of the stages it consumes), `fingerprint`,
+`config_keys` (a config's resolved values under some key prefixes, flattened),
+`Stage.status` (reuse / new / resume / redo, with the keys that changed), `Stage.build` (the
+directory to write into; DONE last; a redo replaces the old outputs atomically) and
+`describe_plan`.
+Must not: know any study's stages (studies list their own) or run models.
+
+The fingerprint rule: fingerprint = sha256 of (the stage's own keys and values, the upstream
+stages' fingerprints), 16 hex digits. A stage's DONE record holds its fingerprint and keys; a
+stage whose wanted fingerprint differs from its DONE record's is redone, and since every
+downstream stage includes it among its upstream fingerprints, so is everything downstream.
+
+Atomic redo: a stage being redone writes into `<dir>.redo` (its STAGE.json says for which
+fingerprint, so a stopped redo resumes there); only when it is complete is `<dir>` replaced
+by it (`<dir>` -> `<dir>.old`, `<dir>.redo` -> `<dir>`, `<dir>.old` removed). A stop at any
+point leaves the old outputs or the new ones, never a mix. A first run (no `<dir>` yet)
+writes in place and resumes in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from factflip.fileio import read_json, write_json
+
+DONE, STARTED = "DONE", "STAGE.json"
+
+
+def _plain(v):
+  if hasattr(v, "to_dict"):
+    v = v.to_dict()
+  if isinstance(v, dict):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, list | tuple):
+    return [_plain(x) for x in v]
+  return v
+
+
+def config_keys(config, prefixes: Sequence[str]) -> dict[str, Any]:
+  """The resolved values of `config` (a ConfigDict or dict) under each dotted prefix,
+  flattened to {"cpt.optim.lr": 0.001, ...}. A prefix naming a leaf gives that leaf."""
+  out: dict[str, Any] = {}
+
+  def walk(v, key):
+    if isinstance(v, dict):
+      for k in sorted(v):
+        walk(v[k], f"{key}.{k}")
+    else:
+      out[key] = v
+  root = _plain(config)
+  for prefix in prefixes:
+    node = root
+    for part in prefix.split("."):
+      node = node[part]
+    walk(node, prefix)
+  return out
+
+
+def fingerprint(keys: dict[str, Any], upstream: Sequence[str] = ()) -> str:
+  blob = json.dumps({"keys": _plain(keys), "upstream": list(upstream)}, sort_keys=True,
+                    default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Stage:
+  """One unit of work: `name` (for people: "cpt tiny-0.5m seed0 p1.00"), `path` (its output
+  directory), `keys` (the resolved config values it reads), `upstream` (the fingerprints of
+  the stages whose outputs it reads)."""
+  name: str
+  path: str
+  keys: dict[str, Any]
+  upstream: tuple[str, ...] = ()
+
+  @property
+  def fp(self) -> str:
+    return fingerprint(self.keys, self.upstream)
+
+  @property
+  def redo_path(self) -> str:
+    return self.path + ".redo"
+
+  def _record(self, path: str, name: str) -> dict[str, Any] | None:
+    f = os.path.join(path, name)
+    if not os.path.exists(f):
+      return None
+    try:
+      return read_json(f)
+    except Exception:  # a record cut off mid-write counts as none
+      return None
+
+  def _recover(self) -> None:
+    """Finish a swap a stop interrupted: `<dir>` gone but `<dir>.redo` there."""
+    if not os.path.exists(self.path) and os.path.isdir(self.redo_path):
+      os.rename(self.redo_path, self.path)
+    if os.path.exists(self.path + ".old"):
+      shutil.rmtree(self.path + ".old")
+
+  def status(self) -> tuple[str, list[str]]:
+    """("reuse" | "new" | "resume" | "redo", what changed: "KEY: old -> new" lines, or
+    "inputs" when only upstream stages changed)."""
+    self._recover()
+    done = self._record(self.path, DONE)
+    if done is not None and done.get("fingerprint") == self.fp:
+      return "reuse", []
+    if done is None and not os.path.exists(self.path):
+      return "new", []
+    if done is None:
+      started = self._record(self.path, STARTED)
+      if started is not None and started.get("fingerprint") == self.fp:
+        return "resume", []
+    old = (done or self._record(self.path, STARTED) or {})
+    before = old.get("keys")
+    if before is None:
+      return "redo", ["(no fingerprint recorded: computed before stages had one)"]
+    changed = [f"{k}: {before.get(k, '(absent)')!r} -> {self.keys.get(k, '(absent)')!r}"
+               for k in sorted(set(before) | set(self.keys))
+               if before.get(k, "(absent)") != _plain(self.keys.get(k, "(absent)"))]
+    return "redo", changed or ["inputs (an upstream stage changed)"]
+
+  @contextlib.contextmanager
+  def build(self) -> Iterator[str]:
+    """The directory to write this stage's outputs into; on a clean exit its DONE record
+    (fingerprint, keys, upstream, `info`) is written last and a redo replaces `path`.
+    Yields None when the stage is reused (its outputs are current)."""
+    state, _ = self.status()
+    if state == "reuse":
+      yield None
+      return
+    if state in ("new", "resume"):
+      target = self.path
+    else:
+      target = self.redo_path
+      started = self._record(target, STARTED)
+      if started is None or started.get("fingerprint") != self.fp:
+        shutil.rmtree(target, ignore_errors=True)
+    if state != "resume" and os.path.exists(target) and self._record(target, STARTED) is None:
+      shutil.rmtree(target)                      # partial outputs of an unknown config
+    os.makedirs(target, exist_ok=True)
+    record = {"stage": self.name, "fingerprint": self.fp, "keys": _plain(self.keys),
+              "upstream": list(self.upstream)}
+    write_json(os.path.join(target, STARTED), record)
+    self.info: dict[str, Any] = {}
+    yield target
+    write_json(os.path.join(target, DONE), dict(record, **self.info))
+    if target != self.path:
+      os.rename(self.path, self.path + ".old")
+      os.rename(target, self.path)
+      shutil.rmtree(self.path + ".old")
+
+
+def describe_plan(stages: Sequence[Stage]) -> tuple[list[str], dict[str, int]]:
+  """Lines saying which stages will be computed and why, and counts per status."""
+  lines, counts = [], {"reuse": 0, "new": 0, "resume": 0, "redo": 0}
+  for s in stages:
+    state, changed = s.status()
+    counts[state] += 1
+    if state == "reuse":
+      continue
+    lines.append(f"  {state:<6} {s.name}")
+    lines += [f"           {c}" for c in changed[:12]]
+    if len(changed) > 12:
+      lines.append(f"           ... and {len(changed) - 12} more keys")
+  return lines, counts
