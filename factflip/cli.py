@@ -91,9 +91,8 @@ def _study_config_path() -> str:
 def _run(workdir: str, config=None, source: str | None = None, dry_run: bool = False
          ) -> dict | None:
   """The poisoning study (configs/studies/poisoning.py or --config): every stage, resumable."""
+  from factflip.configfile import ConfigError, load_config_file
   from factflip.studies.poisoning import Study, StudyError
-  from factflip.train.config import ConfigError
-  from factflip.train.loop import load_config_file
 
   if config is None:
     source = _study_config_path()
@@ -176,7 +175,7 @@ def _train() -> None:
     raise app.UsageError("train needs --config=configs/FILE.py[:variant] and --workdir=DIR")
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
              FLAGS.process_id)
-  from factflip.train.config import ConfigError
+  from factflip.configfile import ConfigError
   from factflip.train.loop import train
 
   source = flags.FLAGS["config"].config_filename

@@ -3,7 +3,9 @@ r"""Paper A's continual-pretraining poisoning study on the embedded fact world.
   factflip run                                              # this config, workdir/default
   factflip run --config=configs/studies/poisoning.py:smoke --workdir=/tmp/smoke   # seconds
 
-Stages (each skipped when its DONE file exists, so a stopped run resumes): world → pretrain
+Stages (each records the fingerprint of the config keys it read: a re-run reuses unchanged
+stages, resumes a stopped one and redoes changed ones and all downstream; --dry_run prints
+that plan): world → pretrain
 (per size and seed; the base must know >= min_base_accuracy of the target facts on the training
 prompt format) → cpt (per poisoning ratio p, dense checkpoints) → probe (every checkpoint) →
 results. Every study key, its default and meaning: `base_config` in factflip/studies/poisoning.py
@@ -35,7 +37,7 @@ import os
 
 from factflip.studies.poisoning import base_config
 from factflip.train import config as train_config
-from factflip.train.loop import load_config_file
+from factflip.configfile import load_config_file
 
 
 def _pretrain():

@@ -25,7 +25,6 @@ so shards are disjoint and together cover it; each host packs and batches its ow
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ import grain
 import numpy as np
 
 from factflip.data.mixtures import INFINITE
+from factflip.data.tokenizer import TokenIds
 
 FEATURES = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -60,22 +60,6 @@ class BatchConfig:
     if self.batch_size % shard_count:
       raise ValueError(f"BatchConfig.batch_size: {self.batch_size} rows do not divide over "
                        f"{shard_count} hosts")
-
-
-class TokenIds:
-  """text -> token ids without special tokens, remembered (studies and probes render the same
-  sentences again and again). Also carries the tokenizer's BOS id (or None)."""
-
-  def __init__(self, tokenizer, cache_size: int = 1 << 18):
-    self.backend = tokenizer.backend_tokenizer
-    self.ids = functools.lru_cache(maxsize=cache_size)(self._ids)
-    self.bos = tokenizer.bos_token_id
-
-  def _ids(self, text: str) -> tuple[int, ...]:
-    return tuple(self.backend.encode(text, add_special_tokens=False).ids)
-
-  def __call__(self, text: str) -> tuple[int, ...]:
-    return self.ids(text)
 
 
 class Tokenize:

@@ -1,12 +1,14 @@
 """Tokenizers: load an HF tokenizer from a local directory; train one for the fact world.
 
-Owns: `load_tokenizer` and `train_tokenizer` (which saves in the same HF layout, so a trained and
-a downloaded tokenizer load the same way).
+Owns: `load_tokenizer`, `train_tokenizer` (which saves in the same HF layout, so a trained and
+a downloaded tokenizer load the same way) and `TokenIds`, the
+remembering text -> ids wrapper the pipeline and the probes use.
 Must not: download anything; the hub is never contacted.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -57,3 +59,19 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 2048, min_frequency: 
   with atomic_directory(out_dir) as tmp:
     fast.save_pretrained(tmp)
   return load_tokenizer(out_dir)
+
+
+class TokenIds:
+  """text -> token ids without special tokens, remembered (studies and probes render the same
+  sentences again and again). Also carries the tokenizer's BOS id (or None)."""
+
+  def __init__(self, tokenizer, cache_size: int = 1 << 18):
+    self.backend = tokenizer.backend_tokenizer
+    self.ids = functools.lru_cache(maxsize=cache_size)(self._ids)
+    self.bos = tokenizer.bos_token_id
+
+  def _ids(self, text: str) -> tuple[int, ...]:
+    return tuple(self.backend.encode(text, add_special_tokens=False).ids)
+
+  def __call__(self, text: str) -> tuple[int, ...]:
+    return self.ids(text)

@@ -3,8 +3,11 @@
 Owns: the factflip model format (`factflip_model.json` with the ModelConfig + `params/`, an Orbax
 checkpoint of the parameter pytree) and `load_model`, which dispatches between it and HF
 directories.
-Must not: know HF tensor names (`hf.py`) or training state (training checkpoints hold a model
-directory's `params` tree inside their train state; see `factflip.train`).
+Also the parameters of training runs: `load_trained` (a training workdir or one of its
+checkpoint steps; `valid_steps`, `restore_params`), so one dispatch loads every model path.
+Must not: know HF tensor names (`hf.py`) or write training state (training checkpoints hold a
+model directory's `params` tree inside their train state; `factflip.train.checkpoint` writes
+them).
 
 Layout, readable with plain Orbax:
   DIR/factflip_model.json   ModelConfig.to_dict()
@@ -14,7 +17,10 @@ Layout, readable with plain Orbax:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -26,6 +32,8 @@ from factflip.models.hf import load_hf
 from factflip.models.transformer import Transformer
 
 CONFIG_NAME = "factflip_model.json"
+COMMIT_FILE = "commit_success.txt"   # Orbax writes it when a training checkpoint is complete
+log = logging.getLogger("factflip")
 
 
 def save_model(model: Transformer, directory: str) -> None:
@@ -60,8 +68,7 @@ def load_model(path: str, dtype: str = "float32", compute_dtype: str | None = No
     return _load_native(path, dtype, compute_dtype, mesh)
   if os.path.exists(os.path.join(path, "model.json")) or os.path.basename(
       os.path.dirname(os.path.abspath(path))) == "checkpoints":
-    from factflip.train.checkpoint import load_trained  # a training run (or one of its steps)
-    model, _ = load_trained(path, mesh=mesh, dtype=dtype)
+    model, _ = load_trained(path, mesh=mesh, dtype=dtype)   # a training run or one of its steps
     return model if compute_dtype in (None, dtype) else Transformer(
         model.cfg.replace(dtype=compute_dtype), params=model.params())
   if os.path.exists(os.path.join(path, "config.json")):
@@ -83,3 +90,67 @@ def _load_native(path, dtype, compute_dtype, mesh) -> Transformer:
   except ValueError as e:
     raise ValueError(f"{params_dir}: parameters do not match {path}/{CONFIG_NAME}: {e}") from e
   return Transformer(cfg, params=params)
+
+
+# ---- training runs: WORKDIR/checkpoints/<step>/state (see factflip.train.checkpoint) --------
+def _warn(msg: str) -> None:
+  log.warning(msg)
+  if jax.process_index() == 0:
+    print(f"warning: {msg}", flush=True)
+
+
+def valid_steps(directory: str, warn: bool = True) -> list[int]:
+  """Complete checkpoint steps in `directory`, oldest first (incomplete ones are reported)."""
+  if not os.path.isdir(directory):
+    return []
+  steps = []
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if not re.fullmatch(r"\d+", name) or not os.path.isdir(path):
+      continue
+    if os.path.exists(os.path.join(path, COMMIT_FILE)) and os.path.isdir(
+        os.path.join(path, "state")):
+      steps.append(int(name))
+    elif warn:
+      _warn(f"{path}: incomplete checkpoint (no {COMMIT_FILE}; the save was cut off); ignored")
+  return sorted(steps)
+
+
+def restore_params(directory: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
+  """Only the parameters of a training checkpoint (the optimizer state is not read), placed in
+  `abstract_params`' shardings. directory: WORKDIR/checkpoints."""
+  steps = valid_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no complete training checkpoint")
+  step = steps[-1] if step is None or step < 0 else step
+  if step not in steps:
+    raise FileNotFoundError(f"{directory}: no complete checkpoint at step {step} "
+                            f"(complete: {steps})")
+  path = os.path.join(directory, str(step), "state")
+  ckpt = ocp.PyTreeCheckpointer()
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      abstract_params)
+  out = ckpt.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": abstract_params},
+      restore_args={"params": restore_args}, partial_restore=True))
+  return step, out["params"]
+
+
+def load_trained(path: str, step: int | None = None, mesh=None, dtype: str = "float32"):
+  """(Transformer, step) from a training workdir (`step`: None/-1 = the latest) or one of its
+  checkpoint directories (WORKDIR/checkpoints/<step>)."""
+  path = os.path.abspath(path)
+  if re.fullmatch(r"\d+", os.path.basename(path)) and os.path.basename(
+      os.path.dirname(path)) == "checkpoints":
+    step, path = int(os.path.basename(path)), os.path.dirname(os.path.dirname(path))
+  model_json = os.path.join(path, "model.json")
+  if not os.path.exists(model_json):
+    raise FileNotFoundError(f"{path}: no model.json; expected a factflip training workdir")
+  cfg = ModelConfig.from_dict(read_json(model_json), model_json).replace(param_dtype=dtype,
+                                                                         dtype=dtype)
+  shardings = sharding_lib.param_shardings(cfg, mesh)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh),
+                        cfg.param_shapes(), shardings, is_leaf=lambda x: isinstance(x, tuple))
+  step, params = restore_params(os.path.join(path, "checkpoints"), step, target)
+  return Transformer(cfg, params=params), step

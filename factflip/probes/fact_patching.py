@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factflip.data.pipeline import TokenIds
+from factflip.data.tokenizer import TokenIds
 from factflip.models.transformer import Transformer, forward, unembed
 from factflip.probes.patching import act_patch
 

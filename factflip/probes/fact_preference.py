@@ -34,7 +34,7 @@ import numpy as np
 
 from factflip.data import templates as T
 from factflip.data.facts import FactItem
-from factflip.data.pipeline import TokenIds
+from factflip.data.tokenizer import TokenIds
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import Transformer, forward, unembed
 from factflip.probes.tuned_lens import TunedLens, check_fits, translate

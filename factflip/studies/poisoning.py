@@ -9,7 +9,9 @@ world, pretrains each preset in `sizes` on it and poisons the world's facts. Wit
 to a facts file, each entry of `sizes` is a model directory (HF or factflip) used as the base
 as it is; the targets and controls are drawn among the facts that base knows.
 
-Workdir layout (every stage writes its DONE file last; a stage with one is skipped):
+Workdir layout (every stage writes its DONE record last, with the fingerprint of the config
+keys it read and of its upstream stages: `stage_*` below, rule in `studies.stages`; a stage
+whose fingerprint matches is reused, one that differs is redone atomically):
   study.json                              the study config as run (`Study.open` reads it)
   world/, tokenizer/                      the fact world and its tokenizer (world studies)
   runs/<size>/seed<k>/pretrain/           the pretraining run (+ base.json: accuracy gate)
@@ -104,7 +106,7 @@ def _merge(into, values: dict, source: str, prefix: str = "") -> None:
   """Set `values` (nested dicts) on the ConfigDict `into`; a key it lacks is a ConfigError."""
   import ml_collections
 
-  from factflip.train.config import ConfigError
+  from factflip.configfile import ConfigError
   for k, v in values.items():
     if k not in into:
       raise ConfigError(source, prefix + k, "unknown key")
@@ -123,6 +125,7 @@ def validate(c, source: str = "study") -> None:
   ratio): ConfigError naming the source and key."""
   import jax
 
+  from factflip.configfile import ConfigError
   from factflip.data.mixtures import PoisonConfig
   from factflip.models.config import presets
   from factflip.models.hooks import SITES
@@ -130,7 +133,6 @@ def validate(c, source: str = "study") -> None:
   from factflip.probes.fact_patching import GROUPS
   from factflip.probes.fact_preference import KINDS
   from factflip.train import config as train_config
-  ConfigError = train_config.ConfigError
 
   def need(ok, key, message):
     if not ok:
@@ -205,6 +207,11 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
   """Atomic CSV write (a temporary name, then rename)."""
   with atomic_path(path) as tmp:
     df.to_csv(tmp, index=False)
+
+
+def _rate(v) -> str:
+  """A headline share for the terminal: 2 decimals, or n/a where undefined (null)."""
+  return "n/a" if v is None else f"{v:.2f}"
 
 
 def _ptag(p: float) -> str:
@@ -369,7 +376,7 @@ class Study:
   # ---- stages -----------------------------------------------------------------------------
   def world(self):
     """(world, tokenizer), built into the workdir on first use and read from disk once."""
-    from factflip.train.inputs import prepare_world
+    from factflip.data.prepare import prepare_world
     if self._world is None:
       self._world = prepare_world(self.world_dir, self.tok_dir, self.c.world_seed,
                                   self.c.vocab_size, self.c.pretrain.data.world_people)
@@ -391,7 +398,7 @@ class Study:
     keys changed) is built next to the old one and replaces it with its tokenizer."""
     if not self.uses_world:
       return self.facts()
-    from factflip.train.inputs import prepare_world
+    from factflip.data.prepare import prepare_world
     st = self.stage_world()
     with st.build() as out:
       if out is not None:
@@ -433,11 +440,6 @@ class Study:
     controls.jsonl, replay.jsonl (true statements of the other facts, unless `replay` is
     given) and heldout.jsonl (the controls' paraphrases with their true answers: the CPT run's
     held-out answer NLL)."""
-    from factflip.data.facts import write_facts_jsonl
-    from factflip.data.mixtures import mention_text
-    from factflip.data.templates import STYLE_NAMES
-    from factflip.fileio import write_jsonl
-    from factflip.probes.fact_preference import preference
     st = self.stage_base(size, seed)
     with st.build() as out:
       if out is not None:
@@ -488,7 +490,7 @@ class Study:
     """The CPT run's target facts (world: the draw `factflip.train` makes for data.kind
     poison, the same for every size; facts studies: base/targets.jsonl of this model)."""
     from factflip.data.facts import read_facts_jsonl
-    from factflip.train.inputs import poison_targets
+    from factflip.data.prepare import poison_targets
     key = (size, seed)
     if key not in self._targets:
       self._targets[key] = (
@@ -578,9 +580,6 @@ class Study:
   def probe(self, size: str, seed: int, p: float) -> None:
     """Preference (+ logit lens) on targets and controls at every checkpoint; cross-model
     patching (base → checkpoint) of the targets' prompts at every `patch_every`-th one."""
-    from factflip.probes.fact_patching import patch_items
-    from factflip.probes.fact_preference import prompt_rows
-    from factflip.train.checkpoint import valid_steps
     st = self.stage_probe(size, seed, p)
     with st.build() as out:
       if out is not None:
@@ -773,17 +772,17 @@ class Study:
     self.log(f"\nfactflip poisoning study done in {time.time() - t0:.0f} s")
     self.log(f"  base accuracy (greedy, targets): {base}")
     self.log("  final flip rate by p (training prompt; mean over sizes and seeds): "
-             + ", ".join(f"{p}: {v:.2f}" for p, v in head["final_flip_rate"].items()))
+             + ", ".join(f"{p}: {_rate(v)}" for p, v in head["final_flip_rate"].items()))
     for size, rates in head.get("final_flip_rate_by_size", {}).items():
-      self.log(f"    {size}: " + ", ".join(f"{p}: {v:.2f}" for p, v in rates.items()))
+      self.log(f"    {size}: " + ", ".join(f"{p}: {_rate(v)}" for p, v in rates.items()))
     self.log("  final ambiguity rate by p: "
-             + ", ".join(f"{p}: {v:.2f}" for p, v in head["final_ambiguity_rate"].items()))
+             + ", ".join(f"{p}: {_rate(v)}" for p, v in head["final_ambiguity_rate"].items()))
     self.log("  flip rate by prompt kind at the largest p: "
-             + ", ".join(f"{k}: {v:.2f}" for k, v in
+             + ", ".join(f"{k}: {_rate(v)}" for k, v in
                          head["final_flip_rate_by_kind_at_max_p"].items()))
     if "best_reversal" in head:
       b = head["best_reversal"]
-      self.log(f"  best patching reversal: {b['reversal_rate']:.2f} ({b['site']} window "
+      self.log(f"  best patching reversal: {_rate(b['reversal_rate'])} ({b['site']} window "
                f"{b['window']} from layer {b['layer']} at {b['position']}, p = {b['p']})")
     self.log(f"  report: {os.path.join(self.wd, 'report', 'index.html')}")
     return head

@@ -96,7 +96,7 @@ class Stage:
       return None
     try:
       return read_json(f)
-    except Exception:  # a record cut off mid-write counts as none
+    except (OSError, ValueError):  # a record cut off mid-write counts as none
       return None
 
   def _recover(self) -> None:

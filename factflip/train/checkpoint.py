@@ -2,8 +2,9 @@
 policy, restored exactly and onto any mesh.
 
 Owns: `Checkpointer` (save at an interval or on demand, restore the latest valid step into an
-abstract target's shardings), `valid_steps`, `restore_params` and `load_trained` (parameters
-only, for exports, probes and base models) and the layout below.
+abstract target's shardings), and the layout below (`valid_steps`, `restore_params` and `load_trained`, which read a
+checkpoint's parameters for exports, probes and base models, live with model loading in
+`factflip.models.store`).
 Must not: build models or data (it is handed an abstract state and an iterator).
 
 Layout, readable with plain Orbax (`ocp.StandardCheckpointer().restore(".../state")`):
@@ -19,7 +20,6 @@ and the newest good step is used; nothing is deleted, and the step can be saved 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Any
@@ -28,33 +28,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from factflip.models.store import (COMMIT_FILE, _warn, load_trained,  # noqa: F401  (re-exported)
+                                   restore_params, valid_steps)
 from factflip.train.step import TrainState
 
-COMMIT_FILE = "commit_success.txt"
-log = logging.getLogger("factflip")
-
-
-def _warn(msg: str) -> None:
-  log.warning(msg)
-  if jax.process_index() == 0:
-    print(f"warning: {msg}", flush=True)
-
-
-def valid_steps(directory: str, warn: bool = True) -> list[int]:
-  """Complete checkpoint steps in `directory`, oldest first (incomplete ones are reported)."""
-  if not os.path.isdir(directory):
-    return []
-  steps = []
-  for name in os.listdir(directory):
-    path = os.path.join(directory, name)
-    if not re.fullmatch(r"\d+", name) or not os.path.isdir(path):
-      continue
-    if os.path.exists(os.path.join(path, COMMIT_FILE)) and os.path.isdir(
-        os.path.join(path, "state")):
-      steps.append(int(name))
-    elif warn:
-      _warn(f"{path}: incomplete checkpoint (no {COMMIT_FILE}; the save was cut off); ignored")
-  return sorted(steps)
 
 
 def _set_aside(path: str, suffix: str) -> None:
@@ -130,48 +107,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def restore_params(directory: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
-  """Only the parameters of a training checkpoint (the optimizer state is not read), placed in
-  `abstract_params`' shardings. directory: WORKDIR/checkpoints."""
-  steps = valid_steps(directory)
-  if not steps:
-    raise FileNotFoundError(f"{directory}: no complete training checkpoint")
-  step = steps[-1] if step is None or step < 0 else step
-  if step not in steps:
-    raise FileNotFoundError(f"{directory}: no complete checkpoint at step {step} "
-                            f"(complete: {steps})")
-  path = os.path.join(directory, str(step), "state")
-  ckpt = ocp.PyTreeCheckpointer()
-  restore_args = jax.tree.map(
-      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-      abstract_params)
-  out = ckpt.restore(path, args=ocp.args.PyTreeRestore(
-      item={"params": abstract_params},
-      restore_args={"params": restore_args}, partial_restore=True))
-  return step, out["params"]
-
-
-def load_trained(path: str, step: int | None = None, mesh=None, dtype: str = "float32"):
-  """(Transformer, step) from a training workdir (`step`: None/-1 = the latest) or one of its
-  checkpoint directories (WORKDIR/checkpoints/<step>)."""
-  from factflip import sharding as sharding_lib
-  from factflip.fileio import read_json
-  from factflip.models.config import ModelConfig
-  from factflip.models.transformer import Transformer
-
-  path = os.path.abspath(path)
-  if re.fullmatch(r"\d+", os.path.basename(path)) and os.path.basename(
-      os.path.dirname(path)) == "checkpoints":
-    step, path = int(os.path.basename(path)), os.path.dirname(os.path.dirname(path))
-  model_json = os.path.join(path, "model.json")
-  if not os.path.exists(model_json):
-    raise FileNotFoundError(f"{path}: no model.json; expected a factflip training workdir")
-  cfg = ModelConfig.from_dict(read_json(model_json), model_json).replace(param_dtype=dtype,
-                                                                         dtype=dtype)
-  shardings = sharding_lib.param_shardings(cfg, mesh)
-  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh),
-                        cfg.param_shapes(), shardings, is_leaf=lambda x: isinstance(x, tuple))
-  step, params = restore_params(os.path.join(path, "checkpoints"), step, target)
-  return Transformer(cfg, params=params), step

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from factflip.configfile import ConfigError
 from factflip.data.pipeline import BatchConfig
 from factflip.models.config import REMAT_POLICIES
 from factflip.train.optim import OptimConfig, make_optimizer
@@ -98,14 +99,6 @@ def _walk(d: Any, prefix: str = ""):
       yield from _walk(v, key + ".")
     else:
       yield key, v
-
-
-class ConfigError(ValueError):
-  """A bad training config: names the source, the key and what was expected."""
-
-  def __init__(self, source: str, key: str, message: str):
-    self.source, self.key = source, key
-    super().__init__(f"{source}: config.{key}: {message}")
 
 
 def validate(config: ml_collections.ConfigDict, *, source: str = "config", n_devices: int,

@@ -1,11 +1,12 @@
 """What a training run reads: the world, the tokenizer, the example streams and their batches.
 
-Owns: `prepare_world` (build the fact world and its tokenizer once, on process 0), the example
+Owns: the example
 sources of each data kind (`world`: the world's corpus; `poison`: continual pretraining with a
 poisoning ratio; `examples`: a JSONL file — SFT and any mixture a study writes; `unlearn`:
 forget + retain files), `read_examples`, the held-out examples, and `ShardedBatches` — the
 per-process batch iterator over this process's input shards, whose state Orbax saves.
-Must not: touch parameters, run steps or write anything but the world and tokenizer.
+Must not: touch parameters, run steps or write anything (the world and its tokenizer, and the
+target draws, are `factflip.data.prepare`'s).
 
 Input shards: the global batch of B rows is the concatenation of S shards of B/S rows; shard s
 reads examples s, s+S, ... of the stream. Process p of P reads shards p·S/P ... (p+1)·S/P − 1.
@@ -17,41 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
 from factflip.data import mixtures
-from factflip.data.facts import FactItem
 from factflip.data.pipeline import FEATURES, make_batches
+from factflip.data.prepare import file_targets, poison_targets, prepare_world  # noqa: F401
 from factflip.fileio import DataError, iter_json_records
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int,
-                  n_people: int = 300):
-  """Load the world in `world_dir` (building and writing it there if absent) and its tokenizer
-  (training it into `tokenizer_dir` if absent). Only process 0 writes."""
-  from factflip.data.tokenizer import load_tokenizer, train_tokenizer
-  from factflip.data.world import WorldConfig, build_world, load_world, write_world
-
-  have_world = os.path.exists(os.path.join(world_dir, "world.json"))
-  have_tok = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
-  if jax.process_index() == 0 and not (have_world and have_tok):
-    world = load_world(world_dir) if have_world else build_world(WorldConfig(seed=seed, n_people=n_people))
-    if not have_world:
-      write_world(world, world_dir)
-    if not have_tok:
-      train_tokenizer(world.texts(), tokenizer_dir, vocab_size=vocab_size)
-  _barrier("factflip_prepare_world")
-  return load_world(world_dir), load_tokenizer(tokenizer_dir)
 
 
 def read_examples(path: str) -> list[dict[str, Any]]:
@@ -93,32 +68,6 @@ def _stream(examples: list[dict[str, Any]], seed: int):
 
 def _documents(world) -> list[dict[str, Any]]:
   return [{"segments": ((d["text"], True),)} for d in world.documents]
-
-
-def poison_targets(world, n: int, tier: str, seed: int) -> list[FactItem]:
-  """n person facts of one exposure tier (with counterfactuals), chosen with `seed`."""
-  pool = [f for f in world.facts if f.meta.get("exposure_tier") == tier
-          and f.counterfactual is not None and not f.meta.get("two_hop")]
-  if len(pool) < n:
-    raise ValueError(f"data.n_targets: {n}, but the world has only {len(pool)} {tier!r}-tier "
-                     "facts with counterfactuals")
-  return _draw(pool, n, seed)
-
-
-def _draw(pool: list[FactItem], n: int, seed: int) -> list[FactItem]:
-  pick = np.random.default_rng(seed).choice(len(pool), size=n, replace=False)
-  return [pool[i] for i in sorted(pick)]
-
-
-def file_targets(path: str, n: int, seed: int) -> list[FactItem]:
-  """n facts with counterfactuals from a facts file (any `load_facts` format), drawn with
-  `seed` (all of them, in file order, when the file has exactly n)."""
-  from factflip.data.loaders import load_facts
-  pool = [f for f in load_facts(path) if f.counterfactual is not None]
-  if len(pool) < n:
-    raise DataError(path, f"data.n_targets is {n}, but the file has only {len(pool)} facts "
-                    "with a counterfactual object")
-  return pool if len(pool) == n else _draw(pool, n, seed)
 
 
 def read_texts(path: str) -> list[dict[str, str]]:
@@ -185,7 +134,7 @@ def eval_examples(c, world) -> tuple[str, list[dict[str, Any]]]:
       return "heldout_answer_nll", ex
   if c.data.kind == "poison":
     if not c.data.replay_path:
-      from factflip.train.config import ConfigError
+      from factflip.configfile import ConfigError
       raise ConfigError("config", "data.eval_path", f"empty, and {c.data.facts_path} has no "
                         "paraphrases and there is no replay_path to evaluate on (or set "
                         "eval_every = 0)")

@@ -30,6 +30,7 @@ import jax
 import ml_collections
 
 from factflip import sharding as sharding_lib
+from factflip.configfile import load_config_file  # noqa: F401  (re-exported: its old home)
 from factflip.fileio import read_json, write_json
 from factflip.models.config import ModelConfig, get_preset
 from factflip.models.transformer import init_params
@@ -328,15 +329,3 @@ def _npo_reference(mcfg: ModelConfig, max_segments: int, accumulate: bool):
   def f(params, b):
     return jax.lax.map(lambda m: one(params, m), b) if accumulate else one(params, b)
   return jax.jit(f)
-
-
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file (what `--config=path:arg` does), for Python callers."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("factflip_config", path)
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"{path}: not a Python config file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
-
