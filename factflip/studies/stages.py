@@ -81,6 +81,7 @@ class Stage:
   path: str
   keys: dict[str, Any]
   upstream: tuple[str, ...] = ()
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)   # added to DONE by the caller
 
   @property
   def fp(self) -> str:
@@ -150,7 +151,7 @@ class Stage:
     record = {"stage": self.name, "fingerprint": self.fp, "keys": _plain(self.keys),
               "upstream": list(self.upstream)}
     write_json(os.path.join(target, STARTED), record)
-    self.info: dict[str, Any] = {}
+    self.info = {}
     yield target
     write_json(os.path.join(target, DONE), dict(record, **self.info))
     if target != self.path:
