@@ -1,69 +1,91 @@
-"""The `factflip` command (absl flags).
+"""The `factflip` command: a table of subcommands, each with its own flags and help.
 
-  factflip run [--workdir=DIR --config=FILE.py[:variant] --dry_run]
-                                       the main job: the poisoning study (see below)
-  factflip help                        this text
-  factflip presets                     the model size ladder with parameter counts
-  factflip generate --model=DIR --prompt=TEXT [--max_new_tokens=N --temperature=T --seed=S]
-  factflip convert --model=DIR --out=DIR --to=hf|factflip
-  factflip world [--workdir=DIR --seed=S --vocab_size=N]
-                                       build the fact world (DIR/world) and its tokenizer
-                                       (DIR/tokenizer); print its statistics
-  factflip facts --facts=PATH [--format=NAME --lenient --out=FILE.jsonl]
-                                       load a dataset (any supported format, auto-detected),
-                                       report counts and bad records, optionally write our JSONL
-  factflip train --config=configs/pretrain_tiny.py[:variant] --workdir=DIR [--config.KEY=VALUE]
-                                       train (or resume) a run; multi-host: see launch/README.md
-  factflip export --workdir=DIR [--step=N] --out=DIR [--to=hf|factflip]
-                                       a training checkpoint as an HF (or factflip) model
+  factflip                 the command table (also `factflip --help`, `factflip help`)
+  factflip CMD --help      what CMD does, its launch lines and only its own flags
+  factflip CMD [--flags]   run it; a flag another command owns is a usage error
 
-`run` is paper A's poisoning study (configs/studies/poisoning.py; `--config=FILE.py[:variant]`
-and `--config.KEY=VALUE` as for train): world, pretraining, continual pretraining per poisoning
-ratio, probes on every checkpoint, results tables, plots and report/index.html in --workdir.
-Each stage records the fingerprint of the config keys it read; running again reuses the stages
-whose fingerprint is unchanged, resumes a stopped one and redoes (atomically) exactly the
-stages whose keys changed and everything downstream. It prints that plan first; --dry_run
-prints only the plan.
+The flags are absl flags (one FLAGS registry); each command declares which of them it reads,
+with the help text that flag has for it, and `main` refuses any other of ours that was given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 
 from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "workdir/default", "Where `run` writes its outputs.")
-flags.DEFINE_string("model", None, "Model directory (HF or factflip) for generate/convert.")
-flags.DEFINE_string("out", None, "Output directory for convert.")
-flags.DEFINE_enum("to", "hf", ["hf", "factflip"], "Target format for convert.")
-flags.DEFINE_multi_string("prompt", [], "Prompt text for generate (repeatable).")
+flags.DEFINE_string("workdir", "workdir/default", "The command's working directory.")
+flags.DEFINE_string("model", None, "A model directory (HF or factflip).")
+flags.DEFINE_string("out", None, "Where the command writes its output.")
+flags.DEFINE_enum("to", "hf", ["hf", "factflip"], "The format to write a model in.")
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Top-p filter (1 = off).")
-flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and init, and the world's seed.")
-flags.DEFINE_integer("vocab_size", 1024, "Tokenizer size for `world`.")
-flags.DEFINE_string("facts", None, "A dataset file or folder for `facts`.")
-flags.DEFINE_string("format", None, "Dataset format for `facts` (default: auto-detect).")
-flags.DEFINE_bool("lenient", False, "`facts`: skip and count bad records instead of failing.")
-
-flags.DEFINE_bool("dry_run", False, "`run`: print which stages would be reused, computed or "
-                  "redone (and which config keys changed), then stop.")
-flags.DEFINE_integer("step", -1, "`export`: the checkpoint step (-1 = the latest).")
+flags.DEFINE_integer("seed", 0, "A PRNG seed.")
+flags.DEFINE_integer("vocab_size", 1024, "Tokenizer size.")
+flags.DEFINE_string("facts", None, "A dataset file or folder.")
+flags.DEFINE_string("format", None, "The dataset format (default: auto-detect).")
+flags.DEFINE_bool("lenient", False, "Skip and count bad records instead of failing.")
+flags.DEFINE_bool("dry_run", False, "Print the plan, then stop.")
+flags.DEFINE_integer("step", -1, "A checkpoint step (-1 = the latest).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "`train`: call jax.distributed.initialize (auto: when a coordinator is given or "
-                  "the environment is a multi-process SLURM or TPU-pod job).")
+                  "Call jax.distributed.initialize (auto: when a coordinator is given or the "
+                  "environment is a multi-process SLURM or TPU-pod job).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-host job.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host job.")
-config_flags.DEFINE_config_file("config", None, "`train`: a config file (configs/*.py[:variant]);"
-                                " override keys with --config.KEY=VALUE.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "A config file (FILE.py[:variant]); override "
+                                "its keys with --config.KEY=VALUE.", lock_config=True)
 
-COMMANDS = ("run", "presets", "generate", "convert", "world", "facts", "train", "export")
+HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "-?")
+METAVARS = {"workdir": "DIR", "model": "DIR", "out": "PATH", "prompt": "TEXT", "seed": "S",
+            "max_new_tokens": "N", "temperature": "T", "top_k": "K", "top_p": "P",
+            "vocab_size": "N", "facts": "PATH", "format": "NAME", "step": "N",
+            "coordinator_address": "HOST:PORT", "num_processes": "N", "process_id": "I",
+            "config": "FILE.py[:variant]"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One subcommand: its launch line(s), a one-line summary for the table, what it does, the
+  flags it reads (name -> what that flag means for it) and the function that runs it."""
+  name: str
+  usage: str
+  summary: str
+  doc: str
+  flags: dict[str, str]
+  fn: Callable[[], object]
+  required: tuple[str, ...] = ()
+
+  def flag_list(self) -> str:
+    return (", ".join(f"--{n}" for n in self.flags) or "none") + f" (factflip {self.name} --help)"
+
+  def refusal(self, flag: str) -> str:
+    return f"factflip {self.name} does not take --{flag}; its flags: {self.flag_list()}"
+
+  def help(self) -> str:
+    lines = [f"usage: {self.usage}", "", self.summary, "", textwrap.dedent(self.doc).strip()]
+    if self.flags:
+      lines += ["", "flags:"]
+      for name, text in self.flags.items():
+        f = FLAGS[name]
+        enum = getattr(f.parser, "enum_values", None)
+        value = ("" if f.flag_type() == "bool" else "=" + ("|".join(enum) if enum else
+                 METAVARS.get(name, f.flag_type().upper())))
+        extra = ("  (required)" if name in self.required else
+                 "" if f.default in (None, []) else f"  (default: {f.default_as_str})")
+        lines.append(f"  --{name}{value}{extra}")
+        lines += ["      " + t for t in textwrap.wrap(text, 86)]
+    return "\n".join(lines)
 
 
 def _presets() -> None:
@@ -90,20 +112,25 @@ def _study_config_path() -> str:
 
 def _run(workdir: str, config=None, source: str | None = None, dry_run: bool = False
          ) -> dict | None:
-  """The poisoning study (configs/studies/poisoning.py or --config): every stage, resumable."""
+  """The study a config names (default: configs/studies/poisoning.py): every stage, resumable."""
   from factflip.configfile import ConfigError, load_config_file
-  from factflip.studies.poisoning import Study, StudyError
+  from factflip.studies.platform import StudyError, study_class
 
   if config is None:
     source = _study_config_path()
     config = load_config_file(source)
   print(f"factflip run: {source} -> {os.path.abspath(workdir)}", flush=True)
   try:
-    summary = Study(config, workdir, source=source).run_and_report(dry_run)
+    study = study_class(config.get("study", ""), source)
+    summary = study(config, workdir, source=source).run_and_report(dry_run)
   except (StudyError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   return summary
+
+
+def _run_cmd() -> None:
+  _run(FLAGS.workdir, FLAGS.config, flags.FLAGS["config"].config_filename, FLAGS.dry_run)
 
 
 def _generate() -> None:
@@ -112,8 +139,6 @@ def _generate() -> None:
   from factflip import load_model, load_tokenizer
   from factflip.models import generate_text
 
-  if not FLAGS.model or not FLAGS.prompt:
-    raise app.UsageError("generate needs --model=DIR and at least one --prompt=TEXT")
   model = load_model(FLAGS.model)
   tok = load_tokenizer(FLAGS.model)
   outs = generate_text(model, tok, FLAGS.prompt, FLAGS.max_new_tokens,
@@ -126,8 +151,6 @@ def _generate() -> None:
 def _convert() -> None:
   from factflip import load_model, save_hf, save_model
 
-  if not FLAGS.model or not FLAGS.out:
-    raise app.UsageError("convert needs --model=DIR --out=DIR")
   model = load_model(FLAGS.model)
   (save_hf if FLAGS.to == "hf" else save_model)(model, FLAGS.out)
   print(f"wrote {FLAGS.to} model to {FLAGS.out}")
@@ -168,11 +191,19 @@ def _facts(path: str | None, fmt: str | None, lenient: bool, out: str | None):
   return items
 
 
+def _facts_cmd() -> None:
+  from factflip.fileio import DataError
+
+  try:
+    _facts(FLAGS.facts, FLAGS.format, FLAGS.lenient, FLAGS.out)
+  except DataError as e:
+    print(f"error: {e}\n(--lenient skips and counts bad records instead)", file=sys.stderr)
+    sys.exit(2)
+
+
 def _train() -> None:
   from factflip.distributed import initialize
 
-  if FLAGS.config is None:
-    raise app.UsageError("train needs --config=configs/FILE.py[:variant] and --workdir=DIR")
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
              FLAGS.process_id)
   from factflip.configfile import ConfigError
@@ -193,11 +224,171 @@ def _export() -> None:
   from factflip import save_hf, save_model
   from factflip.train.checkpoint import load_trained
 
-  if not FLAGS.out:
-    raise app.UsageError("export needs --workdir=DIR (a training run) and --out=DIR")
   model, step = load_trained(FLAGS.workdir, FLAGS.step)
   (save_hf if FLAGS.to == "hf" else save_model)(model, FLAGS.out)
   print(f"wrote step {step} of {FLAGS.workdir} as a {FLAGS.to} model to {FLAGS.out}")
+
+
+_MULTIHOST = {
+    "distributed": "Call jax.distributed.initialize: auto when --coordinator_address is given "
+                   "or the environment is a multi-process SLURM or TPU-pod job; on or off.",
+    "coordinator_address": "host:port of process 0 in a multi-host job.",
+    "num_processes": "The number of processes in a multi-host job.",
+    "process_id": "This process's index in a multi-host job.",
+}
+
+COMMANDS = {c.name: c for c in (
+    Command(
+        "run", "factflip run [--config=FILE.py[:variant] --config.KEY=VALUE --workdir=DIR "
+               "--dry_run]",
+        "Run a study end to end (default: paper A's poisoning study).",
+        """\
+        Runs the study its config names (`study = "poisoning"`, ...; the registry in
+        factflip/studies/platform.py) into --workdir: for paper A the fact world, pretraining,
+        continual pretraining per poisoning ratio, probes on every checkpoint, results tables
+        (results/*.csv), plots and report/index.html. Each stage records the fingerprint of
+        the config keys it read: running again reuses unchanged stages, resumes a stopped one
+        and redoes (atomically) exactly the stages whose keys changed and everything
+        downstream. The plan is printed before any work; --dry_run prints only the plan.
+
+          factflip run                                 # configs/studies/poisoning.py
+          factflip run --config=configs/studies/poisoning.py:smoke --workdir=/tmp/smoke
+          factflip run --config=configs/studies/poisoning.py:scale=ladder,seeds=0+1 \\
+              --workdir=workdir/scaling --config.cpt.steps=200""",
+        {"config": "The study config, FILE.py[:variant] (default configs/studies/poisoning.py); "
+                   "override any key with --config.KEY=VALUE.",
+         "workdir": "The study's directory: runs/, results/, report/, study.json. The same "
+                    "directory again resumes or redoes what changed.",
+         "dry_run": "Print which stages would be reused, computed or redone and which config "
+                    "keys changed, then stop."},
+        _run_cmd),
+    Command(
+        "presets", "factflip presets", "The model size ladder with parameter counts.",
+        "Prints every model preset (`--config.model.preset=NAME`, `scale=A+B`): family, "
+        "parameters, layers, width, heads, KV heads, MLP width.", {}, _presets),
+    Command(
+        "generate", "factflip generate --model=DIR --prompt=TEXT [--prompt=TEXT ...] "
+                    "[--max_new_tokens=N --temperature=T --top_k=K --top_p=P --seed=S]",
+        "Continue prompts with a model (greedy or sampled).",
+        """\
+        Loads an HF or factflip model directory and its tokenizer and prints each prompt's
+        continuation, all prompts in one batch.
+
+          factflip generate --model=workdir/default/runs/tiny-0.5m/seed0/base \\
+              --prompt="Ada Lovelace was born in" --max_new_tokens=8""",
+        {"model": "The model directory (HF or factflip) with its tokenizer.",
+         "prompt": "A prompt to continue (repeatable).",
+         "max_new_tokens": "Tokens to generate per prompt.",
+         "temperature": "Sampling temperature; 0 is greedy.",
+         "top_k": "Sample among the k most likely tokens (0 = off).",
+         "top_p": "Sample within the top-p probability mass (1 = off).",
+         "seed": "The sampling PRNG seed."},
+        _generate, required=("model", "prompt")),
+    Command(
+        "convert", "factflip convert --model=DIR --out=DIR [--to=hf|factflip]",
+        "Convert a model directory between the HF and factflip formats.",
+        """\
+        Reads an HF (safetensors + config.json) or factflip model directory and writes it in
+        the other format; our models are our own, HF is the interchange format.
+
+          factflip convert --model=/models/Qwen2.5-0.5B --out=/tmp/qwen-ff --to=factflip""",
+        {"model": "The model directory to read (HF or factflip).",
+         "out": "The directory the converted model is written to.",
+         "to": "The format to write."},
+        _convert, required=("model", "out")),
+    Command(
+        "world", "factflip world [--workdir=DIR --seed=S --vocab_size=N]",
+        "Build the embedded fact world and its tokenizer; print its statistics.",
+        """\
+        Generates the fact world (people, relations, documents in three languages and styles)
+        into DIR/world and trains its tokenizer into DIR/tokenizer (the study does this as
+        its first stage; this command is for looking at one).
+
+          factflip world --workdir=/tmp/world --seed=3""",
+        {"workdir": "Where world/ and tokenizer/ are written.",
+         "seed": "The world's seed (its people, facts and documents).",
+         "vocab_size": "The tokenizer's vocabulary size."},
+        lambda: _world(FLAGS.workdir, FLAGS.seed, FLAGS.vocab_size)),
+    Command(
+        "facts", "factflip facts --facts=PATH [--format=NAME --lenient --out=FILE.jsonl]",
+        "Load a facts dataset: counts, bad records, optionally our JSONL.",
+        """\
+        Reads any supported facts format (auto-detected: factflip JSONL, CounterFact's ROME or
+        EasyEdit layout, {"items"}, ...; see factflip/data/loaders.py) and prints counts per
+        relation; a bad record is an error naming file, line and field unless --lenient.
+
+          factflip facts --facts=/data/counterfact.json --out=/tmp/counterfact.jsonl""",
+        {"facts": "The dataset file or folder to read.",
+         "format": "The dataset format (default: detected from the file).",
+         "lenient": "Skip and count bad records instead of failing on the first.",
+         "out": "Write the loaded facts here as factflip JSONL."},
+        _facts_cmd, required=("facts",)),
+    Command(
+        "train", "factflip train --config=configs/pretrain_tiny.py[:variant] --workdir=DIR "
+                 "[--config.KEY=VALUE]",
+        "Train (or resume) one run; multi-host: see launch/README.md.",
+        """\
+        Pretraining, continual pretraining, SFT or unlearning as its config says
+        (factflip/train/config.py lists every key). Checkpoints, metrics.jsonl and
+        config.json go to --workdir; the same command again resumes from the latest
+        checkpoint, SIGTERM saves one and stops. Started on every host of a pod or SLURM job
+        it trains on the global mesh (launch/).
+
+          factflip train --config=configs/pretrain_tiny.py:smoke --workdir=/tmp/run \\
+              --config.steps=100 --config.optim.lr=3e-4""",
+        {"config": "The training config, FILE.py[:variant]; override any key with "
+                   "--config.KEY=VALUE.",
+         "workdir": "The run's directory (checkpoints/, metrics.jsonl, config.json); an "
+                    "existing run there is resumed.",
+         **_MULTIHOST},
+        _train, required=("config", "workdir")),
+    Command(
+        "export", "factflip export --workdir=DIR [--step=N] --out=DIR [--to=hf|factflip]",
+        "Write a training checkpoint as an HF (or factflip) model directory.",
+        """\
+        Loads the parameters of one checkpoint of a `factflip train` run and writes them, with
+        the run's model config and tokenizer, as a model directory other tools open.
+
+          factflip export --workdir=/tmp/run --out=/tmp/run-hf""",
+        {"workdir": "The training run to read (a `factflip train` --workdir).",
+         "step": "The checkpoint step to export (-1 = the latest).",
+         "out": "The directory the model is written to.",
+         "to": "The format to write."},
+        _export, required=("workdir", "out")),
+)}
+
+# every flag defined above: given to a command that does not list it, it is a usage error
+OUR_FLAGS = ("workdir", "model", "out", "to", "prompt", "max_new_tokens", "temperature",
+             "top_k", "top_p", "seed", "vocab_size", "facts", "format", "lenient", "dry_run",
+             "step", "distributed", "coordinator_address", "num_processes", "process_id",
+             "config")
+
+
+def usage() -> str:
+  """The command table."""
+  width = max(len(n) for n in COMMANDS) + 2
+  rows = [f"  factflip {n:<{width}}{c.summary}" for n, c in COMMANDS.items()]
+  return "\n".join([
+      "usage: factflip COMMAND [--flags]", "", "commands:", *rows,
+      (f"  factflip {'help':<{width}}This table; `factflip help COMMAND` or "
+       "`factflip COMMAND --help`: what a command does and its flags."), "",
+      ("`factflip run` alone runs paper A's poisoning study on the embedded fact world "
+       "(workdir/default).")])
+
+
+def _is_override(arg: str) -> bool:
+  return arg.lstrip("-").startswith("config.")
+
+
+def _own_flags(cmd: Command) -> None:
+  """Refuses flags of ours that `cmd` does not read, and a missing required one."""
+  foreign = [n for n in OUR_FLAGS if FLAGS[n].present and n not in cmd.flags]
+  if foreign:
+    raise app.UsageError(cmd.refusal(foreign[0]))
+  missing = [n for n in cmd.required if not FLAGS[n].present]
+  if missing:
+    raise app.UsageError(f"factflip {cmd.name} needs --{missing[0]}; its flags: "
+                         f"{cmd.flag_list()}")
 
 
 def _main(argv) -> None:
@@ -205,41 +396,61 @@ def _main(argv) -> None:
   if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; -v=0 shows it again
     logging.set_verbosity(logging.WARNING)
   if len(argv) < 2 or argv[1] == "help":
-    print(__doc__)
+    print(usage())
     return
   if argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: factflip {{{'|'.join(COMMANDS)}}} [--flags]")
+    raise app.UsageError(f"unknown command {argv[1]!r}; usage: factflip "
+                         f"{{{'|'.join(COMMANDS)}}} [--flags] (factflip help)")
   if len(argv) > 2:
     raise app.UsageError(f"unexpected arguments {argv[2:]}")
-  cmd = argv[1]
-  if cmd == "presets":
-    _presets()
-  elif cmd == "run":
-    given = FLAGS.config is not None
-    _run(FLAGS.workdir, FLAGS.config if given else None,
-         flags.FLAGS["config"].config_filename if given else None, FLAGS.dry_run)
-  elif cmd == "generate":
-    _generate()
-  elif cmd == "world":
-    _world(FLAGS.workdir, FLAGS.seed, FLAGS.vocab_size)
-  elif cmd == "facts":
-    from factflip.fileio import DataError
+  cmd = COMMANDS[argv[1]]
+  _own_flags(cmd)
+  cmd.fn()
 
-    try:
-      _facts(FLAGS.facts, FLAGS.format, FLAGS.lenient, FLAGS.out)
-    except DataError as e:
-      print(f"error: {e}\n(--lenient skips and counts bad records instead)", file=sys.stderr)
-      sys.exit(2)
-  elif cmd == "train":
-    _train()
-  elif cmd == "export":
-    _export()
+
+def help_text(argv: list[str]) -> str | None:
+  """What `factflip ... --help` / `factflip help [CMD]` prints, or None when argv asks for
+  no help. An unknown command's help is the table."""
+  name = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else None
+  if len(argv) == 1:
+    target = None
+  elif name == "help":
+    target = argv[2] if len(argv) > 2 else None
+  elif any(a in HELP_FLAGS for a in argv[1:]):
+    target = name
   else:
-    _convert()
+    return None
+  return COMMANDS[target].help() if target in COMMANDS else usage()
 
 
-def main() -> None:
-  app.run(_main, argv=sys.argv)
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  text = help_text(argv)
+  if text is not None:
+    print(text)
+    sys.exit(0)
+  cmd = COMMANDS.get(argv[1]) if len(argv) > 1 else None
+  if cmd and "config" not in cmd.flags and any(_is_override(a) for a in argv):
+    print(f"error: {cmd.refusal('config.KEY')}", file=sys.stderr)   # absl cannot parse it
+    sys.exit(1)
+  if (len(argv) > 1 and argv[1] == "run"
+      and not any(a.split("=")[0] in ("--config", "-config") for a in argv)):
+    try:
+      argv.insert(2, f"--config={_study_config_path()}")
+    except app.UsageError as e:
+      print(f"factflip run: {e}", file=sys.stderr)
+      sys.exit(1)
+  sys.argv = argv           # ml_collections reads --config.KEY overrides from sys.argv
+  app.run(_entry, argv=argv)
+
+
+def _entry(argv) -> None:
+  """`_main` with a usage error printed as one line (exit 1), not absl's generic usage."""
+  try:
+    _main(argv)
+  except app.UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

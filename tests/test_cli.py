@@ -1,17 +1,21 @@
 """The `factflip` command: the main job's outputs and usage errors."""
 
 import json
+import os
+import sys
 
 import pytest
 from absl import app
 
 from factflip import cli
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_run_is_the_study_and_reports_a_wrong_config(tmp_path, capsys):
   """`factflip run` drives configs/studies/poisoning.py; a failing base gate exits with the
   reason (the full smoke study runs in test_study.py)."""
-  from factflip.train.loop import load_config_file
+  from factflip.configfile import load_config_file
   c = load_config_file(cli._study_config_path(), "smoke")
   assert list(c.ratios) == [0.0, 1.0]
   c.min_base_accuracy = 0.99
@@ -22,11 +26,68 @@ def test_run_is_the_study_and_reports_a_wrong_config(tmp_path, capsys):
   assert "target facts on the training prompt format" in err and "min_base_accuracy" in err
 
 
-def test_usage_errors():
-  with pytest.raises(app.UsageError, match="usage: factflip"):
-    cli._main(["factflip", "frobnicate"])
+@pytest.fixture
+def parse(monkeypatch):
+  """Parses argv into the global absl FLAGS as `factflip` would (and unparses afterwards)."""
+  def parse(*args):
+    argv = ["factflip", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    return cli.FLAGS(argv)
+  yield parse
+  cli.FLAGS.unparse_flags()
+
+
+def test_usage_errors(parse):
+  with pytest.raises(app.UsageError, match=r"unknown command 'frobnicate'; usage: factflip "
+                     r"\{run\|presets\|generate"):
+    cli._main(parse("frobnicate"))
   with pytest.raises(app.UsageError, match="unexpected arguments"):
-    cli._main(["factflip", "run", "extra"])
+    cli._main(parse("run", "extra"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (("run", "--temperature=3"), (r"^factflip run does not take --temperature; its flags: "
+                                  r"--config, --workdir, --dry_run \(factflip run --help\)$")),
+    (("generate", "--model=m", "--prompt=p", "--workdir=w"),
+     r"generate does not take --workdir; its flags: --model, --prompt, --max_new_tokens"),
+    (("presets", "--seed=1"), r"presets does not take --seed; its flags: none"),
+    (("train", "--config=configs/pretrain_tiny.py"), (r"train needs --workdir; its flags: "
+                                                      r"--config, --workdir, --distributed")),
+    (("export", "--workdir=w"), r"export needs --out"),
+    (("generate", "--model=m"), r"generate needs --prompt"),
+    (("facts",), r"facts needs --facts"),
+])
+def test_a_flag_of_another_command_or_a_missing_one_is_a_usage_error(parse, args, match):
+  if args[0] == "train":
+    args = (args[0], args[1].replace("configs/", f"{ROOT}/configs/"))
+  with pytest.raises(app.UsageError, match=match):
+    cli._main(parse(*args))
+
+
+def test_a_config_override_for_a_command_without_config_is_refused_before_parsing(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["factflip", "world", "--config.steps=3"])
+  assert e.value.code == 1
+  assert capsys.readouterr().err == ("error: factflip world does not take --config.KEY; its "
+                                     "flags: --workdir, --seed, --vocab_size (factflip world "
+                                     "--help)\n")
+
+
+def test_run_takes_config_overrides_without_a_config_file(monkeypatch, tmp_path):
+  """`factflip run --config.KEY=VALUE` overrides the default study config (main() puts the
+  default --config in front); the override reaches the study."""
+  seen = {}
+  monkeypatch.setattr(cli, "_run", lambda *a: seen.update(args=a))
+  monkeypatch.chdir(ROOT)
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.main(["factflip", "run", "--config.cpt.steps=7", f"--workdir={tmp_path}", "--dry_run"])
+  finally:
+    cli.FLAGS.unparse_flags()
+  assert e.value.code in (0, None)
+  workdir, config, source, dry_run = seen["args"]
+  assert (workdir, source, dry_run) == (str(tmp_path), "configs/studies/poisoning.py", True)
+  assert config.cpt.steps == 7 and config.study == "poisoning"
 
 
 def test_world_command_writes_world_and_tokenizer(tmp_path):
@@ -61,17 +122,14 @@ def test_facts_command_strict_lenient_and_convert(tmp_path, capsys):
 
 def test_train_and_export_commands(small_world, world_tokenizer, tmp_path):
   """`factflip train` with --config.KEY overrides, its errors, and `factflip export`."""
-  import os
   import subprocess
-  import sys
 
   from factflip.data.world import write_world
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   write_world(small_world, str(tmp_path / "world"))
   wd = tmp_path / "run"
   base = [sys.executable, "-m", "factflip.cli", "train",
-          f"--config={root}/configs/pretrain_tiny.py:smoke", f"--workdir={wd}",
+          f"--config={ROOT}/configs/pretrain_tiny.py:smoke", f"--workdir={wd}",
           f"--config.data.world_dir={tmp_path / 'world'}",
           f"--config.data.tokenizer_dir={world_tokenizer.name_or_path}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -96,11 +154,39 @@ def test_train_and_export_commands(small_world, world_tokenizer, tmp_path):
   assert json.loads((out / "config.json").read_text())["vocab_size"] == len(world_tokenizer)
 
 
-def test_help_and_lazy_subpackages(capsys):
-  cli._main(["factflip"])
-  cli._main(["factflip", "help"])
+@pytest.mark.parametrize("argv", [[], ["--help"], ["help"], ["-h"]])
+def test_help_is_the_command_table_and_exits_0(argv, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["factflip", *argv])
+  assert e.value.code == 0
   out = capsys.readouterr().out
-  assert out.count("factflip presets") == 2 and "--dry_run" in out
+  assert out.startswith("usage: factflip COMMAND [--flags]")
+  assert [line.split()[1] for line in out.splitlines() if line.startswith("  factflip ")] == [
+      *cli.COMMANDS, "help"]
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["help", "run"], ["run", "-h"]])
+def test_command_help_is_its_doc_and_only_its_flags(argv, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["factflip", *argv])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: factflip run [--config=FILE.py[:variant]")
+  assert "report/index.html" in out and "factflip run --config=configs/studies/poisoning.py:smoke" in out
+  flag_lines = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+  assert flag_lines == ["--config=FILE.py[:variant]", "--workdir=DIR", "--dry_run"]
+  assert "The study's directory: runs/, results/" in out     # --workdir's meaning for run
+
+
+def test_workdir_out_config_seed_mean_what_each_command_does_with_them():
+  texts = {(n, f): t for n, c in cli.COMMANDS.items() for f, t in c.flags.items()}
+  for flag in ("workdir", "out", "config", "seed"):
+    owners = [n for (n, f) in texts if f == flag]
+    assert owners and len({texts[n, flag] for n in owners}) == len(owners), flag
+  assert cli.COMMANDS["train"].required == ("config", "workdir")
+
+
+def test_lazy_subpackages():
   import factflip
   assert factflip.probes.flip_rate is not None and factflip.studies.stages.Stage
   with pytest.raises(AttributeError, match="no attribute 'frob'"):

@@ -78,7 +78,7 @@ def test_base_gate_stops_a_wrong_config(study):
   c = load_config_file(CONFIG, "smoke")
   c.min_base_accuracy = 0.99
   with pytest.raises(StudyError, match=r"knows 0% of the 4 target facts.*pretrain\.steps"):
-    Study(c, wd, log=lambda s: None).pretrain("tiny-0.5m", 0)
+    Study(c, wd, log=lambda s: None).base_gate("tiny-0.5m", 0)
 
 
 def run_notebook(path, params: str, tmp_path):
@@ -184,7 +184,7 @@ def test_open_fills_keys_added_since_and_refuses_unknown_ones(study, tmp_path):
 def test_seeds_variant_runs_a_cell_per_seed_with_its_own_targets(study):
   wd, _, _ = study
   s = Study(load_config_file(CONFIG, "smoke,seeds=0+1"), wd, log=lambda m: None)
-  assert list(s.cells()) == [("tiny-0.5m", 0), ("tiny-0.5m", 1)]
+  assert list(s.cells()) == [{"size": "tiny-0.5m", "seed": 0}, {"size": "tiny-0.5m", "seed": 1}]
   t0, t1 = ([t.id for t in s.targets("tiny-0.5m", k)] for k in (0, 1))
   assert len(t0) == len(t1) == 4 and t0 != t1
   assert s.run_dir("tiny-0.5m", 1, "cpt_p1.00").endswith(os.path.join("seed1", "cpt_p1.00"))
@@ -276,7 +276,7 @@ def test_hf_model_and_facts_file_variant(hf_study):
   assert len(Study.open(wd).heldout()) == 2               # the controls' held-out answer NLL
   patch = pd.read_csv(os.path.join(wd, "results", "patching.csv"))
   assert list(patch.columns) == COLUMNS["patching"]
-  assert any("[base] done" in line for line in logs)
+  assert any("[base tiny-hf seed0] done" in line for line in logs)
   assert set(head["final_flip_rate"]) == {"0", "1"}
 
 

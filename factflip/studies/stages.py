@@ -101,26 +101,34 @@ class Stage:
       return None
 
   def _recover(self) -> None:
-    """Finish a swap a stop interrupted: `<dir>` gone but `<dir>.redo` there."""
-    if not os.path.exists(self.path) and os.path.isdir(self.redo_path):
+    """Finish a swap a stop interrupted: `<dir>` gone but a complete `<dir>.redo` there."""
+    if self._live() == self.redo_path:
       os.rename(self.redo_path, self.path)
     if os.path.exists(self.path + ".old"):
       shutil.rmtree(self.path + ".old")
 
+  def _live(self) -> str:
+    """Where the stage's current outputs are: `<dir>`, or `<dir>.redo` when a stop came
+    between the two renames of a swap (`build` finishes it)."""
+    if not os.path.exists(self.path) and os.path.isdir(self.redo_path) and self._record(
+        self.redo_path, DONE) is not None:
+      return self.redo_path
+    return self.path
+
   def status(self) -> tuple[str, list[str]]:
     """("reuse" | "new" | "resume" | "redo", what changed: "KEY: old -> new" lines, or
-    "inputs" when only upstream stages changed)."""
-    self._recover()
-    done = self._record(self.path, DONE)
+    "inputs" when only upstream stages changed). Reads only: nothing on disk changes."""
+    live = self._live()
+    done = self._record(live, DONE)
     if done is not None and done.get("fingerprint") == self.fp:
       return "reuse", []
-    if done is None and not os.path.exists(self.path):
+    if done is None and not os.path.exists(live):
       return "new", []
     if done is None:
-      started = self._record(self.path, STARTED)
+      started = self._record(live, STARTED)
       if started is not None and started.get("fingerprint") == self.fp:
         return "resume", []
-    old = (done or self._record(self.path, STARTED) or {})
+    old = (done or self._record(live, STARTED) or {})
     before = old.get("keys")
     if before is None:
       return "redo", ["(no fingerprint recorded: computed before stages had one)"]
@@ -134,6 +142,7 @@ class Stage:
     """The directory to write this stage's outputs into; on a clean exit its DONE record
     (fingerprint, keys, upstream, `info`) is written last and a redo replaces `path`.
     Yields None when the stage is reused (its outputs are current)."""
+    self._recover()
     state, _ = self.status()
     if state == "reuse":
       yield None

@@ -1,0 +1,306 @@
+"""The study platform: a study is a list of named stages over cells, run by one driver.
+
+Owns: `StageSpec` (a kind of stage: its name, the cell axes it runs over, how its `Stage` is
+made and how it is built), `Study` (the base every study subclasses: config, workdir, fact
+source, cells, the plan, the driver, model loading for probes, the report), `common_config`
+(the keys every study config has), `StudyError` and the registry (`STUDIES`, `study_class`).
+Must not: know any study's science (a study module lists its stages and tables) or train,
+probe or plot itself.
+
+A cell is one point of the study's grid as keyword arguments: size × seed × the study's own
+axes (`Study.grid`, e.g. the poisoning ratio p). A `StageSpec` over ("size", "seed", "p")
+runs once per such cell; over () once per study. `Study.run` goes through the specs in
+order, each over its cells: `spec.stage(**cell)` is the `studies.stages.Stage` (output
+directory, config keys, upstream fingerprints); a stage whose fingerprint matches its DONE
+record is reused, otherwise `spec.build(out, **cell)` computes it into `out` and returns the
+info its DONE record keeps; `spec.then(**cell)` runs after it either way (a gate).
+
+Registry: a study config names its study (`study = "poisoning"`); `STUDIES` maps that name to
+the module defining `Study` (a subclass of this one), `base_config` and `validate`, imported
+only when asked for (`factflip run --config=configs/studies/X.py` loads one study).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+from factflip.fileio import read_json, write_json
+from factflip.studies.stages import Stage, config_keys, describe_plan
+
+# study name -> the module holding its Study, base_config and validate
+STUDIES = {"poisoning": "factflip.studies.poisoning"}
+
+
+class StudyError(RuntimeError):
+  """A study cannot go on as configured (e.g. the base model does not know the targets)."""
+
+
+def study_module(name: str, source: str = "study"):
+  """The module of a registered study; an unknown name is a ConfigError naming the choices."""
+  from factflip.configfile import ConfigError
+  if name not in STUDIES:
+    raise ConfigError(source, "study", f"{name!r}; expected one of {sorted(STUDIES)}")
+  return importlib.import_module(STUDIES[name])
+
+
+def study_class(name: str, source: str = "study") -> type[Study]:
+  return study_module(name, source).Study
+
+
+def common_config():
+  """The keys every study config has: what it is, its models, seeds and facts, and how probed
+  models are loaded (a study's `base_config` starts from this and adds its own)."""
+  import ml_collections
+
+  from factflip.train import config as train_config
+  c = ml_collections.ConfigDict()
+  c.study = ""                     # the registered study this config is for (STUDIES)
+  c.sizes = ["tiny-0.5m"]          # model presets (a scaling study lists several), or with
+  #                                  `facts` set: HF / factflip model directories
+  c.seeds = [0]                    # pretraining + data seeds
+  c.facts = ""                     # a facts file (any `load_facts` format) instead of the world
+  c.facts_limit = 2000             # facts: score the first n with a counterfactual (0 = all)
+  c.replay = ""                    # facts: replay documents, JSONL {"text"} ("" = true
+  #                                  statements of the facts the study does not use)
+  c.tau = 0.5                      # state threshold on ΔLL (nats): correct > τ, cf < −τ
+  c.world_seed = 0
+  c.vocab_size = 1024              # the world's tokenizer
+  c.pretrain = train_config.base_config()   # world studies: pretraining of each size
+  c.pretrain.data.kind = "world"
+  c.probe = ml_collections.ConfigDict()
+  c.probe.batch_size = 64
+  c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
+  c.probe.devices = 1              # local devices a probed model is sharded over (-1 = all)
+  return c
+
+
+def merge(into, values: dict, source: str, prefix: str = "") -> None:
+  """Set `values` (nested dicts) on the ConfigDict `into`; a key it lacks is a ConfigError."""
+  import ml_collections
+
+  from factflip.configfile import ConfigError
+  for k, v in values.items():
+    if k not in into:
+      raise ConfigError(source, prefix + k, "unknown key")
+    if isinstance(v, dict) and isinstance(into[k], ml_collections.ConfigDict):
+      merge(into[k], v, source, prefix + k + ".")
+    else:
+      into[k] = v
+
+
+def size_label(size: str) -> str:
+  """The name of a model size in paths and tables: the preset, or a directory's base name."""
+  return os.path.basename(os.path.normpath(size))
+
+
+def memo(method):
+  """Cache a Stage-making method per object and arguments: a stage's fingerprint is computed
+  once per study object, not again for every downstream stage that includes it."""
+  @functools.wraps(method)
+  def wrapper(self, *args, **kw):
+    cache = self.__dict__.setdefault("_memo", {})
+    key = (method.__name__, args, tuple(sorted(kw.items())))
+    if key not in cache:
+      cache[key] = method(self, *args, **kw)
+    return cache[key]
+  return wrapper
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """A kind of stage. `over`: the cell axes it runs over (() = once per study); `stage(**cell)`
+  -> its Stage; `build(out, **cell)` -> the info for DONE (computes into `out`);
+  `then(**cell)`: after the stage, built or reused."""
+  name: str
+  over: tuple[str, ...]
+  stage: Callable[..., Stage]
+  build: Callable[..., dict[str, Any] | None]
+  then: Callable[..., Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+  """A report figure: its title, the PNG's file name in report/ and what it shows."""
+  title: str
+  file: str
+  caption: str
+
+
+class Study:
+  """The base of every study: config, workdir, fact source, cells and the stage driver.
+
+  A subclass sets `name`, `title` and `draw_keys` (which of its config keys size the fact
+  source's draw: `studies.sources`), and defines `grid()` (its own axes), `specs()` (its
+  StageSpecs in run order, after the fact source's; Stage-making methods wrapped in `memo`),
+  `tables()` (its results as DataFrames), `report()` (headline and figures) and `summary()`
+  (terminal lines). `base_config` and `validate` are its module's functions."""
+  name = ""
+  title = ""
+  draw_keys: ClassVar[dict[str, str]] = {}
+
+  def __init__(self, config, workdir: str, log=print, source: str = "study"):
+    from factflip.studies.sources import fact_source
+    self.validate(config, source)
+    self.c = config
+    self.wd = os.path.abspath(workdir)
+    self.log = log
+    self.source = fact_source(self)
+    self.sizes = self.source.sizes          # label -> preset or model directory
+
+  # ---- the config -------------------------------------------------------------------------
+  @classmethod
+  def base_config(cls):
+    return importlib.import_module(cls.__module__).base_config()
+
+  @classmethod
+  def validate(cls, config, source: str = "study") -> None:
+    importlib.import_module(cls.__module__).validate(config, source)
+
+  @classmethod
+  def open(cls, workdir: str, log=print) -> Study:
+    """The study that ran in `workdir` (its study.json over today's defaults, so keys added
+    since read as their defaults), to read its runs and models."""
+    path = os.path.join(workdir, "study.json")
+    config = cls.base_config()
+    merge(config, read_json(path), path)
+    return cls(config, workdir, log=log, source=path)
+
+  def keys(self, *prefixes: str, **extra) -> dict[str, Any]:
+    """The resolved config values under `prefixes` (flattened) plus `extra`: a Stage's keys."""
+    return dict(config_keys(self.c, prefixes), **extra)
+
+  # ---- cells and layout -------------------------------------------------------------------
+  def grid(self) -> dict[str, list]:
+    """The study's own axes beyond size and seed, e.g. {"p": [0.0, 0.5, 1.0]}."""
+    return {}
+
+  def axes(self) -> dict[str, list]:
+    return {"size": list(self.sizes), "seed": [int(k) for k in self.c.seeds], **self.grid()}
+
+  def cells(self, over: Sequence[str] = ("size", "seed")) -> Iterator[dict[str, Any]]:
+    """Every point of the grid over the axes `over`, in axis order (size slowest)."""
+    axes = self.axes()
+    out = [{}]
+    for name in over:
+      out = [dict(cell, **{name: v}) for cell in out for v in axes[name]]
+    yield from out
+
+  def run_dir(self, size: str, seed: int, name: str) -> str:
+    return os.path.join(self.wd, "runs", size, f"seed{seed}", name)
+
+  # ---- stages -----------------------------------------------------------------------------
+  def specs(self) -> list[StageSpec]:
+    raise NotImplementedError
+
+  def all_specs(self) -> list[StageSpec]:
+    """The fact source's stages (world, pretraining or the base's fact draw), then the study's."""
+    return self.source.specs(then=self.base_ready) + self.specs()
+
+  def base_ready(self, size: str, seed: int) -> None:
+    """After the base stage of a cell (a study's gate on its base goes here)."""
+
+  def stages(self) -> list[Stage]:
+    """Every stage in the order `run` computes them."""
+    return [spec.stage(**cell) for spec in self.all_specs() for cell in self.cells(spec.over)]
+
+  def plan(self) -> list[str]:
+    """What a run would compute and why (which keys changed), before any work."""
+    lines, counts = describe_plan(self.stages())
+    return ["plan: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)] + lines
+
+  # ---- models for probes ------------------------------------------------------------------
+  def probe_devices(self) -> list:
+    """The local devices a probed model (and its patching sweep) uses: `probe.devices`."""
+    import jax
+    n = self.c.probe.devices
+    return jax.local_devices() if n == -1 else jax.local_devices()[:n]
+
+  def load(self, path: str):
+    """A model to probe (a base, a checkpoint step), in `probe.dtype`, its parameters sharded
+    over `probe.devices` local devices (fsdp) when that is more than one."""
+    from factflip.models.store import load_model
+    from factflip.sharding import make_mesh
+    devices = self.probe_devices()
+    mesh = make_mesh(1, -1, 1, devices=devices) if len(devices) > 1 else None
+    return load_model(path, dtype=self.c.probe.dtype, mesh=mesh)
+
+  def base_path(self, size: str, seed: int) -> str:
+    return self.source.base_path(size, seed)
+
+  def base_dir(self, size: str, seed: int) -> str:
+    return self.source.base_dir(size, seed)
+
+  def tokenizer(self, size: str):
+    return self.source.tokenizer(size)
+
+  # ---- the driver -------------------------------------------------------------------------
+  def run(self, dry_run: bool = False) -> dict[str, Any] | None:
+    """Every stage: first the plan (which stages are reused, computed, resumed or redone and
+    which keys changed); with `dry_run` only that (None is returned). Then each spec over its
+    cells; the tables at the end (`tables()`). Wall seconds per spec name are summed over
+    resumed invocations into results/timings.json."""
+    for line in self.plan():
+      self.log(line)
+    if dry_run:
+      return None
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    path = os.path.join(self.wd, "results", "timings.json")
+    before = read_json(path) if os.path.exists(path) else {}
+    write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
+    for spec in self.all_specs():
+      for cell in self.cells(spec.over):
+        st = spec.stage(**cell)
+        t = time.time()
+        self.log(f"[{st.name}] ...")
+        with st.build() as out:
+          if out is not None:
+            st.info = spec.build(out, **cell) or {}
+        if spec.then is not None:
+          spec.then(**cell)
+        timings[spec.name] = timings.get(spec.name, 0.0) + time.time() - t
+        self.log(f"[{st.name}] done in {time.time() - t:.1f} s (total {time.time() - t0:.0f} s)")
+    write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
+                      for k in dict.fromkeys([*before, *timings])})
+    return self.tables()
+
+  def tables(self) -> dict[str, Any]:
+    """The results tables as DataFrames, read from what the stages wrote."""
+    raise NotImplementedError
+
+  def report(self, tables: dict[str, Any], out_dir: str) -> tuple[dict[str, Any], list[Figure]]:
+    """(headline numbers, the figures drawn into out_dir) for report/index.html."""
+    raise NotImplementedError
+
+  def summary(self, head: dict[str, Any]) -> list[str]:
+    """The terminal summary from the headline (strict JSON: undefined values are None)."""
+    return []
+
+  def figures(self, out_dir: str) -> list[tuple[str, str]]:
+    """Every report figure drawn into out_dir from the results: [(title, path)]."""
+    _, figs = self.report(self.tables(), out_dir)
+    return [(f.title, os.path.join(out_dir, f.file)) for f in figs]
+
+  def run_and_report(self, dry_run: bool = False) -> dict[str, Any] | None:
+    """All stages, then plots, report/index.html, summary.json and the terminal summary
+    (with `dry_run`, only the plan)."""
+    from factflip.studies.report import write_report
+    t0 = time.time()
+    tables = self.run(dry_run)
+    if tables is None:
+      return None
+    rdir = os.path.join(self.wd, "report")
+    head, figs = self.report(tables, rdir)
+    head["timings_s"] = read_json(os.path.join(self.wd, "results", "timings.json"))
+    head = write_report(rdir, self.title, self.wd, head, figs, list(tables))
+    self.log(f"\nfactflip {self.name} study done in {time.time() - t0:.0f} s")
+    for line in self.summary(head):
+      self.log("  " + line)
+    self.log(f"  report: {os.path.join(rdir, 'index.html')}")
+    return head
