@@ -12,10 +12,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# XLA programs that took over a second to compile are kept across test processes and runs
+# (the CLI subprocess tests, a re-run of the suite); JAX_COMPILATION_CACHE_DIR= turns it off.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"))
 
 import numpy as np
 import pytest
 
+STUDY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies",
+                            "poisoning.py")
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
 VOCAB = 101
 SEQ = 14  # longer than the sliding window (5) below
@@ -107,3 +113,16 @@ def world_tokenizer(small_world, tmp_path_factory):
 
   return train_tokenizer(small_world.texts(), str(tmp_path_factory.mktemp("tok") / "tokenizer"),
                          vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+  """Paper A's study on its smoke config, run once per session: (workdir, headline, log
+  lines). A test that changes the workdir works on a copy."""
+  from factflip.configfile import load_config_file
+  from factflip.studies.poisoning import Study
+
+  wd = str(tmp_path_factory.mktemp("smoke_study"))
+  logs = []
+  head = Study(load_config_file(STUDY_CONFIG, "smoke"), wd, log=logs.append).run_and_report()
+  return wd, head, logs

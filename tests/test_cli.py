@@ -12,15 +12,19 @@ from factflip import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_run_is_the_study_and_reports_a_wrong_config(tmp_path, capsys):
+def test_run_is_the_study_and_reports_a_wrong_config(smoke_study, tmp_path, capsys):
   """`factflip run` drives configs/studies/poisoning.py; a failing base gate exits with the
-  reason (the full smoke study runs in test_study.py)."""
+  reason (on a copy of the session's smoke study: its base is reused, the gate is not)."""
+  import shutil
+
   from factflip.configfile import load_config_file
+  wd = str(tmp_path / "wd")
+  shutil.copytree(smoke_study[0], wd)
   c = load_config_file(cli._study_config_path(), "smoke")
   assert list(c.ratios) == [0.0, 1.0]
   c.min_base_accuracy = 0.99
   with pytest.raises(SystemExit) as e:
-    cli._run(str(tmp_path), c, "smoke")
+    cli._run(wd, c, "smoke")
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert "target facts on the training prompt format" in err and "min_base_accuracy" in err

@@ -7,17 +7,14 @@ import pandas as pd
 import pytest
 
 from factflip.studies.poisoning import COLUMNS, Study, StudyError
-from factflip.train.loop import load_config_file
+from factflip.configfile import ConfigError, load_config_file
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "poisoning.py")
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("study"))
-  logs = []
-  head = Study(load_config_file(CONFIG, "smoke"), wd, log=logs.append).run_and_report()
-  return wd, head, logs
+@pytest.fixture
+def study(smoke_study):
+  return smoke_study
 
 
 def test_files_tables_and_ranges(study):
@@ -126,7 +123,6 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
     ("probe.devices", 0, r"config\.probe\.devices: 0; expected -1 \(all\) or 1\.\.8"),
 ])
 def test_bad_study_configs_fail_before_anything_runs(tmp_path, key, value, match):
-  from factflip.train.config import ConfigError
   c = load_config_file(CONFIG)
   *path, last = key.split(".")
   node = c
@@ -168,7 +164,6 @@ def test_scale_variant_adds_a_size_side_by_side(study, tmp_path):
 def test_open_fills_keys_added_since_and_refuses_unknown_ones(study, tmp_path):
   import json
 
-  from factflip.train.config import ConfigError
   wd, _, _ = study
   old = _json(os.path.join(wd, "study.json"))
   del old["probe"]["devices"], old["facts_limit"]          # a study.json from before them
@@ -216,14 +211,14 @@ def counterfact_file(world, path, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_study(study, tmp_path_factory):
+def hf_study(smoke_study, tmp_path_factory):
   """The facts-file variant: the smoke study's base exported as an HF directory (with its
   tokenizer) and 40 world facts in CounterFact's layout."""
   from factflip.data.tokenizer import load_tokenizer
   from factflip.data.world import load_world
   from factflip.models.hf import save_hf
   from factflip.models.store import load_model
-  src, _, _ = study
+  src, _, _ = smoke_study
   root = tmp_path_factory.mktemp("hf")
   hf = str(root / "tiny-hf")
   save_hf(load_model(os.path.join(src, "runs", "tiny-0.5m", "seed0", "pretrain")), hf,
@@ -292,7 +287,6 @@ def test_bad_variants(variant, match):
 
 
 def test_facts_study_needs_model_directories(hf_study, tmp_path):
-  from factflip.train.config import ConfigError
   _, hf, facts, _, _ = hf_study
   c = load_config_file(CONFIG, f"smoke,hf={tmp_path},facts={facts}")
   with pytest.raises(ConfigError, match=r"config\.sizes: .*sizes are model directories"):
@@ -386,7 +380,7 @@ def test_a_stopped_redo_leaves_the_old_outputs_and_resumes(tmp_path):
 
 def test_results_numbers_on_chosen_probe_tables(tmp_path):
   """Synthetic probe rows with chosen ΔLL (τ = 0.5): flip, ambiguity and lens flip rates,
-  first flip steps and abruptness are known exactly."""
+  first flip steps, abruptness, patching reversal and recovery are known exactly."""
   c = load_config_file(CONFIG, "smoke")
   c.ratios = [1.0]
   s = Study(c, str(tmp_path), log=lambda m: None)
@@ -399,7 +393,21 @@ def test_results_numbers_on_chosen_probe_tables(tmp_path):
     pd.DataFrame({"item": list("abcd"), "set": "target", "kind": "prompt", "variant": "",
                   "dll": v, "correct": [x > 0 for x in v], "dll_l0": 0.1,
                   "dll_l1": v}).to_csv(os.path.join(d, f"step_{step:06d}.csv"), index=False)
+  # patching rows: only the items flipped at that step count (a at 2; a and b at 4; never c)
+  patch = {2: {"a": ([1.0, -1.0], [0.9, 0.1]), "c": ([-9.0, -9.0], [0.0, 0.0])},
+           4: {"a": ([-0.5, 1.0], [0.2, 1.0]), "b": ([0.7, 2.0], [0.6, 0.8]),
+               "c": ([-9.0, -9.0], [0.0, 0.0])}}
+  for step, rows in patch.items():
+    pd.DataFrame([{"item": it, "site": "resid_pre", "window": 1, "layer": layer,
+                   "position": "last", "dll_patched": dll[layer], "recovery": rec[layer]}
+                  for it, (dll, rec) in rows.items() for layer in (0, 1)]).to_csv(
+        os.path.join(d, f"patch_{step:06d}.csv"), index=False)
   t = s.results(str(tmp_path / "out"))
+  pt = t["patching"].set_index(["step", "layer"])
+  assert pt.reversal_rate.to_dict() == {(2, 0): 1.0, (2, 1): 0.0, (4, 0): 0.5, (4, 1): 1.0}
+  assert pt.recovery.to_dict() == pytest.approx({(2, 0): 0.9, (2, 1): 0.1, (4, 0): 0.4,
+                                                 (4, 1): 0.9})
+  assert pt.flipped_items.to_dict() == {(2, 0): 1, (2, 1): 1, (4, 0): 2, (4, 1): 2}
   flips = t["flips"].set_index("step")
   assert flips.flip_rate.tolist() == [0.0, 1 / 3, 2 / 3]      # of a, b, c (correct at 0)
   assert flips.ambiguity_rate.tolist() == [0.0, 0.25, 0.25]
@@ -411,6 +419,40 @@ def test_results_numbers_on_chosen_probe_tables(tmp_path):
   assert first == {"a": 2, "b": 4, "c": -1, "d": -1}
   ab = t["abruptness"].iloc[0]
   assert ab.abruptness == pytest.approx(0.5) and ab.final_flip_rate == pytest.approx(2 / 3)
+
+
+def test_patching_honours_probe_devices(study, tmp_path, monkeypatch):
+  """probe.devices = 1 keeps the patching sweep on one device although 8 divide its batch;
+  -1 gives it every local device."""
+  import jax
+
+  from factflip.probes import fact_patching
+  src, _, _ = study
+  seen, real = [], fact_patching.act_patch
+  monkeypatch.setattr(fact_patching, "act_patch",
+                      lambda *a, **kw: seen.append(kw["devices"]) or real(*a, **kw))
+  s = Study.open(src, log=lambda m: None)
+  assert s.c.probe.devices == 1 and len(jax.local_devices()) == 8
+  s.build_probe(str(tmp_path / "probe"), "tiny-0.5m", 0, 1.0)
+  patched = [f for f in os.listdir(tmp_path / "probe") if f.startswith("patch_")]
+  assert patched and len(seen) == len(patched) * len(s.c.probe.patch_sites) * len(
+      s.c.probe.patch_windows)
+  assert all(d == jax.local_devices()[:1] for d in seen)
+  s.c.probe.devices = -1
+  assert s.probe_devices() == jax.local_devices()
+
+
+def test_a_study_config_names_a_registered_study(tmp_path):
+  c = load_config_file(CONFIG, "smoke")
+  from factflip.studies.platform import STUDIES, study_class
+  assert study_class(c.study) is Study and STUDIES["poisoning"] == "factflip.studies.poisoning"
+  with pytest.raises(ConfigError, match=r"x\.py: config\.study: 'unlearn'; expected one of "
+                     r"\['poisoning'\]"):
+    study_class("unlearn", "x.py")
+  c.study = "unlearn"
+  with pytest.raises(ConfigError, match=r"config\.study: 'unlearn'"):
+    Study(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
 
 
 def test_summary_is_strict_json(study):

@@ -3,7 +3,8 @@ the true answer back? (SCIENCE.md A, "Patching reversal".)
 
 Owns: `patch_items` (a table of patched ΔLL per item, site, window, layer and position group
 — subject tokens, the last prompt token, all positions — with the unpatched and base ΔLL
-beside it), `subject_span` and the item batch layout.
+beside it), `subject_span` and the item batch layout. Pairs are tokenised and scored by the one
+answer scorer (`fact_preference.answer_ids`, `answer_logprob`), in a left-padded layout.
 Must not: define the sweep (`patching.act_patch`) or the flip states (`fact_preference`).
 
 ΔLL under patching is exact for multi-token answers: every item is two teacher-forced rows,
@@ -26,6 +27,7 @@ import numpy as np
 
 from factflip.data.tokenizer import TokenIds
 from factflip.models.transformer import Transformer, forward, unembed
+from factflip.probes.fact_preference import answer_ids, answer_logprob
 from factflip.probes.patching import act_patch
 
 GROUPS = ("subject", "last", "all")
@@ -45,13 +47,11 @@ def subject_span(enc: TokenIds, prompt: str, subject: str) -> tuple[int, int] | 
   return len(before), len(through)
 
 
-def answer_logprob(logits_BxPxV: jax.Array, aux) -> jax.Array:
-  """Σ log p(answer tokens) per row; aux = (target ids [B, P], mask [B, P]) aligned with the
+def answer_metric(logits_BxPxV: jax.Array, aux) -> jax.Array:
+  """The sweep's metric: Σ log p(answer tokens) per row by the one answer scorer
+  (`fact_preference.answer_logprob`); aux = (target ids [B, P], mask [B, P]) aligned with the
   read positions."""
-  target_BxP, mask_BxP = aux
-  logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
-  lp_BxP = jnp.take_along_axis(logp_BxPxV, target_BxP[..., None], axis=-1)[..., 0]
-  return (lp_BxP * mask_BxP).sum(-1)
+  return answer_logprob(logits_BxPxV, *aux)[0]
 
 
 def item_batch(tokenizer, rows: Sequence[dict[str, Any]], max_len: int) -> dict[str, np.ndarray]:
@@ -59,19 +59,14 @@ def item_batch(tokenizer, rows: Sequence[dict[str, Any]], max_len: int) -> dict[
   tokens/mask [2N, T], targets/amask [2N, A] for read positions T−1−A .. T−2, group masks
   [3, 2N, T] (subject, last prompt token, all), subject_found [N]."""
   enc = TokenIds(tokenizer)
-  bos = [] if enc.bos is None else [enc.bos]
+  n_bos = 0 if enc.bos is None else 1
   seqs, spans = [], []
   for i, r in enumerate(rows):
-    p_ids = bos + list(enc(r["prompt"]))
     span = subject_span(enc, r["prompt"], r.get("subject", ""))
-    spans.append(None if span is None else (span[0] + len(bos), span[1] + len(bos)))
+    spans.append(None if span is None else (span[0] + n_bos, span[1] + n_bos))
     for key in ("true", "cf"):
-      a = r[key] if r[key][:1].isspace() else " " + r[key]
-      a_ids = list(enc(a)) if r[key].strip() else []
-      if not a_ids:
-        raise ValueError(f"row {i} (item {r.get('item', '?')}): field {key!r}: answer "
-                         f"{r[key]!r} tokenises to nothing")
-      seqs.append((p_ids, a_ids))
+      seqs.append(answer_ids(enc, r["prompt"], r[key],
+                             f"row {i} (item {r.get('item', '?')}): field {key!r}"))
   T = max(len(p) + len(a) for p, a in seqs)
   A = max(len(a) for _, a in seqs)
   if T > max_len:
@@ -110,7 +105,7 @@ def _dll(metric_2N: np.ndarray) -> np.ndarray:
 def _answer_metric(params, cfg, tokens_BxT, mask_BxT, target_BxP, amask_BxP, logit_positions):
   h_BxTxD = forward(params, cfg, tokens_BxT, mask_BxT, return_logits=False).residual
   pos = np.asarray(logit_positions)
-  return answer_logprob(unembed(params, cfg, h_BxTxD[:, pos]), (target_BxP, amask_BxP))
+  return answer_logprob(unembed(params, cfg, h_BxTxD[:, pos]), target_BxP, amask_BxP)[0]
 
 
 def _run_metric(model: Transformer, b: dict[str, np.ndarray]) -> np.ndarray:
@@ -145,7 +140,7 @@ def patch_items(poisoned: Transformer, base: Transformer, tokenizer,
   aux = (jnp.asarray(b["target"]), jnp.asarray(b["amask"]))
   for site in sites:
     for window in windows:
-      res = act_patch(poisoned, b["tokens"], b["tokens"], answer_logprob, site=site,
+      res = act_patch(poisoned, b["tokens"], b["tokens"], answer_metric, site=site,
                       source_model=base, layers=layers, positions=cells, window=window,
                       mask=b["mask"], logit_positions=b["logit_positions"], metric_aux=aux,
                       chunk=chunk, devices=devices)             # [2N, layers, groups]

@@ -2,8 +2,11 @@
 objects and section A), and the logit lens of the same quantity.
 
 Owns: `prompt_rows` (the prompts of each item by kind, with their true and counterfactual
-answers), `score` (Σ log p(answer | prompt) for many (prompt, answer) pairs: bucketed padding,
-one compiled program per (batch, length) bucket, logits only at answer positions), `preference`
+answers), the one teacher-forced answer scorer — `answer_ids` (how a (prompt, answer) pair is
+tokenised) and `answer_logprob` (Σ log p of the answer tokens and greedy agreement, from the
+logits at the answer positions), which patching (`fact_patching`) scores with too — `score`
+(that scorer for many pairs: bucketed padding, one compiled program per (batch, length)
+bucket, logits only at answer positions), `preference`
 (a table of ΔLL per item and prompt kind), `lens_preference` (ΔLL from every layer's residual
 stream), `states`, `flip_rate`, `ambiguity_rate`, `first_flip` and `abruptness`.
 Must not: train, or know where checkpoints live (callers pass models).
@@ -84,6 +87,31 @@ def prompt_rows(items: Sequence[FactItem], kinds: Sequence[str] = KINDS,
   return rows
 
 
+def answer_ids(enc: TokenIds, prompt: str, answer: str, where: str
+               ) -> tuple[list[int], list[int]]:
+  """The tokens of a teacher-forced (prompt, answer) pair: BOS (when the tokenizer has one) +
+  the prompt's tokens, and the answer as its own segment with a leading space. `where` names
+  the pair in the error when either tokenises to nothing."""
+  a_ids = list(enc(_space(answer))) if answer.strip() else []
+  if not a_ids:
+    raise ValueError(f"{where}: answer {answer!r} tokenises to nothing")
+  p_ids = ([] if enc.bos is None else [enc.bos]) + list(enc(prompt))
+  if not p_ids:
+    raise ValueError(f"{where}: prompt {prompt!r} tokenises to nothing and there is no BOS")
+  return p_ids, a_ids
+
+
+def answer_logprob(logits_BxAxV: jax.Array, target_BxA: jax.Array, amask_BxA: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """From the logits at the A positions that predict the answer tokens `target_BxA` (amask 0
+  on padding): Σ log p(answer) [B] (log-softmax in float32) and greedy [B] (every answer
+  token is the argmax given the ones before it)."""
+  logp_BxAxV = jax.nn.log_softmax(logits_BxAxV.astype(jnp.float32), axis=-1)
+  logp_BxA = jnp.take_along_axis(logp_BxAxV, target_BxA[..., None], axis=-1)[..., 0]
+  hit_BxA = (logits_BxAxV.argmax(-1) == target_BxA) | (amask_BxA == 0)
+  return (logp_BxA * amask_BxA).sum(-1), hit_BxA.all(-1)
+
+
 def _bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -107,13 +135,9 @@ def _answer_logprob(params, cfg: ModelConfig, tokens_BxT, mask_BxT, where_BxA, t
         L - 1, B, A, D).astype(h_LxBxAxD.dtype)
     h_LxBxAxD = jnp.concatenate([t_LxBxAxD, h_LxBxAxD[-1:]], axis=0)
 
-  def one(h_BxAxD):
-    logits_BxAxV = unembed(params, cfg, h_BxAxD)
-    logp_BxA = jnp.take_along_axis(jax.nn.log_softmax(logits_BxAxV, axis=-1),
-                                   target_BxA[..., None], axis=-1)[..., 0]
-    hit_BxA = (logits_BxAxV.argmax(-1) == target_BxA) | (amask_BxA == 0)
-    return (logp_BxA * amask_BxA).sum(-1), hit_BxA.all(-1)
-  res, greedy_LxB = jax.lax.map(one, h_LxBxAxD)
+  res, greedy_LxB = jax.lax.map(
+      lambda h_BxAxD: answer_logprob(unembed(params, cfg, h_BxAxD), target_BxA, amask_BxA),
+      h_LxBxAxD)
   return (res if lens else res[0]), greedy_LxB[-1]
 
 
@@ -134,13 +158,8 @@ def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequen
   cfg = model.cfg
   seqs = []
   for i, (p, a) in enumerate(zip(prompts, answers)):
-    a_ids = enc(_space(a))
-    if not a_ids:
-      raise ValueError(f"answer {a!r} (pair {i}) tokenises to nothing")
-    p_ids = ([] if enc.bos is None else [enc.bos]) + list(enc(p))
-    if not p_ids:
-      raise ValueError(f"prompt {p!r} (pair {i}) tokenises to nothing and there is no BOS")
-    ids = p_ids + list(a_ids)
+    p_ids, a_ids = answer_ids(enc, p, a, f"pair {i}")
+    ids = p_ids + a_ids
     if len(ids) > cfg.max_seq_len:
       raise ValueError(f"pair {i}: prompt + answer is {len(ids)} tokens, longer than the "
                        f"model's context of {cfg.max_seq_len}")

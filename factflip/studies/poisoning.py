@@ -367,6 +367,7 @@ class Study(platform.Study):
   def results(self, out: str | None = None) -> dict[str, pd.DataFrame]:
     """The results tables from the probe rows, written to `out` (default results/)."""
     from factflip.probes.fact_preference import abruptness, first_flip, flip_rate
+    from factflip.probes.patching import reversal_rate
     tables = {name: [] for name in COLUMNS}
     tau = float(self.c.tau)
     for cell in self.cells(("size", "seed", "p")):
@@ -407,7 +408,8 @@ class Study(platform.Study):
             tables["patching"].append({
                 "size": size, "seed": seed, "p": p, "step": s, "site": site,
                 "window": int(window), "layer": int(layer), "position": pos,
-                "reversal_rate": float((g.dll_patched > 0).mean()),
+                "reversal_rate": float(reversal_rate(g.dll_patched.values,
+                                                     np.ones(len(g), bool))),
                 "recovery": float(g.recovery.median()), "flipped_items": len(g)})
       # per item: the first checkpoint at which it is counterfactual; per kind: abruptness
       key = ["item", "kind", "variant"]
