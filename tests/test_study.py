@@ -6,8 +6,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from factflip.studies.poisoning import COLUMNS, Study, StudyError
 from factflip.configfile import ConfigError, load_config_file
+from factflip.studies.poisoning import COLUMNS, Study, StudyError
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "poisoning.py")
 

@@ -194,10 +194,6 @@ class Study(platform.Study):
       "n_targets": "cpt.data.n_targets", "n_control": "probe.n_control",
       "tier": "cpt.data.target_tier", "replay_weight": "cpt.data.replay_weight"}
 
-  @property
-  def uses_world(self) -> bool:
-    return self.source.kind == "world"
-
   def grid(self) -> dict[str, list]:
     return {"p": [float(p) for p in self.c.ratios]}
 
