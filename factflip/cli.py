@@ -274,8 +274,9 @@ COMMANDS = {c.name: c for c in (
         Loads an HF or factflip model directory and its tokenizer and prints each prompt's
         continuation, all prompts in one batch.
 
-          factflip generate --model=workdir/default/runs/tiny-0.5m/seed0/base \\
-              --prompt="Ada Lovelace was born in" --max_new_tokens=8""",
+          factflip export --workdir=workdir/default/runs/tiny-0.5m/seed0/pretrain --out=/tmp/base
+          factflip generate --model=/tmp/base --prompt="Ada Lovelace was born in" \\
+              --max_new_tokens=8""",
         {"model": "The model directory (HF or factflip) with its tokenizer.",
          "prompt": "A prompt to continue (repeatable).",
          "max_new_tokens": "Tokens to generate per prompt.",

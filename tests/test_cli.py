@@ -190,6 +190,13 @@ def test_workdir_out_config_seed_mean_what_each_command_does_with_them():
   assert cli.COMMANDS["train"].required == ("config", "workdir")
 
 
+def test_every_flag_defined_is_checked_against_the_commands():
+  """A flag added to cli.py but not to OUR_FLAGS would be accepted by every command."""
+  defined = {f.name for f in cli.FLAGS.flags_by_module_dict()["factflip.cli"]}
+  assert defined == set(cli.OUR_FLAGS)
+  assert set().union(*(c.flags for c in cli.COMMANDS.values())) == set(cli.OUR_FLAGS)
+
+
 def test_lazy_subpackages():
   import factflip
   assert factflip.probes.flip_rate is not None and factflip.studies.stages.Stage

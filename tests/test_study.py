@@ -53,8 +53,9 @@ def test_files_tables_and_ranges(study):
   assert set(patch.position) == {"subject", "last"} and set(patch.site) == {"resid_pre"}
 
 
-def test_resumes_after_a_stage_is_deleted(study):
-  wd, _, _ = study
+def test_resumes_after_a_stage_is_deleted(study, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(study[0], wd)
   before = pd.read_csv(os.path.join(wd, "results", "flips.csv"))
   probes = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "probes", "p1.00")
   cpt_done = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "cpt_p1.00", "DONE")

@@ -88,7 +88,6 @@ def base_config():
   return c
 
 
-_merge = platform.merge   # the old name
 
 
 def validate(c, source: str = "study") -> None:
