@@ -67,6 +67,12 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+def write_csv(df, path: str) -> None:
+  """Atomic CSV write of a pandas DataFrame, without its index."""
+  with atomic_path(path) as tmp:
+    df.to_csv(tmp, index=False)
+
+
 def write_json(path: str, obj, indent: int = 2) -> None:
   """Atomic JSON write (temporary file, then rename)."""
   write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")

@@ -116,6 +116,27 @@ def world_tokenizer(small_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_lm(world_tokenizer, tmp_path_factory):
+  """(directory, torch model): a tiny random HF Llama over the world tokenizer's vocabulary,
+  saved with that tokenizer and a 48-token context (the evals' text-level tests)."""
+  import torch
+  import transformers
+
+  torch.manual_seed(1)
+  tok = world_tokenizer
+  cfg = transformers.LlamaConfig(
+      vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  d = str(tmp_path_factory.mktemp("hf_lm"))
+  model.save_pretrained(d)
+  tok.save_pretrained(d)
+  return d, model
+
+
+@pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory):
   """Paper A's study on its smoke config, run once per session: (workdir, headline, log
   lines). A test that changes the workdir works on a copy."""

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from factflip import Transformer, get_preset
+from factflip.evals.loglik import answer_logprob
 from factflip.probes import fact_preference as P
 
 
@@ -112,7 +113,6 @@ def test_greedy_correct_is_the_argmax_of_every_answer_token(model_and_items):
   r = np.random.default_rng(0)
   B, T, A = 4, 16, 3
   tokens = r.integers(3, model.cfg.vocab_size, (B, T)).astype(np.int32)
-  mask = np.ones((B, T), bool)
   where = np.tile(np.arange(T - 1 - A, T - 1), (B, 1)).astype(np.int32)
   logits = np.asarray(model(tokens))
   greedy = logits[np.arange(B)[:, None], where].argmax(-1).astype(np.int32)   # [B, A]
@@ -122,5 +122,5 @@ def test_greedy_correct_is_the_argmax_of_every_answer_token(model_and_items):
   target[1, 0] = (target[1, 0] + 1) % model.cfg.vocab_size   # row 1: wrong first token
   target[2, -1] = (target[2, -1] + 1) % model.cfg.vocab_size  # row 2: wrong last token
   target[3, 0] = (target[3, 0] + 1) % model.cfg.vocab_size    # row 3: masked, so it still counts
-  _, hit = P._answer_logprob(model.params(), model.cfg, tokens, mask, where, target, amask)
+  _, hit = answer_logprob(logits[np.arange(B)[:, None], where], target, amask)
   np.testing.assert_array_equal(np.asarray(hit), [True, False, False, True])

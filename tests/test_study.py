@@ -326,6 +326,12 @@ def test_fingerprints_redo_exactly_the_stages_a_change_affects(study, tmp_path):
   shutil.copytree(src, wd)
   c = load_config_file(CONFIG, "smoke")
   assert _plan(c, wd) == ({}, "plan: 7 reuse")
+  with pytest.MonkeyPatch.context() as mp:                   # another answer scorer
+    mp.setattr("factflip.studies.poisoning.SCORER_VERSION", 3)
+    lines = Study(c, wd, log=lambda m: None).plan()
+    redo, head = _plan(c, wd)
+  assert "           scorer: 2 -> 3" in lines and head == "plan: 4 reuse, 3 redo" and set(
+      redo) == {"probe tiny-0.5m seed0 p0.00", "probe tiny-0.5m seed0 p1.00", "results"}
   c.probe.batch_size = 32
   redo, head = _plan(c, wd)
   assert head == "plan: 4 reuse, 3 redo" and set(redo) == {
@@ -422,6 +428,41 @@ def test_results_numbers_on_chosen_probe_tables(tmp_path):
   assert ab.abruptness == pytest.approx(0.5) and ab.final_flip_rate == pytest.approx(2 / 3)
 
 
+def test_results_name_an_empty_probe_stage(tmp_path):
+  c = load_config_file(CONFIG, "smoke")
+  s = Study(c, str(tmp_path), log=lambda m: None)
+  d = os.path.join(s.run_dir("tiny-0.5m", 0, "probes"), "p0.00")
+  os.makedirs(d)
+  open(os.path.join(d, "patch_000002.csv"), "w").close()     # no step_<n>.csv
+  with pytest.raises(StudyError, match=r"probes/p0\.00: no step_<n>\.csv probe tables"):
+    s.results(str(tmp_path / "out"))
+
+
+def test_memo_is_one_stage_per_call_however_spelled(tmp_path):
+  s = Study(load_config_file(CONFIG, "smoke"), str(tmp_path), log=lambda m: None)
+  a = s.stage_cpt("tiny-0.5m", 0, 1.0)
+  assert s.stage_cpt(size="tiny-0.5m", seed=0, p=1.0) is a
+  assert s.stage_cpt("tiny-0.5m", 0, p=0.0) is not a
+
+
+def test_draw_keys_name_the_study_config(tmp_path):
+  """A study's draw roles: n_targets and tier required, n_control and replay_weight 0 when it
+  has none; a role or key it lacks is an error naming the study and the role."""
+  class Bare(Study):
+    name = "bare"
+    draw_keys = {"n_targets": "cpt.data.n_targets", "tier": "cpt.data.nope"}
+  s = Bare(load_config_file(CONFIG, "smoke"), str(tmp_path), log=lambda m: None)
+  assert s.source.draw("n_targets") == s.c.cpt.data.n_targets
+  assert s.source.draw("n_control") == 0 and s.source.draw("replay_weight") == 0.0
+  assert s.source.draw_key_names("n_targets", "n_control") == ["cpt.data.n_targets"]
+  with pytest.raises(StudyError, match=r"'bare': draw_keys\['tier'\] = 'cpt.data.nope' is "
+                     "not a key of its config"):
+    s.source.draw("tier")
+  Bare.draw_keys = {"tier": "cpt.data.target_tier"}
+  with pytest.raises(StudyError, match="draw_keys has no 'n_targets'"):
+    s.source.draw("n_targets")
+
+
 def test_patching_honours_probe_devices(study, tmp_path, monkeypatch):
   """probe.devices = 1 keeps the patching sweep on one device although 8 divide its batch;
   -1 gives it every local device."""
@@ -439,8 +480,11 @@ def test_patching_honours_probe_devices(study, tmp_path, monkeypatch):
   assert patched and len(seen) == len(patched) * len(s.c.probe.patch_sites) * len(
       s.c.probe.patch_windows)
   assert all(d == jax.local_devices()[:1] for d in seen)
-  s.c.probe.devices = -1
-  assert s.probe_devices() == jax.local_devices()
+  with pytest.raises(AttributeError, match="immutable"):
+    s.c.probe.devices = -1                   # stages are memoised from the frozen config
+  c = load_config_file(CONFIG, "smoke")
+  c.probe.devices = -1
+  assert Study(c, src, log=lambda m: None).probe_devices() == jax.local_devices()
 
 
 def test_a_study_config_names_a_registered_study(tmp_path):

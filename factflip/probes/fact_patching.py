@@ -4,7 +4,7 @@ the true answer back? (SCIENCE.md A, "Patching reversal".)
 Owns: `patch_items` (a table of patched ΔLL per item, site, window, layer and position group
 — subject tokens, the last prompt token, all positions — with the unpatched and base ΔLL
 beside it), `subject_span` and the item batch layout. Pairs are tokenised and scored by the one
-answer scorer (`fact_preference.answer_ids`, `answer_logprob`), in a left-padded layout.
+answer scorer (`evals.loglik.answer_ids`, `answer_logprob`), in a left-padded layout.
 Must not: define the sweep (`patching.act_patch`) or the flip states (`fact_preference`).
 
 ΔLL under patching is exact for multi-token answers: every item is two teacher-forced rows,
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip.data.tokenizer import TokenIds
+from factflip.evals.loglik import answer_ids, answer_logprob
 from factflip.models.transformer import Transformer, forward, unembed
-from factflip.probes.fact_preference import answer_ids, answer_logprob
 from factflip.probes.patching import act_patch
 
 GROUPS = ("subject", "last", "all")
@@ -49,7 +49,7 @@ def subject_span(enc: TokenIds, prompt: str, subject: str) -> tuple[int, int] | 
 
 def answer_metric(logits_BxPxV: jax.Array, aux) -> jax.Array:
   """The sweep's metric: Σ log p(answer tokens) per row by the one answer scorer
-  (`fact_preference.answer_logprob`); aux = (target ids [B, P], mask [B, P]) aligned with the
+  (`evals.loglik.answer_logprob`); aux = (target ids [B, P], mask [B, P]) aligned with the
   read positions."""
   return answer_logprob(logits_BxPxV, *aux)[0]
 

@@ -2,11 +2,8 @@
 objects and section A), and the logit lens of the same quantity.
 
 Owns: `prompt_rows` (the prompts of each item by kind, with their true and counterfactual
-answers), the one teacher-forced answer scorer — `answer_ids` (how a (prompt, answer) pair is
-tokenised) and `answer_logprob` (Σ log p of the answer tokens and greedy agreement, from the
-logits at the answer positions), which patching (`fact_patching`) scores with too — `score`
-(that scorer for many pairs: bucketed padding, one compiled program per (batch, length)
-bucket, logits only at answer positions), `preference`
+answers), `score` (many pairs through the evals layer's one
+teacher-forced scorer, `evals.loglik.score_pairs`), `preference`
 (a table of ΔLL per item and prompt kind), `lens_preference` (ΔLL from every layer's residual
 stream), `states`, `flip_rate`, `ambiguity_rate`, `first_flip` and `abruptness`.
 Must not: train, or know where checkpoints live (callers pass models).
@@ -27,27 +24,20 @@ Definitions (written as in SCIENCE.md):
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from factflip.data import templates as T
 from factflip.data.facts import FactItem
 from factflip.data.tokenizer import TokenIds
-from factflip.models.config import ModelConfig
-from factflip.models.transformer import Transformer, forward, unembed
-from factflip.probes.tuned_lens import TunedLens, check_fits, translate
+from factflip.evals.loglik import answer_ids, score_pairs
+from factflip.models.transformer import Transformer
+from factflip.probes.tuned_lens import TunedLens
 
 KINDS = ("prompt", "paraphrase", "question", "language", "neighbour")
 CORRECT, AMBIGUOUS, COUNTERFACTUAL = 1, 0, -1
-
-
-def _space(answer: str) -> str:
-  return answer if not answer or answer[:1].isspace() else " " + answer
 
 
 def prompt_rows(items: Sequence[FactItem], kinds: Sequence[str] = KINDS,
@@ -87,58 +77,10 @@ def prompt_rows(items: Sequence[FactItem], kinds: Sequence[str] = KINDS,
   return rows
 
 
-def answer_ids(enc: TokenIds, prompt: str, answer: str, where: str
-               ) -> tuple[list[int], list[int]]:
-  """The tokens of a teacher-forced (prompt, answer) pair: BOS (when the tokenizer has one) +
-  the prompt's tokens, and the answer as its own segment with a leading space. `where` names
-  the pair in the error when either tokenises to nothing."""
-  a_ids = list(enc(_space(answer))) if answer.strip() else []
-  if not a_ids:
-    raise ValueError(f"{where}: answer {answer!r} tokenises to nothing")
-  p_ids = ([] if enc.bos is None else [enc.bos]) + list(enc(prompt))
-  if not p_ids:
-    raise ValueError(f"{where}: prompt {prompt!r} tokenises to nothing and there is no BOS")
-  return p_ids, a_ids
-
-
-def answer_logprob(logits_BxAxV: jax.Array, target_BxA: jax.Array, amask_BxA: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
-  """From the logits at the A positions that predict the answer tokens `target_BxA` (amask 0
-  on padding): Σ log p(answer) [B] (log-softmax in float32) and greedy [B] (every answer
-  token is the argmax given the ones before it)."""
-  logp_BxAxV = jax.nn.log_softmax(logits_BxAxV.astype(jnp.float32), axis=-1)
-  logp_BxA = jnp.take_along_axis(logp_BxAxV, target_BxA[..., None], axis=-1)[..., 0]
-  hit_BxA = (logits_BxAxV.argmax(-1) == target_BxA) | (amask_BxA == 0)
-  return (logp_BxA * amask_BxA).sum(-1), hit_BxA.all(-1)
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "lens"))
-def _answer_logprob(params, cfg: ModelConfig, tokens_BxT, mask_BxT, where_BxA, target_BxA,
-                    amask_BxA, tuned=None, lens: bool = False):
-  """Σ log p(target) over answer tokens: [B], or [L + 1, B] from every layer (lens; through the
-  `tuned` lens's translators when given). Logits are computed only at the A answer
-  positions."""
-  out = forward(params, cfg, tokens_BxT, mask_BxT, capture=("resid_pre",) if lens else (),
-                return_logits=False)
-  if lens:
-    h_LxBxTxD = jnp.concatenate([out.captures["resid_pre"], out.residual[None]], axis=0)
-  else:
-    h_LxBxTxD = out.residual[None]
-  h_LxBxAxD = jnp.take_along_axis(h_LxBxTxD, where_BxA[None, :, :, None], axis=2)
-  if tuned is not None:
-    L, B, A, D = h_LxBxAxD.shape
-    t_LxBxAxD = translate(tuned, h_LxBxAxD[:-1].reshape(L - 1, B * A, D)).reshape(
-        L - 1, B, A, D).astype(h_LxBxAxD.dtype)
-    h_LxBxAxD = jnp.concatenate([t_LxBxAxD, h_LxBxAxD[-1:]], axis=0)
-
-  res, greedy_LxB = jax.lax.map(
-      lambda h_BxAxD: answer_logprob(unembed(params, cfg, h_BxAxD), target_BxA, amask_BxA),
-      h_LxBxAxD)
-  return (res if lens else res[0]), greedy_LxB[-1]
+# The version of the teacher-forced scorer (`evals.loglik`: answer_ids, score_pairs): part of every
+# study stage key that scores answers, so a change to what it computes redoes those stages.
+# 2: log-softmax in float32 whatever the parameters' dtype.
+SCORER_VERSION = 2
 
 
 def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequence[str],
@@ -146,52 +88,15 @@ def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequen
   """Σ log p(answer | prompt) per pair, float32 [N] (or [L + 1, N] with lens=True, the logit
   lens, or lens=a TunedLens). return_greedy=True also returns bool [N]: greedy decoding from
   the prompt reproduces the answer's tokens (every answer token is the argmax given the ones
-  before it — closed-book exact match). Pairs are sorted by length into power-of-two buckets
-  so each (batch, length) compiles once."""
-  tuned = lens if isinstance(lens, TunedLens) else None
-  if tuned is not None:
-    check_fits(tuned, model.cfg, "score")
-  lens = lens is not False and lens is not None
+  before it — closed-book exact match). Pairs are tokenised by `answer_ids` and scored by the
+  evals layer's one scorer (`evals.loglik.score_pairs`: buckets, shared prompts once)."""
   if len(prompts) != len(answers):
     raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
   enc = TokenIds(tokenizer)
-  cfg = model.cfg
-  seqs = []
-  for i, (p, a) in enumerate(zip(prompts, answers)):
-    p_ids, a_ids = answer_ids(enc, p, a, f"pair {i}")
-    ids = p_ids + a_ids
-    if len(ids) > cfg.max_seq_len:
-      raise ValueError(f"pair {i}: prompt + answer is {len(ids)} tokens, longer than the "
-                       f"model's context of {cfg.max_seq_len}")
-    seqs.append((ids, len(p_ids), len(a_ids)))
-  n_out = cfg.n_layers + 1 if lens else 1
-  out = np.zeros((n_out, len(seqs)), np.float32)
-  greedy = np.zeros(len(seqs), bool)
-  order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-  params = model.params()
-  for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
-    T_ = _bucket(max(len(seqs[i][0]) for i in idx))
-    A = _bucket(max(seqs[i][2] for i in idx), minimum=4)
-    B = batch_size if len(order) > batch_size else _bucket(len(idx), minimum=1)
-    tokens = np.zeros((B, T_), np.int32)
-    mask = np.zeros((B, T_), bool)
-    where = np.zeros((B, A), np.int32)
-    target = np.zeros((B, A), np.int32)
-    amask = np.zeros((B, A), np.float32)
-    for r, i in enumerate(idx):
-      ids, n_p, n_a = seqs[i]
-      tokens[r, :len(ids)] = ids
-      mask[r, :len(ids)] = True
-      where[r, :n_a] = np.arange(n_p - 1, n_p - 1 + n_a)   # position predicting answer token j
-      target[r, :n_a] = ids[n_p:]
-      amask[r, :n_a] = 1.0
-    res, hit = _answer_logprob(params, cfg, tokens, mask, where, target, amask, tuned,
-                               lens=lens)
-    out[:, idx] = np.asarray(res).reshape(n_out, B)[:, :len(idx)]
-    greedy[idx] = np.asarray(hit)[:len(idx)]
-  out = out if lens else out[0]
-  return (out, greedy) if return_greedy else out
+  pairs = [answer_ids(enc, p, a, f"pair {i}") for i, (p, a) in enumerate(zip(prompts, answers))]
+  s = score_pairs(model, pairs, batch_size, lens=lens)
+  out = (s.lens if s.lens is not None else s.logprob).astype(np.float32)
+  return (out, s.greedy) if return_greedy else out
 
 
 def preference(model: Transformer, tokenizer, items: Sequence[FactItem],

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from factflip.studies.sources import write_csv
+from factflip.fileio import write_csv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,13 @@ class CheckpointProbe:
 
 def table_path(out: str, name: str, step: int) -> str:
   return os.path.join(out, f"{name}_{step:06d}.csv")
+
+
+def table_steps(out: str, name: str) -> list[int]:
+  """The checkpoint steps that have a `name` table in `out`, ascending."""
+  pre = name + "_"
+  return sorted(int(f[len(pre):-4]) for f in os.listdir(out)
+                if f.startswith(pre) and f.endswith(".csv") and f[len(pre):-4].isdigit())
 
 
 def probe_checkpoints(ckpt_dir: str, out: str, probes: list[CheckpointProbe],

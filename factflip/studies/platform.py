@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -68,7 +69,9 @@ def common_config():
   c.facts_limit = 2000             # facts: score the first n with a counterfactual (0 = all)
   c.replay = ""                    # facts: replay documents, JSONL {"text"} ("" = true
   #                                  statements of the facts the study does not use)
-  c.tau = 0.5                      # state threshold on ΔLL (nats): correct > τ, cf < −τ
+  c.tau = 0.5                      # ΔLL threshold (nats): state correct > τ, counterfactual
+  #                                  < −τ; with `facts`, a base knows a fact when its greedy
+  #                                  answer is right and ΔLL > τ (the fact draw)
   c.world_seed = 0
   c.vocab_size = 1024              # the world's tokenizer
   c.pretrain = train_config.base_config()   # world studies: pretraining of each size
@@ -94,18 +97,32 @@ def merge(into, values: dict, source: str, prefix: str = "") -> None:
       into[k] = v
 
 
+def mutable(config):
+  """A mutable, reference-resolved copy of a config subtree (frozen or not): what a stage
+  edits into the training config it runs."""
+  import ml_collections
+  if isinstance(config, ml_collections.FrozenConfigDict):
+    config = config.as_configdict()      # the frozen one's own ConfigDict: never edit it
+  return config.copy_and_resolve_references()
+
+
 def size_label(size: str) -> str:
   """The name of a model size in paths and tables: the preset, or a directory's base name."""
   return os.path.basename(os.path.normpath(size))
 
 
 def memo(method):
-  """Cache a Stage-making method per object and arguments: a stage's fingerprint is computed
-  once per study object, not again for every downstream stage that includes it."""
+  """Cache a Stage-making method per object and arguments (positional or keyword: the same
+  call either way): a stage's fingerprint is computed once per study object, not again for
+  every downstream stage that includes it. Sound because the study's config is frozen."""
+  sig = inspect.signature(method)
+
   @functools.wraps(method)
   def wrapper(self, *args, **kw):
     cache = self.__dict__.setdefault("_memo", {})
-    key = (method.__name__, args, tuple(sorted(kw.items())))
+    bound = sig.bind(self, *args, **kw)
+    bound.apply_defaults()
+    key = (method.__name__, tuple(bound.arguments.items())[1:])
     if key not in cache:
       cache[key] = method(self, *args, **kw)
     return cache[key]
@@ -124,14 +141,6 @@ class StageSpec:
   then: Callable[..., Any] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Figure:
-  """A report figure: its title, the PNG's file name in report/ and what it shows."""
-  title: str
-  file: str
-  caption: str
-
-
 class Study:
   """The base of every study: config, workdir, fact source, cells and the stage driver.
 
@@ -139,28 +148,33 @@ class Study:
   source's draw: `studies.sources`), and defines `grid()` (its own axes), `specs()` (its
   StageSpecs in run order, after the fact source's; Stage-making methods wrapped in `memo`),
   `tables()` (its results as DataFrames), `report()` (headline and figures) and `summary()`
-  (terminal lines). `base_config` and `validate` are its module's functions."""
+  (terminal lines), and binds its module's `base_config()` (every key it reads, with its
+  default) and `validate(config, source)` (ConfigError naming source and key)."""
   name = ""
   title = ""
   draw_keys: ClassVar[dict[str, str]] = {}
 
   def __init__(self, config, workdir: str, log=print, source: str = "study"):
+    import ml_collections
+
     from factflip.studies.sources import fact_source
     self.validate(config, source)
-    self.c = config
+    # frozen: every Stage is made (and memoised) from this config, so it must not change
+    # under them; a stage that needs a mutable copy of a subtree takes `mutable(...)`
+    self.c = ml_collections.FrozenConfigDict(config.copy_and_resolve_references())
     self.wd = os.path.abspath(workdir)
     self.log = log
     self.source = fact_source(self)
     self.sizes = self.source.sizes          # label -> preset or model directory
 
   # ---- the config -------------------------------------------------------------------------
-  @classmethod
-  def base_config(cls):
-    return importlib.import_module(cls.__module__).base_config()
+  @staticmethod
+  def base_config():
+    raise NotImplementedError
 
-  @classmethod
-  def validate(cls, config, source: str = "study") -> None:
-    importlib.import_module(cls.__module__).validate(config, source)
+  @staticmethod
+  def validate(config, source: str = "study") -> None:
+    raise NotImplementedError
 
   @classmethod
   def open(cls, workdir: str, log=print) -> Study:
@@ -244,7 +258,8 @@ class Study:
     """Every stage: first the plan (which stages are reused, computed, resumed or redone and
     which keys changed); with `dry_run` only that (None is returned). Then each spec over its
     cells; the tables at the end (`tables()`). Wall seconds per spec name are summed over
-    resumed invocations into results/timings.json."""
+    resumed invocations into results/timings.json; study.json (the config, what `open`
+    reads) is written when every stage is done, so it always describes complete outputs."""
     for line in self.plan():
       self.log(line)
     if dry_run:
@@ -253,7 +268,6 @@ class Study:
     timings: dict[str, float] = {}
     path = os.path.join(self.wd, "results", "timings.json")
     before = read_json(path) if os.path.exists(path) else {}
-    write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
     for spec in self.all_specs():
       for cell in self.cells(spec.over):
         st = spec.stage(**cell)
@@ -268,14 +282,15 @@ class Study:
         self.log(f"[{st.name}] done in {time.time() - t:.1f} s (total {time.time() - t0:.0f} s)")
     write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
                       for k in dict.fromkeys([*before, *timings])})
+    write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
     return self.tables()
 
   def tables(self) -> dict[str, Any]:
     """The results tables as DataFrames, read from what the stages wrote."""
     raise NotImplementedError
 
-  def report(self, tables: dict[str, Any], out_dir: str) -> tuple[dict[str, Any], list[Figure]]:
-    """(headline numbers, the figures drawn into out_dir) for report/index.html."""
+  def report(self, tables: dict[str, Any], out_dir: str) -> tuple[dict[str, Any], list]:
+    """(headline numbers, the `report.Figure`s drawn into out_dir) for report/index.html."""
     raise NotImplementedError
 
   def summary(self, head: dict[str, Any]) -> list[str]:

@@ -47,11 +47,11 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from factflip.fileio import read_json, write_json
+from factflip.fileio import read_json, write_csv, write_json
+from factflip.probes.fact_preference import SCORER_VERSION
 from factflip.studies import platform
-from factflip.studies.checkpoints import CheckpointProbe, probe_checkpoints, table_path
+from factflip.studies.checkpoints import CheckpointProbe, probe_checkpoints, table_path, table_steps
 from factflip.studies.platform import StudyError, memo, size_label
-from factflip.studies.sources import write_csv
 from factflip.studies.stages import Stage, fingerprint
 
 _RUN = ["size", "seed", "p", "step"]
@@ -86,8 +86,6 @@ def base_config():
   c.probe.patch_groups = ["subject", "last"]
   c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
   return c
-
-
 
 
 def validate(c, source: str = "study") -> None:
@@ -165,7 +163,7 @@ def validate(c, source: str = "study") -> None:
     except ValueError as e:
       raise ConfigError(source, "cpt.data.mentions_per_fact", str(e)) from None
   for stage in ("cpt",) if c.facts else ("pretrain", "cpt"):
-    sub = c[stage].copy_and_resolve_references()
+    sub = platform.mutable(c[stage])
     if c.facts:                  # what `cpt` sets per model (the files are written per run)
       sub.model.init_from, sub.data.facts_path = c.sizes[0], c.facts
       sub.data.replay_path = sub.data.eval_path = "runs/<size>/seed<k>/base/*.jsonl"
@@ -192,14 +190,20 @@ class Study(platform.Study):
   draw_keys: ClassVar[dict[str, str]] = {
       "n_targets": "cpt.data.n_targets", "n_control": "probe.n_control",
       "tier": "cpt.data.target_tier", "replay_weight": "cpt.data.replay_weight"}
+  base_config = staticmethod(base_config)
+  validate = staticmethod(validate)
 
   def grid(self) -> dict[str, list]:
     return {"p": [float(p) for p in self.c.ratios]}
 
   # ---- layout -----------------------------------------------------------------------------
+  def cpt_dir(self, size: str, seed: int, p: float) -> str:
+    """The CPT run at ratio p (checkpoints/, metrics.jsonl: `factflip.train`)."""
+    return self.run_dir(size, seed, f"cpt_{_ptag(p)}")
+
   def checkpoints(self, size: str, seed: int, p: float) -> str:
     """The checkpoints/ directory of the CPT run at ratio p (`<dir>/<step>` loads a model)."""
-    return os.path.join(self.run_dir(size, seed, f"cpt_{_ptag(p)}"), "checkpoints")
+    return os.path.join(self.cpt_dir(size, seed, p), "checkpoints")
 
   def probe_dir(self, size: str, seed: int, p: float) -> str:
     return os.path.join(self.run_dir(size, seed, "probes"), _ptag(p))
@@ -229,20 +233,20 @@ class Study(platform.Study):
   # ---- stages and their fingerprints (factflip.studies.stages) ------------------------------
   def gate_fingerprint(self, size: str, seed: int) -> str:
     """What base.json (the base's accuracy on the targets) was computed with."""
-    return fingerprint(self.keys("cpt.data.n_targets", "cpt.data.target_tier",
-                                 "probe.batch_size", "probe.dtype"),
+    return fingerprint(self.keys(*self.source.draw_key_names("n_targets", "tier"),
+                                 "probe.batch_size", "probe.dtype", scorer=SCORER_VERSION),
                        (self.source.base_stage(size, seed).fp,))
 
   @memo
   def stage_cpt(self, size: str, seed: int, p: float) -> Stage:
-    return Stage(f"cpt {size} seed{seed} {_ptag(p)}", self.run_dir(size, seed, f"cpt_{_ptag(p)}"),
+    return Stage(f"cpt {size} seed{seed} {_ptag(p)}", self.cpt_dir(size, seed, p),
                  self.keys("cpt", "replay", p=float(p), seed=seed),
                  (self.source.base_stage(size, seed).fp,))
 
   @memo
   def stage_probe(self, size: str, seed: int, p: float) -> Stage:
     return Stage(f"probe {size} seed{seed} {_ptag(p)}", self.probe_dir(size, seed, p),
-                 self.keys("probe"), (self.stage_cpt(size, seed, p).fp,
+                 self.keys("probe", scorer=SCORER_VERSION), (self.stage_cpt(size, seed, p).fp,
                                       self.source.base_stage(size, seed).fp))
 
   @memo
@@ -289,13 +293,13 @@ class Study(platform.Study):
           f"{size} seed {seed}: the base model knows {got:.0%} of the "
           f"{len(self.targets(size, seed))} target facts on the training prompt format "
           f"(greedy), below min_base_accuracy {self.c.min_base_accuracy:.0%}: the config is "
-          f"wrong ({self.source.gate_hint}; cpt.data.n_targets, probe.n_control)")
+          f"wrong ({self.source.gate_hint}; or fewer targets: {self.draw_keys['n_targets']})")
     return info
 
   # ---- cpt and probes -----------------------------------------------------------------------
   def build_cpt(self, out: str, size: str, seed: int, p: float) -> dict[str, Any]:
     from factflip.train.loop import train
-    c = self.c.cpt.copy_and_resolve_references()
+    c = platform.mutable(self.c.cpt)
     c.seed = seed
     c.data.ratio = float(p)
     c.model.init_from = self.base_path(size, seed)
@@ -368,9 +372,11 @@ class Study(platform.Study):
     for cell in self.cells(("size", "seed", "p")):
       size, seed, p = cell["size"], cell["seed"], cell["p"]
       d = self.probe_dir(size, seed, p)
-      steps = sorted(int(f[5:11]) for f in os.listdir(d) if f.startswith("step_"))
-      frames = {s: pd.read_csv(os.path.join(d, f"step_{s:06d}.csv"),
-                               keep_default_na=False) for s in steps}
+      steps = table_steps(d, "step")
+      if not steps:
+        raise StudyError(f"{d}: no step_<n>.csv probe tables; the probe stage writes them (is "
+                         f"{self.checkpoints(size, seed, p)} empty?)")
+      frames = {s: self.probe_table(size, seed, p, s) for s in steps}
       ref = frames[steps[0]]
       key = ["item", "kind", "variant"]
       for s, df in frames.items():
@@ -393,7 +399,7 @@ class Study(platform.Study):
               "size": size, "seed": seed, "p": p, "step": s, "layer": int(c[5:]),
               "flip_rate": float(flip_rate(tgt[c + "_base"].values, tgt[c].values, tau)),
               "ambiguity_rate": float((tgt[c].abs() <= tau).mean())})
-        pcsv = os.path.join(d, f"patch_{s:06d}.csv")
+        pcsv = table_path(d, "patch", s)
         if os.path.exists(pcsv):
           pt = pd.read_csv(pcsv)
           flip_ids = set(m[(m.set == "target") & (m.kind == "prompt") & m.flipped].item)
@@ -407,7 +413,6 @@ class Study(platform.Study):
                                                      np.ones(len(g), bool))),
                 "recovery": float(g.recovery.median()), "flipped_items": len(g)})
       # per item: the first checkpoint at which it is counterfactual; per kind: abruptness
-      key = ["item", "kind", "variant"]
       tgt = pd.concat([df[df.set == "target"].assign(step=s) for s, df in frames.items()])
       for kind, g in tgt.groupby("kind"):
         dll = g.pivot_table(index="step", columns=key, values="dll").sort_index()
@@ -433,7 +438,7 @@ class Study(platform.Study):
     rows = []
     for cell in self.cells(("size", "seed", "p")):
       size, seed, p = cell["size"], cell["seed"], cell["p"]
-      path = os.path.join(self.run_dir(size, seed, f"cpt_{_ptag(p)}"), "metrics.jsonl")
+      path = os.path.join(self.cpt_dir(size, seed, p), "metrics.jsonl")
       for _, _, r in iter_json_records(path):
         loss = r.get("heldout_answer_nll", r.get("eval_loss"))
         if loss is not None:

@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 
-from factflip.studies.platform import Figure
-from factflip.studies.report import final_rows, legend, save, sizes_of
+from factflip.studies.report import Figure, final_rows, legend, save, sizes_of
 
 
 def plot_flips(flips: pd.DataFrame, path: str) -> str:

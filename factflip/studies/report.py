@@ -9,6 +9,7 @@ e.g. `studies.poisoning_report`).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 from collections.abc import Sequence
@@ -18,6 +19,14 @@ import numpy as np
 import pandas as pd
 
 from factflip.fileio import atomic_path, write_json, write_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+  """A report figure: its title, the PNG's file name in report/ and what it shows."""
+  title: str
+  file: str
+  caption: str
 
 
 def save(fig, path: str) -> str:
@@ -47,7 +56,7 @@ def sizes_of(df: pd.DataFrame) -> list[str]:
 def write_report(rdir: str, title: str, workdir: str, head: dict[str, Any], figures,
                  tables: Sequence[str]) -> dict[str, Any]:
   """report/summary.json (`head` as strict JSON) and report/index.html: the title, the
-  headline, links to results/<table>.csv and every figure (`platform.Figure`: title, file in
+  headline, links to results/<table>.csv and every figure (`Figure`: title, file in
   rdir, caption). Returns the strict headline."""
   head = strict_json(head)
   write_json(os.path.join(rdir, "summary.json"), head)

@@ -14,15 +14,19 @@ start from), `base_dir` (where the base's own files live), `tokenizer(size)`, `t
 `train_data` (the data keys a training stage on this base sets: a facts source's files) and
 `gate_hint` (what to change when a base knows too few of its targets).
 
-The draw: `Study.draw_keys` maps "n_targets", "n_control", "tier" and "replay_weight" to the
-study's config keys (the poisoning study: cpt.data.n_targets, probe.n_control,
-cpt.data.target_tier, cpt.data.replay_weight). World: targets are `poison_targets` (the draw
-the training loop makes for data.kind poison, the same for every size), controls a seeded
-draw of the rest of the tier. Facts file: the candidates (facts with a counterfactual, the
-first facts_limit) are scored at the base; known ones (greedy answer correct and ΔLL > τ on
-the prompt) come first in a seeded order; the first n_targets are targets, the next n_control
-controls; replay.jsonl holds true statements of the facts not drawn (unless `replay` is given)
-and heldout.jsonl the controls' paraphrases with their true answers.
+The draw: `Study.draw_keys` maps the roles "n_targets" and "tier" (required) and "n_control"
+and "replay_weight" (optional: 0 when a study has no such key) to the study's config keys
+(the poisoning study: cpt.data.n_targets, cpt.data.target_tier, probe.n_control,
+cpt.data.replay_weight). World: targets are `poison_targets` (the draw the training loop
+makes for the world's facts, the same for every size), controls a seeded draw of the rest of
+the tier. Facts file: the candidates (facts with a counterfactual, the first facts_limit) are
+scored at the base with the teacher-forced scorer; a candidate the base knows has its greedy
+answer right and ΔLL > τ (`tau`) on its prompt; known ones come first in a seeded order, the
+first n_targets are targets, the next n_control controls. The base stage also writes the
+files any training stage on a facts source reads (`train_data`): replay.jsonl, true
+statements of the facts not drawn (replay for continual pretraining, retain data for
+unlearning; unless `replay` names a file) and heldout.jsonl, the controls' paraphrases with
+their true answers (the training loop's held-out evaluation).
 """
 
 from __future__ import annotations
@@ -34,22 +38,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from factflip.fileio import atomic_path
-from factflip.studies.platform import StageSpec, StudyError, memo, size_label
+from factflip.fileio import write_csv
+from factflip.studies.platform import StageSpec, StudyError, memo, mutable, size_label
 from factflip.studies.stages import Stage, fingerprint
 
-
-def write_csv(df: pd.DataFrame, path: str) -> None:
-  """Atomic CSV write (a temporary name, then rename)."""
-  with atomic_path(path) as tmp:
-    df.to_csv(tmp, index=False)
-
-
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
+# draw roles a study may leave out, and what they are then
+_OPTIONAL_ROLES = {"n_control": 0, "replay_weight": 0.0}
 
 
 def fact_source(study) -> WorldSource | FileSource:
@@ -66,11 +60,24 @@ class _Source:
     self._targets: dict[tuple[str, int], list] = {}
 
   def draw(self, role: str):
-    """The study's config value for a draw role (n_targets, n_control, tier, replay_weight)."""
-    return _get(self.c, self.study.draw_keys[role])
+    """The study's config value for a draw role (n_targets, tier, n_control, replay_weight)."""
+    if role not in self.study.draw_keys:
+      if role in _OPTIONAL_ROLES:
+        return _OPTIONAL_ROLES[role]
+      raise StudyError(f"study {self.study.name!r}: draw_keys has no {role!r}; expected the "
+                       f"config key for each of n_targets, tier (and optionally "
+                       f"{', '.join(_OPTIONAL_ROLES)})")
+    node = self.c
+    for part in self.study.draw_keys[role].split("."):
+      if part not in node:
+        raise StudyError(f"study {self.study.name!r}: draw_keys[{role!r}] = "
+                         f"{self.study.draw_keys[role]!r} is not a key of its config")
+      node = node[part]
+    return node
 
-  def _draw_keys(self, *roles: str) -> list[str]:
-    return [self.study.draw_keys[r] for r in roles]
+  def draw_key_names(self, *roles: str) -> list[str]:
+    """The config keys of the draw roles the study has (for stage keys and messages)."""
+    return [self.study.draw_keys[r] for r in roles if r in self.study.draw_keys]
 
   def run_dir(self, size: str, seed: int, name: str) -> str:
     return self.study.run_dir(size, seed, name)
@@ -124,11 +131,12 @@ class WorldSource(_Source):
       shutil.rmtree(self.tok_dir, ignore_errors=True)
       os.rename(tok, self.tok_dir)
     self._world = None
+    self._targets.clear()                      # drawn from the world being replaced
     return {}
 
   def build_pretrain(self, out: str, size: str, seed: int) -> dict[str, Any]:
     from factflip.train.loop import train
-    c = self.c.pretrain.copy_and_resolve_references()
+    c = mutable(self.c.pretrain)
     c.seed = seed
     c.model.preset = size
     c.data.world_dir, c.data.tokenizer_dir = self.world_dir, self.tok_dir
@@ -205,11 +213,12 @@ class FileSource(_Source):
   @memo
   def stage_base(self, size: str, seed: int) -> Stage:
     """The base's candidates, targets, controls, replay and held-out files."""
+    from factflip.probes.fact_preference import SCORER_VERSION
     return Stage(f"base {size} seed{seed}", self.run_dir(size, seed, "base"),
                  self.study.keys("facts_limit", "tau", "probe.batch_size", "probe.dtype",
-                                 "replay", *self._draw_keys("n_targets", "n_control",
-                                                            "replay_weight"),
-                                 model=self.sizes[size], seed=seed),
+                                 "replay", *self.draw_key_names("n_targets", "n_control",
+                                                                "replay_weight"),
+                                 model=self.sizes[size], seed=seed, scorer=SCORER_VERSION),
                  (self.fingerprint(),))
 
   base_stage = stage_base
@@ -237,7 +246,7 @@ class FileSource(_Source):
     items = self.items()
     n_t, n_c = self.draw("n_targets"), self.draw("n_control")
     if len(items) < n_t + n_c:
-      names = " + ".join(self._draw_keys("n_targets", "n_control"))
+      names = " + ".join(self.draw_key_names("n_targets", "n_control"))
       raise StudyError(f"{self.c.facts}: {len(items)} facts with a counterfactual (facts_limit "
                        f"{self.c.facts_limit}), fewer than {names} = {n_t + n_c}")
     model = self.study.load(self.sizes[size])

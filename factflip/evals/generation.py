@@ -1,0 +1,93 @@
+"""Generation requests: greedy or sampled continuations of text contexts with stop strings and a
+token budget, as lm-evaluation-harness's HF backend makes them (`generate_until`).
+
+Owns: `generate_until` (contexts → continuations; several samples per context in one program)
+and `cut_at_stops`.
+Must not: decode tokens itself (`factflip.models.generate` runs the compiled KV-cache loop) or
+score answers (`evals.qa`, `evals.rwku`).
+
+Protocol (lm-eval 0.4 `HFLM.generate_until`): the context is encoded with the tokenizer's own
+special tokens (`evals.loglik.Encoder`) and cut from the left to leave `max_new_tokens` of the
+model's context; generation stops at the model's EOS tokens and the budget; the new tokens are
+decoded with special tokens skipped, and the text is cut before the first occurrence of any
+stop string (`until`). Stop strings that are a single token also stop the compiled loop early
+(the cut text is the same). Requests are sorted by length and run in batches padded to a power
+of two, so each (batch, prompt bucket, cache bucket) compiles once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from factflip.evals.loglik import Encoder
+from factflip.models.generate import generate
+from factflip.models.transformer import Transformer
+
+
+def cut_at_stops(text: str, until: Sequence[str]) -> str:
+  """`text` before the first occurrence of any stop string (lm-eval: split on each in turn)."""
+  for stop in until:
+    if stop:
+      text = text.split(stop)[0]
+  return text
+
+
+def _stop_tokens(tokenizer, model: Transformer, until: Sequence[str]) -> tuple[int, ...]:
+  ids = set(model.cfg.eos_token_ids)
+  for stop in until:
+    t = tokenizer.encode(stop, add_special_tokens=False) if stop else []
+    if len(t) == 1 and tokenizer.decode(t) == stop:
+      ids.add(int(t[0]))
+  return tuple(sorted(ids))
+
+
+def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
+                   until: Sequence[str] = (), max_new_tokens: int = 32, *,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   n_samples: int = 1, key: jax.Array | None = None, batch_size: int = 32
+                   ) -> list[list[str]]:
+  """Per context, `n_samples` continuations (greedy: temperature 0; sampling needs `key`, and
+  every sample of every context comes from one key, split per batch: same key, same texts).
+  Returns [contexts][n_samples] strings, cut at `until`."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling (temperature > 0) needs an explicit PRNG key (key=)")
+  if n_samples < 1:
+    raise ValueError(f"n_samples={n_samples}: expected >= 1")
+  enc = Encoder(tokenizer)
+  keep = model.cfg.max_seq_len - max_new_tokens
+  if keep < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a context in the "
+                     f"model's {model.cfg.max_seq_len} tokens")
+  prompts = []
+  for i, text in enumerate(contexts):
+    if not isinstance(text, str):
+      raise TypeError(f"context {i}: {text!r}; expected a string")
+    ids = list(enc.encode(text))[-keep:]
+    if not ids:
+      raise ValueError(f"context {i}: tokenises to nothing and the tokenizer adds no BOS")
+    prompts.append(ids)
+  stops = _stop_tokens(tokenizer, model, until)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+      model.cfg.pad_token_id or 0)
+  rows = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
+  rows.sort(key=lambda r: len(prompts[r[0]]))
+  out: list[list[str]] = [[""] * n_samples for _ in prompts]
+  full = max(1, min(batch_size, len(rows)))
+  B = 1 << (full - 1).bit_length()
+  keys = (jax.random.split(key, -(-len(rows) // full)) if key is not None else None)
+  for j, start in enumerate(range(0, len(rows), full)):
+    chunk = rows[start:start + full]
+    batch = [prompts[i] for i, _ in chunk]
+    batch += [batch[0]] * (B - len(batch))            # a fixed batch: one program per bucket
+    gen = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, key=None if keys is None else keys[j], stop_tokens=stops,
+                   pad_id=pad)
+    for (i, s), row, n in zip(chunk, gen.tokens, gen.lengths):
+      ids = [int(t) for t in np.asarray(row[:n])]
+      out[i][s] = cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), until)
+  return out

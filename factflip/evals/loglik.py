@@ -1,0 +1,372 @@
+"""Log-likelihood requests: the one teacher-forced scorer of factflip.
+
+Owns: `answer_logprob` (Σ log p of target tokens and greedy agreement from the logits that
+predict them), `score_pairs` (that scorer for many (context ids, continuation ids) pairs:
+shared contexts scored once, power-of-two buckets, one compiled program per bucket, logits
+only where they are read; optionally the logit / tuned lens at every layer and per-token
+statistics for membership inference), and the text layer on top: the probes' (prompt, answer)
+tokenisation `answer_ids`, and requests tokenised exactly as lm-evaluation-harness's HF backend
+does: `encode_pair`, `loglikelihood`, `rolling_windows`, `loglikelihood_rolling`.
+Must not: know facts, prompts or metrics (probes and `evals.*` build the pairs).
+
+Definitions:
+- loglikelihood(context, continuation) = (Σ_t log p(c_t | context, c_<t), is_greedy), where
+  is_greedy = every c_t is the argmax of its distribution (teacher forced); log-softmax in
+  float32 whatever the parameters' dtype.
+- Tokenisation (lm-eval 0.4 `TemplateLM._encode_pair`, causal models): trailing whitespace of
+  the context moves to the start of the continuation; whole = encode(context + continuation),
+  context_ids = encode(context), continuation_ids = whole[len(context_ids):]; `encode` is the
+  tokenizer's own `encode` with its default special tokens (a Llama-style tokenizer adds BOS;
+  a string already starting with the BOS text gets none added). An empty context scores the
+  continuation (encoded without special tokens) after the prefix token (BOS, else EOS); when
+  the continuation already starts with it, its first token is the context. Inputs longer than
+  the model's context are cut from the left, as lm-eval does (`truncate=True`), or are an
+  error naming the request (`truncate=False`).
+- Rolling log-likelihood (lm-eval `loglikelihood_rolling`): the document's tokens, after the
+  prefix token, are split into disjoint prediction windows of at most max_len tokens, each
+  conditioned on as many tokens before it as fit in max_len (`rolling_windows`, lm-eval's
+  `get_rolling_token_windows(context_len=1)` + `make_disjoint_window`); the sum over windows.
+
+How pairs are computed: identical pairs once; pairs that share a context are packed into one
+row — the context once, then every continuation but its last token, each attending to the
+context and to its own earlier tokens only (positions restart after the context), so k
+choices of a multiple-choice question cost one context, and one-token continuations cost
+nothing beyond it. Rows without sharing run the plain causal forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from factflip.data.tokenizer import TokenIds
+from factflip.models.config import ModelConfig
+from factflip.models.transformer import Transformer, forward, unembed
+
+
+def answer_logprob(logits_BxAxV: jax.Array, target_BxA: jax.Array, amask_BxA: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """From the logits at the A positions that predict the answer tokens `target_BxA` (amask 0
+  on padding): Σ log p(answer) [B] (log-softmax in float32) and greedy [B] (every answer
+  token is the argmax given the ones before it)."""
+  logp_BxA, hit_BxA = _token_logprob(logits_BxAxV, target_BxA)
+  hit_BxA = hit_BxA | (amask_BxA == 0)
+  return (logp_BxA * amask_BxA).sum(-1), hit_BxA.all(-1)
+
+
+def _token_logprob(logits_BxAxV, target_BxA):
+  logp_BxAxV = jax.nn.log_softmax(logits_BxAxV.astype(jnp.float32), axis=-1)
+  logp_BxA = jnp.take_along_axis(logp_BxAxV, target_BxA[..., None], axis=-1)[..., 0]
+  return logp_BxA, logits_BxAxV.argmax(-1) == target_BxA
+
+
+class Scores(NamedTuple):
+  """Per pair: `logprob` float64 [N] (Σ log p of the continuation), `greedy` bool [N]; with
+  lens, `lens` float64 [L + 1, N] (layer 0 = embeddings, L = the output); with stats, per
+  continuation token: `token_logp`, and the mean `token_mu` and variance `token_var` of log p
+  under the full next-token distribution (Min-K%++), each a list of N float64 arrays."""
+  logprob: np.ndarray
+  greedy: np.ndarray
+  lens: np.ndarray | None = None
+  token_logp: list[np.ndarray] | None = None
+  token_mu: list[np.ndarray] | None = None
+  token_var: list[np.ndarray] | None = None
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lens", "packed", "stats", "n_req"))
+def _score_rows(params, cfg: ModelConfig, tokens_BxT, mask_BxT, pos_BxT, branch_BxT, where_BxA,
+                target_BxA, req_BxA, tuned=None, *, lens: bool, packed: bool, stats: bool,
+                n_req: int):
+  """Per row: Σ log p per request slot [(L + 1,) B, R], greedy [B, R], and with `stats` the
+  per-slot log p, mean and variance of log p [B, A]. Logits only at the A read positions."""
+  if packed:     # a token sees earlier positions of the context (branch 0) and its own branch
+    B = tokens_BxT.shape[0]
+    see_BxTxT = ((pos_BxT[:, None, :] <= pos_BxT[:, :, None])
+                 & ((branch_BxT[:, None, :] == 0) | (branch_BxT[:, None, :] == branch_BxT[
+                     :, :, None])) & mask_BxT[:, None, :])
+    zeros = jnp.zeros((cfg.n_layers, B, 0, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+    out = forward(params, cfg, tokens_BxT, mask_BxT, pos_BxT, prefix_kv=(zeros, zeros),
+                  attn_mask_BxTxS=see_BxTxT, capture=("resid_pre",) if lens else (),
+                  return_logits=False)
+  else:
+    out = forward(params, cfg, tokens_BxT, mask_BxT, capture=("resid_pre",) if lens else (),
+                  return_logits=False)
+  if lens:
+    h_LxBxTxD = jnp.concatenate([out.captures["resid_pre"], out.residual[None]], axis=0)
+  else:
+    h_LxBxTxD = out.residual[None]
+  h_LxBxAxD = jnp.take_along_axis(h_LxBxTxD, where_BxA[None, :, :, None], axis=2)
+  if tuned is not None:
+    from factflip.probes.tuned_lens import translate
+    L, B, A, D = h_LxBxAxD.shape
+    t_LxBxAxD = translate(tuned, h_LxBxAxD[:-1].reshape(L - 1, B * A, D)).reshape(
+        L - 1, B, A, D).astype(h_LxBxAxD.dtype)
+    h_LxBxAxD = jnp.concatenate([t_LxBxAxD, h_LxBxAxD[-1:]], axis=0)
+  onehot_BxAxR = (req_BxA[..., None] == jnp.arange(n_req)).astype(jnp.float32)  # -1: padding
+
+  def per_layer(h_BxAxD):
+    logp_BxA, hit_BxA = _token_logprob(unembed(params, cfg, h_BxAxD), target_BxA)
+    return jnp.einsum("ba,bar->br", logp_BxA, onehot_BxAxR), hit_BxA
+  sums_LxBxR, hit_LxBxA = jax.lax.map(per_layer, h_LxBxAxD)
+  miss_BxR = jnp.einsum("ba,bar->br", (~hit_LxBxA[-1]).astype(jnp.float32), onehot_BxAxR)
+  res = {"sums": sums_LxBxR if lens else sums_LxBxR[0], "greedy": miss_BxR == 0}
+  if stats:
+    logits_BxAxV = unembed(params, cfg, h_LxBxAxD[-1]).astype(jnp.float32)
+    logp_BxAxV = jax.nn.log_softmax(logits_BxAxV, axis=-1)
+    p_BxAxV = jnp.exp(logp_BxAxV)
+    mu_BxA = (p_BxAxV * logp_BxAxV).sum(-1)
+    res["mu"] = mu_BxA
+    res["var"] = jnp.maximum((p_BxAxV * logp_BxAxV ** 2).sum(-1) - mu_BxA ** 2, 0.0)
+    res["logp"] = jnp.take_along_axis(logp_BxAxV, target_BxA[..., None], axis=-1)[..., 0]
+  return res
+
+
+def _rows(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], cap: int):
+  """Pack unique pairs into rows: [(context, [pair index, ...])], continuations of one context
+  together while the row (context + every continuation but its last token) fits in `cap`."""
+  by_ctx: dict[tuple[int, ...], list[int]] = {}
+  for i, (ctx, _) in enumerate(pairs):
+    by_ctx.setdefault(ctx, []).append(i)
+  rows = []
+  for ctx, idx in by_ctx.items():
+    row, n = [], len(ctx)
+    for i in sorted(idx, key=lambda i: len(pairs[i][1])):
+      extra = len(pairs[i][1]) - 1
+      if row and n + extra > cap:
+        rows.append((ctx, row))
+        row, n = [], len(ctx)
+      row.append(i)
+      n += extra
+    rows.append((ctx, row))
+  return rows
+
+
+def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                batch_size: int = 64, lens=False, stats: bool = False,
+                names: Sequence[str] | None = None) -> Scores:
+  """Σ log p(continuation | context) and greedy agreement for token-id pairs (context ≥ 1 token,
+  continuation ≥ 1 token, len(context) + len(continuation) ≤ max_seq_len + 1: the last
+  continuation token is never an input). `lens`: True for the logit lens, or a
+  `probes.TunedLens`; `stats`: per-token log p, mean and variance (Min-K%++). `names` name
+  the pairs in errors (default "pair i"). Rows are sorted by length into power-of-two buckets
+  of `batch_size` rows, so each (batch, length, slots) bucket compiles once."""
+  cfg = model.cfg
+  tuned = None if isinstance(lens, bool) or lens is None else lens
+  if tuned is not None:
+    from factflip.probes.tuned_lens import check_fits
+    check_fits(tuned, cfg, "score")
+  lens = lens is not False and lens is not None
+  keys, uniq = [], {}
+  for i, (ctx, cont) in enumerate(pairs):
+    where = names[i] if names is not None else f"pair {i}"
+    ctx, cont = tuple(int(t) for t in ctx), tuple(int(t) for t in cont)
+    if not ctx:
+      raise ValueError(f"{where}: empty context; expected at least one token (e.g. BOS)")
+    if not cont:
+      raise ValueError(f"{where}: the continuation tokenises to nothing")
+    if len(ctx) + len(cont) - 1 > cfg.max_seq_len:
+      raise ValueError(f"{where}: context + continuation is {len(ctx) + len(cont)} tokens, "
+                       f"longer than the model's context of {cfg.max_seq_len} (+ 1)")
+    keys.append(uniq.setdefault((ctx, cont), len(uniq)))
+  upairs = list(uniq)
+  rows = _rows(upairs, cfg.max_seq_len)
+  rows.sort(key=lambda r: len(r[0]) + sum(len(upairs[i][1]) - 1 for i in r[1]))
+  n_out = cfg.n_layers + 1 if lens else 1
+  logprob = np.zeros((n_out, len(upairs)))
+  greedy = np.zeros(len(upairs), bool)
+  tok = {k: [None] * len(upairs) for k in ("logp", "mu", "var")} if stats else None
+  params = model.params()
+  B = batch_size if len(rows) > batch_size else _bucket(len(rows), minimum=1)
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    lengths = [len(c) + sum(len(upairs[i][1]) - 1 for i in r) for c, r in chunk]
+    slots = [sum(len(upairs[i][1]) for i in r) for _, r in chunk]
+    T_, A = _bucket(max(lengths)), _bucket(max(slots), minimum=4)
+    R = _bucket(max(len(r) for _, r in chunk), minimum=1)
+    packed = R > 1                              # some row shares its context
+    tokens = np.zeros((B, T_), np.int32)
+    mask = np.zeros((B, T_), bool)
+    pos = np.zeros((B, T_), np.int32)
+    branch = np.zeros((B, T_), np.int32)
+    where = np.zeros((B, A), np.int32)
+    target = np.zeros((B, A), np.int32)
+    req = np.full((B, A), -1, np.int32)
+    for b, (ctx, r) in enumerate(chunk):
+      n = len(ctx)
+      tokens[b, :n], mask[b, :n], pos[b, :n] = ctx, True, np.arange(n)
+      t = a = n
+      for k, i in enumerate(r):
+        cont = upairs[i][1]
+        m = len(cont) - 1                       # inputs of this branch: cont[:-1]
+        tokens[b, t:t + m], mask[b, t:t + m] = cont[:-1], True
+        pos[b, t:t + m], branch[b, t:t + m] = np.arange(n, n + m), k + 1
+        a0 = a - n
+        where[b, a0] = n - 1                    # the first token is predicted by the context
+        where[b, a0 + 1:a0 + 1 + m] = np.arange(t, t + m)
+        target[b, a0:a0 + m + 1], req[b, a0:a0 + m + 1] = cont, k
+        t, a = t + m, a + m + 1
+    res = jax.device_get(_score_rows(params, cfg, tokens, mask, pos, branch, where, target, req,
+                                     tuned, lens=lens, packed=packed, stats=stats, n_req=R))
+    sums = np.asarray(res["sums"], np.float64).reshape(n_out, B, R)
+    for b, (_, r) in enumerate(chunk):
+      a0 = 0
+      for k, i in enumerate(r):
+        logprob[:, i] = sums[:, b, k]
+        greedy[i] = res["greedy"][b, k]
+        if stats:
+          m = len(upairs[i][1])
+          for name in tok:
+            tok[name][i] = np.asarray(res[name][b, a0:a0 + m], np.float64)
+          a0 += m
+  keys = np.asarray(keys, np.int64)
+  out = Scores(logprob[-1][keys], greedy[keys], logprob[:, keys] if lens else None)
+  if stats:
+    out = out._replace(**{f"token_{k}": [v[j] for j in keys] for k, v in tok.items()})
+  return out
+
+
+# ---- text requests ---------------------------------------------------------------------------
+def answer_ids(enc: TokenIds, prompt: str, answer: str, where: str
+               ) -> tuple[list[int], list[int]]:
+  """The probes' tokenisation of a (prompt, answer) pair (ΔLL, patching, CounterFact scores):
+  BOS (when the tokenizer has one) + the prompt's tokens, and the answer as its own segment
+  with a leading space (ROME's tok(f" {target}")). `where` names the pair in the error when
+  either tokenises to nothing."""
+  if answer and not answer[:1].isspace():
+    answer = " " + answer
+  a_ids = list(enc(answer)) if answer.strip() else []
+  if not a_ids:
+    raise ValueError(f"{where}: answer {answer.strip()!r} tokenises to nothing")
+  p_ids = ([] if enc.bos is None else [enc.bos]) + list(enc(prompt))
+  if not p_ids:
+    raise ValueError(f"{where}: prompt {prompt!r} tokenises to nothing and there is no BOS")
+  return p_ids, a_ids
+
+
+# lm-evaluation-harness's tokenisation (HF backend, causal models)
+class Encoder:
+  """`tokenizer.encode` with its default special tokens (lm-eval's `tok_encode`), remembered.
+  `prefix` is the token an empty context is scored after: BOS, else EOS."""
+
+  def __init__(self, tokenizer, cache_size: int = 1 << 16):
+    self.tokenizer = tokenizer
+    self.prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (
+        tokenizer.eos_token_id)
+    self._bos_text = tokenizer.decode([self.prefix]) if self.prefix is not None else None
+    self.encode = functools.lru_cache(maxsize=cache_size)(self._encode)
+
+  def _encode(self, text: str, special: bool | None = None) -> tuple[int, ...]:
+    kw = {} if special is None else {"add_special_tokens": special}
+    if special is None and self._bos_text and text.startswith(self._bos_text):
+      kw = {"add_special_tokens": False}
+    return tuple(self.tokenizer.encode(text, **kw))
+
+
+def encode_pair(enc: Encoder, context: str, continuation: str
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(context ids, continuation ids) of a request, as lm-eval's HF backend makes them."""
+  if context == "":
+    cont = enc.encode(continuation, False)
+    if enc.prefix is None:
+      raise ValueError("an empty context needs a BOS or EOS token to condition on")
+    if cont and cont[0] == enc.prefix:
+      return cont[:1], cont[1:]
+    return (enc.prefix,), cont
+  n = len(context) - len(context.rstrip())
+  if n:
+    context, continuation = context[:-n], context[-n:] + continuation
+  whole, ctx = enc.encode(context + continuation), enc.encode(context)
+  return ctx, whole[len(ctx):]
+
+
+def loglikelihood(model: Transformer, tokenizer, requests: Sequence[tuple[str, str]],
+                  batch_size: int = 64, truncate: bool = True, stats: bool = False
+                  ) -> Scores:
+  """Score (context, continuation) text requests (see the module docstring). `truncate`
+  cuts inputs longer than the model's context from the left (lm-eval); False makes that an
+  error naming the request."""
+  enc = Encoder(tokenizer)
+  L = model.cfg.max_seq_len
+  pairs, names = [], []
+  for i, req in enumerate(requests):
+    if len(req) != 2 or not all(isinstance(s, str) for s in req):
+      raise ValueError(f"request {i}: {req!r}; expected a (context, continuation) pair of "
+                       "strings")
+    ctx, cont = encode_pair(enc, *req)
+    if not cont:
+      raise ValueError(f"request {i}: continuation {req[1]!r} tokenises to nothing")
+    if len(cont) > L:
+      raise ValueError(f"request {i}: continuation is {len(cont)} tokens, longer than the "
+                       f"model's context of {L}")
+    if len(ctx) + len(cont) > L + 1:
+      if not truncate:
+        raise ValueError(f"request {i}: context is {len(ctx)} tokens + continuation "
+                         f"{len(cont)}, longer than the model's context of {L} (truncate=True "
+                         "cuts the context from the left, as lm-eval does)")
+      ctx = ctx[len(ctx) + len(cont) - L - 1:]
+    pairs.append((ctx, cont))
+    names.append(f"request {i}")
+  return score_pairs(model, pairs, batch_size, stats=stats, names=names)
+
+
+def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int
+                    ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+  """Disjoint (context, prediction) windows covering `tokens` (lm-eval's
+  `get_rolling_token_windows(context_len=1)` then `make_disjoint_window`): the first window
+  predicts up to max_len tokens after `prefix`; each later one predicts up to max_len tokens
+  with as much of the text before them as fits."""
+  tokens = list(tokens)
+  out, done = [], 0
+  if not tokens:
+    return out
+  first = min(max_len, len(tokens))
+  out.append(((prefix, *tokens[:first - 1]), tuple(tokens[:first])))
+  done = first
+  while done < len(tokens):
+    n = min(len(tokens) - done, max_len)
+    end = done + n
+    ctx = tokens[max(end - max_len - 1, 0):end - 1]
+    out.append((ctx, tokens[end - n:end]))
+    done = end
+  return [(tuple(c[:len(c) - (len(p) - 1)]), tuple(p)) for c, p in out]
+
+
+def loglikelihood_rolling(model: Transformer, tokenizer, texts: Sequence[str],
+                          batch_size: int = 64, max_len: int | None = None,
+                          stats: bool = False) -> Scores:
+  """Σ log p of each whole text (encoded with the tokenizer's special tokens, as lm-eval), in
+  windows of `max_len` (default the model's context) tokens; `greedy` is whether every token
+  is the argmax. With `stats`, the per-token arrays cover the whole text."""
+  enc = Encoder(tokenizer)
+  max_len = max_len or model.cfg.max_seq_len
+  pairs, owner, names = [], [], []
+  for i, text in enumerate(texts):
+    toks = enc.encode(text)
+    if not toks:
+      raise ValueError(f"text {i}: tokenises to nothing")
+    for w in rolling_windows(toks, enc.prefix, max_len):
+      pairs.append(w)
+      owner.append(i)
+      names.append(f"text {i}")
+  s = score_pairs(model, pairs, batch_size, stats=stats, names=names)
+  owner = np.asarray(owner)
+  logprob = np.zeros(len(texts))
+  np.add.at(logprob, owner, s.logprob)
+  greedy = np.ones(len(texts), bool)
+  np.logical_and.at(greedy, owner, s.greedy)
+  out = Scores(logprob, greedy)
+  if stats:
+    out = out._replace(**{k: [np.concatenate([v[j] for j in np.flatnonzero(owner == i)])
+                              for i in range(len(texts))]
+                          for k, v in (("token_logp", s.token_logp), ("token_mu", s.token_mu),
+                                       ("token_var", s.token_var))})
+  return out
