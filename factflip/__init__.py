@@ -1,7 +1,7 @@
 """factflip: how language models gain, lose and overwrite facts while they keep training.
 
-The subpackages (`factflip.models`, `.data`, `.probes`, `.train`, `.studies`, `.sharding`,
-`.fileio`) are attributes after `import factflip` and are imported on first use, so importing
+The subpackages (`factflip.models`, `.data`, `.probes`, `.evals`, `.train`, `.studies`,
+`.sharding`, `.fileio`) are attributes after `import factflip` and are imported on first use, so importing
 the package stays fast."""
 
 import importlib
@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 __all__ = ["ModelConfig", "Transformer", "generate", "get_preset", "load_facts", "load_model",
            "load_tokenizer", "presets", "save_hf", "save_model"]
 
-_SUBPACKAGES = ("data", "distributed", "fileio", "models", "probes", "sharding", "studies",
-                "train")
+_SUBPACKAGES = ("data", "distributed", "evals", "fileio", "models", "probes", "sharding",
+                "studies", "train")
 
 
 def __getattr__(name: str):

@@ -36,6 +36,9 @@ flags.DEFINE_string("facts", None, "A dataset file or folder.")
 flags.DEFINE_string("format", None, "The dataset format (default: auto-detect).")
 flags.DEFINE_bool("lenient", False, "Skip and count bad records instead of failing.")
 flags.DEFINE_bool("dry_run", False, "Print the plan, then stop.")
+flags.DEFINE_list("metrics", ["preference", "qa"], "Comma-separated eval metrics.")
+flags.DEFINE_integer("k_shot", 0, "QA exemplars per question from the dev split.")
+flags.DEFINE_integer("batch_size", 32, "Rows per compiled batch.")
 flags.DEFINE_integer("step", -1, "A checkpoint step (-1 = the latest).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize (auto: when a coordinator is given or the "
@@ -49,7 +52,8 @@ config_flags.DEFINE_config_file("config", None, "A config file (FILE.py[:variant
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "-?")
 METAVARS = {"workdir": "DIR", "model": "DIR", "out": "PATH", "prompt": "TEXT", "seed": "S",
             "max_new_tokens": "N", "temperature": "T", "top_k": "K", "top_p": "P",
-            "vocab_size": "N", "facts": "PATH", "format": "NAME", "step": "N",
+            "vocab_size": "N", "facts": "PATH", "metrics": "M1,M2", "k_shot": "K",
+            "batch_size": "N", "format": "NAME", "step": "N",
             "coordinator_address": "HOST:PORT", "num_processes": "N", "process_id": "I",
             "config": "FILE.py[:variant]"}
 
@@ -220,6 +224,23 @@ def _train() -> None:
           "again to resume")
 
 
+def _eval() -> None:
+  from factflip.evals.run import evaluate
+  head = evaluate(FLAGS.model, FLAGS.facts, FLAGS.metrics, FLAGS.out,
+                  step=FLAGS.step if FLAGS["step"].present else None,
+                  batch_size=FLAGS.batch_size, k_shot=FLAGS.k_shot, seed=FLAGS.seed)
+  for s, per in head["steps"].items():
+    for m, summ in per.items():
+      flat = {}
+      for k, v in summ.items():       # one level of groups (per prompt kind, per MIA score)
+        flat.update({f"{k}.{g}": x for g, x in v.items()} if isinstance(v, dict) else {k: v})
+      shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in list(flat.items())[:8])
+      print(f"step {s} {m}: {shown}")
+  print(f"wrote {', '.join(f'{m}.csv' for m in head['metrics'])} and summary.json to "
+        f"{FLAGS.out}")
+
+
 def _export() -> None:
   from factflip import save_hf, save_model
   from factflip.train.checkpoint import load_trained
@@ -356,11 +377,60 @@ COMMANDS = {c.name: c for c in (
          "out": "The directory the model is written to.",
          "to": "The format to write."},
         _export, required=("workdir", "out")),
+    Command(
+        "eval", "factflip eval --model=DIR --facts=PATH --out=DIR [--metrics=qa,counterfact,"
+                "rwku,mia,preference --step=N --k_shot=K]",
+        "Evaluate a model, or every checkpoint of a run, on a facts dataset.",
+        """\
+        Scores the model on the items of any `load_facts` dataset each metric applies to
+        (factflip/evals/run.py defines them): preference (ΔLL), qa (closed-book EM / F1 /
+        abstention), counterfact (ROME's ES PS NS S and fluency), rwku (ROUGE-L recall per
+        level), mia (RWKU's LOSS / zlib / Min-K% / Min-K%++ and AUC). --model may be a
+        training workdir: every checkpoint is evaluated in series (or only --step). Writes
+        <metric>.csv and summary.json into --out, replacing it whole.
+
+          factflip eval --model=/tmp/run --facts=RWKU/Target --metrics=rwku,mia \\
+              --out=/tmp/eval""",
+        {"model": "An HF or factflip model directory, or a training workdir.",
+         "facts": "The dataset file or folder (any load_facts format; an RWKU Target folder "
+                  "for rwku and mia).",
+         "out": "The directory written (replaced whole).",
+         "metrics": "Which metrics: preference, qa, counterfact, rwku, mia.",
+         "step": "With a training workdir: only this checkpoint (-1 = the latest).",
+         "k_shot": "QA: exemplars per question from the dataset's dev split.",
+         "batch_size": "Rows per compiled batch.",
+         "seed": "QA: the seed of the exemplar draw."},
+        _eval, required=("model", "facts", "out")),
+    Command(
+        "lm-eval", "factflip lm-eval --model factflip --model_args pretrained=DIR[,dtype=...] "
+                   "--tasks T [lm-eval arguments]",
+        "lm-evaluation-harness's command line with factflip models (--model factflip).",
+        """\
+        Every argument goes to lm-eval's own `lm-eval run` command line, with the `factflip`
+        model registered: pretrained= any HF or factflip model directory, training workdir or
+        checkpoint step; also tokenizer=DIR, dtype=float32|bfloat16, batch_size, max_length,
+        max_gen_toks, add_bos_token, seed (factflip/evals/lm_eval.py). Needs the lm_eval
+        extra (pip install 'factflip[lm_eval]'). `factflip lm-eval --help`: lm-eval's help.
+
+          factflip lm-eval --model factflip --model_args pretrained=/tmp/run-hf \\
+              --tasks my_task --include_path tasks/ --output_path /tmp/lm-eval""",
+        {}, lambda: None),
 )}
+
+
+def _lm_eval(args: list[str]) -> None:
+  try:
+    from factflip.evals.lm_eval import main as lm_eval_main
+  except ImportError as e:
+    print(f"error: factflip lm-eval needs lm-evaluation-harness ({e}); pip install "
+          "'factflip[lm_eval]'", file=sys.stderr)
+    sys.exit(1)
+  lm_eval_main(args)
 
 # every flag defined above: given to a command that does not list it, it is a usage error
 OUR_FLAGS = ("workdir", "model", "out", "to", "prompt", "max_new_tokens", "temperature",
              "top_k", "top_p", "seed", "vocab_size", "facts", "format", "lenient", "dry_run",
+             "metrics", "k_shot", "batch_size",
              "step", "distributed", "coordinator_address", "num_processes", "process_id",
              "config")
 
@@ -426,6 +496,9 @@ def help_text(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
+  if len(argv) > 1 and argv[1] == "lm-eval":       # lm-eval parses its own arguments
+    _lm_eval(argv[2:])
+    return
   text = help_text(argv)
   if text is not None:
     print(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 
@@ -71,6 +72,18 @@ def write_csv(df, path: str) -> None:
   """Atomic CSV write of a pandas DataFrame, without its index."""
   with atomic_path(path) as tmp:
     df.to_csv(tmp, index=False)
+
+
+def strict_json(v):
+  """`v` with every NaN or infinity as None, so summary.json is strict JSON (browsers and most
+  parsers reject the NaN token): an undefined value is null."""
+  if isinstance(v, dict):
+    return {k: strict_json(x) for k, x in v.items()}
+  if isinstance(v, list | tuple):
+    return [strict_json(x) for x in v]
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:

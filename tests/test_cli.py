@@ -200,5 +200,6 @@ def test_every_flag_defined_is_checked_against_the_commands():
 def test_lazy_subpackages():
   import factflip
   assert factflip.probes.flip_rate is not None and factflip.studies.stages.Stage
+  assert factflip.evals.loglik.score_pairs is not None
   with pytest.raises(AttributeError, match="no attribute 'frob'"):
     factflip.frob

@@ -29,6 +29,29 @@ def load_tokenizer(path: str):
   return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
 
 
+def model_tokenizer(path: str):
+  """The tokenizer of a model: `path` itself when it holds tokenizer.json (an HF or exported
+  model directory), else for a training workdir or one of its checkpoints
+  (WORKDIR/checkpoints/<step>) the run's `data.tokenizer_dir` from its config.json."""
+  import json
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "tokenizer.json")):
+    return load_tokenizer(path)
+  run = path
+  if os.path.basename(os.path.dirname(path)) == "checkpoints":
+    run = os.path.dirname(os.path.dirname(path))
+  cfg = os.path.join(run, "config.json")
+  tok = ""
+  if os.path.exists(os.path.join(run, "model.json")) and os.path.exists(cfg):
+    with open(cfg, encoding="utf-8") as f:
+      tok = json.load(f).get("data", {}).get("tokenizer_dir", "")
+  if not tok:
+    raise FileNotFoundError(f"{path}: no tokenizer.json, and not a training workdir whose "
+                            "config.json names data.tokenizer_dir; pass the tokenizer's "
+                            "directory")
+  return load_tokenizer(tok)
+
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 

@@ -15,10 +15,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from factflip.fileio import atomic_path, write_json, write_text
+from factflip.fileio import atomic_path, strict_json, write_json, write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,18 +77,6 @@ def write_report(rdir: str, title: str, workdir: str, head: dict[str, Any], figu
           + "\n".join(body))
   write_text(os.path.join(rdir, "index.html"), page)
   return head
-
-
-def strict_json(v):
-  """`v` with every NaN or infinity as None, so summary.json is strict JSON (browsers and most
-  parsers reject the NaN token): an undefined value is null."""
-  if isinstance(v, dict):
-    return {k: strict_json(x) for k, x in v.items()}
-  if isinstance(v, list | tuple):
-    return [strict_json(x) for x in v]
-  if isinstance(v, float) and not np.isfinite(v):
-    return None
-  return v
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,188 @@
+"""`factflip eval`: the evals of one model, or of every checkpoint of a training run in series,
+on a facts dataset; a tidy CSV per metric and a summary JSON.
+
+Owns: `METRICS` (name → what it measures and the function that does it), `evaluate` (the
+driver: models × metrics with progress and ETA, outputs written atomically).
+Must not: define a metric (the `evals.*` modules do) or parse command lines (`factflip.cli`).
+
+Metrics (each on the items of the dataset it applies to; definitions in its module):
+- preference: ΔLL of true vs counterfactual answers on prompt, paraphrase and question
+  prompts (`probes.preference`); accuracy = greedy answer true.
+- qa: closed-book QA by greedy answers to each item's question, normalised EM / F1 and
+  right / wrong / abstained (`evals.qa`; `k_shot` exemplars from the dev split).
+- counterfact: ROME's ES EM PS PM NS NM and S (`evals.counterfact`); fluency of greedy
+  100-token generations from the items' generation prompts when they have them.
+- rwku: ROUGE-L recall of greedy answers to RWKU's forget and neighbour probes per level
+  (`evals.rwku`).
+- mia: LOSS, zlib, Min-K% and Min-K%++ of RWKU's forget and retain MIA texts and the forget vs
+  retain AUC of each (`evals.mia`).
+
+Outputs in `out` (replaced whole, so a re-run never mixes two evaluations): <metric>.csv (one
+row per item — or per prompt — and model step, `step` = −1 for a model directory),
+summary.json ({"model", "facts", "metrics", "steps": {step: {metric: {...}}}}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from factflip.fileio import atomic_directory, strict_json, write_csv, write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """`fn(model, tokenizer, items, facts_path, options) -> (rows, summary)`; `applies(item)`
+  selects the items it scores."""
+  name: str
+  doc: str
+  fn: Callable[..., tuple[list[dict], dict[str, Any]]]
+  applies: Callable[[Any], bool]
+
+
+def _mean(rows, key):
+  v = [r[key] for r in rows]
+  return float(np.mean(v)) if v else float("nan")
+
+
+def _preference(model, tok, items, path, o):
+  from factflip.probes.fact_preference import preference
+  tab = pd.DataFrame(preference(model, tok, items, kinds=("prompt", "paraphrase", "question"),
+                                batch_size=o["batch_size"]))
+  tab["correct"] = tab.correct.astype(bool)
+  summ = {k: {"rows": len(g), "accuracy": float(g.correct.mean()),
+              "dll_positive": float((g.dll > 0).mean()), "mean_dll": float(g.dll.mean())}
+          for k, g in tab.groupby("kind")}
+  return tab.to_dict("records"), summ
+
+
+def _qa(model, tok, items, path, o):
+  from factflip.evals import qa
+  dev = [f for f in items if f.split in ("dev", "train")] if o["k_shot"] else []
+  test = [f for f in items if not o["k_shot"] or f.split not in ("dev", "train")]
+  rows = qa.closed_book_qa(model, tok, test, dev, k=o["k_shot"], seed=o["seed"],
+                           batch_size=o["batch_size"])
+  return rows, dict(qa.qa_summary([r["outcome"] for r in rows]), em=_mean(rows, "em"),
+                    f1=_mean(rows, "f1"))
+
+
+def _counterfact(model, tok, items, path, o):
+  from factflip.evals import counterfact
+  from factflip.evals.generation import generate_until
+  rows, summ = counterfact.counterfact_scores(model, tok, items, o["batch_size"])
+  prompts = [(r, p) for r, f in zip(rows, items) for p in f.meta.get("generation_prompts", ())]
+  if prompts:
+    gens = generate_until(model, tok, [p for _, p in prompts], max_new_tokens=min(
+        100, model.cfg.max_seq_len // 2), batch_size=o["batch_size"])
+    per: dict[str, list[str]] = {}
+    for (r, _), (g,) in zip(prompts, gens):
+      per.setdefault(r["item"], []).append(g)
+    for r in rows:
+      r["fluency"] = counterfact.fluency(per[r["item"]]) if r["item"] in per else float("nan")
+    summ["fluency"] = float(np.nanmean([r["fluency"] for r in rows]))
+  return rows, summ
+
+
+def _rwku(model, tok, items, path, o):
+  from factflip.evals.rwku import rwku_probe
+  rows = rwku_probe(model, tok, items, batch_size=o["batch_size"])
+  summ = {f"{s}_level{lv}_rouge_l_recall": float(g.rouge_l_recall.mean())
+          for (s, lv), g in pd.DataFrame(rows).groupby(["set", "level"])}
+  return rows, summ
+
+
+def _mia(model, tok, items, path, o):
+  from factflip.data.loaders import load_rwku_mia
+  from factflip.evals import mia
+  rows = []
+  for target, sets in load_rwku_mia(path).items():
+    for split in ("forget", "retain"):
+      if sets[split]:
+        for r in mia.mia_scores(model, tok, sets[split], batch_size=o["batch_size"]):
+          rows.append({"target": target, "set": split, **r})
+  df = pd.DataFrame(rows)
+  summ: dict[str, Any] = {}
+  for col in [c for c in df if c not in ("target", "set", "tokens")]:
+    f, r = (df[df["set"] == s][col].dropna() for s in ("forget", "retain"))
+    summ[col] = {"forget": float(f.mean()) if len(f) else None,
+                 "retain": float(r.mean()) if len(r) else None,
+                 "auc": mia.auc(f, r) if len(f) and len(r) else None}
+  return rows, summ
+
+
+METRICS = {m.name: m for m in (
+    Metric("preference", "ΔLL of true vs counterfactual answers", _preference,
+           lambda f: f.counterfactual is not None and bool(f.answers)),
+    Metric("qa", "closed-book QA: normalised EM, F1, abstention", _qa,
+           lambda f: bool(f.question) and bool(f.answers)),
+    Metric("counterfact", "ROME's editing scores and fluency", _counterfact,
+           lambda f: bool(f.prompt) and f.counterfactual is not None and bool(f.answers)),
+    Metric("rwku", "RWKU forget / neighbour ROUGE-L recall", _rwku,
+           lambda f: f.source == "rwku"),
+    Metric("mia", "RWKU membership inference: LOSS, zlib, Min-K%, Min-K%++, AUC", _mia,
+           lambda f: True),
+)}
+
+
+def model_steps(model: str, step: int | None) -> list[tuple[int, str]]:
+  """[(step, path to load)]: a model directory once (step −1); a training workdir at every
+  valid checkpoint, or at `step` (−1 = the latest)."""
+  from factflip.models.store import valid_steps
+  if not os.path.exists(os.path.join(model, "model.json")):
+    return [(-1, model)]
+  steps = valid_steps(os.path.join(model, "checkpoints"))
+  if not steps:
+    raise FileNotFoundError(f"{model}: a training workdir without a complete checkpoint")
+  if step is not None:
+    if step != -1 and step not in steps:
+      raise ValueError(f"{model}: no checkpoint at step {step}; steps {steps}")
+    steps = [steps[-1] if step == -1 else step]
+  return [(s, os.path.join(model, "checkpoints", str(s))) for s in steps]
+
+
+def evaluate(model: str, facts: str, metrics: Sequence[str], out: str, step: int | None = None,
+             batch_size: int = 32, k_shot: int = 0, seed: int = 0, dtype: str = "float32",
+             log=print) -> dict[str, Any]:
+  """Every metric of every model step (see the module docstring); returns summary.json."""
+  from factflip import load_model
+  from factflip.data.loaders import load_facts
+  from factflip.data.tokenizer import model_tokenizer
+  bad = [m for m in metrics if m not in METRICS]
+  if bad or not metrics:
+    raise ValueError(f"metrics {list(metrics)}; expected some of {list(METRICS)}")
+  items = list(load_facts(facts)) if any(m != "mia" for m in metrics) else []
+  chosen = {m: [f for f in items if METRICS[m].applies(f)] for m in metrics}
+  for m in metrics:
+    if m != "mia" and not chosen[m]:
+      raise ValueError(f"{facts}: no items the {m!r} metric applies to ({METRICS[m].doc})")
+  runs = model_steps(model, step)
+  tok = model_tokenizer(model)
+  opts = {"batch_size": batch_size, "k_shot": k_shot, "seed": seed}
+  tables: dict[str, list[dict]] = {m: [] for m in metrics}
+  summary: dict[str, Any] = {"model": os.path.abspath(model), "facts": os.path.abspath(facts),
+                             "metrics": list(metrics), "options": opts, "steps": {}}
+  t0, done, total = time.time(), 0, len(runs) * len(metrics)
+  for s, path in runs:
+    m_obj = load_model(path, dtype=dtype)
+    summary["steps"][str(s)] = {}
+    for m in metrics:
+      t = time.time()
+      rows, summ = METRICS[m].fn(m_obj, tok, chosen[m], facts, opts)
+      tables[m] += [{"step": s, **r} for r in rows]
+      summary["steps"][str(s)][m] = summ
+      done += 1
+      eta = (time.time() - t0) / done * (total - done)
+      log(f"  eval step {s}: {m} ({len(rows)} rows) in {time.time() - t:.1f} s "
+          f"[{done}/{total}, ETA {eta:.0f} s]")
+  summary = strict_json(summary)
+  with atomic_directory(out) as tmp:
+    for m, rows in tables.items():
+      write_csv(pd.DataFrame(rows), os.path.join(tmp, f"{m}.csv"))
+    write_json(os.path.join(tmp, "summary.json"), summary)
+  return summary
