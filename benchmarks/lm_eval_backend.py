@@ -17,7 +17,6 @@ Prints markdown rows for benchmarks/RESULTS.md.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ def build(d: str, preset: str, n_q: int, n_gen: int, ending: bool) -> tuple:
   from factflip import Transformer, get_preset, save_hf
   from factflip.data.tokenizer import train_tokenizer
   from factflip.data.world import WorldConfig, build_world
+  from factflip.evals.lm_eval import write_local_task
   world = build_world(WorldConfig(n_people=300))
   cfg = get_preset(preset)
   tok = train_tokenizer(world.texts(), os.path.join(d, "tok"), vocab_size=cfg.vocab_size)
@@ -72,12 +72,7 @@ def build(d: str, preset: str, n_q: int, n_gen: int, ending: bool) -> tuple:
                           'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n"]\n'
                           "  max_gen_toks: 16\n  do_sample: false\n"
                           "metric_list:\n  - metric: exact_match\n"))):
-    f = os.path.join(tasks, f"{name}.jsonl")
-    with open(f, "w") as fh:
-      fh.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(tasks, f"{name}.yaml"), "w") as fh:
-      fh.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-               f"    test: {f}\ntest_split: test\n{body}")
+    write_local_task(tasks, name, rows, body)
   return model_dir, tasks, sum(len(r["choices"]) for r in mc), len(gen)
 
 

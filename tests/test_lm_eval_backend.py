@@ -25,12 +25,8 @@ DOCS = [{"text": " ".join(["Alice Smith was born in Paris and lives in Rome."] *
 
 
 def _task(path, name, data, body):
-  f = os.path.join(path, f"{name}.jsonl")
-  with open(f, "w") as fh:
-    fh.writelines(json.dumps(r) + "\n" for r in data)
-  with open(os.path.join(path, f"{name}.yaml"), "w") as fh:
-    fh.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-             f"    test: {f}\ntest_split: test\n{body}")
+  from factflip.evals.lm_eval import write_local_task
+  write_local_task(path, name, data, body)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """An lm-evaluation-harness model backed by factflip: `--model factflip`.
 
 Owns: `FactflipLM` (lm-eval 0.4's `TemplateLM` over factflip's scorer and generation), its
-registration under the name "factflip" (on import) and `main` (lm-eval's own command line with
+registration under the name "factflip" (on import), `write_local_task` and `main` (lm-eval's own command line with
 the model registered: `factflip lm-eval ...`).
 Must not: be imported by the core (it imports lm-eval; the `lm_eval` extra installs it) or
 score anything itself (`evals.loglik`, `evals.generation`).
@@ -163,6 +163,22 @@ class _Tokenizer:
 
   def decode(self, ids, **kw):
     return self._tok.decode(ids, **kw)
+
+
+def write_local_task(folder: str, name: str, rows, body: str) -> str:
+  """A local lm-eval task: `rows` as <folder>/<name>.jsonl and <folder>/<name>.yaml reading
+  it as its test split, then `body` (output_type, doc_to_text, metric_list, ...). Returns the
+  YAML's path (`--include_path folder` finds it)."""
+  import json
+  import os
+
+  from factflip.fileio import write_jsonl, write_text
+  data = os.path.join(os.path.abspath(folder), f"{name}.jsonl")
+  write_jsonl(data, rows)
+  path = os.path.join(folder, f"{name}.yaml")
+  write_text(path, f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                   f"    test: {json.dumps(data)}\ntest_split: test\n{body}")
+  return path
 
 
 def main(argv: list[str] | None = None) -> None:
