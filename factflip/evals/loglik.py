@@ -131,8 +131,9 @@ def _score_rows(params, cfg: ModelConfig, tokens_BxT, mask_BxT, pos_BxT, branch_
 
 
 def _rows(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], cap: int):
-  """Pack unique pairs into rows: [(context, [pair index, ...])], continuations of one context
-  together while the row (context + every continuation but its last token) fits in `cap`."""
+  """Pack unique pairs into rows: [(context, [pair index, ...], row length)], continuations of
+  one context together while the row (context + every continuation but its last token) fits
+  in `cap`."""
   by_ctx: dict[tuple[int, ...], list[int]] = {}
   for i, (ctx, _) in enumerate(pairs):
     by_ctx.setdefault(ctx, []).append(i)
@@ -142,11 +143,11 @@ def _rows(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], cap: int):
     for i in sorted(idx, key=lambda i: len(pairs[i][1])):
       extra = len(pairs[i][1]) - 1
       if row and n + extra > cap:
-        rows.append((ctx, row))
+        rows.append((ctx, row, n))
         row, n = [], len(ctx)
       row.append(i)
       n += extra
-    rows.append((ctx, row))
+    rows.append((ctx, row, n))
   return rows
 
 
@@ -179,7 +180,7 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
     keys.append(uniq.setdefault((ctx, cont), len(uniq)))
   upairs = list(uniq)
   rows = _rows(upairs, cfg.max_seq_len)
-  rows.sort(key=lambda r: len(r[0]) + sum(len(upairs[i][1]) - 1 for i in r[1]))
+  rows.sort(key=lambda r: r[2])
   n_out = cfg.n_layers + 1 if lens else 1
   logprob = np.zeros((n_out, len(upairs)))
   greedy = np.zeros(len(upairs), bool)
@@ -188,10 +189,9 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
   B = batch_size if len(rows) > batch_size else _bucket(len(rows), minimum=1)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
-    lengths = [len(c) + sum(len(upairs[i][1]) - 1 for i in r) for c, r in chunk]
-    slots = [sum(len(upairs[i][1]) for i in r) for _, r in chunk]
-    T_, A = _bucket(max(lengths)), _bucket(max(slots), minimum=4)
-    R = _bucket(max(len(r) for _, r in chunk), minimum=1)
+    slots = [n - len(c) + len(r) for c, r, n in chunk]      # Σ len(cont) per row
+    T_, A = _bucket(max(n for _, _, n in chunk)), _bucket(max(slots), minimum=4)
+    R = _bucket(max(len(r) for _, r, _ in chunk), minimum=1)
     packed = R > 1                              # some row shares its context
     tokens = np.zeros((B, T_), np.int32)
     mask = np.zeros((B, T_), bool)
@@ -200,24 +200,23 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
     where = np.zeros((B, A), np.int32)
     target = np.zeros((B, A), np.int32)
     req = np.full((B, A), -1, np.int32)
-    for b, (ctx, r) in enumerate(chunk):
+    for b, (ctx, r, _) in enumerate(chunk):
       n = len(ctx)
       tokens[b, :n], mask[b, :n], pos[b, :n] = ctx, True, np.arange(n)
-      t = a = n
+      t, a = n, 0                               # next input position, next answer slot
       for k, i in enumerate(r):
         cont = upairs[i][1]
         m = len(cont) - 1                       # inputs of this branch: cont[:-1]
         tokens[b, t:t + m], mask[b, t:t + m] = cont[:-1], True
         pos[b, t:t + m], branch[b, t:t + m] = np.arange(n, n + m), k + 1
-        a0 = a - n
-        where[b, a0] = n - 1                    # the first token is predicted by the context
-        where[b, a0 + 1:a0 + 1 + m] = np.arange(t, t + m)
-        target[b, a0:a0 + m + 1], req[b, a0:a0 + m + 1] = cont, k
+        where[b, a] = n - 1                     # the first token is predicted by the context
+        where[b, a + 1:a + 1 + m] = np.arange(t, t + m)
+        target[b, a:a + m + 1], req[b, a:a + m + 1] = cont, k
         t, a = t + m, a + m + 1
     res = jax.device_get(_score_rows(params, cfg, tokens, mask, pos, branch, where, target, req,
                                      tuned, lens=lens, packed=packed, stats=stats, n_req=R))
     sums = np.asarray(res["sums"], np.float64).reshape(n_out, B, R)
-    for b, (_, r) in enumerate(chunk):
+    for b, (_, r, _) in enumerate(chunk):
       a0 = 0
       for k, i in enumerate(r):
         logprob[:, i] = sums[:, b, k]
