@@ -5,6 +5,7 @@ bad metrics and datasets are named."""
 import json
 import os
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +17,7 @@ from factflip.evals import counterfact as CF
 from factflip.evals import mia as MIA
 from factflip.evals import qa as QA
 from factflip.evals import rwku as RW
+from factflip.evals.generation import generate_until
 from factflip.evals.run import evaluate
 
 
@@ -28,7 +30,8 @@ def test_eval_of_a_model_directory_equals_the_layer(hf_lm, tmp_path):
       {"id": "a", "relation": "born", "subject": "Alice", "prompt": "Alice was born in",
        "question": "Where was Alice born?", "answers": ["Paris"], "counterfactual": "Rome",
        "paraphrases": ["Alice's birthplace is"],
-       "neighbours": [{"prompt": "Bob was born in", "answers": ["Paris"]}]},
+       "neighbours": [{"prompt": "Bob was born in", "answers": ["Paris"]}],
+       "meta": {"generation_prompts": ["Alice was born in", "Alice lives in"]}},
       {"id": "b", "relation": "lives", "subject": "Bob", "prompt": "Bob lives in",
        "question": "Where does Bob live?", "answers": ["Oslo", "Kristiania"],
        "counterfactual": "Lima"}]))
@@ -45,6 +48,9 @@ def test_eval_of_a_model_directory_equals_the_layer(hf_lm, tmp_path):
   _, means = CF.counterfact_scores(model, tok, items)
   for k in ("ES", "PS", "NS"):
     assert s["counterfact"][k] == pytest.approx(means[k])
+  gens = generate_until(model, tok, ["Alice was born in", "Alice lives in"], max_new_tokens=24,
+                        temperature=1.0, top_k=5, key=jax.random.key(0))   # ROME: top-k 5
+  assert s["counterfact"]["fluency"] == pytest.approx(CF.fluency([g for g, in gens]))
   pref = pd.read_csv(os.path.join(out, "preference.csv"), keep_default_na=False)
   assert sorted(pref.kind.unique()) == ["paraphrase", "prompt", "question"]
   assert s["preference"]["prompt"]["rows"] == 2

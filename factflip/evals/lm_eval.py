@@ -109,17 +109,9 @@ class FactflipLM(TemplateLM):
     return out
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-    pairs, owner = [], []
-    for i, req in enumerate(requests):
-      (text,) = req.args
-      for w in loglik.rolling_windows(self.tok_encode(text), self.prefix_token_id,
-                                      self.max_length):
-        pairs.append(w)
-        owner.append(i)
-    s = loglik.score_pairs(self.model, pairs, self.batch_size)
-    out = [0.0] * len(requests)
-    for i, lp in zip(owner, s.logprob):
-      out[i] += float(lp)
+    texts = [self.tok_encode(req.args[0]) for req in requests]
+    out = loglik.rolling_scores(self.model, texts, self.prefix_token_id, self.batch_size,
+                                self.max_length).logprob.tolist()
     for req, v in zip(requests, out):
       self.cache_hook.add_partial("loglikelihood_rolling", req.args, v)
     return out

@@ -6,7 +6,8 @@ shared contexts scored once, power-of-two buckets, one compiled program per buck
 only where they are read; optionally the logit / tuned lens at every layer and per-token
 statistics for membership inference), and the text layer on top: the probes' (prompt, answer)
 tokenisation `answer_ids`, and requests tokenised exactly as lm-evaluation-harness's HF backend
-does: `encode_pair`, `loglikelihood`, `rolling_windows`, `loglikelihood_rolling`.
+does: `encode_pair`, `loglikelihood`, `rolling_windows`, `rolling_scores` (token sequences
+scored whole, window by window), `loglikelihood_rolling`.
 Must not: know facts, prompts or metrics (probes and `evals.*` build the pairs).
 
 Definitions:
@@ -54,15 +55,16 @@ def answer_logprob(logits_BxAxV: jax.Array, target_BxA: jax.Array, amask_BxA: ja
   """From the logits at the A positions that predict the answer tokens `target_BxA` (amask 0
   on padding): Σ log p(answer) [B] (log-softmax in float32) and greedy [B] (every answer
   token is the argmax given the ones before it)."""
-  logp_BxA, hit_BxA = _token_logprob(logits_BxAxV, target_BxA)
+  logp_BxA, hit_BxA, _ = _token_logprob(logits_BxAxV, target_BxA)
   hit_BxA = hit_BxA | (amask_BxA == 0)
   return (logp_BxA * amask_BxA).sum(-1), hit_BxA.all(-1)
 
 
 def _token_logprob(logits_BxAxV, target_BxA):
+  """log p of each target [B, A], whether it is the argmax [B, A], and every log p [B, A, V]."""
   logp_BxAxV = jax.nn.log_softmax(logits_BxAxV.astype(jnp.float32), axis=-1)
   logp_BxA = jnp.take_along_axis(logp_BxAxV, target_BxA[..., None], axis=-1)[..., 0]
-  return logp_BxA, logits_BxAxV.argmax(-1) == target_BxA
+  return logp_BxA, logits_BxAxV.argmax(-1) == target_BxA, logp_BxAxV
 
 
 class Scores(NamedTuple):
@@ -114,21 +116,24 @@ def _score_rows(params, cfg: ModelConfig, tokens_BxT, mask_BxT, pos_BxT, branch_
   onehot_BxAxR = (req_BxA[..., None] == jnp.arange(n_req)).astype(jnp.float32)  # -1: padding
 
   def per_layer(h_BxAxD):
-    logp_BxA, hit_BxA = _token_logprob(unembed(params, cfg, h_BxAxD), target_BxA)
-    return jnp.einsum("ba,bar->br", logp_BxA, onehot_BxAxR), hit_BxA
-  sums_LxBxR, hit_LxBxA = jax.lax.map(per_layer, h_LxBxAxD)
-  miss_BxR = jnp.einsum("ba,bar->br", (~hit_LxBxA[-1]).astype(jnp.float32), onehot_BxAxR)
-  res = {"sums": sums_LxBxR if lens else sums_LxBxR[0], "greedy": miss_BxR == 0}
+    logp_BxA, _, _ = _token_logprob(unembed(params, cfg, h_BxAxD), target_BxA)
+    return jnp.einsum("ba,bar->br", logp_BxA, onehot_BxAxR)
+  # the output layer once: its sums, greedy agreement and (with stats) the distribution's moments
+  logp_BxA, hit_BxA, logp_BxAxV = _token_logprob(unembed(params, cfg, h_LxBxAxD[-1]),
+                                                 target_BxA)
+  miss_BxA = (~hit_BxA).astype(jnp.float32)
+  sums_BxR = jnp.einsum("ba,bar->br", logp_BxA, onehot_BxAxR)
+  res = {"sums": sums_BxR,
+         "greedy": jnp.einsum("ba,bar->br", miss_BxA, onehot_BxAxR) == 0}
+  if lens:
+    res["sums"] = jnp.concatenate([jax.lax.map(per_layer, h_LxBxAxD[:-1]), sums_BxR[None]])
   if stats:
-    logits_BxAxV = unembed(params, cfg, h_LxBxAxD[-1]).astype(jnp.float32)
-    logp_BxAxV = jax.nn.log_softmax(logits_BxAxV, axis=-1)
     p_BxAxV = jnp.exp(logp_BxAxV)
     mu_BxA = (p_BxAxV * logp_BxAxV).sum(-1)
     res["mu"] = mu_BxA
     res["var"] = jnp.maximum((p_BxAxV * logp_BxAxV ** 2).sum(-1) - mu_BxA ** 2, 0.0)
-    res["logp"] = jnp.take_along_axis(logp_BxAxV, target_BxA[..., None], axis=-1)[..., 0]
+    res["logp"] = logp_BxA
   return res
-
 
 def _rows(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], cap: int):
   """Pack unique pairs into rows: [(context, [pair index, ...], row length)], continuations of
@@ -339,6 +344,35 @@ def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int
   return [(tuple(c[:len(c) - (len(p) - 1)]), tuple(p)) for c, p in out]
 
 
+def rolling_scores(model: Transformer, texts_ids: Sequence[Sequence[int]],
+                   prefix: int | Sequence[int], batch_size: int = 64, max_len: int | None = None, stats: bool = False,
+                   names: Sequence[str] | None = None) -> Scores:
+  """Scores of whole token sequences, each predicted after `prefix` (one token, or one per
+  sequence) in `rolling_windows` of `max_len` (default the model's context): Σ log p over its windows, `greedy` when every token
+  is the argmax, and with `stats` per-token arrays covering the whole sequence."""
+  max_len = max_len or model.cfg.max_seq_len
+  prefixes = [prefix] * len(texts_ids) if isinstance(prefix, int) else list(prefix)
+  pairs, owner = [], []
+  for i, ids in enumerate(texts_ids):
+    for w in rolling_windows(ids, prefixes[i], max_len):
+      pairs.append(w)
+      owner.append(i)
+  names = names or [f"text {i}" for i in range(len(texts_ids))]
+  s = score_pairs(model, pairs, batch_size, stats=stats, names=[names[i] for i in owner])
+  owner = np.asarray(owner, np.int64)
+  logprob = np.zeros(len(texts_ids))
+  np.add.at(logprob, owner, s.logprob)
+  greedy = np.ones(len(texts_ids), bool)
+  np.logical_and.at(greedy, owner, s.greedy)
+  out = Scores(logprob, greedy)
+  if stats:
+    ends = np.cumsum([len(ids) for ids in texts_ids], dtype=np.int64)  # windows in text order
+    out = out._replace(**{
+        name: np.split(np.concatenate(getattr(s, name) or [np.zeros(0)]), ends)[:-1]
+        for name in ("token_logp", "token_mu", "token_var")})
+  return out
+
+
 def loglikelihood_rolling(model: Transformer, tokenizer, texts: Sequence[str],
                           batch_size: int = 64, max_len: int | None = None,
                           stats: bool = False) -> Scores:
@@ -346,26 +380,8 @@ def loglikelihood_rolling(model: Transformer, tokenizer, texts: Sequence[str],
   windows of `max_len` (default the model's context) tokens; `greedy` is whether every token
   is the argmax. With `stats`, the per-token arrays cover the whole text."""
   enc = Encoder(tokenizer)
-  max_len = max_len or model.cfg.max_seq_len
-  pairs, owner, names = [], [], []
-  for i, text in enumerate(texts):
-    toks = enc.encode(text)
+  ids = [enc.encode(text) for text in texts]
+  for i, toks in enumerate(ids):
     if not toks:
       raise ValueError(f"text {i}: tokenises to nothing")
-    for w in rolling_windows(toks, enc.prefix, max_len):
-      pairs.append(w)
-      owner.append(i)
-      names.append(f"text {i}")
-  s = score_pairs(model, pairs, batch_size, stats=stats, names=names)
-  owner = np.asarray(owner)
-  logprob = np.zeros(len(texts))
-  np.add.at(logprob, owner, s.logprob)
-  greedy = np.ones(len(texts), bool)
-  np.logical_and.at(greedy, owner, s.greedy)
-  out = Scores(logprob, greedy)
-  if stats:
-    out = out._replace(**{k: [np.concatenate([v[j] for j in np.flatnonzero(owner == i)])
-                              for i in range(len(texts))]
-                          for k, v in (("token_logp", s.token_logp), ("token_mu", s.token_mu),
-                                       ("token_var", s.token_var))})
-  return out
+  return rolling_scores(model, ids, enc.prefix, batch_size, max_len, stats)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from factflip.evals.loglik import Encoder, rolling_windows, score_pairs
+from factflip.evals.loglik import Encoder, rolling_scores
 
 KS = (0.2,)
 
@@ -48,23 +48,14 @@ def mia_scores(model, tokenizer, texts: Sequence[str], ks: Sequence[float] = KS,
     if not 0 < k <= 1:
       raise ValueError(f"k = {k}; expected a share in (0, 1]")
   enc = Encoder(tokenizer)
-  pairs, owner = [], []
-  for i, text in enumerate(texts):
-    ids = enc.encode(text)
-    if len(ids) < 2:
-      raise ValueError(f"text {i}: {len(ids)} token(s); expected at least 2 (one to score "
+  ids = [enc.encode(text) for text in texts]
+  for i, toks in enumerate(ids):
+    if len(toks) < 2:
+      raise ValueError(f"text {i}: {len(toks)} token(s); expected at least 2 (one to score "
                        "after the first)")
-    for w in rolling_windows(ids[1:], ids[0], model.cfg.max_seq_len):
-      pairs.append(w)
-      owner.append(i)
-  s = score_pairs(model, pairs, batch_size, stats=True,
-                  names=[f"text {i}" for i in owner])
-  owner = np.asarray(owner)
+  s = rolling_scores(model, [t[1:] for t in ids], [t[0] for t in ids], batch_size, stats=True)
   rows = []
-  for i, text in enumerate(texts):
-    idx = np.flatnonzero(owner == i)
-    lp, mu, var = (np.concatenate([v[j] for j in idx]) for v in (
-        s.token_logp, s.token_mu, s.token_var))
+  for text, lp, mu, var in zip(texts, s.token_logp, s.token_mu, s.token_var):
     loss = float(lp.mean())
     row = {"loss": loss, "zlib": loss / len(zlib.compress(text.encode("utf-8"))),
            "tokens": len(lp)}

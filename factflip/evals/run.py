@@ -10,8 +10,9 @@ Metrics (each on the items of the dataset it applies to; definitions in its modu
   prompts (`probes.preference`); accuracy = greedy answer true.
 - qa: closed-book QA by greedy answers to each item's question, normalised EM / F1 and
   right / wrong / abstained (`evals.qa`; `k_shot` exemplars from the dev split).
-- counterfact: ROME's ES EM PS PM NS NM and S (`evals.counterfact`); fluency of greedy
-  100-token generations from the items' generation prompts when they have them.
+- counterfact: ROME's ES EM PS PM NS NM and S (`evals.counterfact`); fluency of 100-token
+  generations from the items' generation prompts when they have them, sampled as ROME's
+  `generate_fast` samples them (temperature 1, top-k 5; key from `seed`).
 - rwku: ROUGE-L recall of greedy answers to RWKU's forget and neighbour probes per level
   (`evals.rwku`).
 - mia: LOSS, zlib, Min-K% and Min-K%++ of RWKU's forget and retain MIA texts and the forget vs
@@ -78,8 +79,10 @@ def _counterfact(model, tok, items, path, o):
   rows, summ = counterfact.counterfact_scores(model, tok, items, o["batch_size"])
   prompts = [(r, p) for r, f in zip(rows, items) for p in f.meta.get("generation_prompts", ())]
   if prompts:
+    import jax
     gens = generate_until(model, tok, [p for _, p in prompts], max_new_tokens=min(
-        100, model.cfg.max_seq_len // 2), batch_size=o["batch_size"])
+        100, model.cfg.max_seq_len // 2), temperature=1.0, top_k=5,
+        key=jax.random.key(o["seed"]), batch_size=o["batch_size"])
     per: dict[str, list[str]] = {}
     for (r, _), (g,) in zip(prompts, gens):
       per.setdefault(r["item"], []).append(g)
