@@ -52,6 +52,15 @@ def test_samples_are_reproducible_from_the_key(lm):
   assert a == b and a != c and [len(x) for x in a] == [4, 4] and len(set(a[0])) > 1
   with pytest.raises(ValueError, match="needs an explicit PRNG key"):
     generate_until(model, tok, ["Alice"], temperature=0.5)
+  # a greedy answer and samples per context in one program: the greedy one is plain greedy,
+  # whatever the batch size (contexts per program = batch_size // continuations)
+  mixed = generate_until(model, tok, ["Alice", "Bob lives in"], max_new_tokens=6, top_k=40,
+                         temperature=(0.0, 1.0, 1.0), key=jax.random.key(3), batch_size=3)
+  greedy = generate_until(model, tok, ["Alice", "Bob lives in"], max_new_tokens=6)
+  assert [m[0] for m in mixed] == [g[0] for g in greedy] and [len(m) for m in mixed] == [3, 3]
+  with pytest.raises(ValueError, match="one or the other"):
+    generate_until(model, tok, ["Alice"], temperature=(0.0, 1.0), n_samples=2,
+                   key=jax.random.key(0))
 
 
 # ---- QA ---------------------------------------------------------------------------------------

@@ -67,6 +67,27 @@ def test_sampling_is_keyed_and_filters_compose(llama):
   assert int(k5[0, 0]) in np.argsort(-logits)[:5]
 
 
+def test_fan_out_prefills_once_and_each_copy_is_its_own_continuation(llama):
+  """A tuple of temperatures: row i·F + j continues prompt i at temperature j; greedy copies
+  equal plain greedy decoding, sampled copies differ from each other, one key → one output,
+  and a top-k 1 copy is greedy too."""
+  key = jax.random.key(3)
+  greedy = generate(llama, PROMPTS, 8, stop_tokens=()).tokens
+  temps = (0.0, 1.0, 1.0, 0.0)
+  a = generate(llama, PROMPTS, 8, temperature=temps, key=key, stop_tokens=())
+  b = generate(llama, PROMPTS, 8, temperature=temps, key=key, stop_tokens=())
+  assert a.tokens.shape == (len(PROMPTS) * 4, 8)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  rows = a.tokens.reshape(len(PROMPTS), 4, 8)
+  np.testing.assert_array_equal(rows[:, 0], greedy)
+  np.testing.assert_array_equal(rows[:, 3], greedy)
+  assert (rows[:, 1] != rows[:, 2]).any() and (rows[:, 1] != greedy).any()
+  k1 = generate(llama, PROMPTS, 8, temperature=(0.0, 3.0), top_k=1, key=key, stop_tokens=())
+  np.testing.assert_array_equal(k1.tokens.reshape(len(PROMPTS), 2, 8)[:, 1], greedy)
+  with pytest.raises(ValueError, match="temperatures >= 0"):
+    generate(llama, PROMPTS, 4, temperature=(0.0, -1.0), key=key)
+
+
 def test_prompt_lengths_in_one_bucket_reuse_the_compiled_program(llama):
   from factflip.models.generate import _generate
 

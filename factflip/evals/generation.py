@@ -1,8 +1,8 @@
 """Generation requests: greedy or sampled continuations of text contexts with stop strings and a
 token budget, as lm-evaluation-harness's HF backend makes them (`generate_until`).
 
-Owns: `generate_until` (contexts → continuations; several samples per context in one program)
-and `cut_at_stops`.
+Owns: `generate_until` (contexts → continuations; several per context — samples, or a greedy
+answer and samples — in one program, each context prefilled once) and `cut_at_stops`.
 Must not: decode tokens itself (`factflip.models.generate` runs the compiled KV-cache loop) or
 score answers (`evals.qa`, `evals.rwku`).
 
@@ -46,18 +46,30 @@ def _stop_tokens(tokenizer, model: Transformer, until: Sequence[str]) -> tuple[i
 
 def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
                    until: Sequence[str] = (), max_new_tokens: int = 32, *,
-                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                   n_samples: int = 1, key: jax.Array | None = None, batch_size: int = 32
-                   ) -> list[list[str]]:
-  """Per context, `n_samples` continuations (greedy: temperature 0; sampling needs `key`, and
-  every sample of every context comes from one key, split per batch: same key, same texts).
-  Returns [contexts][n_samples] strings, cut at `until`."""
+                   temperature: float | Sequence[float] = 0.0, top_k: int = 0,
+                   top_p: float = 1.0, n_samples: int = 1, key: jax.Array | None = None,
+                   batch_size: int = 32) -> list[list[str]]:
+  """Per context, `n_samples` continuations at `temperature` (0: greedy; sampling needs `key`,
+  and every sample of every context comes from one key, split per batch: same key, same texts),
+  or with a sequence of temperatures one continuation per entry (e.g. (0.0,) + (0.5,) * 16:
+  a greedy answer and 16 samples). `batch_size` counts continuations per program; each context
+  is prefilled once for all of its own. Returns [contexts][continuations] strings, cut at
+  `until`."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
-  if temperature > 0 and key is None:
-    raise ValueError("sampling (temperature > 0) needs an explicit PRNG key (key=)")
   if n_samples < 1:
     raise ValueError(f"n_samples={n_samples}: expected >= 1")
+  if isinstance(temperature, int | float):
+    temps = (float(temperature),) * n_samples
+  elif n_samples != 1:
+    raise ValueError(f"n_samples={n_samples} with a sequence of temperatures; expected one or "
+                     "the other (the sequence gives one continuation per entry)")
+  else:
+    temps = tuple(float(t) for t in temperature)
+  if not temps or min(temps) < 0:
+    raise ValueError(f"temperature {temperature!r}: expected values >= 0 (at least one)")
+  if max(temps) > 0 and key is None:
+    raise ValueError("sampling (temperature > 0) needs an explicit PRNG key (key=)")
   enc = Encoder(tokenizer)
   keep = model.cfg.max_seq_len - max_new_tokens
   if keep < 1:
@@ -74,20 +86,22 @@ def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
   stops = _stop_tokens(tokenizer, model, until)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
       model.cfg.pad_token_id or 0)
-  rows = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
-  rows.sort(key=lambda r: len(prompts[r[0]]))
-  out: list[list[str]] = [[""] * n_samples for _ in prompts]
-  full = max(1, min(batch_size, len(rows)))
+  F = len(temps)
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  out: list[list[str]] = [[""] * F for _ in prompts]
+  full = max(1, min(max(1, batch_size // F), len(order)))    # contexts per program
   B = 1 << (full - 1).bit_length()
-  keys = (jax.random.split(key, -(-len(rows) // full)) if key is not None else None)
-  for j, start in enumerate(range(0, len(rows), full)):
-    chunk = rows[start:start + full]
-    batch = [prompts[i] for i, _ in chunk]
+  keys = (jax.random.split(key, -(-len(order) // full)) if key is not None else None)
+  for j, start in enumerate(range(0, len(order), full)):
+    chunk = order[start:start + full]
+    batch = [prompts[i] for i in chunk]
     batch += [batch[0]] * (B - len(batch))            # a fixed batch: one program per bucket
-    gen = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, key=None if keys is None else keys[j], stop_tokens=stops,
-                   pad_id=pad)
-    for (i, s), row, n in zip(chunk, gen.tokens, gen.lengths):
-      ids = [int(t) for t in np.asarray(row[:n])]
-      out[i][s] = cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), until)
+    gen = generate(model, batch, max_new_tokens, temperature=temps if F > 1 else temps[0],
+                   top_k=top_k, top_p=top_p, key=None if keys is None else keys[j],
+                   stop_tokens=stops, pad_id=pad)
+    for b, i in enumerate(chunk):
+      for s in range(F):
+        row, n = gen.tokens[b * F + s], gen.lengths[b * F + s]
+        ids = [int(t) for t in np.asarray(row[:n])]
+        out[i][s] = cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), until)
   return out

@@ -8,6 +8,10 @@ One jitted program per (batch, prompt bucket, cache bucket) holds the prefill an
 `lax.while_loop` of single-token steps, so the host does not dispatch per token and any prompt
 length and any `max_new_tokens` inside a bucket reuse the compiled program. Positions follow HF
 `generate` (cumulative sum of the attention mask), so greedy output is token-identical to it.
+
+Fan-out: a tuple of temperatures gives every prompt one continuation per entry (0 = greedy) in
+the same program: the prompt is prefilled once and its KV cache copied to each continuation,
+so SliCK's 1 greedy + 16 sampled answers per prompt cost one prefill, not 17.
 """
 
 from __future__ import annotations
@@ -27,20 +31,29 @@ from factflip.models.transformer import Params, Transformer, forward, init_cache
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off (HF order: temperature, top-k, top-p)."""
+  """temperature 0 = greedy, or a tuple: one continuation per entry (fan-out); top_k 0 = off;
+  top_p 1 = off (HF order: temperature, top-k, top-p; greedy rows take the argmax)."""
 
-  temperature: float = 0.0
+  temperature: float | tuple[float, ...] = 0.0
   top_k: int = 0
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"{self}: expected temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+    if (not self.temperatures or min(self.temperatures) < 0 or self.top_k < 0
+        or not 0 < self.top_p <= 1):
+      raise ValueError(f"{self}: expected temperatures >= 0 (at least one), top_k >= 0, "
+                       "0 < top_p <= 1")
+
+  @property
+  def temperatures(self) -> tuple[float, ...]:
+    t = self.temperature
+    return tuple(float(x) for x in t) if isinstance(t, tuple) else (float(t),)
 
 
 class Generation(NamedTuple):
-  tokens: np.ndarray   # [B, max_new_tokens] int32, pad_id after a stop token
-  lengths: np.ndarray  # [B] generated tokens per row, the stop token included
+  tokens: np.ndarray   # [B·F, max_new_tokens] int32 (F continuations per prompt), pad_id after
+  #                      a stop token
+  lengths: np.ndarray  # [B·F] generated tokens per row, the stop token included
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -48,9 +61,14 @@ def _bucket(n: int, minimum: int) -> int:
 
 
 def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-  if sampling.temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
+  """The next token of each row; with a fan-out, row b uses temperatures[b % copies]."""
+  temps = sampling.temperatures
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  if max(temps) == 0.0:
+    return greedy_B
+  B = logits_BxV.shape[0]
+  temp_B = jnp.tile(jnp.asarray(temps, jnp.float32), B // len(temps))
+  logits_BxV = logits_BxV.astype(jnp.float32) / jnp.where(temp_B > 0, temp_B, 1.0)[:, None]
   neg = jnp.finfo(jnp.float32).min
   if sampling.top_k:
     kth_B = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
@@ -64,7 +82,8 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> j
     drop_BxV = jnp.zeros_like(drop_sorted_BxV).at[
         jnp.arange(logits_BxV.shape[0])[:, None], order_BxV].set(drop_sorted_BxV)
     logits_BxV = jnp.where(drop_BxV, neg, logits_BxV)
-  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+  sampled_B = jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+  return sampled_B if min(temps) > 0 else jnp.where(temp_B > 0, sampled_B, greedy_B)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "sampling"))
@@ -74,9 +93,15 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
   positions_BxT = jnp.where(mask_BxT, jnp.cumsum(mask_BxT, axis=1) - 1, 1).astype(jnp.int32)
   out = forward(params, cfg, tokens_BxT, mask_BxT, positions_BxT,
                 cache=init_cache(cfg, B, slots), cache_index=0)
+  cache, logits_BxV, last_B = out.cache, out.logits[:, -1], positions_BxT[:, -1]
+  F = len(sampling.temperatures)
+  if F > 1:                     # fan-out: every prompt's cache copied to its F continuations
+    B = B * F
+    cache = {"k": jnp.repeat(cache["k"], F, axis=1), "v": jnp.repeat(cache["v"], F, axis=1),
+             "valid": jnp.repeat(cache["valid"], F, axis=0)}
+    logits_BxV, last_B = jnp.repeat(logits_BxV, F, axis=0), jnp.repeat(last_B, F, axis=0)
   new_BxN = jnp.full((B, slots - T), pad_id, jnp.int32)
-  state = (jnp.int32(0), out.cache, out.logits[:, -1], positions_BxT[:, -1] + 1,
-           jnp.zeros((B,), bool), new_BxN, jnp.full((B,), max_new, jnp.int32), key)
+  state = (jnp.int32(0), cache, logits_BxV, last_B + 1, jnp.zeros((B,), bool), new_BxN, jnp.full((B,), max_new, jnp.int32), key)
 
   def cond(s):
     return (s[0] < max_new) & ~jnp.all(s[4])
@@ -97,17 +122,21 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             temperature: float | Sequence[float] = 0.0, top_k: int = 0, top_p: float = 1.0,
              key: jax.Array | None = None, stop_tokens: Sequence[int] | None = None,
              pad_id: int | None = None, min_bucket: int = 16) -> Generation:
   """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
   Prompts are left-padded to a power-of-two bucket; sampling (temperature > 0) needs an explicit
   PRNG `key`. `stop_tokens` defaults to the model's eos ids; after a row emits one it is padded.
+  A sequence of temperatures gives len(temperature) continuations per prompt, prompt-major:
+  row i·F + j continues prompt i at temperature[j] (the prompt prefilled once).
   """
   cfg = model.cfg
+  if not isinstance(temperature, int | float):
+    temperature = tuple(float(t) for t in temperature)
   sampling = Sampling(temperature, top_k, top_p)
-  if temperature > 0 and key is None:
+  if max(sampling.temperatures) > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=)")
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate needs at least one prompt and every prompt at least one token")
