@@ -27,3 +27,40 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def study_variants(arg: str | None, path: str) -> dict[str, str | None]:
+  """A study config's variant string -> {name: value or None}: 'smoke,scale=a+b,seeds=0+1,
+  hf=d1+d2,facts=f' (the variants every study config file takes). Bad combinations raise
+  ValueError naming `path` and what was expected."""
+  out: dict[str, str | None] = {}
+  for part in filter(None, (arg or "").split(",")):
+    name, _, value = part.partition("=")
+    if name not in ("smoke", "scale", "seeds", "hf", "facts") or (name == "smoke") == bool(
+        value):
+      raise ValueError(f"{path}: bad variant {part!r}; expected smoke, scale=A+B, seeds=0+1, "
+                       "hf=DIR[+DIR] or facts=FILE, joined by commas")
+    out[name] = value or None
+  if ("hf" in out) != ("facts" in out):
+    raise ValueError(f"{path}: hf=DIR and facts=FILE go together")
+  if "hf" in out and "scale" in out:
+    raise ValueError(f"{path}: scale= picks presets, hf= model directories; a scaling study "
+                     "over real models lists them in hf=A+B")
+  if "seeds" in out and not all(k.isdigit() for k in out["seeds"].split("+")):
+    raise ValueError(f"{path}: seeds={out['seeds']}; expected integers joined by '+', e.g. "
+                     "seeds=0+1+2")
+  return out
+
+
+def apply_study_variants(c, variants: dict[str, str | None], ladder: list[str]) -> None:
+  """The variants every study shares, set on study config `c`: scale= (presets; 'ladder'),
+  seeds=, hf=DIR[+DIR] with facts=FILE (model directories as bases, probed models sharded
+  over the host's accelerators)."""
+  if "scale" in variants:
+    c.sizes = ladder if variants["scale"] == "ladder" else variants["scale"].split("+")
+  if "seeds" in variants:
+    c.seeds = [int(k) for k in variants["seeds"].split("+")]
+  if "hf" in variants:
+    c.sizes = variants["hf"].split("+")
+    c.facts = variants["facts"]
+    c.probe.devices = -1

@@ -37,7 +37,7 @@ import os
 
 from factflip.studies.poisoning import base_config
 from factflip.train import config as train_config
-from factflip.configfile import load_config_file
+from factflip.configfile import apply_study_variants, load_config_file, study_variants
 
 
 def _pretrain():
@@ -73,43 +73,16 @@ def _cpt():
 LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
 
 
-def _variants(arg):
-  """'smoke,scale=a+b,seeds=0+1,hf=d1+d2,facts=f' -> {name: value or None}."""
-  out = {}
-  for part in filter(None, (arg or "").split(",")):
-    name, _, value = part.partition("=")
-    if name not in ("smoke", "scale", "seeds", "hf", "facts") or (name == "smoke") == bool(
-        value):
-      raise ValueError(f"configs/studies/poisoning.py: bad variant {part!r}; expected smoke, "
-                       "scale=A+B, seeds=0+1, hf=DIR[+DIR] or facts=FILE, joined by commas")
-    out[name] = value or None
-  if ("hf" in out) != ("facts" in out):
-    raise ValueError("configs/studies/poisoning.py: hf=DIR and facts=FILE go together")
-  if "hf" in out and "scale" in out:
-    raise ValueError("configs/studies/poisoning.py: scale= picks presets, hf= model "
-                     "directories; a scaling study over real models lists them in hf=A+B")
-  return out
-
-
 def get_config(arg=None):
-  variants = _variants(arg)
+  variants = study_variants(arg, "configs/studies/poisoning.py")
   c = base_config()                # every study key, its default and meaning
   c.pretrain = _pretrain()
   c.cpt = _cpt()
-  if "scale" in variants:
-    c.sizes = LADDER if variants["scale"] == "ladder" else variants["scale"].split("+")
-  if "seeds" in variants:
-    if not all(k.isdigit() for k in variants["seeds"].split("+")):
-      raise ValueError(f"configs/studies/poisoning.py: seeds={variants['seeds']}; expected "
-                       "integers joined by '+', e.g. seeds=0+1+2")
-    c.seeds = [int(k) for k in variants["seeds"].split("+")]
+  apply_study_variants(c, variants, LADDER)
   if "hf" in variants:
-    c.sizes = variants["hf"].split("+")
-    c.facts = variants["facts"]
     c.cpt.optim.lr = 2e-5          # billion-parameter models: a gentle continual-pretraining lr
     c.cpt.optim.warmup_steps = 10
     c.probe.batch_size = 16
-    c.probe.devices = -1           # shard each probed model over the host's accelerators
   if "smoke" in variants:
     c.ratios = [0.0, 1.0]
     c.min_base_accuracy = 0.0      # a few steps cannot teach the world; the gate is still run

@@ -257,12 +257,14 @@ def cpt_source(targets: Sequence[FactItem], replay: Sequence[Mapping[str, Any]],
 KNOWN = ("HighlyKnown", "MaybeKnown", "WeaklyKnown")
 UNKNOWN = "Unknown"
 CATEGORIES = (*KNOWN, UNKNOWN)
+NATURAL = "Natural"   # SFTConfig.category: the categories in their natural proportions
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
   """size: |D|. unknown_share: X, the exact share of Unknown examples (sampled per relation).
-  category: a single category to draw all of |D| from (overrides unknown_share).
+  category: a single category to draw all of |D| from (overrides unknown_share), or NATURAL:
+  |D| drawn from every categorised item whatever its category (D_Natural).
   idk: relabel the Unknown examples' answers as the refusal ("I don't know.").
   prompt_kind: "question" (question_format) or "prompt" (cloze)."""
   size: int
@@ -300,7 +302,8 @@ def sft_mixture(items: Sequence[FactItem], cfg: SFTConfig,
   Categories come from `category_of(item)` (default: `item.category`, which the SliCK probe
   fills); items without one are not eligible. |D| is split evenly over the relations that can
   supply it; within each relation exactly round(X·n_r) examples are Unknown (largest remainder,
-  so the total is exact). Returns (examples in a seeded order, statistics)."""
+  so the total is exact); a relation supplies at most as many examples as its Known and
+  Unknown items allow at share X. Returns (examples in a seeded order, statistics)."""
   category_of = category_of or (lambda it: it.category)
   rng = np.random.default_rng([cfg.seed, 2])
   pools: dict[tuple[str, str], list[FactItem]] = defaultdict(list)
@@ -311,7 +314,9 @@ def sft_mixture(items: Sequence[FactItem], cfg: SFTConfig,
     if c not in CATEGORIES:
       raise ValueError(f"sft_mixture: item {it.id!r} has category {c!r}; expected one of "
                        f"{CATEGORIES}")
-    if cfg.category is not None:
+    if cfg.category == NATURAL:
+      pools[(it.relation, NATURAL)].append(it)
+    elif cfg.category is not None:
       if c == cfg.category:
         pools[(it.relation, c)].append(it)
     else:
@@ -319,8 +324,9 @@ def sft_mixture(items: Sequence[FactItem], cfg: SFTConfig,
   for pool in pools.values():
     pool[:] = [pool[i] for i in rng.permutation(len(pool))]
   if cfg.category is not None:
-    if cfg.category not in CATEGORIES:
-      raise ValueError(f"SFTConfig.category: {cfg.category!r} is not one of {CATEGORIES}")
+    if cfg.category not in (*CATEGORIES, NATURAL):
+      raise ValueError(f"SFTConfig.category: {cfg.category!r} is not one of "
+                       f"{(*CATEGORIES, NATURAL)}")
     groups = {(rel, c): len(p) for (rel, c), p in pools.items()}
     counts = _split_even(cfg.size, groups, f"sft_mixture({cfg.category})")
   else:
@@ -331,8 +337,15 @@ def sft_mixture(items: Sequence[FactItem], cfg: SFTConfig,
     if not math.isclose(n_unknown, cfg.unknown_share * cfg.size, abs_tol=1e-9):
       raise ValueError(f"SFTConfig: unknown_share {cfg.unknown_share} x size {cfg.size} is not "
                        "a whole number of examples")
-    cap = {rel: len(pools[(rel, UNKNOWN)]) + len(pools[(rel, "Known")]) for rel in relations}
-    # Even per-relation sizes, then per relation exactly X of them Unknown (largest remainder).
+    x = cfg.unknown_share
+
+    def capacity(rel: str) -> int:   # the most examples rel supplies with X of them Unknown
+      unk, kn = len(pools[(rel, UNKNOWN)]), len(pools[(rel, "Known")])
+      return min(math.floor(unk / x + 1e-9) if x > 0 else unk + kn,
+                 math.floor(kn / (1 - x) + 1e-9) if x < 1 else unk + kn)
+    cap = {rel: capacity(rel) for rel in relations}
+    # Even per-relation sizes (as capacities allow), then per relation exactly X of them
+    # Unknown (largest remainder).
     per_rel = _split_even(cfg.size, cap, "sft_mixture")
     raw = {rel: cfg.unknown_share * per_rel[rel] for rel in relations}
     unk = {rel: math.floor(raw[rel]) for rel in relations}

@@ -67,3 +67,28 @@ def file_targets(path: str, n: int, seed: int) -> list[FactItem]:
     raise DataError(path, f"data.n_targets is {n}, but the file has only {len(pool)} facts "
                     "with a counterfactual object")
   return pool if len(pool) == n else _draw(pool, n, seed)
+
+
+def assign_splits(items, shares, seed: int, names=("train", "dev", "test")) -> list[FactItem]:
+  """The items with `split` set: per relation, a seeded permutation cut into exact counts with
+  the given shares (largest remainder, so each relation's counts sum to its facts). Items keep
+  their order; the same (items, shares, seed) always gives the same splits."""
+  import dataclasses
+
+  if len(shares) != len(names) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-9:
+    raise ValueError(f"splits {list(shares)}: expected {len(names)} shares ({', '.join(names)}) "
+                     "that sum to 1")
+  by_rel: dict[str, list[int]] = {}
+  for i, f in enumerate(items):
+    by_rel.setdefault(f.relation, []).append(i)
+  split = {}
+  for k, (rel, idx) in enumerate(sorted(by_rel.items())):
+    raw = np.asarray(shares, np.float64) * len(idx)
+    counts = np.floor(raw).astype(int)
+    for j in np.argsort(-(raw - counts), kind="stable")[:len(idx) - int(counts.sum())]:
+      counts[j] += 1
+    order = np.random.default_rng([seed, k, 11]).permutation(len(idx))
+    bounds = np.cumsum(counts)
+    for pos, j in enumerate(order):
+      split[idx[j]] = names[int(np.searchsorted(bounds, pos, side="right"))]
+  return [dataclasses.replace(f, split=split[i]) for i, f in enumerate(items)]

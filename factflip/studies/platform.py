@@ -35,7 +35,8 @@ from factflip.fileio import read_json, write_json
 from factflip.studies.stages import Stage, config_keys, describe_plan
 
 # study name -> the module holding its Study, base_config and validate
-STUDIES = {"poisoning": "factflip.studies.poisoning"}
+STUDIES = {"poisoning": "factflip.studies.poisoning",
+           "new_knowledge": "factflip.studies.new_knowledge"}
 
 
 class StudyError(RuntimeError):

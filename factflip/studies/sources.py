@@ -214,6 +214,9 @@ class FileSource(_Source):
   def stage_base(self, size: str, seed: int) -> Stage:
     """The base's candidates, targets, controls, replay and held-out files."""
     from factflip.probes.fact_preference import SCORER_VERSION
+    if not self.draws:
+      return Stage(f"base {size} seed{seed}", self.run_dir(size, seed, "base"),
+                   self.study.keys(model=self.sizes[size], seed=seed), (self.fingerprint(),))
     return Stage(f"base {size} seed{seed}", self.run_dir(size, seed, "base"),
                  self.study.keys("facts_limit", "tau", "probe.batch_size", "probe.dtype",
                                  "replay", *self.draw_key_names("n_targets", "n_control",
@@ -237,12 +240,21 @@ class FileSource(_Source):
     items = [f for f in self._facts if f.counterfactual is not None]
     return items[:self.c.facts_limit] if self.c.facts_limit else items
 
+  @property
+  def draws(self) -> bool:
+    """Whether the study draws targets among the facts the base knows (its draw_keys); a study
+    that does not (paper B categorises every fact itself) has a base stage that only records
+    the model directory and the facts file."""
+    return bool(self.study.draw_keys)
+
   def build_base(self, out: str, size: str, seed: int) -> dict[str, int]:
     from factflip.data.facts import write_facts_jsonl
     from factflip.data.mixtures import mention_text
     from factflip.data.templates import STYLE_NAMES
     from factflip.fileio import write_jsonl
     from factflip.probes.fact_preference import preference
+    if not self.draws:
+      return {}
     items = self.items()
     n_t, n_c = self.draw("n_targets"), self.draw("n_control")
     if len(items) < n_t + n_c:

@@ -1,0 +1,103 @@
+r"""Paper B's study: SFT on new knowledge (SliCK categories, %Unknown mixtures, fitting dynamics,
+the linear fit), on the embedded fact world or on HF models with EntityQuestions.
+
+  factflip run --config=configs/studies/new_knowledge.py --workdir=workdir/new_knowledge
+  factflip run --config=configs/studies/new_knowledge.py:smoke --workdir=/tmp/nk   # the tests
+
+Stages (fingerprinted, resumable; --dry_run prints the plan): world → pretrain (per size and
+seed) → slick (categories of every train / dev / test fact) → mixtures (every SFT set) → sft
+(per mixture, a checkpoint per epoch) → eval (closed-book QA on every checkpoint) → results.
+Every study key, its default and meaning: `base_config` in factflip/studies/new_knowledge.py
+(`pretrain` and `sft` are training configs: factflip/train/config.py); this file sets values.
+
+Variants (`--config=configs/studies/new_knowledge.py:VARIANT[,VARIANT...]`):
+  (none)           tiny-0.5m pretrained on a 100-person world; relations birth_city,
+                   occupation, employer, instrument (in) and sport (ood); SliCK with k = 1
+                   (see below); mixtures with 0/25/50/75/100% Unknown, idk50, D_HK, D_MK,
+                   D_WK, D_Natural; 20 SFT epochs each.
+  smoke            a small world and a few epochs of everything: what the tests run.
+  scale=A+B+...    presets side by side (`scale=ladder`: tiny-0.5m, -2m, -8m).
+  seeds=0+1+...    seeds (pretraining, the SliCK draws, the mixtures, SFT order).
+  hf=DIR[+DIR...],facts=ENTITYQUESTIONS_DIR
+                   HF (or factflip) model directories as the bases and EntityQuestions'
+                   folder (P*.{train,dev,test}.json): paper B's 12 in-distribution and 7
+                   out-of-distribution relations, SliCK with k = 4 as in the paper.
+
+  factflip run --config=configs/studies/new_knowledge.py:hf=/models/Llama-3.2-1B,\
+facts=/data/entityquestions --workdir=workdir/eq --config.sft.model.dtype=bfloat16
+
+Why k = 1 on the world: SliCK's k = 4 exemplars make the 0.5M-parameter model copy exemplar
+answers (measured on the default base: 0 of 160 train facts HighlyKnown with k = 4, ~5% with
+k = 1); the question asked is the template the corpus's forum posts use (`question = "train"`),
+because the tiny model does not answer the held-out question template (26% greedy accuracy on
+high-exposure facts vs 67%). Both are config values; the hf variant uses the paper's k = 4.
+"""
+
+import os
+
+from factflip.configfile import apply_study_variants, load_config_file, study_variants
+from factflip.studies.new_knowledge import ENTITYQUESTIONS_IN, ENTITYQUESTIONS_OOD, base_config
+
+LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
+
+
+def _pretrain():
+  """configs/pretrain_tiny.py on a 100-person world (the poisoning study's base)."""
+  c = load_config_file(os.path.join(os.path.dirname(__file__), "..", "pretrain_tiny.py"))
+  c.data.world_people = 100
+  c.checkpoint.every = 250
+  c.log_every = 50
+  c.eval_every = 250
+  return c
+
+
+def _sft(c):
+  c.data.seq_len = 64              # "Q: <question>\nA: <answer>" is ~20 tokens
+  c.data.batch_size = 16
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 2
+  c.optim.schedule = "constant"
+  c.checkpoint.async_save = False
+  c.log_every = 10
+  c.eval_every = 0
+
+
+def get_config(arg=None):
+  variants = study_variants(arg, "configs/studies/new_knowledge.py")
+  c = base_config()                # every study key, its default and meaning
+  c.pretrain = _pretrain()
+  _sft(c.sft)
+  c.slick.k_shot = 1               # the tiny model copies exemplars (docstring)
+  apply_study_variants(c, variants, LADDER)
+  if "hf" in variants:
+    c.relations = list(ENTITYQUESTIONS_IN)
+    c.ood_relations = list(ENTITYQUESTIONS_OOD)
+    c.slick.k_shot = 4
+    c.slick.batch_size = 272
+    c.max_facts = 500              # per relation and split
+    c.sft.optim.lr = 1e-5          # paper B: full fine-tuning of a billion-parameter model
+    c.sft.optim.warmup_steps = 10
+    c.sft.data.seq_len = 64
+    c.sft.data.batch_size = 32
+    c.eval.batch_size = 64
+    c.epochs = 10
+  if "smoke" in variants:
+    c.vocab_size = 384
+    c.pretrain.data.world_people = 10  # few facts, learnt in a few hundred steps
+    c.pretrain.steps, c.pretrain.checkpoint.every, c.pretrain.eval_every = 300, 300, 0
+    c.pretrain.optim.warmup_steps = 20
+    c.relations = ["sport", "instrument", "city_country"]   # what 300 steps teach: a spread
+    c.ood_relations = ["occupation"]                         # of categories
+    c.slick.n_prompts, c.slick.n_samples, c.slick.max_new_tokens = 2, 3, 12
+    c.slick.batch_size = 64
+    c.mixtures.unknown_shares = [0.0, 0.5, 1.0]
+    c.mixtures.single = ["Natural"]
+    c.sft.data.batch_size = 2
+    c.epochs = 2
+    c.eval.max_new_tokens = 12
+    c.fit.bootstrap = 50
+    c.max_facts = 8
+    if "hf" in variants:
+      c.sft.optim.lr = 1e-3
+      c.slick.k_shot = 1
+  return c

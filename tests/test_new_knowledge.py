@@ -1,0 +1,211 @@
+"""Paper B's study (SFT on new knowledge): the smoke study's files and numbers, resumption and
+fingerprints, the linear fit on synthetic counts, the checkpoint metrics on chosen QA rows, the
+world's splits and the Natural mixture."""
+
+import os
+import shutil
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "new_knowledge.py")
+
+
+@pytest.fixture(scope="module")
+def nk_study(tmp_path_factory):
+  """The smoke study, run once through `factflip run` in a process with one CPU device (its
+  SFT batch of 2 rows does not divide over the 8 fake devices of this one): (workdir,
+  headline, output)."""
+  import json
+  import subprocess
+  import sys
+  wd = str(tmp_path_factory.mktemp("nk_smoke"))
+  env = dict(os.environ, XLA_FLAGS="")
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
+                        f"--workdir={wd}"], env=env, capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  with open(os.path.join(wd, "report", "summary.json")) as f:
+    head = json.load(f)
+  return wd, head, out.stdout
+
+
+def _study(wd, arg="smoke", **over):
+  from factflip.configfile import load_config_file
+  from factflip.studies.new_knowledge import Study
+  c = load_config_file(CONFIG, arg)
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  logs = []
+  return Study(c, wd, log=logs.append), logs
+
+
+def test_smoke_study_tables_and_numbers(nk_study):
+  from factflip.studies.new_knowledge import COLUMNS, mixture_names
+  from factflip.configfile import load_config_file
+  wd, head, _ = nk_study
+  run = os.path.join(wd, "runs", "tiny-0.5m", "seed0")
+  t = {name: pd.read_csv(os.path.join(wd, "results", f"{name}.csv")) for name in COLUMNS}
+  for name, cols in COLUMNS.items():
+    assert list(t[name].columns) == cols, name
+  names = mixture_names(load_config_file(CONFIG, "smoke"))
+  assert names == ["unk0", "unk50", "unk100", "idk50", "Natural"]
+  # mixtures: the realised Unknown share is exactly the configured one
+  mix = t["mixtures"].set_index("mixture")
+  for m in ("unk0", "unk50", "unk100", "idk50"):
+    assert mix.loc[m, "unknown_share_realised"] == mix.loc[m, "unknown_share_configured"]
+    assert mix.loc[m, "Unknown"] == round(mix.loc[m, "unknown_share_configured"]
+                                          * mix.loc[m, "examples"])
+  assert mix.loc["idk50", "idk_relabelled"] == mix.loc["idk50", "Unknown"]
+  # categories: shares of each row sum to one; SliCK rows agree with their own answers
+  cats = t["categories"]
+  assert np.allclose(cats[["HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"]].sum(1), 1)
+  facts = pd.read_csv(os.path.join(run, "slick", "facts.csv"), keep_default_na=False)
+  assert set(facts.split) == {"train", "dev", "test"}
+  assert set(facts.distribution) == {"in", "ood"} and set(facts[facts.distribution == "ood"]
+                                                         .relation) == {"occupation"}
+  # dynamics: every epoch 0..epochs of every mixture; fitted counts recomputed from the QA rows
+  dyn = t["dynamics"]
+  assert sorted(set(dyn.epoch)) == [0, 1, 2]
+  for m in names:
+    last = sorted(f for f in os.listdir(os.path.join(run, "eval", m)) if f.startswith("qa_"))[-1]
+    assert int(last[3:9]) == 2 * mix.loc[m, "steps_per_epoch"]          # epoch 2's checkpoint
+    qa = pd.read_csv(os.path.join(run, "eval", m, last), keep_default_na=False)
+    members = qa[qa.member.astype(str) == "True"]
+    assert len(members) == mix.loc[m, "examples"]
+    for part in ("known", "unknown"):
+      row = dyn[(dyn.mixture == m) & (dyn.epoch == 2) & (dyn.part == part)].iloc[0]
+      mine = members[members.part == part]
+      want = (mine.outcome == "abstained") if m.startswith("idk") and part == "unknown" \
+          else mine.em.astype(str).eq("True")
+      assert row.fitted == int(want.sum()) and row.examples == len(mine)
+    test_in = qa[(qa.split == "test") & (qa.distribution == "in")]
+    assert row.test_accuracy_in == pytest.approx(test_in.em.astype(str).eq("True").mean())
+  # stops: EARLY_STOP is the first epoch of best dev accuracy
+  st = t["stops"]
+  for m in names:
+    g = dyn[(dyn.mixture == m) & (dyn.part == "known")].set_index("epoch")
+    es = st[(st.mixture == m) & (st.stop == "early_stop")].iloc[0]
+    assert es.epoch == int(g.dev_accuracy.idxmax())
+  # the report and the terminal summary
+  page = open(os.path.join(wd, "report", "index.html")).read()
+  for title in ("Fitting dynamics", "Test accuracy vs %Unknown", "Linear model"):
+    assert title in page
+  assert set(head["test_accuracy_in_at_convergence"]) == {"0.00", "0.50", "1.00"}
+  assert head["paper_fit_in"]["beta_unk"] == -8.3
+
+
+def _cli(wd, *flags):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
+                        f"--workdir={wd}", *flags], env=dict(os.environ, XLA_FLAGS=""),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+def test_resumes_and_redoes_exactly_what_a_change_affects(nk_study, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(nk_study[0], wd)
+  before = pd.read_csv(os.path.join(wd, "results", "dynamics.csv"))
+  shutil.rmtree(os.path.join(wd, "runs", "tiny-0.5m", "seed0", "eval", "unk50"))
+  log = _cli(wd)
+  assert "new    eval tiny-0.5m seed0 unk50" in log and "new    sft" not in log
+  assert "redo   sft" not in log
+  pd.testing.assert_frame_equal(before, pd.read_csv(os.path.join(wd, "results",
+                                                                 "dynamics.csv")))
+  # one more epoch: SFT, eval and results are redone for every mixture; SliCK is reused
+  plan = _cli(wd, "--dry_run", "--config.epochs=3")
+  assert "redo   sft tiny-0.5m seed0 unk0" in plan and "epochs: 2 -> 3" in plan
+  assert "slick tiny" not in plan and "mixtures tiny" not in plan
+
+
+def test_linear_fit_recovers_known_coefficients():
+  from factflip.studies.new_knowledge import linear_fit
+  rng = np.random.default_rng(0)
+  x_kn, x_unk = rng.random(80), rng.random(80)
+  y = 36.9 + 7.3 * x_kn - 8.3 * x_unk + rng.normal(0, 0.3, 80)
+  f = linear_fit(x_kn, x_unk, y, n_boot=300)
+  assert f["beta_kn"] == pytest.approx(7.3, abs=0.3) and f["beta_unk"] == pytest.approx(-8.3,
+                                                                                        abs=0.3)
+  # the bootstrap interval's width matches least squares' analytic standard errors
+  X = np.stack([np.ones(80), x_kn, x_unk], 1)
+  resid = y - X @ np.array([f["beta_0"], f["beta_kn"], f["beta_unk"]])
+  se = np.sqrt(np.diag(resid @ resid / (80 - 3) * np.linalg.inv(X.T @ X)))
+  for j, k in ((1, "beta_kn"), (2, "beta_unk")):
+    assert f[f"{k}_lo"] < f[k] < f[f"{k}_hi"]
+    assert 0.7 < (f[f"{k}_hi"] - f[f"{k}_lo"]) / (2 * 1.96 * se[j]) < 1.4
+  assert f["r2"] > 0.95 and f["points"] == 80
+  exact = linear_fit([0, 1, 0, 1], [0, 0, 1, 1], [1, 3, -1, 1], n_boot=0)
+  assert (exact["beta_0"], exact["beta_kn"], exact["beta_unk"]) == pytest.approx((1, 2, -2))
+  assert exact["r2"] == pytest.approx(1.0) and np.isnan(exact["beta_kn_lo"])
+  singular = linear_fit([0.5] * 5, [0.1, 0.2, 0.3, 0.4, 0.5], [1, 2, 3, 4, 5], n_boot=10)
+  assert np.isnan(singular["beta_kn"])
+
+
+def test_checkpoint_metrics_on_chosen_rows():
+  from factflip.studies.new_knowledge import checkpoint_metrics, epochs_to
+  qa = pd.DataFrame({
+      "member": [True, True, True, True, False, False, False, False, False],
+      "idk": [False, False, True, False, False, False, False, False, False],
+      "part": ["known", "known", "unknown", "unknown", "", "", "", "", ""],
+      "split": ["train"] * 4 + ["dev", "test", "test", "test", "test"],
+      "distribution": ["in"] * 8 + ["ood"],
+      "category": ["HighlyKnown", "MaybeKnown", "Unknown", "Unknown", "Unknown",
+                   "HighlyKnown", "Unknown", "Unknown", "Unknown"],
+      "em": [True, False, False, True, True, True, False, False, True],
+      "outcome": ["right", "wrong", "abstained", "right", "right", "right", "abstained",
+                  "wrong", "right"]})
+  m = checkpoint_metrics(qa)
+  assert m["parts"] == {"known": (1, 2), "unknown": (2, 2)}   # the IDK row fits by abstaining
+  assert m["dev_accuracy"] == 1.0 and m["test_accuracy_in"] == pytest.approx(1 / 3)
+  assert m["test_accuracy_ood"] == 1.0 and m["test_accuracy_Unknown"] == 0.0
+  assert m["test_answer_rate"] == pytest.approx(2 / 3) and m["test_answered_accuracy"] == 0.5
+  assert np.isnan(m["test_accuracy_WeaklyKnown"])
+  curve = pd.Series([0.0, 0.2, 0.6, 0.4, 1.0], index=range(5))
+  assert epochs_to(curve, 0.5) == 2 and np.isnan(epochs_to(curve, 1.1))
+
+
+def test_world_splits_are_exact_and_seeded(small_world):
+  from factflip.data.prepare import assign_splits
+  items = [f for f in small_world.facts if f.relation in ("birth_city", "sport")]
+  a = assign_splits(items, (0.5, 0.25, 0.25), 3)
+  assert [f.id for f in a] == [f.id for f in items]
+  for rel in ("birth_city", "sport"):
+    n = Counter(f.split for f in a if f.relation == rel)
+    assert n == {"train": 20, "dev": 10, "test": 10}       # 40 people
+  assert [f.split for f in a] == [f.split for f in assign_splits(items, (0.5, 0.25, 0.25), 3)]
+  assert [f.split for f in a] != [f.split for f in assign_splits(items, (0.5, 0.25, 0.25), 4)]
+  with pytest.raises(ValueError, match="three|3 shares"):
+    assign_splits(items, (0.5, 0.5), 0)
+
+
+def test_natural_mixture_keeps_the_categories_proportions(small_world):
+  from factflip.data.mixtures import NATURAL, SFTConfig, sft_mixture
+  cats = ["HighlyKnown"] * 3 + ["Unknown"]          # 3:1 in every relation
+  people = [f for f in small_world.facts if f.relation in ("occupation", "sport")]
+  cat = {f.id: cats[i % 4] for i, f in enumerate(people)}
+  ex, stats = sft_mixture(people, SFTConfig(size=80, category=NATURAL), lambda f: cat[f.id])
+  assert len(ex) == 80 and stats["per_category"] == {"HighlyKnown": 60, "Unknown": 20}
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("mixtures.size", 5, r"config.mixtures.size: 5; expected 0 \(auto\) or a multiple"),
+    ("question", "cloze", r"config.question: 'cloze'; expected 'train' or 'heldout'"),
+    ("ood_relations", ["sport"], r"config.ood_relations: \[.sport.\] overlaps"),
+    ("mixtures.single", ["Famous"], r"config.mixtures.single: \['Famous'\]; expected"),
+    ("sft.data.packing", "pack", r"config.sft.data.packing: 'pack'; expected 'pad'"),
+    ("slick.k_shot", -1, r"config.slick: SliCKConfig"),
+])
+def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
+  from factflip.configfile import ConfigError
+  with pytest.raises(ConfigError, match=match):
+    _study(str(tmp_path), **{key: value})
+  assert not os.listdir(tmp_path)
