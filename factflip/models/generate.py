@@ -10,8 +10,10 @@ length and any `max_new_tokens` inside a bucket reuse the compiled program. Posi
 `generate` (cumulative sum of the attention mask), so greedy output is token-identical to it.
 
 Fan-out: a tuple of temperatures gives every prompt one continuation per entry (0 = greedy) in
-the same program: the prompt is prefilled once and its KV cache copied to each continuation,
-so SliCK's 1 greedy + 16 sampled answers per prompt cost one prefill, not 17.
+the same program: the prompt is prefilled once and its KV cache is shared by its continuations
+(`transformer.forward(shared_cache=...)`: each decode step reads the prompt's keys once for all
+of them, in one matmul), so SliCK's 1 greedy + 16 sampled answers per prompt cost one prefill
+and one read of the prompt cache per step, not 17.
 """
 
 from __future__ import annotations
@@ -60,6 +62,28 @@ def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def _at_least_kth(x_BxV: jax.Array, k: int) -> jax.Array:
+  """x >= the k-th largest value of its row (HF's top-k filter: ties with it are kept), exact.
+
+  A bisection over the float32 values' order-preserving uint32 keys: 32 steps of "how many are
+  >= t" find the k-th largest key itself. XLA:CPU's top_k (a sort) is ~10x slower at SliCK's
+  batch of 544 rows x 1024 logits, and the gap grows with the vocabulary."""
+  i_BxV = jax.lax.bitcast_convert_type(x_BxV.astype(jnp.float32), jnp.int32)
+  key_BxV = jax.lax.bitcast_convert_type(i_BxV ^ ((i_BxV >> 31) & 0x7FFFFFFF), jnp.uint32)
+  key_BxV = key_BxV ^ jnp.uint32(0x80000000)           # float order == unsigned key order
+  k = min(k, x_BxV.shape[-1])
+
+  def step(_, bounds):          # invariant: #(key >= lo) >= k > #(key >= hi) (hi exclusive)
+    lo_B, hi_B = bounds
+    mid_B = lo_B + (hi_B - lo_B) // 2
+    enough_B = (key_BxV >= mid_B[:, None]).sum(-1) >= k
+    return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B)
+  B = x_BxV.shape[0]
+  lo_B, _ = jax.lax.fori_loop(0, 32, step, (jnp.zeros((B,), jnp.uint32),
+                                            jnp.full((B,), 0xFFFFFFFF, jnp.uint32)))
+  return key_BxV >= lo_B[:, None]
+
+
 def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """The next token of each row; with a fan-out, row b uses temperatures[b % copies]."""
   temps = sampling.temperatures
@@ -71,8 +95,7 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> j
   logits_BxV = logits_BxV.astype(jnp.float32) / jnp.where(temp_B > 0, temp_B, 1.0)[:, None]
   neg = jnp.finfo(jnp.float32).min
   if sampling.top_k:
-    kth_B = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_B, neg, logits_BxV)
+    logits_BxV = jnp.where(_at_least_kth(logits_BxV, sampling.top_k), logits_BxV, neg)
   if sampling.top_p < 1.0:
     order_BxV = jnp.argsort(-logits_BxV, axis=-1)
     sorted_BxV = jnp.take_along_axis(logits_BxV, order_BxV, axis=-1)
@@ -91,17 +114,22 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
               pad_id, *, slots: int, sampling: Sampling):
   B, T = tokens_BxT.shape
   positions_BxT = jnp.where(mask_BxT, jnp.cumsum(mask_BxT, axis=1) - 1, 1).astype(jnp.int32)
-  out = forward(params, cfg, tokens_BxT, mask_BxT, positions_BxT,
-                cache=init_cache(cfg, B, slots), cache_index=0)
-  cache, logits_BxV, last_B = out.cache, out.logits[:, -1], positions_BxT[:, -1]
   F = len(sampling.temperatures)
-  if F > 1:                     # fan-out: every prompt's cache copied to its F continuations
+  # fan-out: the prompts' cache is shared by their F continuations (read, never copied); the
+  # continuations' own tokens go to a cache of their own
+  prefill_slots = T if F > 1 else slots
+  out = forward(params, cfg, tokens_BxT, mask_BxT, positions_BxT,
+                cache=init_cache(cfg, B, prefill_slots), cache_index=0)
+  logits_BxV, last_B = out.logits[:, -1], positions_BxT[:, -1]
+  if F > 1:
+    shared, cache, offset = out.cache, init_cache(cfg, B * F, slots - T), 0
     B = B * F
-    cache = {"k": jnp.repeat(cache["k"], F, axis=1), "v": jnp.repeat(cache["v"], F, axis=1),
-             "valid": jnp.repeat(cache["valid"], F, axis=0)}
     logits_BxV, last_B = jnp.repeat(logits_BxV, F, axis=0), jnp.repeat(last_B, F, axis=0)
+  else:
+    shared, cache, offset = None, out.cache, T
   new_BxN = jnp.full((B, slots - T), pad_id, jnp.int32)
-  state = (jnp.int32(0), cache, logits_BxV, last_B + 1, jnp.zeros((B,), bool), new_BxN, jnp.full((B,), max_new, jnp.int32), key)
+  state = (jnp.int32(0), cache, logits_BxV, last_B + 1, jnp.zeros((B,), bool), new_BxN,
+           jnp.full((B,), max_new, jnp.int32), key)
 
   def cond(s):
     return (s[0] < max_new) & ~jnp.all(s[4])
@@ -114,7 +142,7 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
     stopped_B = ~done_B & (tok_B[:, None] == stop_N[None]).any(-1)
     len_B = jnp.where(stopped_B, step + 1, len_B)
     o = forward(params, cfg, tok_B[:, None], jnp.ones((B, 1), bool), pos_B[:, None],
-                cache=cache, cache_index=T + step)
+                cache=cache, cache_index=offset + step, shared_cache=shared)
     return (step + 1, o.cache, o.logits[:, 0], pos_B + 1, done_B | stopped_B, new_BxN, len_B, key)
 
   s = jax.lax.while_loop(cond, body, state)
@@ -150,6 +178,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
   stop = cfg.eos_token_ids if stop_tokens is None else tuple(stop_tokens)
   T = _bucket(longest, min_bucket)
   slots = _bucket(T + max_new_tokens, min_bucket)
+  if len(sampling.temperatures) > 1:   # fan-out: the continuations' own cache holds new tokens
+    slots = T + _bucket(max_new_tokens, min_bucket)
   tokens_BxT = np.full((len(prompts), T), pad_id, np.int32)
   mask_BxT = np.zeros((len(prompts), T), bool)
   for i, p in enumerate(prompts):

@@ -132,6 +132,42 @@ def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig) -> 
   return o_BxGxRTxK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, H * K)
 
 
+def shared_attention(q_BxTxHxK, kp_PxSpxGxK, vp_PxSpxGxK, maskp_BxTxSp, k_BxSxGxK, v_BxSxGxK,
+                     mask_BxTxS, cfg: ModelConfig) -> jax.Array:
+  """Attention over a prefix shared by groups of F = B / P consecutive rows (keys kp, vp of
+  P prefix rows) and each row's own keys k, v: one softmax over both, float32. The F rows'
+  queries of a group meet its prefix keys in one matmul ([P, G, F·R·T, K] x [P, Sp, G, K]), so
+  the prefix is read once per group, not copied per row. -> [B, T, H*K]."""
+  B, T, H, K = q_BxTxHxK.shape
+  P, Sp, G, _ = kp_PxSpxGxK.shape
+  F, R = B // P, H // G
+  q_PxGxQxK = (q_BxTxHxK.reshape(P, F, T, G, R, K).transpose(0, 3, 1, 4, 2, 5)
+               .reshape(P, G, F * R * T, K))
+  sp_PxGxQxSp = jnp.einsum("bgqk,bsgk->bgqs", q_PxGxQxK, kp_PxSpxGxK,
+                           preferred_element_type=F32) * cfg.attn_scale
+  sp_BxGxRTxSp = (sp_PxGxQxSp.reshape(P, G, F, R * T, Sp).transpose(0, 2, 1, 3, 4)
+                  .reshape(B, G, R * T, Sp))
+  q_BxGxRTxK = q_BxTxHxK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * T, K)
+  so_BxGxRTxS = jnp.einsum("bgqk,bsgk->bgqs", q_BxGxRTxK, k_BxSxGxK,
+                           preferred_element_type=F32) * cfg.attn_scale
+  s_BxGxRTxA = jnp.concatenate([sp_BxGxRTxSp, so_BxGxRTxS], axis=-1)
+  if cfg.attn_softcap:
+    s_BxGxRTxA = jnp.tanh(s_BxGxRTxA / cfg.attn_softcap) * cfg.attn_softcap
+  A = s_BxGxRTxA.shape[-1]
+  mask_BxTxA = jnp.concatenate([maskp_BxTxSp, mask_BxTxS], axis=-1)
+  s_BxGxRxTxA = jnp.where(mask_BxTxA[:, None, None], s_BxGxRTxA.reshape(B, G, R, T, A),
+                          jnp.finfo(F32).min)
+  p_BxGxRTxA = jax.nn.softmax(s_BxGxRxTxA, axis=-1).reshape(B, G, R * T, A)
+  pp_PxGxQxSp = (p_BxGxRTxA[..., :Sp].reshape(P, F, G, R * T, Sp).transpose(0, 2, 1, 3, 4)
+                 .reshape(P, G, F * R * T, Sp))
+  op_PxGxQxK = jnp.einsum("bgqs,bsgk->bgqk", pp_PxGxQxSp.astype(vp_PxSpxGxK.dtype), vp_PxSpxGxK)
+  o_BxGxRTxK = (op_PxGxQxK.reshape(P, G, F, R * T, K).transpose(0, 2, 1, 3, 4)
+                .reshape(B, G, R * T, K))
+  o_BxGxRTxK = o_BxGxRTxK + jnp.einsum("bgqs,bsgk->bgqk",
+                                       p_BxGxRTxA[..., Sp:].astype(v_BxSxGxK.dtype), v_BxSxGxK)
+  return o_BxGxRTxK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, H * K)
+
+
 def _attend_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, softcap=0.0):
   """softmax(q·k·scale, masked) · v over folded queries (Q = R*T); also returns p."""
   B, G, Q, _ = q_BxGxQxK.shape
@@ -209,7 +245,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
             resid_BxTxD: jax.Array | None = None, start_layer: int = 0,
             segment_ids_BxT: jax.Array | None = None,
             prefix_kv: tuple[jax.Array, jax.Array] | None = None,
-            attn_mask_BxTxS: jax.Array | None = None) -> Output:
+            attn_mask_BxTxS: jax.Array | None = None,
+            shared_cache: dict[str, jax.Array] | None = None) -> Output:
   """Run the decoder.
 
   Args:
@@ -234,6 +271,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
       cache) that the T new tokens attend to besides themselves, under an explicit mask
       [B, T, S0 + T] over (prefix slots, new tokens); `positions_BxT` places the new tokens
       (prefix slot j is position j). Patching sweeps pack several suffixes into one row this way.
+    shared_cache: with `cache`, a read-only cache k, v [L, Bp, Sp, G, K], valid [Bp, Sp] shared
+      by groups of F = B / Bp consecutive rows (row b reads prefix row b // F): every query
+      attends to its group's valid shared slots (all in its past) and then to its own cache,
+      whose slots follow them (slot j of `cache` is slot Sp + j for sliding windows). Decoding
+      F continuations of one prompt reads the prompt's keys once instead of F copies.
   """
   dt = jnp.dtype(cfg.dtype)
   for s in capture:
@@ -272,6 +314,13 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
       kv_slot_S = jnp.arange(cache["valid"].shape[1])
     diff_xTxS = (q_slot_T[:, None] - kv_slot_S[None, :])[None]
     causal_BxTxS = (diff_xTxS >= 0) & kv_valid_BxS[:, None, :]
+    if shared_cache is not None:
+      if cache is None:
+        raise ValueError("forward: shared_cache reads beside a cache (pass cache=)")
+      Sp = shared_cache["valid"].shape[1]
+      shared_diff_xTxSp = (Sp + q_slot_T[:, None] - jnp.arange(Sp)[None, :])[None]
+      shared_valid_BxSp = jnp.repeat(shared_cache["valid"],
+                                     B // shared_cache["valid"].shape[0], axis=0)
     if segment_ids_BxT is not None:
       causal_BxTxS = causal_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
   windows_L = jnp.asarray(cfg.window_sizes()[start_layer:], jnp.int32)
@@ -281,7 +330,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
   capture = tuple(capture)
 
   def block(x_BxTxD, xs):
-    p, window, kv, iv_xs = xs
+    p, window, kv, shared_kv, iv_xs = xs
     if start_layer:   # p is the layer index: read that layer's slice of the stack in place
       p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, p, keepdims=False),
                        params["layers"])
@@ -320,8 +369,15 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
                                                (0, cache_index, 0, 0))
       new_kv = (k_BxSxGxK, v_BxSxGxK)
     in_window_xTxS = jnp.where(window > 0, diff_xTxS < window, True)
-    o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt),
-                         causal_BxTxS & in_window_xTxS, cfg)
+    if shared_kv is None:
+      o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt),
+                           causal_BxTxS & in_window_xTxS, cfg)
+    else:
+      shared_mask_BxTxSp = shared_valid_BxSp[:, None, :] & jnp.where(
+          window > 0, shared_diff_xTxSp < window, True)
+      o_BxTxHK = shared_attention(q_BxTxHxK, shared_kv[0].astype(dt), shared_kv[1].astype(dt),
+                                  shared_mask_BxTxSp, k_BxSxGxK.astype(dt),
+                                  v_BxSxGxK.astype(dt), causal_BxTxS & in_window_xTxS, cfg)
     a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"]).reshape(B, T, D)
     if cfg.post_norms:
       a_BxTxD = _materialise(rms_norm(a_BxTxD, p["post_attn_norm"], cfg), p["post_attn_norm"][0])
@@ -345,7 +401,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
   layers = params["layers"]
   if start_layer:   # no copy of the stack's tail per start layer (sweeps start at every layer)
     layers = jnp.arange(start_layer, cfg.n_layers)
-  x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD, (layers, windows_L, kv_L, iv_xs))
+  shared_L = None if shared_cache is None else (shared_cache["k"], shared_cache["v"])
+  x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD,
+                                             (layers, windows_L, kv_L, shared_L, iv_xs))
   new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid_BxS}
   logits = unembed(params, cfg, x_BxTxD) if return_logits else None
   return Output(logits, captures, x_BxTxD, new_cache)

@@ -141,8 +141,7 @@ def category_shares(rows: Sequence[dict], by: Sequence[str] = ("relation", "spli
   out = []
   groups = [df.groupby(list(by))]
   if "relation" in by:
-    rest = [b for b in by if b != "relation"]
-    groups.append(df.assign(relation="all").groupby(["relation", *rest]))
+    groups.append(df.assign(relation="all").groupby(list(by)))
   for grouped in groups:
     for key, g in grouped:
       key = key if isinstance(key, tuple) else (key,)
