@@ -209,3 +209,20 @@ def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
   with pytest.raises(ConfigError, match=match):
     _study(str(tmp_path), **{key: value})
   assert not os.listdir(tmp_path)
+
+
+def test_explore_notebook_runs_on_the_workdir(nk_study, tmp_path):
+  from test_study import run_notebook
+  wd = nk_study[0]
+  nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
+                                 "explore_new_knowledge.ipynb"),
+                    f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path,
+                    env={"XLA_FLAGS": ""})         # one device, as the study ran
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(images) == 4                         # the report's four figures
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "mixture unk50" in text and "epoch 2:" in text
+  html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+  assert "unk100" in html and "true" in html      # base vs the 100%-Unknown run, side by side

@@ -79,9 +79,9 @@ def test_base_gate_stops_a_wrong_config(study):
     Study(c, wd, log=lambda s: None).base_gate("tiny-0.5m", 0)
 
 
-def run_notebook(path, params: str, tmp_path):
+def run_notebook(path, params: str, tmp_path, env: dict | None = None):
   """Execute a notebook top to bottom with nbclient in a kernel of this interpreter, with its
-  `parameters` cell replaced by `params`."""
+  `parameters` cell replaced by `params` (`env`: variables set in the kernel's environment)."""
   import json
   import sys
 
@@ -91,7 +91,7 @@ def run_notebook(path, params: str, tmp_path):
   kdir.mkdir(parents=True)
   (kdir / "kernel.json").write_text(json.dumps({
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "factflip-test", "language": "python"}))
+      "display_name": "factflip-test", "language": "python", "env": env or {}}))
   os.environ["JUPYTER_PATH"] = str(tmp_path / "jupyter")
   nb = nbformat.read(path, as_version=4)
   cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
