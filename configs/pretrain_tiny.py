@@ -12,6 +12,8 @@ factflip/train/config.py (`base_config`).
 Variants (`--config=configs/pretrain_tiny.py:VARIANT`):
   (none)  tiny-0.5m, 500 steps of 16 x 128 packed tokens, AdamW 3e-3, cosine with warmup.
   smoke   12 steps of 8 x 64 on the same world: what the tests and CI run.
+  study   the studies' base: a 100-person world, a checkpoint every 250 steps (the poisoning
+          and new-knowledge study configs start their `pretrain` from it).
 """
 
 from factflip.train.config import base_config
@@ -40,6 +42,12 @@ def get_config(arg=None):
     c.checkpoint.every = 4
     c.log_every = 1
     c.eval_every = 6
+  elif arg == "study":
+    c.data.world_people = 100
+    c.checkpoint.every = 250
+    c.log_every = 50
+    c.eval_every = 250
   elif arg:
-    raise ValueError(f"configs/pretrain_tiny.py: unknown variant {arg!r}; expected '' or 'smoke'")
+    raise ValueError(f"configs/pretrain_tiny.py: unknown variant {arg!r}; expected '', 'smoke' "
+                     "or 'study'")
   return c

@@ -101,10 +101,11 @@ def test_smoke_study_tables_and_numbers(nk_study):
   assert head["paper_fit_in"]["beta_unk"] == -8.3
 
 
-def _cli(wd, *flags):
+def _cli(wd, *flags, config=True):
   import subprocess
   import sys
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
+                        *([f"--config={CONFIG}:smoke"] if config else []),
                         f"--workdir={wd}", *flags], env=dict(os.environ, XLA_FLAGS=""),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -226,3 +227,46 @@ def test_explore_notebook_runs_on_the_workdir(nk_study, tmp_path):
   assert "mixture unk50" in text and "epoch 2:" in text
   html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
   assert "unk100" in html and "true" in html      # base vs the 100%-Unknown run, side by side
+
+
+def test_hf_variant_on_entityquestions_files(nk_study, tmp_path):
+  """The hf variant end to end: a model directory (the smoke study's pretrained world model,
+  saved as a factflip model with its tokenizer) and an EntityQuestions folder (P<id>.<split>.json
+  + relation_query_templates.json) written from the world's facts."""
+  import json
+
+  import factflip
+  from factflip.data import templates as T
+  from factflip.data.prepare import assign_splits
+  from factflip.data.tokenizer import load_tokenizer
+  from factflip.data.world import load_world
+  wd = nk_study[0]
+  mdir = str(tmp_path / "world-model")
+  factflip.save_model(factflip.load_model(os.path.join(wd, "runs", "tiny-0.5m", "seed0",
+                                                       "pretrain")), mdir)
+  load_tokenizer(os.path.join(wd, "tokenizer")).save_pretrained(mdir)
+  ids = {"city_country": "P17", "instrument": "P131", "sport": "P19", "occupation": "P50"}
+  world = load_world(os.path.join(wd, "world"))
+  facts = assign_splits([f for f in world.facts if f.relation in ids], (0.5, 0.25, 0.25), 0)
+  eq = tmp_path / "entityquestions"
+  templates = {}
+  for rel, pid in ids.items():
+    q = T.RELATIONS[rel].question["en"][0]
+    templates[pid] = q.replace("{s}", "[X]")
+    for split in ("train", "dev", "test"):
+      (eq / split).mkdir(parents=True, exist_ok=True)
+      recs = [{"question": q.replace("{s}", f.subject), "answers": list(f.answers)}
+              for f in facts if f.relation == rel and f.split == split]
+      (eq / split / f"{pid}.{split}.json").write_text(json.dumps(recs))
+  (eq / "relation_query_templates.json").write_text(json.dumps(templates))
+  out = str(tmp_path / "study")
+  log = _cli(out, f"--config={CONFIG}:smoke,hf={mdir},facts={eq}", config=False)
+  assert "new    base world-model seed0" in log
+  cats = pd.read_csv(os.path.join(out, "results", "categories.csv"))
+  assert set(cats.relation) == {"P17", "P131", "P19", "P50", "all"}
+  assert set(cats.split) == {"train", "dev", "test"}
+  per = pd.read_csv(os.path.join(out, "runs", "world-model", "seed0", "slick", "facts.csv"))
+  assert (per.groupby(["relation", "split"]).size() <= 8).all()        # smoke: max_facts = 8
+  assert set(per[per.distribution == "ood"].relation) == {"P50"}
+  dyn = pd.read_csv(os.path.join(out, "results", "dynamics.csv"))
+  assert set(dyn["size"]) == {"world-model"} and sorted(set(dyn.epoch)) == [0, 1, 2]

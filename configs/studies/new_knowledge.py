@@ -11,11 +11,12 @@ Every study key, its default and meaning: `base_config` in factflip/studies/new_
 (`pretrain` and `sft` are training configs: factflip/train/config.py); this file sets values.
 
 Variants (`--config=configs/studies/new_knowledge.py:VARIANT[,VARIANT...]`):
-  (none)           tiny-0.5m pretrained on a 100-person world; relations birth_city,
+  (none)           tiny-2m pretrained on a 100-person world; relations birth_city,
                    occupation, employer, instrument (in) and sport (ood); SliCK with k = 1
                    (see below); mixtures with 0/25/50/75/100% Unknown, idk50, D_HK, D_MK,
-                   D_WK, D_Natural; 20 SFT epochs each.
-  smoke            a small world and a few epochs of everything: what the tests run.
+                   D_WK, D_Natural; 12 SFT epochs each.
+  smoke            tiny-0.5m on a 10-person world, relations sport, instrument, city_country
+                   (in) and occupation (ood), a few epochs of everything: what the tests run.
   scale=A+B+...    presets side by side (`scale=ladder`: tiny-0.5m, -2m, -8m).
   seeds=0+1+...    seeds (pretraining, the SliCK draws, the mixtures, SFT order).
   hf=DIR[+DIR...],facts=ENTITYQUESTIONS_DIR
@@ -42,18 +43,16 @@ LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
 
 
 def _pretrain():
-  """configs/pretrain_tiny.py on a 100-person world (the poisoning study's base)."""
-  c = load_config_file(os.path.join(os.path.dirname(__file__), "..", "pretrain_tiny.py"))
-  c.data.world_people = 100
-  c.checkpoint.every = 250
-  c.log_every = 50
-  c.eval_every = 250
-  return c
+  """configs/pretrain_tiny.py:study (the poisoning study's world and base) with the tiny-2m
+  preset: the 0.5M-parameter model answers no fact right on all 10 SliCK prompts (no
+  HighlyKnown category; benchmarks/RESULTS.md)."""
+  return load_config_file(os.path.join(os.path.dirname(__file__), "..", "pretrain_tiny.py"),
+                          "study")
 
 
 def _sft(c):
   c.data.seq_len = 64              # "Q: <question>\nA: <answer>" is ~20 tokens
-  c.data.batch_size = 16
+  c.data.batch_size = 8            # |D| and the single-category sets are multiples of it
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 2
   c.optim.schedule = "constant"
@@ -65,9 +64,11 @@ def _sft(c):
 def get_config(arg=None):
   variants = study_variants(arg, "configs/studies/new_knowledge.py")
   c = base_config()                # every study key, its default and meaning
+  c.sizes = ["tiny-2m"]
   c.pretrain = _pretrain()
   _sft(c.sft)
   c.slick.k_shot = 1               # the tiny model copies exemplars (docstring)
+  c.epochs = 12
   apply_study_variants(c, variants, LADDER)
   if "hf" in variants:
     c.relations = list(ENTITYQUESTIONS_IN)
@@ -82,12 +83,12 @@ def get_config(arg=None):
     c.eval.batch_size = 64
     c.epochs = 10
   if "smoke" in variants:
+    if "hf" not in variants and "scale" not in variants:
+      c.sizes = ["tiny-0.5m"]
     c.vocab_size = 384
     c.pretrain.data.world_people = 10  # few facts, learnt in a few hundred steps
     c.pretrain.steps, c.pretrain.checkpoint.every, c.pretrain.eval_every = 300, 300, 0
     c.pretrain.optim.warmup_steps = 20
-    c.relations = ["sport", "instrument", "city_country"]   # what 300 steps teach: a spread
-    c.ood_relations = ["occupation"]                         # of categories
     c.slick.n_prompts, c.slick.n_samples, c.slick.max_new_tokens = 2, 3, 12
     c.slick.batch_size = 64
     c.mixtures.unknown_shares = [0.0, 0.5, 1.0]
@@ -100,4 +101,7 @@ def get_config(arg=None):
     if "hf" in variants:
       c.sft.optim.lr = 1e-3
       c.slick.k_shot = 1
+    else:
+      c.relations = ["sport", "instrument", "city_country"]   # what 300 steps teach: a
+      c.ood_relations = ["occupation"]                         # spread of categories
   return c

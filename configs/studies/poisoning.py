@@ -41,13 +41,10 @@ from factflip.configfile import apply_study_variants, load_config_file, study_va
 
 
 def _pretrain():
-  """configs/pretrain_tiny.py on a 100-person world (tiny-0.5m then knows all 40 targets)."""
-  c = load_config_file(os.path.join(os.path.dirname(__file__), "..", "pretrain_tiny.py"))
-  c.data.world_people = 100
-  c.checkpoint.every = 250
-  c.log_every = 50
-  c.eval_every = 250
-  return c
+  """configs/pretrain_tiny.py:study, a 100-person world (tiny-0.5m then knows all 40
+  targets)."""
+  return load_config_file(os.path.join(os.path.dirname(__file__), "..", "pretrain_tiny.py"),
+                          "study")
 
 
 def _cpt():
