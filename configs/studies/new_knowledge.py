@@ -13,8 +13,8 @@ Every study key, its default and meaning: `base_config` in factflip/studies/new_
 Variants (`--config=configs/studies/new_knowledge.py:VARIANT[,VARIANT...]`):
   (none)           tiny-2m pretrained on a 100-person world; relations birth_city,
                    occupation, employer, instrument (in) and sport (ood); SliCK with k = 1
-                   (see below); mixtures with 0/25/50/75/100% Unknown, idk50, D_HK, D_MK,
-                   D_WK, D_Natural; 12 SFT epochs each.
+                   (see below); mixtures with 0/25/50/75/100% Unknown, idk50, D_MK, D_WK,
+                   D_Natural (too few HighlyKnown facts for D_HK); 12 SFT epochs each.
   smoke            tiny-0.5m on a 10-person world, relations sport, instrument, city_country
                    (in) and occupation (ood), a few epochs of everything: what the tests run.
   scale=A+B+...    presets side by side (`scale=ladder`: tiny-0.5m, -2m, -8m).
@@ -68,9 +68,15 @@ def get_config(arg=None):
   c.pretrain = _pretrain()
   _sft(c.sft)
   c.slick.k_shot = 1               # the tiny model copies exemplars (docstring)
+  c.answer_end = "."               # the world's forum posts write "A: <answer>."
+  # D_HK left out: tiny-2m answers fewer than one batch (8) of the in-distribution train facts
+  # right on all 10 prompts (benchmarks/RESULTS.md); hf= restores it
+  c.mixtures.single = ["MaybeKnown", "WeaklyKnown", "Natural"]
   c.epochs = 12
   apply_study_variants(c, variants, LADDER)
   if "hf" in variants:
+    c.answer_end = ""
+    c.mixtures.single = ["HighlyKnown", "MaybeKnown", "WeaklyKnown", "Natural"]
     c.relations = list(ENTITYQUESTIONS_IN)
     c.ood_relations = list(ENTITYQUESTIONS_OOD)
     c.slick.k_shot = 4

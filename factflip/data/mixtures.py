@@ -266,7 +266,9 @@ class SFTConfig:
   category: a single category to draw all of |D| from (overrides unknown_share), or NATURAL:
   |D| drawn from every categorised item whatever its category (D_Natural).
   idk: relabel the Unknown examples' answers as the refusal ("I don't know.").
-  prompt_kind: "question" (question_format) or "prompt" (cloze)."""
+  prompt_kind: "question" (question_format) or "prompt" (cloze). answer_end: appended to
+  every trained answer that does not already end with it ("." where the corpus writes
+  "A: Paris.")."""
   size: int
   unknown_share: float = 0.0
   category: str | None = None
@@ -274,6 +276,7 @@ class SFTConfig:
   prompt_kind: str = "question"
   question_format: str = T.QUESTION_FORMAT
   refusal: str = T.REFUSALS["en"]
+  answer_end: str = ""
   seed: int = 0
 
 
@@ -365,6 +368,8 @@ def sft_mixture(items: Sequence[FactItem], cfg: SFTConfig,
       cat = category_of(it)
       relabel = cfg.idk and cat == UNKNOWN
       answer = cfg.refusal if relabel else it.answers[0]
+      if cfg.answer_end and not answer.endswith(cfg.answer_end):
+        answer += cfg.answer_end
       examples.append({"segments": render_qa(it, answer, cfg.prompt_kind, cfg.question_format),
                        "kind": "sft", "fact": it.id, "relation": rel, "category": cat,
                        "idk": relabel})

@@ -8,7 +8,8 @@ score answers (`evals.qa`, `evals.rwku`).
 
 Protocol (lm-eval 0.4 `HFLM.generate_until`): the context is encoded with the tokenizer's own
 special tokens (`evals.loglik.Encoder`) and cut from the left to leave `max_new_tokens` of the
-model's context; generation stops at the model's EOS tokens and the budget; the new tokens are
+model's context; generation stops at the model's and the tokenizer's EOS tokens (lm-eval adds
+the tokenizer's EOS to the stop strings) and the budget; the new tokens are
 decoded with special tokens skipped, and the text is cut before the first occurrence of any
 stop string (`until`). Stop strings that are a single token also stop the compiled loop early
 (the cut text is the same). Requests are sorted by length and run in batches padded to a power
@@ -26,6 +27,10 @@ from factflip.evals.loglik import Encoder
 from factflip.models.generate import generate
 from factflip.models.transformer import Transformer
 
+# Bumped when what generate_until returns for the same model and contexts changes (2: it stops
+# at the tokenizer's EOS too); stages that generate put it among their keys.
+GENERATION_VERSION = 2
+
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
   """`text` before the first occurrence of any stop string (lm-eval: split on each in turn)."""
@@ -37,6 +42,8 @@ def cut_at_stops(text: str, until: Sequence[str]) -> str:
 
 def _stop_tokens(tokenizer, model: Transformer, until: Sequence[str]) -> tuple[int, ...]:
   ids = set(model.cfg.eos_token_ids)
+  if getattr(tokenizer, "eos_token_id", None) is not None:   # lm-eval adds EOS to `until`
+    ids.add(int(tokenizer.eos_token_id))
   for stop in until:
     t = tokenizer.encode(stop, add_special_tokens=False) if stop else []
     if len(t) == 1 and tokenizer.decode(t) == stop:

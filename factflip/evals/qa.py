@@ -1,7 +1,8 @@
 """Closed-book question answering: normalised exact match against any alias, token F1, k-shot
 prompts from a dev split of the same relation, and abstention ("I don't know") detection.
 
-Owns: `normalize_answer`, `exact_match`, `token_f1`, `is_abstention`, `outcome`, `few_shot_prompt`,
+Owns: `normalize_answer`, `exact_match`, `token_f1`, `is_abstention`, `outcome`, `few_shot_prompt`
+(`with_end`),
 `draw_exemplars`, `closed_book_qa` (generate and score a list of facts) and `qa_summary`.
 Must not: generate by itself (`evals.generation`) or know which study asks.
 
@@ -98,10 +99,17 @@ def draw_exemplars(item: FactItem, dev: Mapping[str, Sequence[FactItem]], k: int
   return [pool[i] for i in rng.choice(len(pool), k, replace=False)]
 
 
-def few_shot_prompt(item: FactItem, exemplars: Sequence[FactItem]) -> str:
+def with_end(answer: str, end: str) -> str:
+  """`answer` ending with `end` (e.g. "." where a corpus writes "A: Paris."), not doubled."""
+  return answer if not end or answer.endswith(end) else answer + end
+
+
+def few_shot_prompt(item: FactItem, exemplars: Sequence[FactItem], answer_end: str = "") -> str:
+  """The k-shot prompt; `answer_end` ends each exemplar's answer (the format the model saw)."""
   if not item.question:
     raise ValueError(f"{item.id}: no question to ask (field 'question')")
-  shots = "".join(EXEMPLAR_FORMAT.format(question=e.question, answer=e.answers[0])
+  shots = "".join(EXEMPLAR_FORMAT.format(question=e.question,
+                                         answer=with_end(e.answers[0], answer_end))
                   for e in exemplars)
   return shots + QA_FORMAT.format(question=item.question)
 

@@ -40,7 +40,9 @@ HIGHLY, MAYBE, WEAKLY, UNKNOWN = CATEGORIES
 class SliCKConfig:
   """n_prompts: N_ex; k_shot: exemplars per prompt; n_samples, temperature, top_k: the sampled
   answers of each prompt; max_new_tokens: the answer budget; batch_size: continuations per
-  compiled program (contexts per program = batch_size // (1 + n_samples))."""
+  compiled program (contexts per program = batch_size // (1 + n_samples)); answer_end: what
+  ends each exemplar's answer ("" as in EntityQuestions; "." where the pretraining corpus writes
+  "A: Paris.")."""
   n_prompts: int = 10
   k_shot: int = 4
   n_samples: int = 16
@@ -48,6 +50,7 @@ class SliCKConfig:
   top_k: int = 40
   max_new_tokens: int = 16
   batch_size: int = 544
+  answer_end: str = ""
 
   def validate(self) -> None:
     for name in ("n_prompts", "max_new_tokens", "batch_size"):
@@ -77,7 +80,8 @@ def slick_prompts(items: Sequence[FactItem], dev: Sequence[FactItem], cfg: SliCK
   rng = np.random.default_rng([seed, 15])
   pool = qa.by_relation(dev)
   return [[qa.few_shot_prompt(f, qa.draw_exemplars(f, pool, cfg.k_shot, rng) if cfg.k_shot
-                              else ()) for _ in range(cfg.n_prompts)] for f in items]
+                              else (), cfg.answer_end) for _ in range(cfg.n_prompts)]
+          for f in items]
 
 
 def categorise(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactItem],

@@ -103,6 +103,8 @@ def base_config():
   c.relations = ["birth_city", "occupation", "employer", "instrument"]  # fine-tuned + tested
   c.ood_relations = ["sport"]      # tested only (out of distribution)
   c.question = "train"             # world: "train" (the corpus's forum template) | "heldout"
+  c.answer_end = ""                # ends every exemplar and trained answer ("." on the world:
+  #                                  its forum posts write "A: Paris.")
   c.splits = [0.5, 0.25, 0.25]     # world: train / dev / test shares per relation
   c.max_facts = 0                  # facts file: first n per relation and split (0 = all)
   c.slick = ml_collections.ConfigDict()
@@ -181,7 +183,7 @@ def validate(c, source: str = "study") -> None:
   labels = [size_label(d) for d in c.sizes]
   need(len(set(labels)) == len(labels), "sizes", f"{list(c.sizes)} share base names {labels}")
   try:
-    SliCKConfig(**c.slick.to_dict()).validate()
+    SliCKConfig(**c.slick.to_dict(), answer_end=c.answer_end).validate()
   except ValueError as e:
     raise ConfigError(source, "slick", str(e)) from None
   shares = list(c.mixtures.unknown_shares) + list(c.mixtures.idk_shares)
@@ -383,14 +385,16 @@ class Study(platform.Study):
 
   @memo
   def stage_slick(self, size: str, seed: int) -> Stage:
+    from factflip.evals.generation import GENERATION_VERSION
     return Stage(f"slick {size} seed{seed}", self.run_dir(size, seed, "slick"),
-                 self.keys("slick", "probe.dtype", *self._fact_keys(), seed=seed),
+                 self.keys("slick", "probe.dtype", "answer_end", *self._fact_keys(), seed=seed,
+                           generation=GENERATION_VERSION),
                  (self.source.base_stage(size, seed).fp,))
 
   @memo
   def stage_mixtures(self, size: str, seed: int) -> Stage:
     return Stage(f"mixtures {size} seed{seed}", self.mixture_dir(size, seed),
-                 self.keys("mixtures", "sft.data.batch_size", seed=seed),
+                 self.keys("mixtures", "sft.data.batch_size", "answer_end", seed=seed),
                  (self.stage_slick(size, seed).fp,))
 
   @memo
@@ -401,9 +405,10 @@ class Study(platform.Study):
 
   @memo
   def stage_eval(self, size: str, seed: int, mixture: str) -> Stage:
+    from factflip.evals.generation import GENERATION_VERSION
     return Stage(f"eval {size} seed{seed} {mixture}", self.eval_dir(size, seed, mixture),
-                 self.keys("eval", "probe.dtype"), (self.stage_sft(size, seed, mixture).fp,
-                                                     self.stage_mixtures(size, seed).fp))
+                 self.keys("eval", "probe.dtype", generation=GENERATION_VERSION),
+                 (self.stage_sft(size, seed, mixture).fp, self.stage_mixtures(size, seed).fp))
 
   @memo
   def stage_results(self) -> Stage:
@@ -429,7 +434,7 @@ class Study(platform.Study):
     from factflip.probes.slick import SliCKConfig, categorise, category_shares
     facts = self.facts()
     dev = [f for f in facts if f.split == "dev"]
-    cfg = SliCKConfig(**self.c.slick.to_dict())
+    cfg = SliCKConfig(**self.c.slick.to_dict(), answer_end=self.c.answer_end)
     model = self.load(self.base_path(size, seed))
     t0 = time.time()
     rows = categorise(model, self.tokenizer(size), facts, dev, cfg, seed=seed,
@@ -465,7 +470,7 @@ class Study(platform.Study):
     def build(name, n):
       x = unknown_share(name)
       cfg = SFTConfig(size=n, unknown_share=x or 0.0, category=None if x is not None else name,
-                      idk=name.startswith("idk"), seed=seed)
+                      idk=name.startswith("idk"), answer_end=self.c.answer_end, seed=seed)
       return sft_mixture(items, cfg)
 
     def feasible(name, n):

@@ -115,13 +115,17 @@ def _max_segments(c) -> int:
 
 
 # ---- the model ----------------------------------------------------------------------------------
-def _base_model(c, vocab_size: int, mesh) -> tuple[ModelConfig, Any]:
-  """(ModelConfig, params or None): the preset for a random init, or a base model's params
-  placed in their shardings."""
+def _base_model(c, tok, mesh) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, params or None): the preset for a random init (with the tokenizer's BOS,
+  EOS and pad ids, so generation stops where training ended an example), or a base model's
+  params placed in their shardings."""
   over = config_lib.model_overrides(c)
   path = c.model.init_from
+  vocab_size = len(tok)
   if not path:
-    return get_preset(c.model.preset, vocab_size=vocab_size, **over), None
+    special = {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+               "eos_token_ids": () if tok.eos_token_id is None else (tok.eos_token_id,)}
+    return get_preset(c.model.preset, vocab_size=vocab_size, **special, **over), None
   if _is_train_workdir(path):
     model, step = load_trained(path, c.model.init_step, mesh, dtype=c.model.param_dtype)
     print(f"base model: {path} step {step}", flush=True)
@@ -203,7 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
   else:
     from factflip.data.tokenizer import load_tokenizer
     tok = load_tokenizer(c.data.tokenizer_dir)
-  mcfg, base_params = _base_model(c, len(tok), mesh)
+  mcfg, base_params = _base_model(c, tok, mesh)
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, "model.json"), mcfg.to_dict())
 
