@@ -1,6 +1,6 @@
 """Probes: read and intervene on a model's internals — hook sites and interventions, fact
-preference (ΔLL, states, flips) with its logit and tuned lens, activation patching sweeps and causal
-tracing."""
+preference (ΔLL, states, flips) with its logit and tuned lens, activation patching sweeps, causal
+tracing, and SliCK knowledge categories."""
 
 from factflip.models.hooks import SITES, Intervention, parse_hook_name
 from factflip.probes.interventions import (add, capture, layer_mask, position_mask, replace,
@@ -13,9 +13,11 @@ from factflip.probes.tuned_lens import (TunedLens, lens_kl, load_tuned_lens, sav
                                         train_tuned_lens, tuned_lens_logits)
 from factflip.probes.fact_preference import (abruptness, ambiguity_rate, first_flip, flip_rate,
                                         preference, score, states)
+from factflip.probes.slick import SliCKConfig, categorise, category, category_shares
 
-__all__ = ["SITES", "Intervention", "abruptness", "act_patch", "add", "ambiguity_rate",
-           "answer_logit_diff", "answer_prob", "attribution_patch", "capture", "causal_trace",
+__all__ = ["SITES", "Intervention", "SliCKConfig", "abruptness", "act_patch", "add", "ambiguity_rate",
+           "answer_logit_diff", "answer_prob", "attribution_patch", "capture", "categorise",
+           "category", "category_shares", "causal_trace",
            "first_flip", "flip_rate", "layer_mask", "normalised_recovery", "pack_cells",
            "parse_hook_name", "position_groups", "position_mask", "preference", "replace",
            "residual_stream", "reversal_rate", "score", "states", "subject_noise_scale",
