@@ -90,7 +90,7 @@ def figures(t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
       ax.set_xlabel("epoch")
       ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("train accuracy (greedy EM)")
-    legend(axes[0][0])
+    legend(max(axes[0], key=lambda a: len(a.get_lines())))   # a panel with both parts
     figs.append(Figure("Fitting dynamics", save(fig, os.path.join(out_dir, "dynamics.png")),
                        f"Train accuracy on the Known (blue) and Unknown (red) examples of each "
                        f"mixture vs SFT epoch ({label}); paper B: Unknown examples are fitted "
