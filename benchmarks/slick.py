@@ -14,12 +14,16 @@ them (normalised exact match) into the four categories:
   HF batched  per prompt: model.generate(do_sample=False) + model.generate(do_sample=True,
               num_return_sequences=n_samples) (one call for all of a prompt's samples)
   HF naive    per prompt: 1 + n_samples generate calls of one sequence each (on the first
-              --naive_facts facts only, extrapolated per fact)
+              --naive_facts facts only; their median prompt time x all prompts)
+
+HF's time is also given as the median prompt time x the number of prompts, which a
+transient load on a shared machine barely moves; torch's thread count is the faster of 1 and
+all cores on a few prompts (--torch_threads fixes it).
 
 A random model rarely emits a newline, so every continuation runs the full token budget on both
 sides (the worst case for both).
 
-  python benchmarks/slick.py [--facts=60 --n_prompts=10 --k_shot=4 --n_samples=16
+  python benchmarks/slick.py [--facts=40 --n_prompts=10 --k_shot=4 --n_samples=16
                               --max_new_tokens=12 --d_model=128 --layers=6 --iters=2]
 
 Prints a markdown block for benchmarks/RESULTS.md.
@@ -77,15 +81,16 @@ def hf_answers(model, tok, prompt, cfg, stop_ids, naive):
   """(greedy, [samples]) for one prompt with HF generate; stops at a newline or EOS."""
   import torch
   ids = torch.tensor([tok.encode(prompt)])
-  kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=stop_ids, pad_token_id=tok.pad_token_id)
+  kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": cfg.max_new_tokens,
+        "eos_token_id": stop_ids, "pad_token_id": tok.pad_token_id}
 
   def text(row):
     return tok.decode(row[ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
 
   with torch.no_grad():
     g = model.generate(ids, do_sample=False, **kw)
-    sk = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=1.0, **kw)
+    sk = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": 1.0,
+          **kw}
     if naive:
       samples = [text(model.generate(ids, **sk)[0]) for _ in range(cfg.n_samples)]
     else:
@@ -95,25 +100,28 @@ def hf_answers(model, tok, prompt, cfg, stop_ids, naive):
 
 
 def hf_categorise(model, tok, items, prompts, cfg, stop_ids, naive=False):
+  """(rows, seconds per prompt)."""
   from factflip.evals import qa
   from factflip.probes import slick
-  rows = []
+  rows, per_prompt = [], []
   for f, ps in zip(items, prompts):
     greedy, sampled = [], []
     for p in ps:
+      t = time.perf_counter()
       g, s = hf_answers(model, tok, p, cfg, stop_ids, naive)
+      per_prompt.append(time.perf_counter() - t)
       greedy.append(g)
       sampled += s
     p0 = float(np.mean([qa.exact_match(a, f.answers) for a in greedy]))
     ps_ = float(np.mean([qa.exact_match(a, f.answers) for a in sampled]))
     rows.append({"item": f.id, "greedy": " | ".join(greedy), "p_greedy": p0, "p_sample": ps_,
                  "category": slick.category(p0, ps_)})
-  return rows
+  return rows, per_prompt
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--facts", type=int, default=60)
+  ap.add_argument("--facts", type=int, default=40)
   ap.add_argument("--n_prompts", type=int, default=10)
   ap.add_argument("--k_shot", type=int, default=4)
   ap.add_argument("--n_samples", type=int, default=16)
@@ -123,7 +131,9 @@ def main():
   ap.add_argument("--vocab", type=int, default=1024)
   ap.add_argument("--people", type=int, default=300)
   ap.add_argument("--iters", type=int, default=2)
-  ap.add_argument("--naive_facts", type=int, default=4, help="0 = skip the naive loop")
+  ap.add_argument("--naive_facts", type=int, default=2, help="0 = skip the naive loop")
+  ap.add_argument("--torch_threads", type=int, default=0,
+                  help="0 = the faster of 1 and all cores, timed on a few prompts")
   args = ap.parse_args()
   import jax
   import torch
@@ -131,8 +141,6 @@ def main():
 
   from factflip import load_model, load_tokenizer
   from factflip.probes import slick
-  torch.set_num_threads(os.cpu_count())
-
   cfg = slick.SliCKConfig(n_prompts=args.n_prompts, k_shot=args.k_shot, n_samples=args.n_samples,
                           max_new_tokens=args.max_new_tokens)
   tmp = tempfile.TemporaryDirectory()
@@ -155,6 +163,7 @@ def main():
         f"{t_build:.1f} s", flush=True)
 
   # ours: the first call compiles; then best of --iters
+  load0 = os.getloadavg()[0]
   t = time.perf_counter()
   ours = slick.categorise(model, tok, items, dev, cfg, seed=0, key=key)
   t_first = time.perf_counter() - t
@@ -165,23 +174,41 @@ def main():
     times.append(time.perf_counter() - t)
   assert again == ours
   t_ours = min(times)
-  print(f"ours: first call {t_first:.2f} s, then {', '.join(f'{x:.2f}' for x in times)} s",
-        flush=True)
+  print(f"ours: first call {t_first:.2f} s, then {', '.join(f'{x:.2f}' for x in times)} s "
+        f"(load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
 
-  # HF: one greedy + one sampled call (all samples of the prompt) per prompt
+  # HF: one greedy + one sampled call (all samples of the prompt) per prompt; torch's thread
+  # count chosen in its favour (on a busy 2-core VM, 2 threads can be many times slower than 1)
+  threads = [args.torch_threads] if args.torch_threads else sorted({1, os.cpu_count()})
+  calib = {}
+  for th in threads:
+    torch.set_num_threads(th)
+    hf_answers(hf_model, tok, prompts[0][0], cfg, stop_ids, False)          # warm-up
+    t = time.perf_counter()
+    for p in prompts[0][:3]:
+      hf_answers(hf_model, tok, p, cfg, stop_ids, False)
+    calib[th] = (time.perf_counter() - t) / 3
+  th = min(calib, key=calib.get)
+  torch.set_num_threads(th)
+  print("HF s/prompt by torch threads: " + ", ".join(f"{k}: {v:.3f}" for k, v in calib.items())
+        + f"; using {th}", flush=True)
+  load0 = os.getloadavg()[0]
   t = time.perf_counter()
-  hf = hf_categorise(hf_model, tok, items, prompts, cfg, stop_ids)
+  hf, per_prompt = hf_categorise(hf_model, tok, items, prompts, cfg, stop_ids)
   t_hf = time.perf_counter() - t
-  print(f"HF batched per prompt: {t_hf:.2f} s", flush=True)
+  t_hf_median = float(np.median(per_prompt)) * len(per_prompt)
+  print(f"HF batched per prompt: {t_hf:.2f} s (median prompt x prompts: {t_hf_median:.2f} s; "
+        f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
   same_greedy = sum(a == b for r, h in zip(ours, hf)
                     for a, b in zip(r["greedy"].split(" | "), h["greedy"].split(" | ")))
   t_naive = None
   if args.naive_facts:
     m = min(args.naive_facts, n)
     t = time.perf_counter()
-    hf_categorise(hf_model, tok, items[:m], prompts[:m], cfg, stop_ids, naive=True)
-    t_naive = (time.perf_counter() - t) / m * n
-    print(f"HF naive per sample ({m} facts, extrapolated to {n}): {t_naive:.2f} s", flush=True)
+    _, naive_pp = hf_categorise(hf_model, tok, items[:m], prompts[:m], cfg, stop_ids, naive=True)
+    t_naive = float(np.median(naive_pp)) * n * cfg.n_prompts
+    print(f"HF naive per sample ({m} facts, {time.perf_counter() - t:.2f} s; median prompt x "
+          f"{n * cfg.n_prompts} prompts): {t_naive:.2f} s", flush=True)
 
   print()
   print(f"{datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, "
@@ -198,14 +225,19 @@ def main():
   print("|---|---|---|---|")
   print(f"| factflip `slick.categorise` (warm; first call {t_first:.2f} s) | {t_ours:.2f} | "
         f"{n / t_ours:.2f} | 1.00x |")
-  print(f"| HF `generate`, per prompt: greedy + {cfg.n_samples} samples in one call | "
-        f"{t_hf:.2f} | {n / t_hf:.2f} | {t_hf / t_ours:.1f}x |")
+  print(f"| HF `generate` ({th} torch thread{'s' * (th > 1)}), per prompt: greedy + "
+        f"{cfg.n_samples} samples in one call | {t_hf:.2f} | {n / t_hf:.2f} | "
+        f"{t_hf / t_ours:.1f}x |")
+  print(f"| same, median prompt time x {n * cfg.n_prompts} prompts | {t_hf_median:.2f} | "
+        f"{n / t_hf_median:.2f} | {t_hf_median / t_ours:.1f}x |")
   if t_naive is not None:
-    print(f"| HF `generate`, per sample ({m} facts, extrapolated) | {t_naive:.2f} | "
+    print(f"| HF `generate`, one call per answer (median prompt of {m} facts x "
+          f"{n * cfg.n_prompts}) | {t_naive:.2f} | "
           f"{n / t_naive:.2f} | {t_naive / t_ours:.1f}x |")
   tmp.cleanup()
   print()
-  print(f"ratio (HF batched / ours): {t_hf / t_ours:.1f}x; including our first call's compile: "
+  print(f"ratio (HF batched / ours): {t_hf / t_ours:.1f}x (by median prompt "
+        f"{t_hf_median / t_ours:.1f}x); against our first call, compile included: "
         f"{t_hf / t_first:.1f}x")
 
 
