@@ -327,7 +327,11 @@ class Study(platform.Study):
                                                                       "ood")}
     if self.c.facts:
       from factflip.data.loaders import load_facts
-      items = [f for f in load_facts(self.c.facts, lenient=True) if f.relation in rels
+      loaded = load_facts(self.c.facts, lenient=True)
+      if loaded.skipped:
+        self.log(f"    {self.c.facts}: {len(loaded.skipped)} bad records skipped, e.g. "
+                 f"{loaded.skipped[0]}")
+      items = [f for f in loaded if f.relation in rels
                and f.question and f.answers and f.split in ("train", "dev", "test")]
       if self.c.max_facts:
         seen: dict[tuple[str, str], int] = {}
