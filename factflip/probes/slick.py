@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -107,7 +108,8 @@ def categorise(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactIt
   prompts = slick_prompts(items, dev, cfg, seed)
   temps = (0.0,) + (cfg.temperature,) * cfg.n_samples
   per_program = max(1, cfg.batch_size // len(temps))     # contexts per compiled program
-  chunk = max(1, (8 * per_program) // cfg.n_prompts)     # facts per progress line
+  unit = per_program // math.gcd(per_program, cfg.n_prompts)   # facts filling whole programs
+  chunk = unit * max(1, (8 * per_program) // (unit * cfg.n_prompts))   # facts per progress line
   rows, t0 = [], time.time()
   for c, start in enumerate(range(0, len(items), chunk)):
     part = items[start:start + chunk]
