@@ -59,7 +59,7 @@ import pandas as pd
 from factflip.fileio import read_json, write_csv, write_json
 from factflip.studies import platform
 from factflip.studies.checkpoints import CheckpointProbe, probe_checkpoints, table_steps
-from factflip.studies.platform import StudyError, memo, size_label
+from factflip.studies.platform import StudyError, memo
 from factflip.studies.stages import Stage
 
 SINGLE = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Natural")
@@ -140,8 +140,6 @@ def validate(c, source: str = "study") -> None:
 
   from factflip.configfile import ConfigError
   from factflip.data.world import GEO_RELATIONS, PERSON_RELATIONS
-  from factflip.models.config import presets
-  from factflip.models.store import CONFIG_NAME
   from factflip.probes.slick import SliCKConfig
   from factflip.train import config as train_config
 
@@ -156,22 +154,14 @@ def validate(c, source: str = "study") -> None:
     node, ref = (c, schema) if not group else (c[group[:-1]], schema[group[:-1]])
     for key in node:
       need(key in ref, group + key, "unknown key; expected one of " + ", ".join(ref))
-  need(len(c.seeds) > 0 and all(isinstance(k, int) for k in c.seeds), "seeds",
-       f"{list(c.seeds)}; expected a non-empty list of integers")
+  platform.validate_common(c, source, "a facts file or folder whose items carry a split "
+                           "(EntityQuestions' folder)")
   need(len(c.relations) > 0, "relations", "empty; expected the fine-tuned relations")
   need(not set(c.relations) & set(c.ood_relations), "ood_relations",
        f"{list(c.ood_relations)} overlaps relations {list(c.relations)}")
   if c.facts:
-    need(os.path.exists(c.facts), "facts", f"{c.facts!r} does not exist; expected a facts file "
-         "or folder whose items carry a split (EntityQuestions' folder)")
-    for d in c.sizes:
-      need(os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
-          "config.json", CONFIG_NAME)), "sizes",
-          f"{d!r}: with `facts` set, sizes are model directories (HF or factflip)")
     need(c.max_facts >= 0, "max_facts", f"{c.max_facts}; expected >= 0 (0 = all)")
   else:
-    bad = [s for s in c.sizes if s not in presets()]
-    need(c.sizes and not bad, "sizes", f"{list(c.sizes)}; expected presets {list(presets())}")
     world = (*PERSON_RELATIONS, *GEO_RELATIONS)
     for key in ("relations", "ood_relations"):
       bad = [r for r in c[key] if r not in world]
@@ -180,8 +170,6 @@ def validate(c, source: str = "study") -> None:
          f"{c.question!r}; expected 'train' or 'heldout'")
     need(len(c.splits) == 3 and min(c.splits) > 0 and abs(sum(c.splits) - 1) < 1e-9, "splits",
          f"{list(c.splits)}; expected three positive train / dev / test shares summing to 1")
-  labels = [size_label(d) for d in c.sizes]
-  need(len(set(labels)) == len(labels), "sizes", f"{list(c.sizes)} share base names {labels}")
   try:
     SliCKConfig(**c.slick.to_dict(), answer_end=c.answer_end).validate()
   except ValueError as e:
@@ -203,10 +191,6 @@ def validate(c, source: str = "study") -> None:
        "batch_size and max_new_tokens must be >= 1")
   need(c.fit.bootstrap >= 0 and 0 < c.fit.confidence < 1, "fit",
        f"bootstrap {c.fit.bootstrap} (>= 0), confidence {c.fit.confidence} (in (0, 1))")
-  need(c.probe.dtype in ("float32", "bfloat16"), "probe.dtype",
-       f"{c.probe.dtype!r}; expected float32 or bfloat16")
-  need(c.probe.devices == -1 or 1 <= c.probe.devices <= jax.local_device_count(),
-       "probe.devices", f"{c.probe.devices}; expected -1 (all) or 1..{jax.local_device_count()}")
   need(c.sft.data.kind == "examples", "sft.data.kind", f"{c.sft.data.kind!r}; expected "
        "'examples' (the mixtures' JSONL)")
   need(c.sft.data.packing == "pad", "sft.data.packing", f"{c.sft.data.packing!r}; expected "

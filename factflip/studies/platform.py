@@ -3,7 +3,7 @@
 Owns: `StageSpec` (a kind of stage: its name, the cell axes it runs over, how its `Stage` is
 made and how it is built), `Study` (the base every study subclasses: config, workdir, fact
 source, cells, the plan, the driver, model loading for probes, the report), `common_config`
-(the keys every study config has), `StudyError` and the registry (`STUDIES`, `study_class`).
+(the keys every study config has) and `validate_common` (their checks), `StudyError` and the registry (`STUDIES`, `study_class`).
 Must not: know any study's science (a study module lists its stages and tables) or train,
 probe or plot itself.
 
@@ -82,6 +82,44 @@ def common_config():
   c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
   c.probe.devices = 1              # local devices a probed model is sharded over (-1 = all)
   return c
+
+
+def validate_common(c, source: str, facts_expected: str) -> None:
+  """Check the keys every study has (`common_config`): the facts file (`facts_expected` says
+  what it should be), sizes (presets, or with `facts` model directories with distinct base
+  names), seeds, probe.dtype and probe.devices; ConfigError naming the source and key."""
+  import jax
+
+  from factflip.configfile import ConfigError
+  from factflip.models.config import presets
+  from factflip.models.store import CONFIG_NAME
+
+  def need(ok, key, message):
+    if not ok:
+      raise ConfigError(source, key, message)
+
+  if c.facts:
+    need(os.path.exists(c.facts), "facts", f"{c.facts!r} does not exist; expected "
+         + facts_expected)
+    for d in c.sizes:
+      need(os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
+          "config.json", CONFIG_NAME)), "sizes",
+          f"{d!r}: with `facts` set, sizes are model directories (HF config.json + "
+          "safetensors, or a factflip model directory)")
+    labels = [size_label(d) for d in c.sizes]
+    need(len(set(labels)) == len(labels), "sizes", f"model directories {list(c.sizes)} share "
+         f"base names {labels}; the runs are named by them")
+  else:
+    bad = [s for s in c.sizes if s not in presets()]
+    need(len(c.sizes) > 0 and not bad, "sizes",
+         f"{list(c.sizes)}; expected a non-empty list of {list(presets())}")
+  need(len(c.seeds) > 0 and all(isinstance(k, int) for k in c.seeds), "seeds",
+       f"{list(c.seeds)}; expected a non-empty list of integers")
+  need(c.probe.dtype in ("float32", "bfloat16"), "probe.dtype",
+       f"{c.probe.dtype!r}; expected float32 or bfloat16")
+  need(c.probe.devices == -1 or 1 <= c.probe.devices <= jax.local_device_count(),
+       "probe.devices", f"{c.probe.devices}; expected -1 (all) or 1..{jax.local_device_count()} "
+       "local devices")
 
 
 def merge(into, values: dict, source: str, prefix: str = "") -> None:

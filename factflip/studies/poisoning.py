@@ -51,7 +51,7 @@ from factflip.fileio import read_json, write_csv, write_json
 from factflip.probes.fact_preference import SCORER_VERSION
 from factflip.studies import platform
 from factflip.studies.checkpoints import CheckpointProbe, probe_checkpoints, table_path, table_steps
-from factflip.studies.platform import StudyError, memo, size_label
+from factflip.studies.platform import StudyError, memo
 from factflip.studies.stages import Stage, fingerprint
 
 _RUN = ["size", "seed", "p", "step"]
@@ -95,9 +95,7 @@ def validate(c, source: str = "study") -> None:
 
   from factflip.configfile import ConfigError
   from factflip.data.mixtures import PoisonConfig
-  from factflip.models.config import presets
   from factflip.models.hooks import SITES
-  from factflip.models.store import CONFIG_NAME
   from factflip.probes.fact_patching import GROUPS
   from factflip.probes.fact_preference import KINDS
   from factflip.train import config as train_config
@@ -118,24 +116,12 @@ def validate(c, source: str = "study") -> None:
   for key in c.probe:
     need(key in schema.probe, "probe." + key,
          "unknown key; expected one of " + ", ".join(schema.probe))
+  platform.validate_common(c, source, "a facts file or folder (`factflip facts --facts=PATH` "
+                           "checks one)")
   if c.facts:
-    need(os.path.exists(c.facts), "facts", f"{c.facts!r} does not exist; expected a facts file "
-         "or folder (`factflip facts --facts=PATH` checks one)")
-    for d in c.sizes:
-      need(os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
-          "config.json", CONFIG_NAME)), "sizes",
-          f"{d!r}: with `facts` set, sizes are model directories (HF config.json + "
-          "safetensors, or a factflip model directory)")
-    labels = [size_label(d) for d in c.sizes]
-    need(len(set(labels)) == len(labels), "sizes", f"model directories {list(c.sizes)} share "
-         f"base names {labels}; the runs are named by them")
     need(c.facts_limit >= 0, "facts_limit", f"{c.facts_limit}; expected >= 0 (0 = all)")
-  else:
-    subset("sizes", list(c.sizes), list(presets()))
   need(not c.replay or os.path.exists(c.replay), "replay",
        f"{c.replay!r} does not exist; expected a JSONL of {{\"text\"}} documents")
-  need(len(c.seeds) > 0 and all(isinstance(k, int) for k in c.seeds), "seeds",
-       f"{list(c.seeds)}; expected a non-empty list of integers")
   need(len(c.ratios) > 0 and all(0 <= p <= 1 for p in c.ratios)
        and len(set(c.ratios)) == len(c.ratios), "ratios",
        f"{list(c.ratios)}; expected distinct poisoning ratios in [0, 1]")
@@ -150,11 +136,6 @@ def validate(c, source: str = "study") -> None:
   need(c.probe.patch_every >= 1, "probe.patch_every", f"{c.probe.patch_every}; expected >= 1")
   need(c.probe.n_control >= 0 and c.probe.batch_size >= 1, "probe",
        "n_control must be >= 0 and batch_size >= 1")
-  need(c.probe.dtype in ("float32", "bfloat16"), "probe.dtype",
-       f"{c.probe.dtype!r}; expected float32 or bfloat16")
-  need(c.probe.devices == -1 or 1 <= c.probe.devices <= jax.local_device_count(),
-       "probe.devices", f"{c.probe.devices}; expected -1 (all) or 1..{jax.local_device_count()} "
-       "local devices")
   need(c.cpt.data.kind == "poison", "cpt.data.kind", f"{c.cpt.data.kind!r}; expected 'poison'")
   for p in c.ratios:
     try:
