@@ -63,6 +63,21 @@ def test_samples_are_reproducible_from_the_key(lm):
                    key=jax.random.key(0))
 
 
+def test_long_contexts_keep_their_tail_with_a_warning(lm):
+  model, tok, _ = lm
+  long = " ".join(["Alice Smith was born in Oslo."] * 200)
+  from factflip.evals.loglik import Encoder
+  from factflip.models.generate import generate
+  ids = list(Encoder(tok).encode(long))
+  keep = model.cfg.max_seq_len - 4
+  assert len(ids) > keep
+  with pytest.warns(UserWarning, match=r"1 of 2 contexts are longer than the model's "
+                    rf"{model.cfg.max_seq_len} tokens less max_new_tokens=4"):
+    got = generate_until(model, tok, [long, "Bob"], max_new_tokens=4)
+  out = generate(model, [ids[-keep:]], 4, pad_id=tok.pad_token_id)
+  assert got[0][0] == tok.decode(list(out.tokens[0, :out.lengths[0]]), skip_special_tokens=True)
+
+
 # ---- QA ---------------------------------------------------------------------------------------
 def test_normalised_exact_match_f1_and_abstention():
   assert QA.normalize_answer("The  Eiffel-Tower!") == "eiffeltower"

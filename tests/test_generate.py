@@ -93,8 +93,10 @@ def test_prompt_lengths_in_one_bucket_reuse_the_compiled_program(llama):
 
   generate(llama, [[1, 2, 3]], 5, stop_tokens=())
   before = _generate._cache_size()
-  generate(llama, [[1, 2, 3, 4, 5, 6, 7, 8]], 9, stop_tokens=())
+  generate(llama, [[1, 2, 3, 4, 5, 6, 7, 8]], 8, stop_tokens=())   # cache: 16 + 8 -> 24 slots
   assert _generate._cache_size() == before
+  generate(llama, [[1] * 17], 5, stop_tokens=())                     # prompt bucket 24: new
+  assert _generate._cache_size() == before + 1
 
 
 def test_bad_generate_arguments(llama):

@@ -270,3 +270,8 @@ def test_hf_variant_on_entityquestions_files(nk_study, tmp_path):
   assert set(per[per.distribution == "ood"].relation) == {"P50"}
   dyn = pd.read_csv(os.path.join(out, "results", "dynamics.csv"))
   assert set(dyn["size"]) == {"world-model"} and sorted(set(dyn.epoch)) == [0, 1, 2]
+  # an edited file inside the facts folder is a new input: the base and everything after redo
+  first = eq / "train" / "P17.train.json"
+  first.write_text(first.read_text().replace('"answers"', '"answers" ', 1))
+  plan = _cli(out, f"--config={CONFIG}:smoke,hf={mdir},facts={eq}", "--dry_run", config=False)
+  assert "redo   base world-model seed0" in plan and "reuse" not in plan

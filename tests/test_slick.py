@@ -209,6 +209,9 @@ def test_prompts_draw_exemplars_from_the_relations_dev_items_never_the_fact(smal
     assert len(set(ps)) > 1                     # the order of the exemplars varies
   assert slick.slick_prompts(items, dev, cfg, seed=1) == prompts
   assert slick.slick_prompts(items, dev, cfg, seed=2) != prompts
+  # a fact's prompts are its own: the same alone, in reverse order or beside other facts
+  assert slick.slick_prompts(items[::-1], dev, cfg, seed=1) == prompts[::-1]
+  assert slick.slick_prompts(items[2:3], dev, cfg, seed=1) == prompts[2:3]
   # k below the pool: subsets of it that vary from prompt to prompt
   three = slick.slick_prompts(items, dev, slick.SliCKConfig(n_prompts=20, k_shot=3), seed=0)
   for f, ps in zip(items, three):

@@ -18,6 +18,7 @@ of two, so each (batch, prompt bucket, cache bucket) compiles once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -27,9 +28,11 @@ from factflip.evals.loglik import Encoder
 from factflip.models.generate import generate
 from factflip.models.transformer import Transformer
 
-# Bumped when what generate_until returns for the same model and contexts changes (2: it stops
-# at the tokenizer's EOS too); stages that generate put it among their keys.
-GENERATION_VERSION = 2
+# Bumped when what generate_until or SliCK returns for the same model, contexts and keys changes
+# (2: it stops at the tokenizer's EOS too; 3: a short last chunk runs a smaller batch, so its
+# samples differ, and SliCK draws each fact's exemplars from the fact's own seed); stages that
+# generate put it among their keys.
+GENERATION_VERSION = 3
 
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
@@ -82,14 +85,20 @@ def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
   if keep < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a context in the "
                      f"model's {model.cfg.max_seq_len} tokens")
-  prompts = []
+  prompts, cut = [], 0
   for i, text in enumerate(contexts):
     if not isinstance(text, str):
       raise TypeError(f"context {i}: {text!r}; expected a string")
-    ids = list(enc.encode(text))[-keep:]
+    ids = list(enc.encode(text))
+    cut += len(ids) > keep
+    ids = ids[-keep:]
     if not ids:
       raise ValueError(f"context {i}: tokenises to nothing and the tokenizer adds no BOS")
     prompts.append(ids)
+  if cut:
+    warnings.warn(f"{cut} of {len(contexts)} contexts are longer than the model's "
+                  f"{model.cfg.max_seq_len} tokens less max_new_tokens={max_new_tokens}: their "
+                  f"first tokens were cut (each keeps its last {keep})", stacklevel=2)
   stops = _stop_tokens(tokenizer, model, until)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
       model.cfg.pad_token_id or 0)
@@ -97,12 +106,12 @@ def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   out: list[list[str]] = [[""] * F for _ in prompts]
   full = max(1, min(max(1, batch_size // F), len(order)))    # contexts per program
-  B = 1 << (full - 1).bit_length()
   keys = (jax.random.split(key, -(-len(order) // full)) if key is not None else None)
   for j, start in enumerate(range(0, len(order), full)):
     chunk = order[start:start + full]
     batch = [prompts[i] for i in chunk]
-    batch += [batch[0]] * (B - len(batch))            # a fixed batch: one program per bucket
+    B = 1 << (len(batch) - 1).bit_length()   # batch bucket: a short last chunk runs a small one
+    batch += [batch[0]] * (B - len(batch))
     gen = generate(model, batch, max_new_tokens, temperature=temps if F > 1 else temps[0],
                    top_k=top_k, top_p=top_p, key=None if keys is None else keys[j],
                    stop_tokens=stops, pad_id=pad)

@@ -18,8 +18,9 @@ Definitions (SCIENCE.md B; Gekhman et al. 2024, §3):
 
 How it runs: every prompt's greedy answer and samples are one fan-out of the compiled
 generation program (`models.generate`: the prompt prefilled once, 1 + n_samples continuations),
-prompts of similar length batched together; the exemplar draw comes from `seed` and the sampling
-from `key`, so the same (seed, key) gives the same categories.
+prompts of similar length batched together; the exemplar draw comes from `seed` and the fact's
+id (a fact's prompts are its own), the sampling from `key` folded with the chunk of facts, so the
+same (seed, key) and the same list of facts give the same categories.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,13 +78,18 @@ def category(p_greedy: float, p_sample: float) -> str:
 
 def slick_prompts(items: Sequence[FactItem], dev: Sequence[FactItem], cfg: SliCKConfig,
                   seed: int) -> list[list[str]]:
-  """Per fact, its `n_prompts` k-shot prompts (exemplars drawn with `seed`)."""
+  """Per fact, its `n_prompts` k-shot prompts. The exemplars come from a generator seeded by
+  (`seed`, the fact's id), so a fact's prompts do not depend on which other facts are
+  categorised with it or in what order."""
   from factflip.evals import qa
-  rng = np.random.default_rng([seed, 15])
   pool = qa.by_relation(dev)
-  return [[qa.few_shot_prompt(f, qa.draw_exemplars(f, pool, cfg.k_shot, rng) if cfg.k_shot
-                              else (), cfg.answer_end) for _ in range(cfg.n_prompts)]
-          for f in items]
+  out = []
+  for f in items:
+    rng = np.random.default_rng([seed, 15, zlib.crc32(f.id.encode())])
+    out.append([qa.few_shot_prompt(f, qa.draw_exemplars(f, pool, cfg.k_shot, rng)
+                                   if cfg.k_shot else (), cfg.answer_end)
+                for _ in range(cfg.n_prompts)])
+  return out
 
 
 def categorise(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactItem],

@@ -192,6 +192,20 @@ class WorldSource(_Source):
                "pretrain.data.world_people")
 
 
+def _stamp(path: str) -> list[tuple[str, int, int]]:
+  """(relative name, bytes, mtime ns) of a file, or of every file under a folder, sorted."""
+  if not os.path.isdir(path):
+    st = os.stat(path)
+    return [("", st.st_size, st.st_mtime_ns)]
+  out = []
+  for root, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      st = os.stat(os.path.join(root, name))
+      out.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+  return out
+
+
 class FileSource(_Source):
   """A facts file (any `load_facts` format) and model directories (HF or factflip), each the
   base of its cells as it is."""
@@ -205,10 +219,9 @@ class FileSource(_Source):
 
   @memo
   def fingerprint(self) -> str:
-    """The facts file (path, size, mtime) and facts_limit."""
-    st = os.stat(self.c.facts)
-    return fingerprint(self.study.keys("facts", "facts_limit", facts_bytes=st.st_size,
-                                       facts_mtime_ns=st.st_mtime_ns))
+    """The facts file or folder (its path, and the name, size and mtime of the file or of every
+    file under the folder: an edited file inside a folder changes it) and facts_limit."""
+    return fingerprint(self.study.keys("facts", "facts_limit", files=_stamp(self.c.facts)))
 
   @memo
   def stage_base(self, size: str, seed: int) -> Stage:
