@@ -1,0 +1,290 @@
+"""Sparse autoencoders as data: the parameters, the static metadata, encode and decode.
+
+Owns: `SAEConfig` (architecture, sizes, input handling, the hook site the SAE reads), `SAE` (a
+pytree: the parameters as leaves, the config as static metadata), `encode`, `decode`, `forward`
+and `reconstruct` (jitted, any leading batch shape), and building an SAE from arrays (`make_sae`).
+Must not: read or write files (`sae.formats`), train (`sae.train`) or hook into models
+(`probes.interventions`).
+
+The math is SAELens 6.x's, architecture by architecture (a parity test holds it to 1e-5):
+
+    x' = normalise(x) − b_dec · apply_b_dec_to_input          (normalise: `normalize_activations`)
+    h  = x' @ W_enc + b_enc
+    standard:  f = relu(h)
+    topk:      f = relu of the k largest h per token, 0 elsewhere (h · ‖W_dec[j]‖ first when
+               `rescale_acts_by_decoder_norm`, and f / ‖W_dec[j]‖ again before decoding)
+    jumprelu:  f = relu(h) · [h > threshold]
+    x̂ = unnormalise(f @ W_dec + b_dec)
+
+Input normalisations: "none"; "expected_average_only_in" (a constant the trainer folds into the
+weights: nothing at run time, as in SAELens); "constant_norm_rescale" (x · √d_in / ‖x‖ per token)
+and "layer_norm" ((x − mean) / (std + 1e-5), std with ddof 1): these two need the statistics of
+the input to undo at decode, so `encode_with_state` returns them and `decode(f, state)` takes them
+(`forward` threads them). "hook_z" SAEs read attention's per-head outputs [..., heads, d_head],
+flattened to d_in, and decode back to that shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ARCHITECTURES = ("standard", "topk", "jumprelu")
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+RESHAPES = ("none", "hook_z")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+  """Static metadata of an SAE (hashable: a jit static argument).
+
+  architecture: "standard" | "topk" | "jumprelu"; d_in, d_sae: input and latent widths; k: the
+  TopK width; rescale_acts_by_decoder_norm: TopK ranks h · ‖W_dec[j]‖ (SAELens's option);
+  apply_b_dec_to_input: subtract b_dec before encoding; normalize_activations: one of
+  NORMALIZATIONS; reshape_activations: "none" | "hook_z" (input [..., heads, d_head]); d_head:
+  the head width of a hook_z SAE (0 = taken from the input; decode needs it); hook_name: the
+  TransformerLens hook the SAE reads (e.g. "blocks.3.hook_resid_post"); dtype: the parameters'
+  dtype; metadata: everything else a file carried (model_name, context_size, dataset_path, ...),
+  kept for writing back and not part of equality."""
+  architecture: str
+  d_in: int
+  d_sae: int
+  k: int = 0
+  rescale_acts_by_decoder_norm: bool = False
+  apply_b_dec_to_input: bool = True
+  normalize_activations: str = "none"
+  reshape_activations: str = "none"
+  d_head: int = 0
+  hook_name: str = ""
+  dtype: str = "float32"
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+  def validate(self, source: str = "SAEConfig") -> None:
+    def bad(field, value, expected):
+      raise ValueError(f"{source}: field '{field}' is {value!r}; expected {expected}")
+    if self.architecture not in ARCHITECTURES:
+      bad("architecture", self.architecture, f"one of {ARCHITECTURES}")
+    for name in ("d_in", "d_sae"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        bad(name, getattr(self, name), "a positive integer")
+    if self.architecture == "topk" and not 1 <= self.k <= self.d_sae:
+      bad("k", self.k, f"an integer in [1, d_sae={self.d_sae}] for a topk SAE")
+    if self.normalize_activations not in NORMALIZATIONS:
+      bad("normalize_activations", self.normalize_activations, f"one of {NORMALIZATIONS}")
+    if self.reshape_activations not in RESHAPES:
+      bad("reshape_activations", self.reshape_activations, f"one of {RESHAPES}")
+    if self.d_head and self.d_in % self.d_head:
+      bad("d_head", self.d_head, f"a divisor of d_in={self.d_in}")
+    if self.dtype not in DTYPES:
+      bad("dtype", self.dtype, f"one of {DTYPES}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SAE:
+  """An SAE: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold
+  [d_sae] (jumprelu; None otherwise) and its static `cfg`. A pytree, so it goes through jit,
+  vmap and tree maps like any parameters; `sae.encode(x)` etc. are the module functions."""
+  W_enc: jax.Array
+  b_enc: jax.Array
+  W_dec: jax.Array
+  b_dec: jax.Array
+  threshold: jax.Array | None
+  cfg: SAEConfig = dataclasses.field(metadata={"static": True})
+
+  def params(self) -> dict[str, jax.Array]:
+    """The parameters by SAELens's names (threshold only for jumprelu)."""
+    out = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+    if self.threshold is not None:
+      out["threshold"] = self.threshold
+    return out
+
+  def encode(self, x):
+    return encode(self, x)
+
+  def encode_with_state(self, x):
+    return encode_with_state(self, x)
+
+  def decode(self, f, state: NormState | None = None):
+    return decode(self, f, state)
+
+  def forward(self, x):
+    return forward(self, x)
+
+  def replace(self, **changes) -> SAE:
+    return dataclasses.replace(self, **changes)
+
+
+class NormState(NamedTuple):
+  """The input statistics decode needs to undo `normalize_activations` (None where unused):
+  scale [..., 1] (constant_norm_rescale: √d_in / ‖x‖), mean and std [..., 1] (layer_norm)."""
+  scale: jax.Array | None = None
+  mean: jax.Array | None = None
+  std: jax.Array | None = None
+
+
+def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+  """The parameters an SAE of `cfg` has, with their shapes."""
+  shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
+            "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+  if cfg.architecture == "jumprelu":
+    shapes["threshold"] = (cfg.d_sae,)
+  return shapes
+
+
+def make_sae(cfg: SAEConfig, params: dict[str, Any], source: str = "SAE") -> SAE:
+  """An SAE from arrays by SAELens's names, checked against `cfg` (shapes, no missing or extra
+  tensors) and cast to `cfg.dtype`."""
+  cfg.validate(source)
+  shapes = param_shapes(cfg)
+  missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+  if missing or extra:
+    raise ValueError(f"{source}: tensors {sorted(params)}; a {cfg.architecture} SAE has "
+                     f"{sorted(shapes)} (missing {missing}, unexpected {extra})")
+  dtype = jnp.dtype(cfg.dtype)
+  out = {}
+  for name, shape in shapes.items():
+    arr = params[name]
+    if tuple(np.shape(arr)) != shape:
+      raise ValueError(f"{source}: tensor '{name}' has shape {tuple(np.shape(arr))}; expected "
+                       f"{shape} (d_in={cfg.d_in}, d_sae={cfg.d_sae})")
+    out[name] = jnp.asarray(arr, dtype)
+  return SAE(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"], out.get("threshold"), cfg)
+
+
+def init_sae(cfg: SAEConfig, key: jax.Array, decoder_norm: float = 0.1,
+             threshold: float = 0.01) -> SAE:
+  """A fresh SAE as SAELens's trainer starts one: W_dec rows uniform (Kaiming) then scaled to
+  `decoder_norm`, W_enc = W_dec.T, zero biases, jumprelu thresholds at `threshold`."""
+  cfg.validate()
+  bound = np.sqrt(6.0 / cfg.d_in)
+  W_dec = jax.random.uniform(key, (cfg.d_sae, cfg.d_in), jnp.float32, -bound, bound)
+  W_dec = W_dec * (decoder_norm / jnp.linalg.norm(W_dec, axis=-1, keepdims=True))
+  params = {"W_enc": W_dec.T, "b_enc": jnp.zeros((cfg.d_sae,)), "W_dec": W_dec,
+            "b_dec": jnp.zeros((cfg.d_in,))}
+  if cfg.architecture == "jumprelu":
+    params["threshold"] = jnp.full((cfg.d_sae,), threshold)
+  return make_sae(cfg, params)
+
+
+# ---- the math ------------------------------------------------------------------------------
+def _flatten_in(sae: SAE, x):
+  cfg = sae.cfg
+  if cfg.reshape_activations == "hook_z":
+    if cfg.d_head and x.shape[-1] != cfg.d_head:
+      raise ValueError(f"hook_z SAE: input heads of width {x.shape[-1]}; expected d_head "
+                       f"{cfg.d_head}")
+    x = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+  if x.shape[-1] != cfg.d_in:
+    raise ValueError(f"SAE input has width {x.shape[-1]}; expected d_in {cfg.d_in}"
+                     + (" (heads x d_head)" if cfg.reshape_activations == "hook_z" else ""))
+  return x
+
+
+def _normalise(cfg: SAEConfig, x_NxD):
+  how = cfg.normalize_activations
+  if how == "constant_norm_rescale":
+    scale_Nx1 = np.sqrt(cfg.d_in) / jnp.linalg.norm(x_NxD, axis=-1, keepdims=True)
+    return x_NxD * scale_Nx1, NormState(scale=scale_Nx1)
+  if how == "layer_norm":
+    mean_Nx1 = x_NxD.mean(-1, keepdims=True)
+    x_NxD = x_NxD - mean_Nx1
+    std_Nx1 = jnp.std(x_NxD, axis=-1, keepdims=True, ddof=1)
+    return x_NxD / (std_Nx1 + 1e-5), NormState(mean=mean_Nx1, std=std_Nx1)
+  return x_NxD, NormState()
+
+
+def _unnormalise(cfg: SAEConfig, y_NxD, state: NormState | None):
+  how = cfg.normalize_activations
+  if how not in ("constant_norm_rescale", "layer_norm"):
+    return y_NxD
+  if state is None or (state.scale is None and state.std is None):
+    raise ValueError(f"decoding an SAE with normalize_activations={how!r} needs the input's "
+                     "statistics: decode(f, state) with the state from encode_with_state(x), "
+                     "or forward(x)")
+  if how == "constant_norm_rescale":
+    return y_NxD / state.scale
+  return y_NxD * state.std + state.mean
+
+
+def hidden_pre(sae: SAE, x):
+  """The pre-activations h [..., d_sae] (after the TopK decoder-norm rescale) and the input
+  statistics: what every architecture's activation reads."""
+  cfg = sae.cfg
+  x = _flatten_in(sae, jnp.asarray(x).astype(sae.W_enc.dtype))
+  x, state = _normalise(cfg, x)
+  if cfg.apply_b_dec_to_input:
+    x = x - sae.b_dec
+  h = x @ sae.W_enc + sae.b_enc
+  if cfg.architecture == "topk" and cfg.rescale_acts_by_decoder_norm:
+    h = h * jnp.linalg.norm(sae.W_dec, axis=-1)
+  return h, state
+
+
+def activation(sae: SAE, h):
+  """The latents f of pre-activations h (the architecture's nonlinearity)."""
+  cfg = sae.cfg
+  if cfg.architecture == "standard":
+    return jax.nn.relu(h)
+  if cfg.architecture == "jumprelu":
+    return jax.nn.relu(h) * (h > sae.threshold).astype(h.dtype)
+  vals, idx = jax.lax.top_k(h, cfg.k)               # top k, then relu of the selected values
+  return jnp.put_along_axis(jnp.zeros_like(h), idx, jax.nn.relu(vals), axis=-1,
+                            inplace=False)
+
+
+@jax.jit
+def encode_with_state(sae: SAE, x):
+  """(f [..., d_sae], NormState): the latents and what `decode` needs to undo the input's
+  normalisation."""
+  h, state = hidden_pre(sae, x)
+  return activation(sae, h), state
+
+
+@jax.jit
+def encode(sae: SAE, x):
+  """The latents f [..., d_sae] of activations x [..., d_in] ([..., heads, d_head] for hook_z)."""
+  return encode_with_state(sae, x)[0]
+
+
+@jax.jit
+def decode(sae: SAE, f, state: NormState | None = None):
+  """The reconstruction x̂ of latents f [..., d_sae] ([..., heads, d_head] for hook_z with a
+  known d_head); `state` from `encode_with_state` where the input normalisation needs it."""
+  cfg = sae.cfg
+  f = jnp.asarray(f).astype(sae.W_dec.dtype)
+  if cfg.architecture == "topk" and cfg.rescale_acts_by_decoder_norm:
+    f = f / jnp.linalg.norm(sae.W_dec, axis=-1)
+  y = _unnormalise(cfg, f @ sae.W_dec + sae.b_dec, state)
+  if cfg.reshape_activations == "hook_z":
+    if not cfg.d_head:
+      raise ValueError("decoding a hook_z SAE needs its head width: sae.replace(cfg="
+                       "dataclasses.replace(sae.cfg, d_head=...)) or forward(x)")
+    y = y.reshape(*y.shape[:-1], cfg.d_in // cfg.d_head, cfg.d_head)
+  return y
+
+
+@jax.jit
+def forward(sae: SAE, x):
+  """decode(encode(x)) in x's shape (hook_z: the head shape of the input)."""
+  f, state = encode_with_state(sae, x)
+  cfg = sae.cfg
+  if cfg.reshape_activations == "hook_z" and not cfg.d_head:
+    sae = sae.replace(cfg=dataclasses.replace(cfg, d_head=x.shape[-1]))
+  return decode(sae, f, state)
+
+
+@jax.jit
+def reconstruct(sae: SAE, x):
+  """(x̂, f, error = x − x̂): a reconstruction with the error term an intervention keeps."""
+  f, state = encode_with_state(sae, x)
+  cfg = sae.cfg
+  if cfg.reshape_activations == "hook_z" and not cfg.d_head:
+    sae = sae.replace(cfg=dataclasses.replace(cfg, d_head=x.shape[-1]))
+  x_hat = decode(sae, f, state)
+  return x_hat, f, jnp.asarray(x).astype(x_hat.dtype) - x_hat

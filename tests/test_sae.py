@@ -1,0 +1,258 @@
+"""SAEs: encode / decode against SAELens 6.x for every architecture and input normalisation, the
+SAELens directory both ways, Gemma Scope and Llama Scope files as SAELens reads them, and errors
+on bad files."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from factflip import sae as S
+from factflip.fileio import DataError
+
+D_IN, D_SAE = 16, 48
+
+
+def _random_saelens(arch, norm="none", *, b_dec_in=True, rescale=False, hook_z=False, seed=0):
+  """A SAELens inference SAE with random parameters (normal, so some pre-activations are
+  negative and TopK's relu of the selected values matters)."""
+  import torch
+  from sae_lens import SAE as LensSAE
+  torch.manual_seed(seed)
+  cfg = {"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32",
+         "device": "cpu", "apply_b_dec_to_input": b_dec_in, "normalize_activations": norm,
+         "reshape_activations": "hook_z" if hook_z else "none",
+         "metadata": {"hook_name": "blocks.1.attn.hook_z" if hook_z else
+                      "blocks.1.hook_resid_post"}}
+  if arch == "topk":
+    cfg.update(k=5, rescale_acts_by_decoder_norm=rescale)
+  lens = LensSAE.from_dict(cfg)
+  with torch.no_grad():
+    for name, p in lens.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.3 if name.startswith("W") else 0.1))
+    if arch == "jumprelu":
+      lens.threshold.copy_(torch.rand(D_SAE) * 0.3)
+  return lens
+
+
+def _x(shape, seed=1):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 2 + 0.5
+
+
+CASES = [("standard", "none", True, False), ("standard", "constant_norm_rescale", True, False),
+         ("standard", "layer_norm", False, False), ("topk", "none", True, False),
+         ("topk", "layer_norm", True, True), ("jumprelu", "none", False, False),
+         ("jumprelu", "constant_norm_rescale", True, False),
+         ("standard", "expected_average_only_in", True, False)]
+
+
+@pytest.mark.parametrize("arch,norm,b_dec_in,rescale", CASES)
+def test_encode_decode_match_saelens_both_ways(tmp_path, arch, norm, b_dec_in, rescale):
+  import torch
+  from sae_lens import SAE as LensSAE
+  lens = _random_saelens(arch, norm, b_dec_in=b_dec_in, rescale=rescale)
+  lens.save_model(str(tmp_path / "lens"))
+  ours = S.load_sae(str(tmp_path / "lens"))
+  assert ours.cfg.architecture == arch and ours.cfg.hook_name == "blocks.1.hook_resid_post"
+  x = _x((3, 4, D_IN))
+  with torch.no_grad():
+    f_ref = lens.encode(torch.tensor(x)).numpy()
+    x_hat_ref = lens.decode(torch.tensor(f_ref)).numpy()     # after its encode: its norm stats
+  f, state = S.encode_with_state(ours, x)
+  assert f.shape == (3, 4, D_SAE) and 0 < (np.asarray(f) > 0).mean() < 1
+  np.testing.assert_allclose(f, f_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(S.decode(ours, f_ref, state), x_hat_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(S.forward(ours, x), x_hat_ref, atol=1e-5, rtol=1e-5)
+  if arch == "topk":
+    assert ((np.asarray(f) != 0).sum(-1) <= 5).all()
+  # and back: our save opens in SAELens with the same numbers
+  S.save_sae(ours, str(tmp_path / "ours"))
+  back = LensSAE.load_from_disk(str(tmp_path / "ours"), device="cpu")
+  assert type(back) is type(lens) and back.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+  with torch.no_grad():
+    np.testing.assert_allclose(back.encode(torch.tensor(x)).numpy(), f_ref, atol=1e-6)
+    assert back.cfg.normalize_activations == norm and back.cfg.apply_b_dec_to_input == b_dec_in
+
+
+def test_decode_without_the_input_statistics_is_an_error(tmp_path):
+  lens = _random_saelens("standard", "layer_norm")
+  lens.save_model(str(tmp_path / "lens"))
+  ours = S.load_sae(str(tmp_path / "lens"))
+  with pytest.raises(ValueError, match="needs the input's statistics"):
+    S.decode(ours, np.zeros((2, D_SAE), np.float32))
+
+
+def test_hook_z_sae_reads_heads_and_decodes_to_heads(tmp_path):
+  import torch
+  lens = _random_saelens("standard", hook_z=True)
+  lens.save_model(str(tmp_path / "lens"))
+  ours = S.load_sae(str(tmp_path / "lens"))
+  assert ours.cfg.reshape_activations == "hook_z"
+  z = _x((2, 3, 4, 4))                                  # [batch, pos, heads, d_head]
+  with torch.no_grad():
+    f_ref = lens.encode(torch.tensor(z)).numpy()
+    z_hat_ref = lens.decode(torch.tensor(f_ref)).numpy()
+  np.testing.assert_allclose(S.encode(ours, z), f_ref, atol=1e-5)
+  out = S.forward(ours, z)
+  assert out.shape == z.shape
+  np.testing.assert_allclose(out, z_hat_ref, atol=1e-5)
+  with pytest.raises(ValueError, match="needs its head width"):
+    S.decode(ours, f_ref)
+
+
+def test_gemma_scope_npz_as_saelens_reads_it(tmp_path, monkeypatch):
+  """A params.npz in Gemma Scope's layout (lower-case w_ keys are renamed as SAELens does),
+  through SAELens's own gemma_2 loader with its download pointed at the local file."""
+  import torch
+  from sae_lens import SAE as LensSAE
+  from sae_lens.loading import pretrained_sae_loaders as L
+  rng = np.random.default_rng(0)
+  arrays = {"W_enc": rng.normal(size=(D_IN, D_SAE)) * 0.3, "W_dec": rng.normal(
+      size=(D_SAE, D_IN)) * 0.3, "b_enc": rng.normal(size=D_SAE) * 0.1,
+      "b_dec": rng.normal(size=D_IN) * 0.1, "threshold": rng.uniform(0, 0.3, D_SAE)}
+  folder = tmp_path / "layer_3" / "width_16k" / "average_l0_50"
+  folder.mkdir(parents=True)
+  np.savez(folder / "params.npz", **{k: v.astype(np.float32) for k, v in arrays.items()})
+  monkeypatch.setattr(L, "hf_hub_download", lambda repo_id, filename, subfolder=None, **_:
+                      str(tmp_path / subfolder / filename))
+  _, state, _ = L.gemma_2_sae_huggingface_loader(
+      "google/gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_50", device="cpu")
+  lens = LensSAE.from_dict({"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE,
+                            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
+                            "normalize_activations": "none", "metadata": {}})
+  lens.load_state_dict(state)
+  ours = S.load_sae(str(folder), hook_name="blocks.3.hook_resid_post")
+  assert ours.cfg.architecture == "jumprelu" and not ours.cfg.apply_b_dec_to_input
+  assert ours.cfg.hook_name == "blocks.3.hook_resid_post"
+  assert S.load_sae(str(folder / "params.npz")).cfg.d_sae == D_SAE      # the file itself
+  x = _x((5, D_IN))
+  with torch.no_grad():
+    f_ref = lens.encode(torch.tensor(x)).numpy()
+    x_hat_ref = lens.decode(torch.tensor(f_ref)).numpy()
+  assert 0 < (f_ref > 0).mean() < 1
+  np.testing.assert_allclose(S.encode(ours, x), f_ref, atol=1e-5)
+  np.testing.assert_allclose(S.forward(ours, x), x_hat_ref, atol=1e-5)
+
+
+def test_llama_scope_folds_the_dataset_norm_as_saelens_does(tmp_path, monkeypatch):
+  """hyperparams.json + checkpoints/final.safetensors (torch layout), through SAELens's
+  llama_scope loader and its fold of the dataset-wise norm; ours reads raw activations."""
+  import ml_dtypes
+  import torch
+  from safetensors.numpy import save_file
+  from sae_lens import SAE as LensSAE
+  from sae_lens.loading import pretrained_sae_loaders as L
+  rng = np.random.default_rng(1)
+  folder = tmp_path / "Llama3_1-8B-Base-L5R-8x"
+  (folder / "checkpoints").mkdir(parents=True)
+  # SAELens's loader casts to bfloat16: values it holds exactly (bfloat16-rounded weights, s =
+  # √16 / 8 = 0.5, threshold 0.375 · s), so the comparison is of the math, not of the rounding
+  hp = {"d_model": D_IN, "d_sae": D_SAE, "act_fn": "jumprelu", "jump_relu_threshold": 0.375,
+        "norm_activation": "dataset-wise", "dataset_average_activation_norm": {"in": 8.0,
+                                                                              "out": 7.0},
+        "hook_point_in": "blocks.5.hook_resid_pre", "apply_decoder_bias_to_pre_encoder": False}
+  (folder / "hyperparams.json").write_text(json.dumps(hp))
+  def bf16(*shape, scale):
+    return (rng.normal(size=shape) * scale).astype(ml_dtypes.bfloat16).astype(np.float32)
+  save_file({"encoder.weight": bf16(D_SAE, D_IN, scale=0.3), "encoder.bias": bf16(D_SAE,
+                                                                                 scale=0.1),
+             "decoder.weight": bf16(D_IN, D_SAE, scale=0.3), "decoder.bias": bf16(D_IN,
+                                                                                 scale=0.1)},
+            str(folder / "checkpoints" / "final.safetensors"))
+  monkeypatch.setattr(L, "hf_hub_download", lambda repo_id, filename, subfolder=None, **_:
+                      str(tmp_path / (subfolder or "") / filename))
+  cfg, state, _ = L.llama_scope_sae_huggingface_loader(
+      "fnlp/Llama3_1-8B-Base-LXR-8x", folder.name, device="cpu")
+  cfg = dict(cfg, dtype="float32")
+  lens = LensSAE.from_dict(cfg)
+  lens.load_state_dict({k: v.float() for k, v in state.items()})
+  s = np.sqrt(D_IN) / 8.0
+  lens.fold_activation_norm_scaling_factor(s)               # what from_pretrained does
+  ours = S.load_sae(str(folder))
+  assert ours.cfg.hook_name == "blocks.5.hook_resid_pre"
+  assert ours.cfg.normalize_activations == "none" and not ours.cfg.apply_b_dec_to_input
+  x = _x((6, D_IN)) * 3
+  with torch.no_grad():
+    f_ref = lens.encode(torch.tensor(x)).numpy()
+    x_hat_ref = lens.decode(torch.tensor(f_ref)).numpy()
+  assert 0 < (f_ref > 0).mean() < 1
+  np.testing.assert_allclose(S.encode(ours, x), f_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(S.forward(ours, x), x_hat_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_init_matches_saelens_training_start():
+  cfg = S.SAEConfig("jumprelu", D_IN, D_SAE)
+  sae = S.init_sae(cfg, jax.random.key(0))
+  np.testing.assert_allclose(np.linalg.norm(sae.W_dec, axis=-1), 0.1, rtol=1e-5)
+  np.testing.assert_array_equal(sae.W_enc, np.asarray(sae.W_dec).T)
+  assert float(sae.threshold[0]) == pytest.approx(0.01) and not np.any(sae.b_enc)
+
+
+def _saved(tmp_path, arch="topk"):
+  lens = _random_saelens(arch)
+  lens.save_model(str(tmp_path / "sae"))
+  return tmp_path / "sae"
+
+
+def _edit_cfg(d, **changes):
+  cfg = json.loads((d / "cfg.json").read_text())
+  for k, v in changes.items():
+    if v is None:
+      cfg.pop(k)
+    else:
+      cfg[k] = v
+  (d / "cfg.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"architecture": "gated"}, r"cfg.json: field 'architecture': 'gated'; factflip reads"),
+    ({"d_in": "16"}, r"cfg.json: field 'd_in': '16'; expected a positive integer"),
+    ({"d_sae": None}, r"cfg.json: field 'd_sae': missing"),
+    ({"k": 0}, r"cfg.json: field 'k' is 0; expected an integer in \[1, d_sae=48\]"),
+    ({"normalize_activations": "batch"}, r"field 'normalize_activations' is 'batch'"),
+    ({"dtype": "int8"}, r"cfg.json: field 'dtype': 'int8'; expected float32"),
+])
+def test_bad_cfg_names_file_and_field(tmp_path, changes, match):
+  d = _saved(tmp_path)
+  _edit_cfg(d, **changes)
+  with pytest.raises(DataError, match=match):
+    S.load_sae(str(d))
+
+
+def test_bad_tensors_name_file_and_tensor(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  d = _saved(tmp_path)
+  weights = load_file(str(d / "sae_weights.safetensors"))
+  save_file({**weights, "W_dec": weights["W_dec"][:, :-1]}, str(d / "sae_weights.safetensors"))
+  with pytest.raises(DataError, match=r"sae_weights.safetensors: tensor 'W_dec' has shape "
+                     r"\(48, 15\); expected \(48, 16\)"):
+    S.load_sae(str(d))
+  save_file({k: v for k, v in weights.items() if k != "b_enc"},
+            str(d / "sae_weights.safetensors"))
+  with pytest.raises(DataError, match=r"tensor 'b_enc' missing; a topk SAE has"):
+    S.load_sae(str(d))
+  save_file({**weights, "threshold": weights["b_enc"]}, str(d / "sae_weights.safetensors"))
+  with pytest.raises(DataError, match=r"unexpected tensor 'threshold'; a topk SAE has"):
+    S.load_sae(str(d))
+  os.remove(d / "sae_weights.safetensors")
+  with pytest.raises(DataError, match=r"sae_weights.safetensors missing"):
+    S.load_sae(str(d))
+  with pytest.raises(DataError, match=r"no SAE here: expected cfg.json"):
+    S.load_sae(str(tmp_path))
+  (tmp_path / "bad.npz").write_bytes(b"not a zip")
+  with pytest.raises(DataError, match=r"bad.npz: not a readable .npz archive"):
+    S.load_sae(str(tmp_path / "bad.npz"))
+
+
+def test_save_is_atomic_and_keeps_metadata(tmp_path):
+  cfg = S.SAEConfig("standard", D_IN, D_SAE, hook_name="blocks.0.hook_resid_post",
+                    metadata={"model_name": "tiny-2m", "context_size": 64})
+  sae = S.init_sae(cfg, jax.random.key(1))
+  S.save_sae(sae, str(tmp_path / "a"))
+  S.save_sae(sae.replace(b_dec=sae.b_dec + 1), str(tmp_path / "a"))    # replaces the old whole
+  back = S.load_sae(str(tmp_path / "a"))
+  assert back.cfg == cfg and back.cfg.metadata["model_name"] == "tiny-2m"
+  np.testing.assert_array_equal(back.b_dec, np.asarray(sae.b_dec) + 1)
+  assert sorted(os.listdir(tmp_path)) == ["a"]                       # no temporary left
