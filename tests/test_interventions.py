@@ -8,6 +8,7 @@ from conftest import FAMILIES
 
 from factflip import load_model
 from factflip.models import embed, unembed
+from factflip.models.hooks import hook_name
 from factflip.probes import SITES, add, capture, parse_hook_name, replace, residual_stream
 
 
@@ -96,8 +97,56 @@ def test_capture_at_positions_and_vmap_over_masks(model, batch):
   np.testing.assert_allclose(swept, jnp.broadcast_to(model(tokens, mask), swept.shape), atol=1e-5)
 
 
+@pytest.fixture
+def family(request):
+  """The model family of the test's `model` parameter."""
+  return request.node.callspec.params["model"]
+
+
+def test_z_and_mlp_post_equal_hf_o_proj_and_down_proj_inputs(model, family, hf_dirs, batch):
+  """attn.hook_z = the input of each layer's o_proj split into heads; mlp.hook_post = the input
+  of down_proj (HF modules' forward pre-hooks on the same weights)."""
+  import torch
+  tokens, mask = batch
+  tm = hf_dirs[family][1]
+  seen = {"z": [], "mlp_post": []}
+  hooks = []
+  for layer in tm.model.layers:
+    hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: seen["z"].append(a[0].numpy())))
+    hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: seen["mlp_post"].append(a[0].numpy())))
+  try:
+    with torch.no_grad():
+      tm(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask.astype(int)))
+  finally:
+    for h in hooks:
+      h.remove()
+  caps = capture(model, tokens, ["mlp_post", "z"], mask)
+  H, K = model.cfg.n_heads, model.cfg.head_dim
+  want_z = np.stack(seen["z"]).reshape(model.cfg.n_layers, *tokens.shape, H, K)
+  assert caps["z"].shape == want_z.shape
+  np.testing.assert_allclose(np.where(mask[None, :, :, None, None], caps["z"], 0),
+                             np.where(mask[None, :, :, None, None], want_z, 0), atol=1e-4)
+  np.testing.assert_allclose(np.where(mask[None, :, :, None], caps["mlp_post"], 0),
+                             np.where(mask[None, :, :, None], np.stack(seen["mlp_post"]), 0),
+                             atol=1e-4)
+  # a replaced head changes only what follows it; the TransformerLens name picks the layer
+  z = caps["z"]
+  iv = replace("blocks.0.attn.hook_z", z.at[0, :, :, 1].set(0.0), positions=[5])
+  out = model.forward(tokens, mask, interventions=(iv,), capture=("z", "resid_mid"))
+  np.testing.assert_array_equal(out.captures["z"][0, :, :5], z[0, :, :5])
+  np.testing.assert_array_equal(out.captures["z"][0, :, 5, 1], 0.0)
+  clean_mid = capture(model, tokens, ["resid_mid"], mask)["resid_mid"][0]
+  np.testing.assert_array_equal(out.captures["resid_mid"][0, :, :5], clean_mid[:, :5])
+  assert not np.allclose(out.captures["resid_mid"][0, :, 5], clean_mid[:, 5])
+
+
 def test_hook_names_and_bad_interventions(model):
   assert parse_hook_name("blocks.3.hook_attn_out") == ("attn_out", 3)
+  assert parse_hook_name("blocks.2.attn.hook_z") == ("z", 2)
+  assert parse_hook_name("blocks.0.mlp.hook_post") == ("mlp_post", 0)
+  assert hook_name("z", 4) == "blocks.4.attn.hook_z"
   assert parse_hook_name("resid_post") == ("resid_post", None)
   L = model.cfg.n_layers
   with pytest.raises(ValueError, match="unknown hook site"):

@@ -141,9 +141,9 @@ def test_llama_scope_folds_the_dataset_norm_as_saelens_does(tmp_path, monkeypatc
   llama_scope loader and its fold of the dataset-wise norm; ours reads raw activations."""
   import ml_dtypes
   import torch
-  from safetensors.numpy import save_file
   from sae_lens import SAE as LensSAE
   from sae_lens.loading import pretrained_sae_loaders as L
+  from safetensors.numpy import save_file
   rng = np.random.default_rng(1)
   folder = tmp_path / "Llama3_1-8B-Base-L5R-8x"
   (folder / "checkpoints").mkdir(parents=True)
@@ -256,3 +256,112 @@ def test_save_is_atomic_and_keeps_metadata(tmp_path):
   assert back.cfg == cfg and back.cfg.metadata["model_name"] == "tiny-2m"
   np.testing.assert_array_equal(back.b_dec, np.asarray(sae.b_dec) + 1)
   assert sorted(os.listdir(tmp_path)) == ["a"]                       # no temporary left
+
+
+# ---- interventions ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+  """A random 3-layer factflip model (d_model 16) and a batch with padding."""
+  from flax import nnx
+
+  from factflip.models import ModelConfig, Transformer
+  cfg = ModelConfig(vocab_size=64, d_model=D_IN, n_layers=3, n_heads=4, n_kv_heads=2,
+                    head_dim=4, d_ff=32, max_seq_len=32)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(1, 64, (2, 7)).astype(np.int32)
+  mask = np.ones((2, 7), bool)
+  mask[1, :2] = False
+  return model, tokens, mask
+
+
+def _sae_at(hook, arch="standard", seed=0, d_in=D_IN, **kw):
+  cfg = S.SAEConfig(arch, d_in, D_SAE, hook_name=hook, **kw)
+  sae = S.init_sae(cfg, jax.random.key(seed), decoder_norm=1.0)
+  return sae.replace(b_enc=jax.random.normal(jax.random.key(seed + 1), (D_SAE,)) * 0.2)
+
+
+def test_steering_adds_decoder_directions_and_grids_equal_loops(tiny):
+  from factflip.probes import add
+  from factflip.sae.steering import run_grid, steer
+  model, tokens, mask = tiny
+  L = model.cfg.n_layers
+  sae = _sae_at("blocks.1.hook_resid_post")
+  iv = steer(sae, [3, 7], [2.0, -1.0], L)
+  d = 2.0 * sae.W_dec[3] - sae.W_dec[7]
+  want = add("resid_post", jnp_stack(d, L), layers=[1])
+  np.testing.assert_allclose(model(tokens, mask, interventions=[iv]),
+                             model(tokens, mask, interventions=[want]), atol=1e-6)
+  # a grid of latents x alpha: one vmapped program, equal to a loop of single forwards
+  lat_G = np.repeat(np.arange(4), 3)
+  alpha_G = np.tile(np.array([-4.0, 0.0, 4.0], np.float32), 4)
+  grid = jax.vmap(lambda j, a: steer(sae, j, a, L))(lat_G, alpha_G)
+  read = last_logprob_of_token_5
+  got = run_grid(model, tokens, mask, grid, read)
+  got_chunked = run_grid(model, tokens, mask, grid, read, chunk=5)
+  loop = np.stack([read(model(tokens, mask, interventions=[steer(sae, int(j), float(a), L)]))
+                   for j, a in zip(lat_G, alpha_G)])
+  assert got.shape == (12, 2)
+  np.testing.assert_allclose(got, loop, atol=1e-5)
+  np.testing.assert_allclose(got_chunked, loop, atol=1e-5)
+  np.testing.assert_allclose(got[1], got[4], atol=1e-6)            # alpha 0: no change
+  assert not np.allclose(got[0], got[2])
+
+
+def jnp_stack(d, L):
+  return np.broadcast_to(np.asarray(d), (L, 1, 1, d.shape[-1]))
+
+
+def last_logprob_of_token_5(logits_BxTxV):
+  return jax.nn.log_softmax(logits_BxTxV[:, -1])[:, 5]
+
+
+def test_clamp_keeps_the_error_term_and_splice_replaces_the_site(tiny):
+  from factflip.probes import capture
+  from factflip.sae.steering import clamp, splice
+  model, tokens, mask = tiny
+  L = model.cfg.n_layers
+  sae = _sae_at("blocks.2.hook_resid_pre")
+  clean = capture(model, tokens, ["resid_pre"], mask)["resid_pre"][2]
+  f = np.asarray(S.encode(sae, clean))
+  j = int(np.argmax(f.reshape(-1, D_SAE).sum(0)))               # a latent that fires
+  assert f[..., j].max() > 0
+  # clamping latent j to 0 with the error term kept removes exactly f_j · W_dec[j]
+  ablate = clamp(sae, [j], [0.0], L)
+  assert ablate.site == "resid_pre" and ablate.keep_error
+  out = capture(model, tokens, ["resid_pre"], mask, interventions=[ablate])["resid_pre"][2]
+  np.testing.assert_allclose(out, clean - f[..., j:j + 1] * np.asarray(sae.W_dec[j]), atol=1e-5)
+  pos = np.zeros(7, bool)
+  pos[4] = True
+  only4 = capture(model, tokens, ["resid_pre"], mask,
+                  interventions=[clamp(sae, [j], [0.0], L, positions=pos)])["resid_pre"][2]
+  np.testing.assert_array_equal(np.delete(only4, 4, axis=1), np.delete(clean, 4, axis=1))
+  np.testing.assert_allclose(only4[:, 4], out[:, 4], atol=1e-6)
+  # an edit that sets nothing: exactly the clean run
+  noop = clamp(sae, [], [], L)
+  np.testing.assert_array_equal(model(tokens, mask, interventions=[noop]), model(tokens, mask))
+  # splice: the site is the SAE's reconstruction
+  spliced = capture(model, tokens, ["resid_pre"], mask,
+                    interventions=[splice(sae, L)])["resid_pre"][2]
+  np.testing.assert_allclose(spliced, S.forward(sae, clean), atol=1e-5)
+  with pytest.raises(ValueError, match=r"latents \[48\] out of range for d_sae 48"):
+    clamp(sae, [D_SAE], [0.0], L)
+  with pytest.raises(ValueError, match="no hook_name"):
+    clamp(S.init_sae(S.SAEConfig("standard", D_IN, D_SAE), jax.random.key(0)), [0], [0.0], L)
+
+
+def test_hook_z_sae_edits_attention_heads(tiny):
+  from factflip.probes import capture
+  from factflip.sae.steering import clamp, splice
+  model, tokens, mask = tiny
+  L = model.cfg.n_layers
+  sae = _sae_at("blocks.0.attn.hook_z", reshape_activations="hook_z")
+  z = capture(model, tokens, ["z"], mask)["z"][0]                    # [B, T, heads, d_head]
+  spliced = capture(model, tokens, ["z"], mask, interventions=[splice(sae, L)])["z"][0]
+  assert spliced.shape == z.shape == (2, 7, 4, 4)
+  np.testing.assert_allclose(spliced, S.forward(sae, z), atol=1e-5)
+  f = np.asarray(S.encode(sae, z))
+  j = int(np.argmax(f.reshape(-1, D_SAE).sum(0)))
+  out = capture(model, tokens, ["z"], mask,
+                interventions=[clamp(sae, [j], [0.0], L)])["z"][0]
+  want = z - (f[..., j:j + 1] * np.asarray(sae.W_dec[j])).reshape(2, 7, 4, 4)
+  np.testing.assert_allclose(out, want, atol=1e-5)

@@ -14,6 +14,12 @@ Sites, per layer l (block l maps resid_pre[l] to resid_post[l] = resid_pre[l + 1
   resid_mid   resid_pre + attn_out (the MLP branch's input residual)
   mlp_out     what the MLP branch adds to the residual stream (after Gemma's post-norm)
   resid_post  block output
+  z           attention's per-head outputs before the output projection, [B, T, heads, d_head]
+              (TransformerLens `attn.hook_z`: what Gemma Scope's attention SAEs read)
+  mlp_post    the MLP's hidden activation, act(gate) * up, [B, T, d_ff] (TransformerLens
+              `mlp.hook_post`: what transcoders and MLP-neuron probes read)
+The first five are [B, T, d_model]; an intervention's position mask broadcasts over whatever
+trailing axes a site has.
 """
 
 from __future__ import annotations
@@ -24,22 +30,34 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "z", "mlp_post")
+STREAM_SITES = SITES[:5]          # the [B, T, d_model] sites
 MODES = ("replace", "add")
 
-# TransformerLens names -> ours (`blocks.{l}.hook_resid_pre`, `blocks.{l}.hook_attn_out`, ...).
-_TL_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)$")
+# TransformerLens hook names (after `blocks.{l}.`) of our sites
+TL_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out",
+            "resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out",
+            "resid_post": "hook_resid_post", "z": "attn.hook_z", "mlp_post": "mlp.hook_post"}
+_FROM_TL = {v: k for k, v in TL_HOOKS.items()}
+_TL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(v) for v in TL_HOOKS.values())
+                      + r")$")
 
 
 def parse_hook_name(name: str) -> tuple[str, int | None]:
-  """'blocks.3.hook_resid_pre' -> ('resid_pre', 3); 'mlp_out' -> ('mlp_out', None)."""
+  """'blocks.3.hook_resid_pre' -> ('resid_pre', 3); 'blocks.2.attn.hook_z' -> ('z', 2);
+  'mlp_out' -> ('mlp_out', None)."""
   if name in SITES:
     return name, None
   m = _TL_NAME.match(name)
   if not m:
     raise ValueError(f"unknown hook site {name!r}; expected one of {SITES} or a TransformerLens "
-                     "name like 'blocks.3.hook_resid_pre'")
-  return m.group(2), int(m.group(1))
+                     "name like 'blocks.3.hook_resid_pre' or 'blocks.3.attn.hook_z'")
+  return _FROM_TL[m.group(2)], int(m.group(1))
+
+
+def hook_name(site: str, layer: int) -> str:
+  """The TransformerLens name of `site` at `layer`: ('z', 2) -> 'blocks.2.attn.hook_z'."""
+  return f"blocks.{int(layer)}.{TL_HOOKS[check_site(site)]}"
 
 
 def check_site(site: str) -> str:
@@ -73,7 +91,8 @@ class Intervention:
 
   def apply(self, h_BxTxD: jax.Array, on: jax.Array, values_l: jax.Array) -> jax.Array:
     """This intervention at one layer (`on` = layer_mask[l], `values_l` = values[l])."""
-    m = jnp.logical_and(on, jnp.broadcast_to(self.pos_mask, h_BxTxD.shape[:2]))[..., None]
+    m = jnp.logical_and(on, jnp.broadcast_to(self.pos_mask, h_BxTxD.shape[:2]))
+    m = m.reshape(m.shape + (1,) * (h_BxTxD.ndim - 2))     # over d_model, or heads x d_head
     v = values_l.astype(h_BxTxD.dtype)
     if self.mode == "replace":
       return jnp.where(m, v, h_BxTxD)

@@ -328,6 +328,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
   act = _activation(cfg)
   H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
   capture = tuple(capture)
+  sites = set(capture) | {iv.site for iv in interventions}   # the non-stream sites cost a reshape
 
   def block(x_BxTxD, xs):
     p, window, kv, shared_kv, iv_xs = xs
@@ -378,6 +379,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
       o_BxTxHK = shared_attention(q_BxTxHxK, shared_kv[0].astype(dt), shared_kv[1].astype(dt),
                                   shared_mask_BxTxSp, k_BxSxGxK.astype(dt),
                                   v_BxSxGxK.astype(dt), causal_BxTxS & in_window_xTxS, cfg)
+    if "z" in sites:
+      o_BxTxHK = site("z", o_BxTxHK.reshape(B, T, H, K))
     a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"]).reshape(B, T, D)
     if cfg.post_norms:
       a_BxTxD = _materialise(rms_norm(a_BxTxD, p["post_attn_norm"], cfg), p["post_attn_norm"][0])
@@ -386,6 +389,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     # MLP branch
     h_NxD = rms_norm(x_BxTxD, p["mlp_norm"], cfg).reshape(B * T, D)
     u_NxF = act(_dense(h_NxD, p["w_gate"])) * _dense(h_NxD, p["w_up"])
+    if "mlp_post" in sites:
+      u_NxF = site("mlp_post", u_NxF.reshape(B, T, -1)).reshape(B * T, -1)
     m_BxTxD = _dense(u_NxF, p["w_down"]).reshape(B, T, D)
     if cfg.post_norms:
       m_BxTxD = _materialise(rms_norm(m_BxTxD, p["post_mlp_norm"], cfg), p["post_mlp_norm"][0])

@@ -77,7 +77,10 @@ def _make(site: str, mode: str, values, layers: Index, positions: Index,
   L = n_layers or values.shape[0]
   if values.shape[0] != L:
     raise ValueError(f"values have leading axis {values.shape[0]}; expected the layer axis ({L})")
-  T = values.shape[-2] if values.ndim >= 3 and values.shape[-2] > 1 else None
+  feature_axes = 2 if site == "z" else 1           # z: [..., heads, d_head]
+  t_axis = -1 - feature_axes
+  T = (values.shape[t_axis] if values.ndim >= 2 + feature_axes and values.shape[t_axis] > 1
+       else None)
   if T is None and positions is not None and jnp.asarray(positions).dtype != bool:
     raise ValueError("positions given as indices need values with a position axis; pass a "
                      "boolean position mask instead")
@@ -88,7 +91,8 @@ def _make(site: str, mode: str, values, layers: Index, positions: Index,
 
 def replace(site: str, values, layers: Index = None, positions: Index = None,
             n_layers: int | None = None) -> Intervention:
-  """Replace `site` by `values` ([L, B, T, D], e.g. a capture) at the chosen layers/positions.
+  """Replace `site` by `values` ([L, B, T, D], e.g. a capture; [L, B, T, heads, d_head] at z) at
+  the chosen layers/positions.
 
   `site` may be a TransformerLens name ('blocks.5.hook_resid_pre'), which also picks the layer.
   """
@@ -106,7 +110,8 @@ def add(site: str, values, layers: Index = None, positions: Index = None,
 def capture(model: Transformer, tokens_BxT, sites: Sequence[str], mask_BxT=None,
             interventions: Sequence[Intervention] = (),
             positions: Index = None) -> dict[str, jax.Array]:
-  """Activations at `sites`, each [L, B, T, D] (or [L, B, P, D] at `positions`)."""
+  """Activations at `sites`, each [L, B, T, D] (or [L, B, P, D] at `positions`; z: [L, B, T,
+  heads, d_head], mlp_post: [L, B, T, d_ff])."""
   idx = None if positions is None else jnp.asarray(positions, jnp.int32)
   out = model.forward(tokens_BxT, mask_BxT, capture=tuple(sites), capture_index=idx,
                       interventions=tuple(interventions), return_logits=False)

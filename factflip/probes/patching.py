@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factflip.models.hooks import Intervention, check_site, parse_hook_name
+from factflip.models.hooks import STREAM_SITES, Intervention, check_site, parse_hook_name
 from factflip.models.transformer import Transformer, embed, forward, init_cache, unembed
 
 Metric = Callable[[jax.Array], jax.Array]  # logits [B, P, V] -> [B]
@@ -185,11 +185,19 @@ class _Prepared(NamedTuple):
   n_layers_run: int      # blocks per batch element and packed token, over the swept layers
 
 
+def _stream_site(site: str) -> str:
+  check_site(site)
+  if site not in STREAM_SITES:
+    raise ValueError(f"site {site!r}: patching sweeps patch the residual-stream sites "
+                     f"{STREAM_SITES}; patch {site!r} with a replace() intervention")
+  return site
+
+
 def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
              positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
              devices, centred=False) -> _Prepared:
   site, named_layer = parse_hook_name(site)
-  check_site(site)
+  _stream_site(site)
   source_model, corrupted, clean = _model_and_token_pair(model, source_model, corrupted_tokens,
                                                          clean_tokens)
   cfg, src_cfg = model.cfg, source_model.cfg
@@ -427,6 +435,7 @@ def attribution_patch(model: Transformer, corrupted_tokens, clean_tokens, metric
   corrupted run, summed over d_model: float32 [batch, layers, positions]. Same arguments and
   result layout as `act_patch` with one position per cell and window 1."""
   site, _ = parse_hook_name(site)
+  _stream_site(site)
   source_model, corrupted, clean = _model_and_token_pair(model, source_model, corrupted_tokens,
                                                          clean_tokens)
   mask = np.ones(corrupted.shape, bool) if mask is None else np.asarray(mask, bool)

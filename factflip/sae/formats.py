@@ -173,7 +173,8 @@ def _load_saelens(path: str, dtype: str | None) -> SAE:
   if not os.path.exists(weights):
     raise DataError(path, f"{WEIGHTS} missing (cfg.json describes a {arch} SAE)")
   f = SafetensorsFile(weights)
-  params = {name: f.read(name) for name in f.keys()}
+  names = f.keys()                             # a SafetensorsFile: not a dict
+  params = {name: f.read(name) for name in names}
   return _checked(cfg, params, weights)
 
 
@@ -238,8 +239,9 @@ def _load_llama_scope(path: str, dtype: str | None) -> SAE:
   f = SafetensorsFile(weights)
   want = {"encoder.weight": (d_sae, d_model), "encoder.bias": (d_sae,),
           "decoder.weight": (d_model, d_sae), "decoder.bias": (d_model,)}
+  names = f.keys()
   for name, shape in want.items():
-    if name not in f.keys():
+    if name not in names:
       raise DataError(weights, f"tensor '{name}' missing; expected {sorted(want)}")
     if f.shape(name) != shape:
       raise DataError(weights, f"tensor '{name}' has shape {f.shape(name)}; expected {shape} "

@@ -95,7 +95,7 @@ def validate(c, source: str = "study") -> None:
 
   from factflip.configfile import ConfigError
   from factflip.data.mixtures import PoisonConfig
-  from factflip.models.hooks import SITES
+  from factflip.models.hooks import STREAM_SITES
   from factflip.probes.fact_patching import GROUPS
   from factflip.probes.fact_preference import KINDS
   from factflip.train import config as train_config
@@ -129,7 +129,7 @@ def validate(c, source: str = "study") -> None:
   need(0 <= c.min_base_accuracy <= 1, "min_base_accuracy",
        f"{c.min_base_accuracy}; expected a share in [0, 1]")
   subset("probe.kinds", list(c.probe.kinds), KINDS)
-  subset("probe.patch_sites", list(c.probe.patch_sites), SITES)
+  subset("probe.patch_sites", list(c.probe.patch_sites), STREAM_SITES)
   subset("probe.patch_groups", list(c.probe.patch_groups), GROUPS)
   need(len(c.probe.patch_windows) > 0 and min(c.probe.patch_windows) >= 1,
        "probe.patch_windows", f"{list(c.probe.patch_windows)}; expected windows >= 1")
