@@ -468,3 +468,91 @@ def test_training_steps_match_torch_adam_with_clipping():
     np.testing.assert_allclose(state["params"][name], p.detach().numpy(), atol=1e-5,
                                err_msg=name)
   assert int(state["step"]) == 3 and 0 < float(metrics["l0"]) <= 6
+
+
+# ---- training runs ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sae_lm(small_world, world_tokenizer, tmp_path_factory):
+  """A random 2-layer factflip model over the world tokenizer, saved with it, and the world's
+  directory (the SAE's token data)."""
+  from flax import nnx
+
+  from factflip.data.world import write_world
+  from factflip.models import ModelConfig, Transformer
+  from factflip.models.store import save_model
+  d = tmp_path_factory.mktemp("sae_lm")
+  cfg = ModelConfig(vocab_size=len(world_tokenizer), d_model=32, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=64)
+  save_model(Transformer(cfg, rngs=nnx.Rngs(0)), str(d / "model"))
+  world_tokenizer.save_pretrained(str(d / "model"))
+  write_world(small_world, str(d / "world"))
+  return str(d / "model"), str(d / "world")
+
+
+def _sae_run_config(sae_lm, **over):
+  from factflip.sae.train import base_config
+  model, world = sae_lm
+  c = base_config()
+  c.model, c.hook_name = model, "blocks.1.hook_resid_pre"
+  c.data.kind, c.data.world_dir, c.data.tokenizer_dir = "world", world, model
+  c.data.seq_len, c.data.batch_size = 32, 8
+  c.steps, c.batch_tokens, c.buffer_batches = 24, 64, 2
+  c.sae.expansion_factor, c.sae.k = 4, 8
+  c.optim.lr = 3e-3
+  c.eval.every, c.eval.batches = 12, 1
+  c.checkpoint.every, c.log_every = 5, 4
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p_ in path:
+      node = node[p_]
+    node[last] = v
+  return c
+
+
+def test_sae_training_learns_resumes_exactly_and_writes_a_saelens_sae(sae_lm, tmp_path):
+  import torch
+  from sae_lens import SAE as LensSAE
+
+  from factflip.sae.train import train_sae
+  c = _sae_run_config(sae_lm)
+  full = train_sae(c, str(tmp_path / "full"), quiet=True)
+  rows = [json.loads(line) for line in
+          (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
+  assert rows[-1]["explained_variance"] > rows[0]["explained_variance"] + 0.1
+  assert all(r["l0"] <= 8 for r in rows)                   # TopK: at most k active
+  ev = full.evals[24]
+  assert ev["ce_recovered"] == pytest.approx(
+      (ev["ce_zero"] - ev["ce_sae"]) / (ev["ce_zero"] - ev["ce_clean"]))
+  assert set(full.evals) == {12, 24}
+  # stopped after 7 steps (a checkpoint at 7), then resumed: the same SAE, bit for bit
+  part = tmp_path / "part"
+  first = train_sae(c, str(part), quiet=True, stop_after=7)
+  assert first.step == 7 and not os.path.exists(part / "sae")
+  train_sae(c, str(part), quiet=True)
+  a, b = S.load_sae(str(tmp_path / "full" / "sae")), S.load_sae(str(part / "sae"))
+  for name in a.params():
+    np.testing.assert_array_equal(a.params()[name], b.params()[name], err_msg=name)
+  # the written SAE: what SAELens loads, reading the hook it was trained on
+  assert a.cfg.hook_name == "blocks.1.hook_resid_pre" and a.cfg.d_sae == 128
+  lens = LensSAE.load_from_disk(str(tmp_path / "full" / "sae"), device="cpu")
+  x = _x((5, 32))
+  with torch.no_grad():
+    np.testing.assert_allclose(lens.encode(torch.tensor(x)).numpy(), S.encode(a, x), atol=1e-5)
+
+
+def test_sae_training_folds_the_activation_scale(sae_lm, tmp_path):
+  from factflip.sae.train import train_sae
+  c = _sae_run_config(sae_lm, **{"sae.normalize_activations": "expected_average_only_in",
+                                 "sae.architecture": "standard", "steps": 6,
+                                 "eval.every": 0, "loss.l1_coefficient": 0.01})
+  train_sae(c, str(tmp_path / "run"), quiet=True)
+  sae = S.load_sae(str(tmp_path / "run" / "sae"))
+  assert sae.cfg.normalize_activations == "none"
+  rows = [json.loads(line) for line in
+          (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["ce_recovered"] == rows[-1]["ce_recovered"]     # evaluated at the end
+  with pytest.raises(Exception, match="sae.normalize_activations"):
+    train_sae(_sae_run_config(sae_lm, **{"sae.normalize_activations": "layer_norm"}),
+              str(tmp_path / "bad"), quiet=True)

@@ -199,8 +199,8 @@ def make_train_step(cfg: SAEConfig, lc: LossConfig, tx: optax.GradientTransforma
     since = jnp.where(fired_S, 0, state["since_fired"] + 1)
     metrics = {"loss": loss, **terms, **batch_metrics(x_NxD, x_hat_NxD, f_NxS),
                "dead_share": dead_S.mean(), "grad_norm": optax.global_norm(grads)}
-    return {"params": new_params, "opt_state": opt_state, "since_fired": since,
-            "step": state["step"] + 1}, metrics
+    return {**state, "params": new_params, "opt_state": opt_state, "since_fired": since,
+            "step": state["step"] + 1}, metrics   # other entries (the run's scale) pass through
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
