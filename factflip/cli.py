@@ -224,6 +224,22 @@ def _train() -> None:
           "again to resume")
 
 
+def _train_sae() -> None:
+  from factflip.configfile import ConfigError
+  from factflip.sae.train import train_sae
+
+  try:
+    result = train_sae(FLAGS.config, FLAGS.workdir, source=flags.FLAGS["config"].config_filename)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  last = result.evals[max(result.evals)] if result.evals else {}
+  print(f"SAE at {result.sae_path}: explained variance "
+        f"{result.metrics.get('explained_variance', float('nan')):.3f}, L0 "
+        f"{result.metrics.get('l0', float('nan')):.1f}, CE loss recovered "
+        f"{last.get('ce_recovered', float('nan')):.3f}")
+
+
 def _eval() -> None:
   from factflip.evals.run import evaluate
   head = evaluate(FLAGS.model, FLAGS.facts, FLAGS.metrics, FLAGS.out,
@@ -364,6 +380,25 @@ COMMANDS = {c.name: c for c in (
                     "existing run there is resumed.",
          **_MULTIHOST},
         _train, required=("config", "workdir")),
+    Command(
+        "train-sae", "factflip train-sae --config=configs/sae.py --config.model=DIR "
+                     "--workdir=DIR [--config.KEY=VALUE]",
+        "Train (or resume) an SAE on a frozen model's activations at a hook site.",
+        """\
+        Streams the model's activations at --config.hook_name (a TransformerLens name, e.g.
+        blocks.1.hook_resid_post or blocks.0.attn.hook_z) over the config's token data through
+        a shuffle buffer and trains a standard, TopK or JumpReLU SAE as SAELens trains them
+        (factflip/sae/train.py lists every key). metrics.jsonl logs the loss terms, explained
+        variance, L0, the dead-latent share and the CE loss recovered; the SAE is written to
+        WORKDIR/sae in SAELens's layout. The same command again resumes.
+
+          factflip train-sae --config=configs/sae.py --config.model=/tmp/base \\
+              --config.data.world_dir=workdir/default/world --workdir=/tmp/sae""",
+        {"config": "The SAE config, FILE.py[:variant]; override any key with "
+                   "--config.KEY=VALUE.",
+         "workdir": "The run's directory (checkpoints/, metrics.jsonl, sae/); an existing run "
+                    "there is resumed."},
+        _train_sae, required=("config", "workdir")),
     Command(
         "export", "factflip export --workdir=DIR [--step=N] --out=DIR [--to=hf|factflip]",
         "Write a training checkpoint as an HF (or factflip) model directory.",

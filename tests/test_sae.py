@@ -556,3 +556,27 @@ def test_sae_training_folds_the_activation_scale(sae_lm, tmp_path):
   with pytest.raises(Exception, match="sae.normalize_activations"):
     train_sae(_sae_run_config(sae_lm, **{"sae.normalize_activations": "layer_norm"}),
               str(tmp_path / "bad"), quiet=True)
+
+
+def test_train_sae_command(sae_lm, tmp_path):
+  import subprocess
+  import sys
+  model, world = sae_lm
+  config = os.path.join(os.path.dirname(__file__), "..", "configs", "sae.py")
+  args = [f"--config={config}:jumprelu", f"--config.model={model}",
+          f"--config.data.world_dir={world}", "--config.hook_name=blocks.0.attn.hook_z",
+          "--config.steps=4", "--config.batch_tokens=64", "--config.buffer_batches=2",
+          "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.eval.batches=1",
+          f"--workdir={tmp_path / 'run'}"]
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "train-sae", *args],
+                       check=False, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "CE loss recovered" in out.stdout
+  sae = S.load_sae(str(tmp_path / "run" / "sae"))
+  assert sae.cfg.architecture == "jumprelu" and sae.cfg.reshape_activations == "hook_z"
+  assert sae.cfg.d_in == 32 and sae.cfg.d_head == 8
+  assert sae.cfg.hook_name == "blocks.0.attn.hook_z"
+  bad = subprocess.run([sys.executable, "-m", "factflip.cli", "train-sae", *args[:1],
+                        f"--workdir={tmp_path / 'bad'}"], check=False, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode == 2 and "model: empty; expected the frozen model" in bad.stderr

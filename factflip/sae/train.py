@@ -136,7 +136,7 @@ def _model_and_tokenizer(c):
     from factflip.configfile import ConfigError
     raise ConfigError("sae config", "data.tokenizer_dir", f"empty and {c.model} has no "
                       "tokenizer.json; expected the model's tokenizer directory")
-  return model, load_tokenizer(tok_dir)
+  return model, load_tokenizer(tok_dir), tok_dir
 
 
 def _token_batches(c, tok, seed_offset: int = 0):
@@ -237,12 +237,12 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
   from factflip.train.metrics import MetricsWriter, Progress, format_duration
   t_start = time.time()
   validate(config, source)
-  c = config
+  c = config.copy_and_resolve_references()
   workdir = os.path.abspath(workdir)
   say = (lambda *a: None) if quiet else functools.partial(print, flush=True)
+  model, tok, c.data.tokenizer_dir = _model_and_tokenizer(c)
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), c.to_dict())
-  model, tok = _model_and_tokenizer(c)
   acts_fn = site_activations(model, c.hook_name)
   one = np.ones((1, 2), np.int32)
   probe = np.asarray(acts_fn({"inputs": one, "segment_ids": one, "positions": one * [[0, 1]]}))
