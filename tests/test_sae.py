@@ -580,3 +580,27 @@ def test_train_sae_command(sae_lm, tmp_path):
                         f"--workdir={tmp_path / 'bad'}"], check=False, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode == 2 and "model: empty; expected the frozen model" in bad.stderr
+
+
+def test_topk_sae_recovers_a_sparse_dictionary_stream():
+  """Activations that are sparse sums of 24 ground-truth directions (3 per token): a TopK SAE
+  (k 3, 48 latents) trained 400 steps explains > 90% of their variance."""
+  from factflip.sae.losses import LossConfig, init_state, make_optimizer, make_train_step
+  rng = np.random.default_rng(0)
+  atoms = rng.normal(size=(24, D_IN)).astype(np.float32)
+  atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+
+  def batch(n=256):
+    idx = np.stack([rng.choice(24, 3, replace=False) for _ in range(n)])
+    coef = rng.uniform(1, 3, size=(n, 3)).astype(np.float32)
+    return np.einsum("nk,nkd->nd", coef, atoms[idx])
+  cfg = S.SAEConfig("topk", D_IN, D_SAE, k=3, rescale_acts_by_decoder_norm=True)
+  tx = make_optimizer(1e-2, 400)
+  state = init_state(S.init_sae(cfg, jax.random.key(0)), tx)
+  step = make_train_step(cfg, LossConfig(dead_feature_window=50), tx)
+  evs = []
+  for _ in range(400):
+    state, m = step(state, jnp.asarray(batch()))
+    evs.append(float(m["explained_variance"]))
+  assert evs[0] < 0.5 and np.mean(evs[-20:]) > 0.9
+  assert float(m["l0"]) == 3.0

@@ -119,7 +119,7 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> j
 
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "sampling"))
 def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, key, stop_N,
-              pad_id, *, slots: int, sampling: Sampling):
+              pad_id, interventions=(), *, slots: int, sampling: Sampling):
   B, T = tokens_BxT.shape
   positions_BxT = jnp.where(mask_BxT, jnp.cumsum(mask_BxT, axis=1) - 1, 1).astype(jnp.int32)
   F = len(sampling.temperatures)
@@ -127,7 +127,8 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
   # continuations' own tokens go to a cache of their own
   prefill_slots = T if F > 1 else slots
   out = forward(params, cfg, tokens_BxT, mask_BxT, positions_BxT,
-                cache=init_cache(cfg, B, prefill_slots), cache_index=0)
+                cache=init_cache(cfg, B, prefill_slots), cache_index=0,
+                interventions=interventions)
   logits_BxV, last_B = out.logits[:, -1], positions_BxT[:, -1]
   if F > 1:
     shared, cache, offset = out.cache, init_cache(cfg, B * F, slots - T), 0
@@ -150,7 +151,8 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
     stopped_B = ~done_B & (tok_B[:, None] == stop_N[None]).any(-1)
     len_B = jnp.where(stopped_B, step + 1, len_B)
     o = forward(params, cfg, tok_B[:, None], jnp.ones((B, 1), bool), pos_B[:, None],
-                cache=cache, cache_index=offset + step, shared_cache=shared)
+                cache=cache, cache_index=offset + step, shared_cache=shared,
+                interventions=interventions)
     return (step + 1, o.cache, o.logits[:, 0], pos_B + 1, done_B | stopped_B, new_BxN, len_B, key)
 
   s = jax.lax.while_loop(cond, body, state)
@@ -160,13 +162,17 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
              temperature: float | Sequence[float] = 0.0, top_k: int = 0, top_p: float = 1.0,
              key: jax.Array | None = None, stop_tokens: Sequence[int] | None = None,
-             pad_id: int | None = None, min_bucket: int = 16) -> Generation:
+             pad_id: int | None = None, min_bucket: int = 16,
+             interventions: Sequence = ()) -> Generation:
   """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
   Prompts are left-padded to a bucket (2^k or 3·2^(k-1) tokens); sampling (temperature > 0) needs an explicit
   PRNG `key`. `stop_tokens` defaults to the model's eos ids; after a row emits one it is padded.
   A sequence of temperatures gives len(temperature) continuations per prompt, prompt-major:
   row i·F + j continues prompt i at temperature[j] (the prompt prefilled once).
+  `interventions` (e.g. a steering vector) apply at every position, the prompt's and each new
+  token's; their position masks must be all-position (shape (1,)), their values may carry the
+  batch axis (one steering vector per row). Not with a fan-out.
   """
   cfg = model.cfg
   if not isinstance(temperature, int | float):
@@ -193,10 +199,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
   for i, p in enumerate(prompts):
     tokens_BxT[i, T - len(p):] = p
     mask_BxT[i, T - len(p):] = True
+  interventions = tuple(interventions)
+  if interventions and len(sampling.temperatures) > 1:
+    raise ValueError("interventions with a fan-out of temperatures are not supported")
   new_BxN, len_B = _generate(model.params(), cfg, tokens_BxT, mask_BxT, jnp.int32(max_new_tokens),
                              key if key is not None else jax.random.key(0),
                              jnp.asarray(stop, jnp.int32).reshape(-1), jnp.int32(pad_id),
-                             slots=slots, sampling=sampling)
+                             interventions, slots=slots, sampling=sampling)
   return Generation(np.asarray(new_BxN)[:, :max_new_tokens], np.asarray(len_B))
 
 

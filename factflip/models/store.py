@@ -52,6 +52,23 @@ def read_model_config(directory: str) -> ModelConfig:
   return ModelConfig.from_dict(read_json(path), path)
 
 
+def model_config(path: str) -> ModelConfig:
+  """The ModelConfig of anything `load_model` opens, without reading parameters."""
+  if os.path.exists(os.path.join(path, CONFIG_NAME)):
+    return read_model_config(path)
+  run = path
+  if os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints":
+    run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if os.path.exists(os.path.join(run, "model.json")):
+    return ModelConfig.from_dict(read_json(os.path.join(run, "model.json")),
+                                 os.path.join(run, "model.json"))
+  if os.path.exists(os.path.join(path, "config.json")):
+    from factflip.models.hf import read_hf_config
+    return read_hf_config(path)
+  raise FileNotFoundError(f"{path}: neither config.json (HF), {CONFIG_NAME} (factflip) nor "
+                          "model.json (a training workdir) found")
+
+
 def load_model(path: str, dtype: str = "float32", compute_dtype: str | None = None,
                mesh: jax.sharding.Mesh | None = None) -> Transformer:
   """Load an HF directory (config.json + safetensors), a factflip model directory, or a

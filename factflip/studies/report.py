@@ -69,8 +69,9 @@ def write_report(rdir: str, title: str, workdir: str, head: dict[str, Any], figu
           + ", ".join(f'<a href="../results/{n}.csv">{n}.csv</a>' for n in tables) + ".</p>",
           "<h2>Headline</h2>", table_html(head)]
   for f in figures:
-    body += [f"<h2>{html.escape(f.title)}</h2>", f"<p>{html.escape(f.caption)}</p>",
-             f'<img src="{html.escape(f.file)}" style="max-width:100%">']
+    body += [f"<h2>{html.escape(f.title)}</h2>", f"<p>{html.escape(f.caption)}</p>"]
+    if f.file:                  # a figure with nothing to draw keeps its caption (why)
+      body.append(f'<img src="{html.escape(f.file)}" style="max-width:100%">')
   page = (f"<!doctype html><meta charset='utf-8'><title>factflip {html.escape(title)}</title>"
           "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
           "td{padding:2px 10px;border-bottom:1px solid #ddd;vertical-align:top}</style>"

@@ -192,7 +192,7 @@ class WorldSource(_Source):
                "pretrain.data.world_people")
 
 
-def _stamp(path: str) -> list[tuple[str, int, int]]:
+def file_stamp(path: str) -> list[tuple[str, int, int]]:
   """(relative name, bytes, mtime ns) of a file, or of every file under a folder, sorted."""
   if not os.path.isdir(path):
     st = os.stat(path)
@@ -221,7 +221,7 @@ class FileSource(_Source):
   def fingerprint(self) -> str:
     """The facts file or folder (its path, and the name, size and mtime of the file or of every
     file under the folder: an edited file inside a folder changes it) and facts_limit."""
-    return fingerprint(self.study.keys("facts", "facts_limit", files=_stamp(self.c.facts)))
+    return fingerprint(self.study.keys("facts", "facts_limit", files=file_stamp(self.c.facts)))
 
   @memo
   def stage_base(self, size: str, seed: int) -> Stage:

@@ -1,0 +1,49 @@
+r"""Paper C's study (MoRFI): SAE latents that move monotonically with the share of Unknown facts
+in the fine-tuning set, and steering along them to recover knowledge, on top of paper B's
+stages (the same world, base, SliCK categories and SFT; configs/studies/new_knowledge.py).
+
+  factflip run --config=configs/studies/morfi.py --workdir=workdir/morfi
+  factflip run --config=configs/studies/morfi.py:smoke --workdir=/tmp/morfi   # the tests
+
+Stages (fingerprinted, resumable; --dry_run prints the plan): world → pretrain → slick →
+mixtures (0/10/25/50/75/90/100% Unknown) → sft (per mixture, a checkpoint per epoch) → sae (a
+TopK SAE trained on the base's middle-layer resid_post over the world's corpus, or
+`sae.path`) → latents (per checkpoint, on the held-out QA prompts) → steering (the monotonic
+test, then the 100%-Unknown model steered) → results. Every key, its default and meaning:
+`base_config` in factflip/studies/morfi.py (paper B's keys, `sae` and `morfi`).
+
+Variants: those of configs/studies/new_knowledge.py (smoke, scale=, seeds=, hf=DIR,facts=DIR).
+With hf= give the SAE of that model's site: --config.sae.path=DIR (SAELens directory, Gemma Scope
+params.npz or Llama Scope directory) and, where the file does not name it,
+--config.sae.hook_name=blocks.12.hook_resid_post.
+"""
+
+import os
+
+from factflip.configfile import load_config_file
+from factflip.studies.morfi import base_config
+
+
+def get_config(arg=None):
+  c = load_config_file(os.path.join(os.path.dirname(__file__), "new_knowledge.py"), arg)
+  schema = base_config()
+  with c.unlocked():
+    c.study = "morfi"
+    c.sae, c.morfi = schema.sae, schema.morfi
+  c.mixtures.unknown_shares = list(schema.mixtures.unknown_shares)
+  c.mixtures.single, c.mixtures.idk_shares = [], []
+  t = c.sae.train                  # a TopK SAE on the base's middle layer (tiny-2m: d 128)
+  t.steps, t.batch_tokens, t.buffer_batches = 1500, 1024, 8
+  t.sae.expansion_factor, t.sae.k = 8, 32
+  t.optim.lr, t.optim.warm_up_steps = 1e-3, 50
+  t.data.seq_len, t.data.batch_size = 64, 16
+  t.eval.every, t.checkpoint.every, t.log_every = 500, 500, 250
+  if arg and "smoke" in arg.split(","):
+    c.mixtures.unknown_shares = [0.0, 0.5, 1.0]
+    t.steps, t.batch_tokens, t.buffer_batches = 60, 128, 2
+    t.sae.expansion_factor, t.sae.k = 4, 8
+    t.data.seq_len, t.data.batch_size = 32, 8
+    t.eval.every, t.eval.batches, t.checkpoint.every, t.log_every = 0, 1, 60, 20
+    c.morfi.bootstrap, c.morfi.alphas = 50, [1.0, 4.0]
+    c.morfi.top_latents, c.morfi.n_random = 2, 1
+  return c

@@ -1,0 +1,200 @@
+"""Paper C (MoRFI): the trend statistics against scipy and pymannkendall, the monotonic-latent
+verdict on planted data, steered generation (α = 0 is the identity; a steered greedy answer is
+the steered model's argmax), recovery, and the smoke study's files and numbers."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from factflip.probes import morfi as M
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "morfi.py")
+X = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+
+
+def test_mann_kendall_and_spearman_equal_the_reference_packages():
+  import pymannkendall
+  import scipy.stats
+  rng = np.random.default_rng(0)
+  y = rng.normal(size=(40, 7))
+  y[3] = [1, 1, 2, 2, 3, 3, 3]                      # ties
+  y[4] = 5.0                                        # constant
+  y[5] = np.arange(7)
+  mk = M.mann_kendall(y)
+  rho = M.spearman_rows(X, y)
+  for r in range(len(y)):
+    ref = pymannkendall.original_test(y[r])
+    np.testing.assert_allclose([mk["p"][r], mk["tau"][r], mk["s"][r], mk["var_s"][r],
+                                mk["z"][r]], [ref.p, ref.Tau, ref.s, ref.var_s, ref.z],
+                               rtol=1e-12, atol=1e-12)
+    if r != 4:
+      assert rho[r] == pytest.approx(scipy.stats.spearmanr(X, y[r]).statistic, abs=1e-12)
+  assert np.isnan(rho[4]) and mk["p"][4] == 1.0
+  assert rho[5] == 1.0 and mk["p"][5] < 0.01
+
+
+def test_monotonic_latents_find_the_planted_trends():
+  rng = np.random.default_rng(1)
+  acts = rng.gamma(1.0, size=(60, 7, 100))           # prompts x models x latents
+  acts[:, :, 0] += np.arange(7) * 0.5                # rises with X
+  acts[:, :, 1] = np.maximum(acts[:, :, 1] - np.arange(7) * 0.15, 0)   # falls
+  acts[:, :, 2] = 0.0                                # dead
+  shuffled = [3, 0, 6, 1, 5, 2, 4]                   # models given in any order
+  df = M.monotonic_latents(np.array(X)[shuffled], acts[:, shuffled], n_boot=300, seed=0)
+  assert df.loc[0, "monotonic"] and df.loc[0, "direction"] == "rises"
+  assert df.loc[0, "rho"] == 1.0 and df.loc[0, "rho_low"] > 0.5
+  assert df.loc[1, "monotonic"] and df.loc[1, "direction"] == "falls"
+  assert not df.loc[2, "alive"] and not df.loc[2, "monotonic"]
+  assert df.monotonic[3:].mean() < 0.1               # the null latents rarely pass both tests
+  np.testing.assert_allclose(df.loc[0, [f"mean_{x:g}" for x in X]].to_numpy(float),
+                             acts[:, :, 0].mean(0))
+  again = M.monotonic_latents(np.array(X)[shuffled], acts[:, shuffled], n_boot=300, seed=0)
+  pd.testing.assert_frame_equal(df, again)           # the bootstrap is seeded
+
+
+def test_recovery_counts():
+  base = [1, 1, 0, 1, 0, 1]
+  m100 = [0, 0, 0, 1, 0, 0]
+  steer = [1, 0, 1, 1, 0, 1]
+  r = M.recovery(base, m100, steer)
+  assert r["accuracy"] == pytest.approx(4 / 6) and r["delta_accuracy"] == pytest.approx(3 / 6)
+  assert r["recovered"] == 3 and r["r_k"] == pytest.approx(2 / 3)
+  assert np.isnan(M.recovery(base, m100, m100)["r_k"])
+
+
+@pytest.fixture(scope="module")
+def lm(hf_lm):
+  from factflip import load_model
+  from factflip.data.tokenizer import load_tokenizer
+  d, _ = hf_lm
+  return load_model(d), load_tokenizer(d)
+
+
+def test_steered_answers_zero_is_greedy_and_steering_is_the_steered_argmax(lm):
+  import jax.numpy as jnp
+
+  from factflip.evals.generation import generate_until
+  from factflip.probes import add
+  model, tok = lm
+  prompts = ["Q: Where was Ada born?\nA:", "Q: What does Bob play?\nA:", "Alice"]
+  D, L = model.cfg.d_model, model.cfg.n_layers
+  v = np.random.default_rng(0).normal(size=D).astype(np.float32) * 3
+  got = M.steered_answers(model, tok, prompts, np.stack([np.zeros(D, np.float32), v]),
+                          "resid_post", 0, max_new_tokens=5, batch_rows=4)
+  plain = [a[0].strip() for a in generate_until(model, tok, prompts, until=("\n",),
+                                                max_new_tokens=5)]
+  assert got[0] == plain                              # α = 0: the model itself
+  # the steered answer of each prompt: greedy argmax of the model with the vector added
+  iv = add("resid_post", np.broadcast_to(v, (L, 1, 1, D)), layers=[0])
+  from factflip.evals.loglik import Encoder
+  for p, want in zip(prompts, got[1]):
+    ids = list(Encoder(tok).encode(p))
+    for _ in range(5):
+      nxt = int(jnp.argmax(model(np.asarray([ids], np.int32), interventions=[iv])[0, -1]))
+      if nxt == tok.eos_token_id or tok.decode([nxt]) == "\n":
+        break
+      ids.append(nxt)
+    text = tok.decode(ids[len(Encoder(tok).encode(p)):], skip_special_tokens=True)
+    assert want == text.split("\n")[0].strip()
+  assert got[1] != got[0]
+
+
+# ---- the smoke study ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def morfi_study(tmp_path_factory):
+  import subprocess
+  import sys
+  wd = str(tmp_path_factory.mktemp("morfi_smoke"))
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
+                        f"--workdir={wd}"], env=dict(os.environ, XLA_FLAGS=""),
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return wd, out.stdout
+
+
+def test_smoke_study_tables_and_numbers(morfi_study):
+  import scipy.stats
+
+  from factflip.evals.qa import exact_match
+  from factflip.sae import load_sae
+  wd, log = morfi_study
+  run = os.path.join(wd, "runs", "tiny-0.5m", "seed0")
+  for stage in ("slick", "mixtures", "sft_unk0", "sft_unk50", "sft_unk100", "sae",
+                "latents/unk0", "steering"):
+    assert os.path.exists(os.path.join(run, stage, "DONE")), stage
+  lat = pd.read_csv(os.path.join(wd, "results", "latents.csv"))
+  sae = load_sae(os.path.join(run, "sae", "sae"))
+  assert len(lat) == sae.cfg.d_sae and sae.cfg.hook_name == "blocks.2.hook_resid_post"
+  # ρ is Spearman of the per-model means the study wrote, latent by latent
+  per = pd.read_csv(os.path.join(run, "steering", "latents.csv"))
+  alive = per[per.alive]
+  assert len(alive) > 0
+  for _, r in alive.head(10).iterrows():
+    means = [r["mean_0"], r["mean_0.5"], r["mean_1"]]
+    ref = scipy.stats.spearmanr([0, 0.5, 1], means).statistic
+    assert (np.isnan(ref) and np.isnan(r.rho)) or r.rho == pytest.approx(ref)
+  # the latents file holds the same means: the last checkpoint's mean over prompts
+  with np.load(os.path.join(run, "latents", "unk50", "latents.npz")) as z:
+    np.testing.assert_allclose(z["latents"][-1].mean(0), per["mean_0.5"], rtol=1e-5,
+                               atol=1e-6)
+    assert z["latents"].shape[0] == len(z["steps"]) == 3          # epochs 0, 1, 2
+  # the steering table's accuracies are the answers' exact matches
+  st = pd.read_csv(os.path.join(wd, "results", "steering.csv"))
+  answers = pd.read_csv(os.path.join(run, "steering", "answers.csv"), keep_default_na=False)
+  from factflip.data.world import load_world
+  by_id = {f.id: f for f in load_world(os.path.join(wd, "world")).facts}
+  facts = [by_id[i] for i in answers.item]
+  assert {f.relation for f in facts} <= {"sport", "instrument", "city_country"}   # in-dist.
+  em = {c: np.mean([exact_match(a, f.answers) for a, f in zip(answers[c], facts)])
+        for c in answers.columns if c != "item"}
+  assert st[st.kind == "none"].accuracy.iloc[0] == pytest.approx(em["none:-1:0"])
+  assert st[st.kind == "M0"].accuracy.iloc[0] == pytest.approx(em["m0"])
+  assert set(st.kind) >= {"M0", "none", "composite", "control"}
+  assert sorted(st[st.kind == "composite"].alpha) == [1.0, 4.0]
+  with open(os.path.join(wd, "report", "summary.json")) as f:
+    head = json.load(f)
+  assert head["latents_alive"] == int(per.alive.sum())
+  assert "monotonic latents:" in log and os.path.exists(os.path.join(wd, "report",
+                                                                      "index.html"))
+
+
+def test_rerun_reuses_everything_and_a_morfi_key_redoes_only_steering(morfi_study, tmp_path):
+  import shutil
+  import subprocess
+  import sys
+  wd = str(tmp_path / "wd")
+  shutil.copytree(morfi_study[0], wd)
+
+  def plan(*flags):
+    out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
+                          f"--config={CONFIG}:smoke", f"--workdir={wd}", "--dry_run", *flags],
+                         env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+  assert "redo" not in plan() and "new " not in plan()
+  changed = plan("--config.morfi.top_latents=1")
+  assert "redo   steering tiny-0.5m seed0" in changed and "redo   results" in changed
+  assert "redo   latents" not in changed and "redo   sae" not in changed
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("morfi.alphas", [-1.0], "morfi.alphas"),
+    ("morfi.positions", "first", "morfi.positions"),
+    ("mixtures.unknown_shares", [0.0, 1.0], "at least 3 shares"),
+    ("sae.path", "/nonexistent/sae", "no such file or directory"),
+])
+def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
+  from factflip.configfile import ConfigError, load_config_file
+  from factflip.studies.morfi import Study
+  c = load_config_file(CONFIG, "smoke")
+  node = c
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ConfigError, match=match):
+    Study(c, str(tmp_path))
