@@ -147,3 +147,26 @@ def smoke_study(tmp_path_factory):
   logs = []
   head = Study(load_config_file(STUDY_CONFIG, "smoke"), wd, log=logs.append).run_and_report()
   return wd, head, logs
+
+
+@pytest.fixture(scope="session")
+def nk_study(tmp_path_factory):
+  """Paper B's smoke study, run once per session through `factflip run` in a process with one
+  CPU device (its SFT batch of 2 rows does not divide over the 8 fake devices of this one):
+  (workdir, headline, output). Paper C's smoke study starts from a copy (its world, pretraining
+  and SliCK stages are reused by fingerprint). A test that changes the workdir works on a
+  copy."""
+  import json
+  import subprocess
+  import sys
+  wd = str(tmp_path_factory.mktemp("nk_smoke"))
+  config = os.path.join(os.path.dirname(__file__), "..", "configs", "studies",
+                        "new_knowledge.py")
+  env = dict(os.environ, XLA_FLAGS="")
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={config}:smoke",
+                        f"--workdir={wd}"], env=env, capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  with open(os.path.join(wd, "report", "summary.json")) as f:
+    head = json.load(f)
+  return wd, head, out.stdout

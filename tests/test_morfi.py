@@ -104,14 +104,20 @@ def test_steered_answers_zero_is_greedy_and_steering_is_the_steered_argmax(lm):
 
 # ---- the smoke study ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def morfi_study(tmp_path_factory):
+def morfi_study(nk_study, tmp_path_factory):
+  """The smoke study in a copy of paper B's smoke workdir: the world, pretraining and SliCK
+  stages are B's, reused by fingerprint (the log says so); the rest runs here."""
+  import shutil
   import subprocess
   import sys
-  wd = str(tmp_path_factory.mktemp("morfi_smoke"))
+  wd = str(tmp_path_factory.mktemp("morfi") / "smoke")
+  shutil.copytree(nk_study[0], wd)
   out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
                         f"--workdir={wd}"], env=dict(os.environ, XLA_FLAGS=""),
                        capture_output=True, text=True, timeout=900, check=False)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert out.stdout.splitlines()[1].startswith("plan: 3 reuse")   # world, pretrain, slick
+  assert "SliCK:" not in out.stdout and "-> 300," not in out.stdout   # neither ran again
   return wd, out.stdout
 
 

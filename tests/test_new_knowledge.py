@@ -13,25 +13,6 @@ import pytest
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "new_knowledge.py")
 
 
-@pytest.fixture(scope="module")
-def nk_study(tmp_path_factory):
-  """The smoke study, run once through `factflip run` in a process with one CPU device (its
-  SFT batch of 2 rows does not divide over the 8 fake devices of this one): (workdir,
-  headline, output)."""
-  import json
-  import subprocess
-  import sys
-  wd = str(tmp_path_factory.mktemp("nk_smoke"))
-  env = dict(os.environ, XLA_FLAGS="")
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
-                        f"--workdir={wd}"], env=env, capture_output=True, text=True,
-                       timeout=900)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  with open(os.path.join(wd, "report", "summary.json")) as f:
-    head = json.load(f)
-  return wd, head, out.stdout
-
-
 def _study(wd, arg="smoke", **over):
   from factflip.configfile import load_config_file
   from factflip.studies.new_knowledge import Study
