@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from factflip.kernels import at_least_kth
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import Params, Transformer, forward, init_cache
 
@@ -70,28 +71,6 @@ def _prompt_bucket(n: int, minimum: int) -> int:
   return max(minimum, p * 3 // 4) if n <= p * 3 // 4 else p
 
 
-def _at_least_kth(x_BxV: jax.Array, k: int) -> jax.Array:
-  """x >= the k-th largest value of its row (HF's top-k filter: ties with it are kept), exact.
-
-  A bisection over the float32 values' order-preserving uint32 keys: 32 steps of "how many are
-  >= t" find the k-th largest key itself. XLA:CPU's top_k (a sort) is ~10x slower at SliCK's
-  batch of 544 rows x 1024 logits, and the gap grows with the vocabulary."""
-  i_BxV = jax.lax.bitcast_convert_type(x_BxV.astype(jnp.float32), jnp.int32)
-  key_BxV = jax.lax.bitcast_convert_type(i_BxV ^ ((i_BxV >> 31) & 0x7FFFFFFF), jnp.uint32)
-  key_BxV = key_BxV ^ jnp.uint32(0x80000000)           # float order == unsigned key order
-  k = min(k, x_BxV.shape[-1])
-
-  def step(_, bounds):          # invariant: #(key >= lo) >= k > #(key >= hi) (hi exclusive)
-    lo_B, hi_B = bounds
-    mid_B = lo_B + (hi_B - lo_B) // 2
-    enough_B = (key_BxV >= mid_B[:, None]).sum(-1) >= k
-    return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B)
-  B = x_BxV.shape[0]
-  lo_B, _ = jax.lax.fori_loop(0, 32, step, (jnp.zeros((B,), jnp.uint32),
-                                            jnp.full((B,), 0xFFFFFFFF, jnp.uint32)))
-  return key_BxV >= lo_B[:, None]
-
-
 def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """The next token of each row; with a fan-out, row b uses temperatures[b % copies]."""
   temps = sampling.temperatures
@@ -103,7 +82,7 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> j
   logits_BxV = logits_BxV.astype(jnp.float32) / jnp.where(temp_B > 0, temp_B, 1.0)[:, None]
   neg = jnp.finfo(jnp.float32).min
   if sampling.top_k:
-    logits_BxV = jnp.where(_at_least_kth(logits_BxV, sampling.top_k), logits_BxV, neg)
+    logits_BxV = jnp.where(at_least_kth(logits_BxV, sampling.top_k), logits_BxV, neg)
   if sampling.top_p < 1.0:
     order_BxV = jnp.argsort(-logits_BxV, axis=-1)
     sorted_BxV = jnp.take_along_axis(logits_BxV, order_BxV, axis=-1)

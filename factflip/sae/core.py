@@ -12,7 +12,8 @@ The math is SAELens 6.x's, architecture by architecture (a parity test holds it 
     h  = x' @ W_enc + b_enc
     standard:  f = relu(h)
     topk:      f = relu of the k largest h per token, 0 elsewhere (h · ‖W_dec[j]‖ first when
-               `rescale_acts_by_decoder_norm`, and f / ‖W_dec[j]‖ again before decoding)
+               `rescale_acts_by_decoder_norm`, and f / ‖W_dec[j]‖ again before decoding); a
+               value tied with the k-th largest is kept too (measure zero for real inputs)
     jumprelu:  f = relu(h) · [h > threshold]
     x̂ = unnormalise(f @ W_dec + b_dec)
 
@@ -32,6 +33,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from factflip.kernels import at_least_kth
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -233,9 +236,8 @@ def activation(sae: SAE, h):
     return jax.nn.relu(h)
   if cfg.architecture == "jumprelu":
     return jax.nn.relu(h) * (h > sae.threshold).astype(h.dtype)
-  vals, idx = jax.lax.top_k(h, cfg.k)               # top k, then relu of the selected values
-  return jnp.put_along_axis(jnp.zeros_like(h), idx, jax.nn.relu(vals), axis=-1,
-                            inplace=False)
+  # top k (an exact bisection on the values, not a sort), then relu of the selected values
+  return jnp.where(at_least_kth(jax.lax.stop_gradient(h), cfg.k), jax.nn.relu(h), 0.0)
 
 
 @jax.jit

@@ -101,6 +101,8 @@ def losses(params: dict[str, jax.Array], cfg: SAEConfig, lc: LossConfig, x_NxD, 
            ) -> tuple[jax.Array, dict[str, jax.Array], tuple[jax.Array, jax.Array]]:
   """(total loss, {name: term}, (f, x̂)) of a batch x [N, d_in] (dead_S: bool [d_sae], the
   dead latents before this step; t: the step)."""
+  if cfg.architecture == "topk":
+    return _topk_losses(params, cfg, lc, x_NxD, dead_S)
   sae = SAE(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"],
             params.get("threshold"), cfg)
   h_NxS, state = hidden_pre(sae, x_NxD)
@@ -116,34 +118,60 @@ def losses(params: dict[str, jax.Array], cfg: SAEConfig, lc: LossConfig, x_NxD, 
     sparsity_N = weighted.sum(-1) ** (1.0 / lc.lp_norm)
     terms["l1_loss"] = (coefficient(lc.l1_coefficient, lc.l1_warm_up_steps, t)
                         * sparsity_N).mean()
-  elif cfg.architecture == "jumprelu":
+  else:
     l0_N = step(h_NxS, params["threshold"].astype(h_NxS.dtype), lc.jumprelu_bandwidth).sum(-1)
     terms["l0_loss"] = (coefficient(lc.l0_coefficient, lc.l0_warm_up_steps, t) * l0_N).mean()
-  else:
-    terms["auxiliary_reconstruction_loss"] = _topk_aux(params, cfg, lc, x_NxD, x_hat_NxD,
-                                                       h_NxS, dead_S)
   return sum(terms.values()), terms, (f_NxS, x_hat_NxD)
 
 
-def _topk_aux(params, cfg: SAEConfig, lc: LossConfig, x_NxD, x_hat_NxD, h_NxS, dead_S):
+def _topk_losses(params, cfg: SAEConfig, lc: LossConfig, x_NxD, dead_S):
+  """TopK's MSE and auxiliary loss, computed sparsely: the dense pre-activations only choose
+  the latents (no gradient); the chosen latents' values, their decoding and every gradient go
+  through the k (and k_aux) gathered rows of W_enc / W_dec per token, so the backward pass
+  costs O(N·k·d_in) instead of two dense [N, d_in] x [d_in, d_sae] products. Same values and
+  gradients as the dense formulation."""
   if cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
-    raise ValueError("the TopK auxiliary loss does not support normalize_activations="
-                     f"{cfg.normalize_activations!r} (as in SAELens)")
-  residual_NxD = jax.lax.stop_gradient(x_NxD - x_hat_NxD)
+    raise ValueError("TopK training does not support normalize_activations="
+                     f"{cfg.normalize_activations!r} (as SAELens's auxiliary loss)")
+  from factflip.kernels import at_least_kth, topk_indices
+  W_enc, b_enc, W_dec, b_dec = (params[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+  x_in_NxD = x_NxD - b_dec if cfg.apply_b_dec_to_input else x_NxD
+  norm_S = jnp.linalg.norm(W_dec, axis=-1)
+  h_NxS = jax.lax.stop_gradient(x_in_NxD @ W_enc + b_enc)
+  if cfg.rescale_acts_by_decoder_norm:
+    h_NxS = h_NxS * jax.lax.stop_gradient(norm_S)
+  W_encT = W_enc.T
+
+  def gathered(idx_NxK):
+    """The pre-activations of the latents idx (with gradients), and their decode rows."""
+    pre_NxK = jnp.einsum("nd,nkd->nk", x_in_NxD, W_encT[idx_NxK]) + b_enc[idx_NxK]
+    if cfg.rescale_acts_by_decoder_norm:
+      pre_NxK = pre_NxK * norm_S[idx_NxK]
+    return pre_NxK
+
+  def decoded(acts_NxK, idx_NxK):
+    if cfg.rescale_acts_by_decoder_norm:
+      acts_NxK = acts_NxK / norm_S[idx_NxK]
+    return jnp.einsum("nk,nkd->nd", acts_NxK, W_dec[idx_NxK])
+
+  idx_NxK, valid_NxK = topk_indices(at_least_kth(h_NxS, cfg.k), cfg.k)
+  vals_NxK = jnp.where(valid_NxK, jax.nn.relu(gathered(idx_NxK)), 0.0)
+  x_hat_NxD = decoded(vals_NxK, idx_NxK) + b_dec
+  terms = {"mse_loss": ((x_hat_NxD - x_NxD) ** 2).sum(-1).mean()}
+  # auxiliary: the top k_aux dead latents' raw pre-activations reconstruct the residual
   k_aux = min(cfg.d_in // 2, cfg.d_sae)
   n_dead = dead_S.sum()
-  scale = jnp.minimum(n_dead / (cfg.d_in // 2), 1.0)
   masked_NxS = jnp.where(dead_S, h_NxS, -jnp.inf)
-  vals_NxK, idx_NxK = jax.lax.top_k(masked_NxS, k_aux)    # min(k_aux, n_dead) are finite
-  vals_NxK = jnp.where(jnp.isfinite(vals_NxK), vals_NxK, 0.0)
-  acts_NxS = jnp.put_along_axis(jnp.zeros_like(h_NxS), idx_NxK, vals_NxK, axis=-1,
-                                inplace=False)
-  W_dec = params["W_dec"]
-  if cfg.rescale_acts_by_decoder_norm:
-    acts_NxS = acts_NxS * (1.0 / jnp.linalg.norm(W_dec, axis=-1))
-  recons_NxD = acts_NxS @ W_dec
-  aux = ((recons_NxD - residual_NxD) ** 2).sum(-1).mean()
-  return jnp.where(n_dead > 0, lc.aux_loss_coefficient * scale * aux, 0.0)
+  aux_idx, aux_valid = topk_indices(at_least_kth(masked_NxS, k_aux) & dead_S, k_aux)
+  aux_NxK = jnp.where(aux_valid, gathered(aux_idx), 0.0)
+  residual_NxD = jax.lax.stop_gradient(x_NxD - x_hat_NxD)
+  aux = ((decoded(aux_NxK, aux_idx) - residual_NxD) ** 2).sum(-1).mean()
+  scale = jnp.minimum(n_dead / (cfg.d_in // 2), 1.0)
+  terms["auxiliary_reconstruction_loss"] = jnp.where(
+      n_dead > 0, lc.aux_loss_coefficient * scale * aux, 0.0)
+  f_NxS = jax.lax.stop_gradient(jnp.zeros_like(h_NxS).at[
+      jnp.arange(len(idx_NxK))[:, None], idx_NxK].add(vals_NxK))
+  return sum(terms.values()), terms, (f_NxS, x_hat_NxD)
 
 
 def batch_metrics(x_NxD, x_hat_NxD, f_NxS) -> dict[str, jax.Array]:
