@@ -70,7 +70,7 @@ def saelens(arch, d_in, d_sae, batches, k):
   sae = L.TrainingSAE.from_dict(cls(d_in=d_in, d_sae=d_sae, **extra).to_dict())
   n = len(batches) - 1
   cfg = SAETrainerConfig(total_training_samples=n * len(batches[0]),
-                         train_batch_size_samples=len(batches[0]), lr=3e-4)
+                         train_batch_size_samples=len(batches[0]), lr=3e-4, lr_end=3e-4)
   data = (torch.from_numpy(x) for x in batches[1:])
   trainer = SAETrainer(cfg, sae, data)
   t = time.perf_counter()

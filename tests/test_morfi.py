@@ -204,3 +204,18 @@ def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
   node[last] = value
   with pytest.raises(ConfigError, match=match):
     Study(c, str(tmp_path))
+
+
+def test_explore_notebook_runs_on_the_workdir(morfi_study, tmp_path):
+  from test_study import run_notebook
+  wd = morfi_study[0]
+  nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
+                                 "explore_morfi.ipynb"),
+                    f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path,
+                    env={"XLA_FLAGS": ""})         # one device, as the study ran
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "tiny-0.5m seed 0" in text and "active latents are monotonic" in text
+  html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+  assert "alpha 0.5" in html and "M_100" in html

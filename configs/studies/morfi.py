@@ -6,7 +6,8 @@ stages (the same world, base, SliCK categories and SFT; configs/studies/new_know
   factflip run --config=configs/studies/morfi.py:smoke --workdir=/tmp/morfi   # the tests
 
 Stages (fingerprinted, resumable; --dry_run prints the plan): world → pretrain → slick →
-mixtures (0/10/25/50/75/90/100% Unknown) → sft (per mixture, a checkpoint per epoch) → sae (a
+mixtures (0/12.5/25/50/75/87.5/100% Unknown on the world, whose |D| = 32 makes 10% and 90% not
+whole numbers of examples; paper C's 0/10/25/50/75/90/100% with hf=) → sft (per mixture, a checkpoint per epoch) → sae (a
 TopK SAE trained on the base's middle-layer resid_post over the world's corpus, or
 `sae.path`) → latents (per checkpoint, on the held-out QA prompts) → steering (the monotonic
 test, then the 100%-Unknown model steered) → results. Every key, its default and meaning:
@@ -30,7 +31,11 @@ def get_config(arg=None):
   with c.unlocked():
     c.study = "morfi"
     c.sae, c.morfi = schema.sae, schema.morfi
-  c.mixtures.unknown_shares = list(schema.mixtures.unknown_shares)
+  c.mixtures.unknown_shares = list(schema.mixtures.unknown_shares)   # paper C's 0..100%
+  if not arg or "hf" not in arg:
+    # the world's 33 in-distribution Unknown train facts allow |D| = 32 (B's), where 10% and
+    # 90% are not whole numbers of examples: the nearest exact shares, 12.5% and 87.5%
+    c.mixtures.unknown_shares = [0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0]
   c.mixtures.single, c.mixtures.idk_shares = [], []
   t = c.sae.train                  # a TopK SAE on the base's middle layer (tiny-2m: d 128)
   t.steps, t.batch_tokens, t.buffer_batches = 1500, 1024, 8

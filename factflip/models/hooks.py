@@ -20,6 +20,11 @@ Sites, per layer l (block l maps resid_pre[l] to resid_post[l] = resid_pre[l + 1
               `mlp.hook_post`: what transcoders and MLP-neuron probes read)
 The first five are [B, T, d_model]; an intervention's position mask broadcasts over whatever
 trailing axes a site has.
+
+The scan reads an intervention through four members only: `site`, `layer_mask` [L], `values`
+(leading axis L, sliced per layer) and `apply(h, on, values_l)`. Any pytree with them is an
+intervention: `Intervention` replaces or adds values; `factflip.sae.steering.SAEEdit` encodes
+the site with an SAE, edits latents and decodes.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ training examples; R², and percentile bootstrap intervals over checkpoints (sci
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -207,17 +208,22 @@ def validate(c, source: str = "study") -> None:
                           n_processes=jax.process_count())
 
 
+def _percent(x: float) -> str:
+  return f"{round(100 * x, 6):g}"                  # 0.25 -> "25", 0.125 -> "12.5"
+
+
 def mixture_names(c) -> list[str]:
-  """The mixtures of a config, in run order: unk<X>, idk<X>, then the single-category sets."""
-  return ([f"unk{round(100 * x)}" for x in c.mixtures.unknown_shares]
-          + [f"idk{round(100 * x)}" for x in c.mixtures.idk_shares] + list(c.mixtures.single))
+  """The mixtures of a config, in run order: unk<X>, idk<X> (X in percent, e.g. unk25,
+  unk12.5), then the single-category sets."""
+  return ([f"unk{_percent(x)}" for x in c.mixtures.unknown_shares]
+          + [f"idk{_percent(x)}" for x in c.mixtures.idk_shares] + list(c.mixtures.single))
 
 
 def unknown_share(name: str) -> float | None:
   """X of an unk<X> / idk<X> mixture name (None for a single-category set)."""
   for pre in ("unk", "idk"):
-    if name.startswith(pre) and name[len(pre):].isdigit():
-      return int(name[len(pre):]) / 100
+    if name.startswith(pre) and re.fullmatch(r"\d+(\.\d+)?", name[len(pre):]):
+      return float(name[len(pre):]) / 100
   return None
 
 

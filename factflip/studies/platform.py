@@ -340,7 +340,7 @@ class Study:
   def figures(self, out_dir: str) -> list[tuple[str, str]]:
     """Every report figure drawn into out_dir from the results: [(title, path)]."""
     _, figs = self.report(self.tables(), out_dir)
-    return [(f.title, os.path.join(out_dir, f.file)) for f in figs]
+    return [(f.title, os.path.join(out_dir, f.file)) for f in figs if f.file]
 
   def run_and_report(self, dry_run: bool = False) -> dict[str, Any] | None:
     """All stages, then plots, report/index.html, summary.json and the terminal summary
