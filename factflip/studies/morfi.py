@@ -49,6 +49,14 @@ COLUMNS = {
 PAPER_C = {"delta_accuracy_points": (22, 40), "r_k": (0.69, 0.85)}
 
 
+def ranked_monotonic(table: pd.DataFrame) -> pd.DataFrame:
+  """The monotonic latents, strongest first: by |ρ|, then Mann–Kendall p, then index (the
+  order in which the steering stage picks them)."""
+  mono = table[table.monotonic]
+  return mono.assign(_a=-mono.rho.abs()).sort_values(["_a", "mk_p", "latent"]).drop(
+      columns="_a")
+
+
 def base_config():
   """Every key a MoRFI study reads: paper B's (`new_knowledge.base_config`) and `sae`, `morfi`."""
   import ml_collections
@@ -287,7 +295,7 @@ class Study(new_knowledge.Study):
     unit = float(np.linalg.norm(h_top, axis=-1).mean())          # α's unit: mean ‖h‖ of M_100
     W = np.asarray(sae.W_dec, np.float32).reshape(sae.cfg.d_sae, -1)
     W = W / np.maximum(np.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
-    mono = table[table.monotonic].assign(a=lambda d: -d.rho.abs()).sort_values(["a", "mk_p"])
+    mono = ranked_monotonic(table)
     chosen = [("latent", int(j), -1.0 if r > 0 else 1.0)
               for j, r in zip(mono.latent[:mc.top_latents], mono.rho[:mc.top_latents])]
     pool = table[table.alive & ~table.monotonic & table.rho.notna()]
@@ -350,8 +358,7 @@ class Study(new_knowledge.Study):
       t["latents"].append(lat.assign(size=size, seed=seed)[COLUMNS["latents"]])
       t["steering"].append(pd.read_csv(os.path.join(d, "steering.csv")).assign(
           size=size, seed=seed)[COLUMNS["steering"]])
-      keep = lat[lat.monotonic].assign(a=lambda g: -g.rho.abs()).sort_values("a").latent
-      keep = list(keep[:max(self.c.morfi.top_latents, 1)])
+      keep = list(ranked_monotonic(lat).latent[:self.c.morfi.top_latents])   # those steered
       for name, x in self.shares():
         means = self.latents(size, seed, name)["latents"][-1].mean(0)
         t["trend"] += [{"size": size, "seed": seed, "latent": int(j), "unknown_share": x,
