@@ -47,13 +47,14 @@ def ours(arch, d_in, d_sae, batches, k):
   tx = make_optimizer(3e-4, len(batches))
   state = init_state(S.init_sae(cfg, jax.random.key(0)), tx)
   step = make_train_step(cfg, LossConfig(l1_coefficient=5.0, l0_coefficient=5.0), tx)
+  xs = [jnp.asarray(x) for x in batches]       # on the device, as SAELens's are tensors
   t = time.perf_counter()
-  state, m = step(state, jnp.asarray(batches[0]))
+  state, m = step(state, xs[0])
   jax.block_until_ready(m["loss"])
   first = time.perf_counter() - t
   t = time.perf_counter()
-  for x in batches[1:]:
-    state, m = step(state, jnp.asarray(x))
+  for x in xs[1:]:
+    state, m = step(state, x)
   jax.block_until_ready(m["loss"])
   return (time.perf_counter() - t) / (len(batches) - 1), first, float(m["explained_variance"])
 

@@ -1,7 +1,6 @@
 """Small numeric kernels shared by generation and SAEs.
 
-Owns: `at_least_kth` (the exact top-k membership mask by bisection) and `topk_indices` (a row's
-selected columns as [..., K] indices in linear time).
+Owns: `at_least_kth` (the exact top-k membership mask by bisection, no sort).
 Must not: know models, sampling or SAEs.
 """
 
@@ -33,18 +32,3 @@ def at_least_kth(x_BxV: jax.Array, k: int) -> jax.Array:
                                             jnp.full(B, 0xFFFFFFFF, jnp.uint32)))
   return key_BxV >= lo_B[..., None]
 
-
-def topk_indices(mask_NxS: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """(idx [..., k] int32, valid [..., k] bool): the columns of each row's True entries, in
-  column order, the first k of them (rows with fewer leave slots invalid, index 0). Linear in
-  the row length: a cumulative sum and a scatter, no sort."""
-  lead, S = mask_NxS.shape[:-1], mask_NxS.shape[-1]
-  m = mask_NxS.reshape(-1, S)
-  pos = jnp.cumsum(m, axis=-1, dtype=jnp.int32) - 1
-  slot = jnp.where(m & (pos < k), pos, k)                        # k: dropped
-  rows = jnp.broadcast_to(jnp.arange(m.shape[0])[:, None], m.shape)
-  cols = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), m.shape)
-  idx = jnp.zeros((m.shape[0], k), jnp.int32).at[rows, slot].set(cols, mode="drop")
-  count = jnp.minimum(m.sum(-1), k)
-  valid = jnp.arange(k) < count[:, None]
-  return idx.reshape(*lead, k), valid.reshape(*lead, k)

@@ -125,52 +125,34 @@ def losses(params: dict[str, jax.Array], cfg: SAEConfig, lc: LossConfig, x_NxD, 
 
 
 def _topk_losses(params, cfg: SAEConfig, lc: LossConfig, x_NxD, dead_S):
-  """TopK's MSE and auxiliary loss, computed sparsely: the dense pre-activations only choose
-  the latents (no gradient); the chosen latents' values, their decoding and every gradient go
-  through the k (and k_aux) gathered rows of W_enc / W_dec per token, so the backward pass
-  costs O(N·k·d_in) instead of two dense [N, d_in] x [d_in, d_sae] products. Same values and
-  gradients as the dense formulation."""
+  """TopK's MSE and auxiliary loss. The k (and k_aux) latents are chosen by an exact bisection
+  on the pre-activations (`kernels.at_least_kth`, no sort; the choice carries no gradient), the
+  rest is dense: on CPU the dense products beat gathering k rows per token (measured:
+  benchmarks/RESULTS.md)."""
   if cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
     raise ValueError("TopK training does not support normalize_activations="
                      f"{cfg.normalize_activations!r} (as SAELens's auxiliary loss)")
-  from factflip.kernels import at_least_kth, topk_indices
-  W_enc, b_enc, W_dec, b_dec = (params[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-  x_in_NxD = x_NxD - b_dec if cfg.apply_b_dec_to_input else x_NxD
-  norm_S = jnp.linalg.norm(W_dec, axis=-1)
-  h_NxS = jax.lax.stop_gradient(x_in_NxD @ W_enc + b_enc)
-  if cfg.rescale_acts_by_decoder_norm:
-    h_NxS = h_NxS * jax.lax.stop_gradient(norm_S)
-  W_encT = W_enc.T
-
-  def gathered(idx_NxK):
-    """The pre-activations of the latents idx (with gradients), and their decode rows."""
-    pre_NxK = jnp.einsum("nd,nkd->nk", x_in_NxD, W_encT[idx_NxK]) + b_enc[idx_NxK]
-    if cfg.rescale_acts_by_decoder_norm:
-      pre_NxK = pre_NxK * norm_S[idx_NxK]
-    return pre_NxK
-
-  def decoded(acts_NxK, idx_NxK):
-    if cfg.rescale_acts_by_decoder_norm:
-      acts_NxK = acts_NxK / norm_S[idx_NxK]
-    return jnp.einsum("nk,nkd->nd", acts_NxK, W_dec[idx_NxK])
-
-  idx_NxK, valid_NxK = topk_indices(at_least_kth(h_NxS, cfg.k), cfg.k)
-  vals_NxK = jnp.where(valid_NxK, jax.nn.relu(gathered(idx_NxK)), 0.0)
-  x_hat_NxD = decoded(vals_NxK, idx_NxK) + b_dec
+  from factflip.kernels import at_least_kth
+  sae = SAE(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], None, cfg)
+  h_NxS, state = hidden_pre(sae, x_NxD)
+  f_NxS = activation(sae, h_NxS)
+  x_hat_NxD = decode(sae, f_NxS, state)
   terms = {"mse_loss": ((x_hat_NxD - x_NxD) ** 2).sum(-1).mean()}
-  # auxiliary: the top k_aux dead latents' raw pre-activations reconstruct the residual
+  # auxiliary: the top k_aux dead latents' raw pre-activations reconstruct the residual;
+  # skipped (a conditional, not a masked zero) while no latent is dead, as SAELens skips it
   k_aux = min(cfg.d_in // 2, cfg.d_sae)
   n_dead = dead_S.sum()
-  masked_NxS = jnp.where(dead_S, h_NxS, -jnp.inf)
-  aux_idx, aux_valid = topk_indices(at_least_kth(masked_NxS, k_aux) & dead_S, k_aux)
-  aux_NxK = jnp.where(aux_valid, gathered(aux_idx), 0.0)
   residual_NxD = jax.lax.stop_gradient(x_NxD - x_hat_NxD)
-  aux = ((decoded(aux_NxK, aux_idx) - residual_NxD) ** 2).sum(-1).mean()
-  scale = jnp.minimum(n_dead / (cfg.d_in // 2), 1.0)
-  terms["auxiliary_reconstruction_loss"] = jnp.where(
-      n_dead > 0, lc.aux_loss_coefficient * scale * aux, 0.0)
-  f_NxS = jax.lax.stop_gradient(jnp.zeros_like(h_NxS).at[
-      jnp.arange(len(idx_NxK))[:, None], idx_NxK].add(vals_NxK))
+
+  def aux_loss(h_NxS, W_dec):
+    masked_NxS = jax.lax.stop_gradient(jnp.where(dead_S, h_NxS, -jnp.inf))
+    aux_NxS = jnp.where(at_least_kth(masked_NxS, k_aux) & dead_S, h_NxS, 0.0)
+    if cfg.rescale_acts_by_decoder_norm:
+      aux_NxS = aux_NxS * (1.0 / jnp.linalg.norm(W_dec, axis=-1))
+    aux = ((aux_NxS @ W_dec - residual_NxD) ** 2).sum(-1).mean()
+    return lc.aux_loss_coefficient * jnp.minimum(n_dead / (cfg.d_in // 2), 1.0) * aux
+  terms["auxiliary_reconstruction_loss"] = jax.lax.cond(
+      n_dead > 0, aux_loss, lambda h, w: jnp.zeros((), h.dtype), h_NxS, params["W_dec"])
   return sum(terms.values()), terms, (f_NxS, x_hat_NxD)
 
 
