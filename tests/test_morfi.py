@@ -192,6 +192,7 @@ def test_rerun_reuses_everything_and_a_morfi_key_redoes_only_steering(morfi_stud
     ("morfi.positions", "first", "morfi.positions"),
     ("mixtures.unknown_shares", [0.0, 1.0], "at least 3 shares"),
     ("sae.path", "/nonexistent/sae", "no such file or directory"),
+    ("facts", "/some/entityquestions", "sae.path: empty with a facts file"),
 ])
 def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
   from factflip.configfile import ConfigError, load_config_file
