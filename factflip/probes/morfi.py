@@ -51,10 +51,10 @@ def _prompt_batch(tokenizer, prompts: Sequence[str]):
   return tokens, mask
 
 
-def site_activations(model, tokenizer, prompts: Sequence[str], site: str, layer: int,
-                     positions: str = "last", batch_size: int = 64) -> np.ndarray:
-  """The residual (or any site's) activation per prompt [P, D]: at the last prompt token or
-  averaged over the prompt's tokens."""
+def _per_prompt(model, tokenizer, prompts: Sequence[str], site: str, layer: int,
+                positions: str, batch_size: int, features) -> np.ndarray:
+  """features(site activation [B, T, ...]) -> [B, T, F], read per prompt at its last token or
+  averaged over its tokens: [P, F]."""
   if positions not in POSITIONS:
     raise ValueError(f"positions {positions!r}; expected one of {POSITIONS}")
   out = []
@@ -63,12 +63,20 @@ def site_activations(model, tokenizer, prompts: Sequence[str], site: str, layer:
     positions_BxT = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     h = model.forward(tokens, mask, positions_BxT, capture=(site,),
                       return_logits=False).captures[site][layer]
-    h = np.asarray(h, np.float32).reshape(*h.shape[:2], -1)
+    f_BxTxF = np.asarray(features(h), np.float32)
     if positions == "last":
-      out.append(h[:, -1])
+      out.append(f_BxTxF[:, -1])
     else:
-      out.append((h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
+      out.append((f_BxTxF * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
   return np.concatenate(out)
+
+
+def site_activations(model, tokenizer, prompts: Sequence[str], site: str, layer: int,
+                     positions: str = "last", batch_size: int = 64) -> np.ndarray:
+  """The residual (or any site's, flattened) activation per prompt [P, D]: at the last prompt
+  token or averaged over the prompt's tokens."""
+  return _per_prompt(model, tokenizer, prompts, site, layer, positions, batch_size,
+                     lambda h: np.asarray(h).reshape(*h.shape[:2], -1))
 
 
 def latent_activations(model, tokenizer, sae, prompts: Sequence[str], positions: str = "last",
@@ -78,20 +86,8 @@ def latent_activations(model, tokenizer, sae, prompts: Sequence[str], positions:
   from factflip.sae.core import encode
   from factflip.sae.steering import sae_site
   site, layer = sae_site(sae, layer)
-  if positions not in POSITIONS:
-    raise ValueError(f"positions {positions!r}; expected one of {POSITIONS}")
-  out = []
-  for i in range(0, len(prompts), batch_size):
-    tokens, mask = _prompt_batch(tokenizer, prompts[i:i + batch_size])
-    positions_BxT = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    h = model.forward(tokens, mask, positions_BxT, capture=(site,),
-                      return_logits=False).captures[site][layer]
-    f = np.asarray(encode(sae, h), np.float32)                     # [B, T, d_sae]
-    if positions == "last":
-      out.append(f[:, -1])
-    else:
-      out.append((f * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
-  return np.concatenate(out)
+  return _per_prompt(model, tokenizer, prompts, site, layer, positions, batch_size,
+                     lambda h: encode(sae, h))
 
 
 # ---- trend statistics ------------------------------------------------------------------------

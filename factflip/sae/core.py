@@ -271,22 +271,23 @@ def decode(sae: SAE, f, state: NormState | None = None):
   return y
 
 
+def with_head_width(sae: SAE, head_width: int) -> SAE:
+  """A hook_z SAE that knows its head width (decode returns [..., heads, d_head]); any other
+  SAE, or one that knows it, as it is."""
+  if sae.cfg.reshape_activations == "hook_z" and not sae.cfg.d_head:
+    return sae.replace(cfg=dataclasses.replace(sae.cfg, d_head=int(head_width)))
+  return sae
+
+
 @jax.jit
 def forward(sae: SAE, x):
   """decode(encode(x)) in x's shape (hook_z: the head shape of the input)."""
-  f, state = encode_with_state(sae, x)
-  cfg = sae.cfg
-  if cfg.reshape_activations == "hook_z" and not cfg.d_head:
-    sae = sae.replace(cfg=dataclasses.replace(cfg, d_head=x.shape[-1]))
-  return decode(sae, f, state)
+  return reconstruct(sae, x)[0]
 
 
 @jax.jit
 def reconstruct(sae: SAE, x):
   """(x̂, f, error = x − x̂): a reconstruction with the error term an intervention keeps."""
   f, state = encode_with_state(sae, x)
-  cfg = sae.cfg
-  if cfg.reshape_activations == "hook_z" and not cfg.d_head:
-    sae = sae.replace(cfg=dataclasses.replace(cfg, d_head=x.shape[-1]))
-  x_hat = decode(sae, f, state)
+  x_hat = decode(with_head_width(sae, x.shape[-1]), f, state)
   return x_hat, f, jnp.asarray(x).astype(x_hat.dtype) - x_hat

@@ -16,7 +16,6 @@ Positions are a boolean mask ([T] or [B, T]) or None (every position).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ import numpy as np
 from flax import struct
 
 from factflip.models.hooks import Intervention, check_site, parse_hook_name
-from factflip.sae.core import SAE, decode, encode_with_state
+from factflip.sae.core import SAE, decode, encode_with_state, with_head_width
 
 
 def sae_site(sae: SAE, layer: int | None = None) -> tuple[str, int]:
@@ -64,11 +63,14 @@ def _check_latents(sae: SAE, latents) -> jax.Array:
   return latents
 
 
-def _for_site(sae: SAE, site: str, feature_shape: tuple[int, ...]) -> SAE:
-  """The SAE with the head width of a z site filled in (decode returns heads)."""
-  if sae.cfg.reshape_activations == "hook_z" and not sae.cfg.d_head:
-    return sae.replace(cfg=dataclasses.replace(sae.cfg, d_head=feature_shape[-1]))
-  return sae
+def _paired(sae: SAE, latents, values, what: str) -> tuple[jax.Array, jax.Array]:
+  """Latent indices (checked) and one float per latent (`what`: their name in errors)."""
+  latents = _check_latents(sae, latents)
+  values = jnp.asarray(values, jnp.float32).reshape(-1)
+  if values.shape != latents.shape:
+    raise ValueError(f"{latents.shape[0]} latents and {values.shape[0]} {what}; expected one "
+                     f"per latent")
+  return latents, values
 
 
 def steer(sae: SAE, latents, alphas, n_layers: int, *, layer: int | None = None,
@@ -77,11 +79,7 @@ def steer(sae: SAE, latents, alphas, n_layers: int, *, layer: int | None = None,
   `latents` and `alphas` are ints / floats or arrays of equal length (traceable: vmap over
   them for a grid)."""
   site, layer = sae_site(sae, layer)
-  latents = _check_latents(sae, latents)
-  alphas = jnp.asarray(alphas, jnp.float32).reshape(-1)
-  if alphas.shape != latents.shape:
-    raise ValueError(f"{latents.shape[0]} latents and {alphas.shape[0]} alphas; expected one "
-                     "alpha per latent")
+  latents, alphas = _paired(sae, latents, alphas, "alphas")
   v_D = alphas @ jnp.take(sae.W_dec, latents, axis=0).astype(jnp.float32)
   if sae.cfg.reshape_activations == "hook_z":
     if not sae.cfg.d_head:
@@ -114,7 +112,7 @@ class SAEEdit:
 
   def apply(self, h, on, values_l):
     del values_l
-    sae = _for_site(self.sae, self.site, h.shape[2:])
+    sae = with_head_width(self.sae, h.shape[-1])
     f, state = encode_with_state(sae, h.astype(sae.W_enc.dtype))
     f_edit = f.at[..., self.latents].set(self.latent_values.astype(f.dtype))
     x_hat = decode(sae, f_edit, state)
@@ -129,11 +127,7 @@ def clamp(sae: SAE, latents, values, n_layers: int, *, layer: int | None = None,
   """Latents `latents` set to `values` (e.g. 0 to ablate, 5·max to amplify), the SAE's error
   term kept (`keep_error`)."""
   site, layer = sae_site(sae, layer)
-  latents = _check_latents(sae, latents)
-  values = jnp.asarray(values, jnp.float32).reshape(-1)
-  if values.shape != latents.shape:
-    raise ValueError(f"{latents.shape[0]} latents and {values.shape[0]} values; expected one "
-                     "value per latent")
+  latents, values = _paired(sae, latents, values, "values")
   return SAEEdit(_layer_mask(n_layers, layer), _positions(positions), jnp.zeros((n_layers,)),
                  sae, latents, values, site=site, keep_error=keep_error)
 
