@@ -49,7 +49,7 @@ def batch_of(cfg, B, T, seed=0):
 def time_ours(cfg, batch, iters):
   tx = make_optimizer(OPT)
   state = init_state(cfg, tx, jax.random.key(0))
-  step = make_train_step(cfg, tx, objectives.lm)
+  step = make_train_step(cfg, tx, objectives.lm_objective())
   b = jax.device_put(batch)
   for _ in range(2):
     state, m = step(state, b)

@@ -42,7 +42,7 @@ def test_packed_rows_equal_separate_examples():
 def test_loss_decreases_and_objective_values():
   tx = make_optimizer(OPT)
   state = init_state(CFG, tx, jax.random.key(0))
-  step = make_train_step(CFG, tx, O.lm)
+  step = make_train_step(CFG, tx, O.lm_objective())
   batch = lm_batch()
   losses = []
   for _ in range(25):
@@ -55,11 +55,40 @@ def test_loss_decreases_and_objective_values():
   params = init_params(CFG, jax.random.key(1))
   f = lm_batch(B=4, seed=3)
   ref = O.example_sums(O.token_logprobs(params, CFG, f), f["loss_mask"], f["segment_ids"], 1)[0]
-  loss, _, _ = O.npo(params, CFG, {"forget": f}, ref, beta=0.5, retain_weight=0.0)
+  loss, _ = O.npo(params, CFG, {"forget": f}, ref, beta=0.5, retain_weight=0.0)
   assert float(loss) == pytest.approx(4 * np.log(2), rel=1e-5)
   s, n, _ = O.lm(params, CFG, f)
-  ga, _, _ = O.gradient_ascent(params, CFG, {"forget": f}, retain_weight=0.0)
+  ga, terms = O.gradient_ascent(params, CFG, {"forget": f}, retain_weight=0.0)
   assert float(ga) == pytest.approx(-float(s / n), rel=1e-6)
+  assert float(terms["forget_nll"]) == pytest.approx(float(s / n), rel=1e-6)
+
+
+def test_unlearning_objectives_accumulate_exactly_and_log_every_term():
+  """NPO with a retain term: its example mean and the retain token mean each take their own
+  denominator over all micro-batches, so two micro-batches equal the big batch; every named
+  term is a metric."""
+  tx = make_optimizer(OptimConfig(name="sgd", lr=0.1, warmup_steps=0, schedule="constant"))
+  params = init_params(CFG, jax.random.key(2))
+  big = {"forget": lm_batch(B=8, seed=4), "retain": lm_batch(B=8, seed=5)}
+  big["retain"]["loss_mask"][:4, 9:] = 0                 # unequal retain tokens per micro-batch
+  micro = jax.tree.map(lambda v: v.reshape(2, 4, *v.shape[1:]), big)
+  obj = O.npo_objective(beta=0.5, retain_weight=0.7)
+  assert list(obj.weights) == ["npo", "retain_nll"] and obj.prepare is not None
+  s1 = init_state(CFG, tx, jax.random.key(0), params=params)
+  s2 = init_state(CFG, tx, jax.random.key(0), params=params)
+  one, acc = make_train_step(CFG, tx, obj), make_train_step(CFG, tx, obj, accum_steps=2)
+  s1, m1 = one(s1, big, params)
+  s2, m2 = acc(s2, micro, params)
+  # at the reference point NPO is (2/beta)·ln 2 per example; the loss adds 0.7 · retain NLL
+  assert float(m1["loss/npo"]) == pytest.approx(4 * np.log(2), rel=1e-5)
+  s, n, _ = O.lm(params, CFG, big["retain"])
+  assert float(m1["loss/retain_nll"]) == pytest.approx(float(s / n), rel=1e-5)
+  assert float(m1["loss"]) == pytest.approx(4 * np.log(2) + 0.7 * float(s / n), rel=1e-5)
+  assert float(m1["count"]) == 8                         # forget examples
+  for k in ("loss", "loss/npo", "loss/retain_nll", "count"):
+    assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5), k
+  for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(x, y, atol=2e-6)
 
 
 def test_accumulation_equals_the_large_batch():
@@ -71,7 +100,8 @@ def test_accumulation_equals_the_large_batch():
   big["loss_mask"] = micro["loss_mask"].reshape(8, -1)
   s1 = init_state(CFG, tx, jax.random.key(0))
   s2 = init_state(CFG, tx, jax.random.key(0))
-  one, acc = make_train_step(CFG, tx, O.lm), make_train_step(CFG, tx, O.lm, accum_steps=2)
+  one = make_train_step(CFG, tx, O.lm_objective())
+  acc = make_train_step(CFG, tx, O.lm_objective(), accum_steps=2)
   for _ in range(3):
     s1, m1 = one(s1, big)
     s2, m2 = acc(s2, micro)
@@ -98,13 +128,13 @@ def test_sharded_step_matches_one_device():
   tx = make_optimizer(OPT)
   batch = lm_batch(B=8)
   ref = init_state(CFG, tx, jax.random.key(0))
-  step = make_train_step(CFG, tx, O.lm)
+  step = make_train_step(CFG, tx, O.lm_objective())
   mesh = make_mesh(data=1, fsdp=4, tensor=2)
   sh = state_shardings(CFG, tx, mesh)
   state = init_state(CFG, tx, jax.random.key(0), mesh=mesh)
   assert state.params["layers"]["wq"].sharding == sh.params["layers"]["wq"]
   assert len(state.params["layers"]["w_up"].addressable_shards) == 8
-  sharded = make_train_step(CFG, tx, O.lm, state_sharding=sh)
+  sharded = make_train_step(CFG, tx, O.lm_objective(), state_sharding=sh)
   bsh = batch_sharding(mesh)
   for _ in range(3):
     ref, m_ref = step(ref, batch)
@@ -148,7 +178,7 @@ def test_remat_and_mixed_precision():
   for name, cfg in (("f32", CFG), ("remat", CFG.replace(remat="full")),
                     ("bf16", CFG.replace(dtype="bfloat16"))):
     state = init_state(cfg, tx, jax.random.key(0))
-    step = make_train_step(cfg, tx, O.lm)
+    step = make_train_step(cfg, tx, O.lm_objective())
     losses = []
     for _ in range(3):
       state, m = step(state, batch)

@@ -96,18 +96,15 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
   return c
 
 
-def _objective(c):
+def _objective(c) -> objectives.Objective:
   name = c.objective.name
   if name == "lm":
-    return objectives.lm
+    return objectives.lm_objective()
+  retain = bool(c.data.retain_path)
   if name == "gradient_ascent":
-    return functools.partial(objectives.gradient_ascent, retain_weight=c.objective.retain_weight)
-
-  def npo(params, cfg, batch):  # the reference log-probs ride in the batch (see _npo_refs)
-    return objectives.npo(params, cfg, batch, batch["forget_ref_logp_BxS"],
-                          beta=c.objective.npo_beta, retain_weight=c.objective.retain_weight,
-                          max_segments=_max_segments(c))
-  return npo
+    return objectives.gradient_ascent_objective(c.objective.retain_weight, retain)
+  return objectives.npo_objective(c.objective.npo_beta, c.objective.retain_weight,
+                                  _max_segments(c), retain)
 
 
 def _max_segments(c) -> int:
@@ -241,11 +238,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
   step_fn = make_train_step(mcfg, tx, objective, c.accum_steps, state_sharding=shardings)
   b_sh = batch_sharding(mesh, accumulate=c.accum_steps > 1)
   e_sh = batch_sharding(mesh)
-  ref_fn = None
-  if c.objective.name == "npo":
+  ref_params = None                  # the frozen reference model, for objectives that read it
+  if objective.prepare is not None:
     ref_params = base_params if base_params is not None else jax.jit(
         functools.partial(init_params, mcfg), out_shardings=shardings.params)(key)
-    ref_fn = _npo_reference(mcfg, _max_segments(c), c.accum_steps > 1)
 
   eval_fn = jax.jit(lambda p, b: objectives.lm(p, mcfg, b)[:2])
   writer = MetricsWriter(workdir, resume_step=start)
@@ -276,8 +272,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
     now = time.perf_counter()
     tps = tok_since / max(now - t_last, 1e-9)
     t_last, tok_since = now, 0
+    terms = {k.replace("/", "_"): float(v) for k, v in m.items() if k.startswith("loss/")}
     row = {"loss": m["loss"], "lr": float(schedule(step - 1)), "tokens_per_s": tps,
-           "grad_norm": m["grad_norm"], "trained_tokens": m["count"], **(ev or {})}
+           "grad_norm": m["grad_norm"], "trained_tokens": m["count"], **terms, **(ev or {})}
     writer.write(step, row)
     extra = " | ".join(f"{k} {v:.4f}" for k, v in (ev or {}).items() if isinstance(v, float))
     say(progress.line(step, float(m["loss"]), tps, extra))
@@ -286,9 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
     for t in range(start, last):
       local = next(data)
       batch = _to_global(local, b_sh)
-      if ref_fn is not None:
-        batch = dict(batch, forget_ref_logp_BxS=ref_fn(ref_params, batch["forget"]))
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, ref_params)
       done = t + 1
       if pending:                  # step t's metrics, read now that t+1 is queued
         flush(pending.pop())
@@ -321,15 +316,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
   say(f"done: step {end}, {format_duration(time.time() - t_start)} "
       f"(checkpoints: {valid_steps(ckpt.directory, warn=False)[-3:]} ...)")
   return TrainResult(workdir, start, end, losses, evals, preempted, time.time() - t_start, mcfg)
-
-
-def _npo_reference(mcfg: ModelConfig, max_segments: int, accumulate: bool):
-  """jit(ref_params, forget_batch) -> the reference model's summed answer log-prob per example
-  [B, S] (or [A, B, S])."""
-  def one(params, b):
-    logp_BxT = objectives.token_logprobs(params, mcfg, b)
-    return objectives.example_sums(logp_BxT, b["loss_mask"], b["segment_ids"], max_segments)[0]
-
-  def f(params, b):
-    return jax.lax.map(lambda m: one(params, m), b) if accumulate else one(params, b)
-  return jax.jit(f)

@@ -7,15 +7,15 @@ over micro-batches with a lax.scan, donated state).
 Must not: read data, write files or log (the loop does).
 
 Batches carry a leading micro-batch axis when accumulating: every array is
-[accum_steps, micro_batch, T]; the step sums each micro-batch's (loss sum, count) and gradient
-and divides once, so accumulating A micro-batches equals one step on their concatenation (up to
-float summation order).
+[accum_steps, micro_batch, T]; the step takes every loss term's denominator over all the
+micro-batches first (from the masks: `Objective.counts`), then sums the micro-batches' gradients
+of Σ weight · sum / that denominator, so accumulating A micro-batches equals one step on their
+concatenation (up to float summation order) for every objective.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import init_params
 from factflip.sharding import param_shardings
+from factflip.train.objectives import Objective
 
 
 @struct.dataclass
@@ -82,39 +83,53 @@ def batch_sharding(mesh: Mesh | None, accumulate: bool = False):
   return NamedSharding(mesh, spec)
 
 
-Objective = Callable[..., tuple[jax.Array, jax.Array, dict]]
-
-
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, objective: Objective,
                     accum_steps: int = 1, state_sharding: TrainState | None = None):
-  """jit(step)(state, batch) -> (state, metrics); `state` is donated. metrics: loss, grad_norm,
-  count (trained tokens, or examples for the unlearning objectives)."""
+  """jit(step)(state, batch, ref_params=None) -> (state, metrics); `state` is donated.
+  `ref_params`: the frozen reference model's parameters, for an objective that prepares from
+  them (NPO). metrics: loss, each term's mean as loss/<term>, grad_norm, count (the first term's
+  denominator: trained tokens, or forget examples for NPO)."""
+  names = list(objective.weights)
 
-  def grads_of(params, batch):
-    def f(p):
-      s, n, aux = objective(p, cfg, batch)
-      return s, (n, aux)
-    (s, (n, _)), g = jax.value_and_grad(f, has_aux=True)(params)
-    return s, n, g
-
-  def step(state: TrainState, batch):
+  def counts_of(batch):
     if accum_steps == 1:
-      s, n, g = grads_of(state.params, batch)
+      return objective.counts(batch)
+    per = jax.vmap(objective.counts)(batch)
+    return {k: v.sum() for k, v in per.items()}
+
+  def grads_of(params, micro, ref_params, counts):
+    ref = (objective.prepare(ref_params, cfg, micro) if objective.prepare is not None
+           else None)
+
+    def f(p):
+      sums = objective.terms(p, cfg, micro, ref)
+      loss = sum(objective.weights[k] * sums[k] / jnp.maximum(counts[k], 1.0) for k in names)
+      return loss, sums
+    (loss, sums), g = jax.value_and_grad(f, has_aux=True)(params)
+    return loss, sums, g
+
+  def step(state: TrainState, batch, ref_params=None):
+    counts = counts_of(batch)
+    if accum_steps == 1:
+      loss, sums, g = grads_of(state.params, batch, ref_params, counts)
     else:
       def body(carry, micro):
-        s_acc, n_acc, g_acc = carry
-        s, n, g = grads_of(state.params, micro)
-        return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), batch)
-    n = jnp.maximum(n, 1.0)
-    g = jax.tree.map(lambda x: x / n, g)
+        l_acc, s_acc, g_acc = carry
+        loss, sums, g = grads_of(state.params, micro, ref_params, counts)
+        return (l_acc + loss, jax.tree.map(jnp.add, s_acc, sums),
+                jax.tree.map(jnp.add, g_acc, g)), None
+      zeros = (jnp.float32(0), {k: jnp.float32(0) for k in names},
+               jax.tree.map(jnp.zeros_like, state.params))
+      (loss, sums, g), _ = jax.lax.scan(body, zeros, batch)
     updates, opt_state = tx.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": s / n, "grad_norm": optax.global_norm(g), "count": n}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(g), "count": counts[names[0]],
+               **{f"loss/{k}": sums[k] / jnp.maximum(counts[k], 1.0) for k in names}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   kw = {}
   if state_sharding is not None:
-    kw = {"in_shardings": (state_sharding, None), "out_shardings": (state_sharding, None)}
-  return jax.jit(step, donate_argnums=0, **kw)
+    kw = {"in_shardings": (state_sharding, None, None),
+          "out_shardings": (state_sharding, None)}
+  jitted = jax.jit(step, donate_argnums=0, **kw)
+  return lambda state, batch, ref_params=None: jitted(state, batch, ref_params)
