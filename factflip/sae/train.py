@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.packing = "pack"
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 100             # steps between CE-recovered evaluations (0 = only at the end)
-  c.eval.batches = 2             # held-out token batches per evaluation
+  c.eval.batches = 2             # token batches per evaluation (another shuffle of the data)
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200
   c.checkpoint.keep = 2
@@ -287,7 +287,8 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
     say(f"resumed from {ckpt.directory}/{start}")
   scale = float(state["scale"])
   step_fn = make_train_step(flat_cfg, lc, tx)
-  eval_batches = [next(_token_batches(c, tok, seed_offset=7)) for _ in range(c.eval.batches)]
+  eval_stream = _token_batches(c, tok, seed_offset=7)      # another shuffle of the same data
+  eval_batches = [next(eval_stream) for _ in range(c.eval.batches)]
 
   def current_sae(state):
     p = jax.device_get(state["params"])
