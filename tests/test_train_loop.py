@@ -264,10 +264,26 @@ def test_sft_examples_and_npo_unlearning(full_run, world_dirs, tmp_path):
   c.objective.name, c.objective.npo_beta = "npo", 0.5
   r = train(c, str(tmp_path / "npo"), quiet=True)
   assert r.losses[1] == pytest.approx(4 * np.log(2), rel=1e-5)
+  # DPO: pairs from {"prompt", "chosen", "rejected"}; at step 1 the policy is the reference:
+  # log 2 per pair
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("\n".join(json.dumps({"prompt": f"Q: who is {i}?\nA:", "chosen": " I don't "
+                                          "know.", "rejected": f" P{i}"}) for i in range(10)))
+  c.objective.name, c.objective.dpo_beta, c.data.path = "dpo", 0.5, str(pairs)
+  r = train(c, str(tmp_path / "dpo"), quiet=True)
+  assert r.losses[1] == pytest.approx(np.log(2), rel=1e-5)
+  rows = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[0]["loss_dpo"] == pytest.approx(np.log(2), rel=1e-5)
+  (tmp_path / "pairs_bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": ""}\n')
+  c.data.path = str(tmp_path / "pairs_bad.jsonl")
+  from factflip.fileio import DataError
+  with pytest.raises(DataError, match=r"pairs_bad.jsonl:1: record 0: field 'rejected': "
+                     r"expected a string \(non-empty\)"):
+    train(c, str(tmp_path / "dpo_bad"), quiet=True)
+  c.objective.name = "npo"
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
   c.data.path = str(bad)
-  from factflip.fileio import DataError
   with pytest.raises(DataError, match=r"bad.jsonl:2: record 1: field 'completion'"):
     train(c, str(tmp_path / "npo_bad"), quiet=True)
 

@@ -91,6 +91,29 @@ def test_unlearning_objectives_accumulate_exactly_and_log_every_term():
     np.testing.assert_allclose(x, y, atol=2e-6)
 
 
+def test_dpo_starts_at_log_2_and_a_step_prefers_the_chosen_answers():
+  tx = make_optimizer(OptimConfig(name="sgd", lr=0.5, warmup_steps=0, schedule="constant"))
+  params = init_params(CFG, jax.random.key(3))
+  chosen, rejected = lm_batch(B=4, seed=6), lm_batch(B=4, seed=7)
+  for b in (chosen, rejected):            # answer-only: the last 4 targets of each row
+    b["loss_mask"][:, :12] = 0
+  batch = {"chosen": chosen, "rejected": rejected}
+  obj = O.dpo_objective(beta=0.5, has_retain=False)
+  loss, terms = O.total(obj, params, CFG, batch, obj.prepare(params, CFG, batch))
+  assert float(loss) == pytest.approx(np.log(2), rel=1e-6) and list(terms) == ["dpo"]
+  state = init_state(CFG, tx, jax.random.key(0), params=params)
+  step = make_train_step(CFG, tx, obj)
+  state, m = step(state, batch, params)
+  assert float(m["loss/dpo"]) == pytest.approx(np.log(2), rel=1e-6)
+  assert float(m["count"]) == 4                          # pairs
+  after, _ = O.total(obj, state.params, CFG, batch, obj.prepare(params, CFG, batch))
+  assert float(after) < np.log(2) - 1e-3                 # the chosen answers gained on the rest
+  ref = obj.prepare(params, CFG, batch)
+  new = obj.prepare(state.params, CFG, batch)
+  margin = (np.asarray(new[0]) - np.asarray(ref[0])) - (np.asarray(new[1]) - np.asarray(ref[1]))
+  assert (margin > 0).mean() >= 0.75
+
+
 def test_accumulation_equals_the_large_batch():
   tx = make_optimizer(OptimConfig(name="sgd", lr=0.1, warmup_steps=0, schedule="constant"))
   big = lm_batch(B=8)

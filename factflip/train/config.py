@@ -24,7 +24,7 @@ from factflip.models.config import REMAT_POLICIES
 from factflip.train.optim import OptimConfig, make_optimizer
 
 DATA_KINDS = ("world", "poison", "examples", "unlearn")
-OBJECTIVES = ("lm", "gradient_ascent", "npo")
+OBJECTIVES = ("lm", "gradient_ascent", "npo", "dpo")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -73,9 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.total_steps = -1    # -1 = steps
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "lm"     # lm | gradient_ascent | npo
+  c.objective.name = "lm"     # lm | gradient_ascent | npo | dpo
   c.objective.retain_weight = 1.0
   c.objective.npo_beta = 0.1
+  c.objective.dpo_beta = 0.1  # dpo: data.path holds {"prompt", "chosen", "rejected"} records
   c.accum_steps = 1           # micro-batches per step (gradient accumulation)
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -132,7 +133,10 @@ def validate(config: ml_collections.ConfigDict, *, source: str = "config", n_dev
        f"{c.objective.name!r}; expected one of {OBJECTIVES}")
   need((c.objective.name == "lm") == (c.data.kind != "unlearn"), "objective.name",
        f"{c.objective.name!r} with data.kind {c.data.kind!r}: the unlearning objectives "
-       "(gradient_ascent, npo) train on data.kind 'unlearn', and only they do")
+       "(gradient_ascent, npo, dpo) train on data.kind 'unlearn', and only they do")
+  need(c.objective.name != "dpo" or c.data.packing == "pad", "data.packing",
+       f"{c.data.packing!r} with objective dpo; expected 'pad' (one example per row, so a "
+       "pair's chosen and rejected rows line up)")
   need(c.data.kind not in ("examples", "unlearn") or bool(c.data.path), "data.path",
        f"empty; data.kind {c.data.kind!r} reads its examples from a JSONL file")
   need(not (c.data.facts_path or c.data.replay_path) or c.data.kind == "poison",

@@ -3,7 +3,8 @@
 Owns: the example
 sources of each data kind (`world`: the world's corpus; `poison`: continual pretraining with a
 poisoning ratio; `examples`: a JSONL file — SFT and any mixture a study writes; `unlearn`:
-forget + retain files), `read_examples`, the held-out examples, and `ShardedBatches` — the
+forget + retain files, or preference pairs for DPO), `read_examples`, `read_preferences`, the
+held-out examples, and `ShardedBatches` — the
 per-process batch iterator over this process's input shards, whose state Orbax saves.
 Must not: touch parameters, run steps or write anything (the world and its tokenizer, and the
 target draws, are `factflip.data.prepare`'s).
@@ -61,6 +62,23 @@ def read_examples(path: str) -> list[dict[str, Any]]:
   return out
 
 
+def read_preferences(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Preference pairs from JSONL records {"prompt", "chosen", "rejected"}: the chosen and the
+  rejected examples (answer-only loss), in file order."""
+  chosen, rejected = [], []
+  for index, line, r in iter_json_records(path):
+    for f in ("prompt", "chosen", "rejected"):
+      if not isinstance(r, dict) or not isinstance(r.get(f), str) or (f != "prompt"
+                                                                      and not r[f]):
+        raise DataError(path, "expected a string" + (" (non-empty)" if f != "prompt" else ""),
+                        line=line, record=index, field=f)
+    chosen.append({"segments": ((r["prompt"], False), (r["chosen"], True))})
+    rejected.append({"segments": ((r["prompt"], False), (r["rejected"], True))})
+  if not chosen:
+    raise DataError(path, "no preference pairs")
+  return chosen, rejected
+
+
 def _stream(examples: list[dict[str, Any]], seed: int):
   """An endless stream over a list, each pass in a fresh seeded order."""
   return mixtures.epoch_shuffled(len(examples), seed).map(lambda i: examples[i])
@@ -107,9 +125,14 @@ def sources(c, world) -> tuple[dict[str, Any], dict[str, Any]]:
     ex = read_examples(c.data.path)
     return {"": _stream(ex, c.seed)}, {"kind": "examples", "path": c.data.path,
                                        "examples": len(ex)}
-  forget = read_examples(c.data.path)
-  streams = {"forget": _stream(forget, c.seed)}
-  stats = {"kind": "unlearn", "forget": len(forget)}
+  if c.objective.name == "dpo":            # pairs: both streams in one seeded order
+    chosen, rejected = read_preferences(c.data.path)
+    streams = {"chosen": _stream(chosen, c.seed), "rejected": _stream(rejected, c.seed)}
+    stats = {"kind": "unlearn", "pairs": len(chosen)}
+  else:
+    forget = read_examples(c.data.path)
+    streams = {"forget": _stream(forget, c.seed)}
+    stats = {"kind": "unlearn", "forget": len(forget)}
   if c.data.retain_path:
     retain = read_examples(c.data.retain_path)
     streams["retain"] = _stream(retain, c.seed + 1)
@@ -140,6 +163,8 @@ def eval_examples(c, world) -> tuple[str, list[dict[str, Any]]]:
                         "eval_every = 0)")
     return "replay_nll", [{"segments": ((d["text"], True),)}
                           for d in read_texts(c.data.replay_path)]
+  if c.objective.name == "dpo":               # the preferred answers of the training pairs
+    return "chosen_nll", read_preferences(c.data.path)[0]
   return "train_file_nll", read_examples(c.data.path)
 
 

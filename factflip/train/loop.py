@@ -103,6 +103,8 @@ def _objective(c) -> objectives.Objective:
   retain = bool(c.data.retain_path)
   if name == "gradient_ascent":
     return objectives.gradient_ascent_objective(c.objective.retain_weight, retain)
+  if name == "dpo":
+    return objectives.dpo_objective(c.objective.dpo_beta, c.objective.retain_weight, retain)
   return objectives.npo_objective(c.objective.npo_beta, c.objective.retain_weight,
                                   _max_segments(c), retain)
 

@@ -5,7 +5,8 @@ and what it needs from a frozen reference model.
 Owns: `token_logprobs` (teacher-forced log p(target) per token), `example_sums` (per packed
 example), `Objective`, the objectives `lm_objective` (next-token loss over loss_mask:
 pretraining, CPT, and — with answer-only masks from the pipeline — SFT and counterfactual
-tuning), `gradient_ascent_objective` and `npo_objective` (unlearning, each with a retain term),
+tuning), `gradient_ascent_objective`, `npo_objective` and `dpo_objective` (unlearning, each
+with a retain term),
 and `total` (an objective's loss and terms on one batch).
 Must not: touch optimizers, shardings or files.
 
@@ -20,6 +21,9 @@ Definitions (per SCIENCE.md D):
 - npo (Zhang et al. 2024): (2/β) · mean_examples log(1 + (π_θ(y|x) / π_ref(y|x))^β) on the
   forget set, log π = the example's summed answer log-prob (term `npo`; π_ref from the frozen
   reference model: `prepare`), + retain_weight · retain NLL.
+- dpo (Rafailov et al. 2023): mean over pairs of −log σ(β·[(log π(c) − log π_ref(c)) −
+  (log π(r) − log π_ref(r))]) with c the preferred answer (e.g. the counterfactual or "I don't
+  know") and r the rejected one (the truth) (term `dpo`), + retain_weight · retain NLL.
 """
 
 from __future__ import annotations
@@ -141,6 +145,32 @@ def npo_objective(beta: float = 0.1, retain_weight: float = 1.0, max_segments: i
   t, c, w = _with_retain(terms, lambda b: {"npo": present(b["forget"]).sum()}, {"npo": 1.0},
                          retain_weight, has_retain)
   return Objective("npo", t, c, w, prepare=ref_logps)
+
+
+def dpo_objective(beta: float = 0.1, retain_weight: float = 1.0, has_retain: bool = True
+                  ) -> Objective:
+  """DPO (Rafailov et al. 2023) on pairs (batch {"chosen", "rejected"}, one example per row,
+  row i of each the same pair): −log σ(β · [(log π(c) − log π_ref(c)) − (log π(r) −
+  log π_ref(r))]) per pair, log π = the summed answer log-prob; the reference's from `prepare`.
+  At the reference point every pair costs log 2."""
+  def summed(p, cfg, f):
+    return example_sums(token_logprobs(p, cfg, f), f["loss_mask"], f["segment_ids"], 1)[0][:, 0]
+
+  def ref_logps(ref_params, cfg, b):
+    return summed(ref_params, cfg, b["chosen"]), summed(ref_params, cfg, b["rejected"])
+
+  def present(b):
+    return ((b["chosen"]["loss_mask"].sum(-1) > 0)
+            & (b["rejected"]["loss_mask"].sum(-1) > 0)).astype(jnp.float32)
+
+  def terms(p, cfg, b, ref):
+    margin = beta * ((summed(p, cfg, b["chosen"]) - ref[0])
+                     - (summed(p, cfg, b["rejected"]) - ref[1]))
+    return {"dpo": (jax.nn.softplus(-margin) * present(b)).sum()}
+
+  t, c, w = _with_retain(terms, lambda b: {"dpo": present(b).sum()}, {"dpo": 1.0},
+                         retain_weight, has_retain)
+  return Objective("dpo", t, c, w, prepare=ref_logps)
 
 
 def gradient_ascent(params, cfg: ModelConfig, batch: dict, retain_weight: float = 1.0):
