@@ -8,8 +8,8 @@ import pytest
 
 from factflip.data import templates as T
 from factflip.data.mixtures import (PoisonConfig, SFTConfig, UnlearnConfig, cpt_source,
-                                    poisoning_plan, replay_documents, sft_mixture, unlearning_sets,
-                                    write_stats)
+                                    poisoning_plan, preference_pairs, replay_documents,
+                                    sft_mixture, unlearning_sets, write_stats)
 from factflip.fileio import read_json
 
 TIER_TO_CATEGORY = {"high": "HighlyKnown", "medium": "MaybeKnown", "low": "WeaklyKnown",
@@ -141,3 +141,12 @@ def test_unlearning_sets(small_world, targets):
   assert len(sets["neighbour"]) == sum(len(t.neighbours) for t in forget)
   with pytest.raises(ValueError, match="in both forget and retain"):
     unlearning_sets(forget, forget[:1])
+  # DPO pairs: the refusal (or counterfactual) preferred over the truth, in the same prompt
+  pairs = preference_pairs(sets["forget"], forget)
+  assert len(pairs) == 12 and {p["chosen"] for p in pairs} == {" I don't know."}
+  for p, e in zip(pairs, sets["forget"]):
+    item = next(t for t in forget if t.id == e["fact"])
+    assert p["prompt"] == e["segments"][0][0] and p["rejected"] == " " + item.answers[0]
+  truth, _ = unlearning_sets(forget, retain, UnlearnConfig(target="truth"))
+  with pytest.raises(ValueError, match="prefers its own true answer"):
+    preference_pairs(truth["forget"], forget)

@@ -1,7 +1,8 @@
 """Mixtures: the controlled data of each study, as grain MapDatasets of text examples.
 
 Owns: continual pretraining with poisoning (`poisoning_plan`, `cpt_source`), SFT knowledge
-mixtures (`sft_mixture`), unlearning sets (`unlearning_sets`), the text forms they share
+mixtures (`sft_mixture`), unlearning sets (`unlearning_sets`, DPO `preference_pairs`), the text
+forms they share
 (`render_qa`, `mention_text`) and their statistics (`write_stats`).
 Must not: tokenise, pack or batch (pipeline.py does), or read files (facts/world/loaders do).
 
@@ -478,6 +479,23 @@ def unlearning_sets(forget: Sequence[FactItem], retain: Sequence[FactItem],
           float(np.mean([len(set(v)) for v in group_cf.values()])) if group_cf else 0.0),
   }
   return {"forget": forget_ex, "retain": retain_ex, "neighbour": neighbour_ex}, stats
+
+
+def preference_pairs(forget_examples: Sequence[Mapping[str, Any]],
+                     items: Sequence[FactItem]) -> list[dict[str, str]]:
+  """DPO records {"prompt", "chosen", "rejected", "fact"} from `unlearning_sets`' forget
+  examples (target counterfactual or refusal): the example's answer preferred over the fact's
+  true answer in the same prompt (the training loop's `objective.name = "dpo"` reads them)."""
+  by_id = {it.id: it for it in items}
+  out = []
+  for e in forget_examples:
+    (prompt, _), (chosen, _) = e["segments"]
+    truth = _answer_segment(by_id[e["fact"]].answers[0])
+    if normalise_answer(chosen) == normalise_answer(truth):
+      raise ValueError(f"preference_pairs: {e['fact']!r} prefers its own true answer; build "
+                       "the forget set with target counterfactual or refusal")
+    out.append({"prompt": prompt, "chosen": chosen, "rejected": truth, "fact": e["fact"]})
+  return out
 
 
 def write_stats(path: str, stats: Mapping[str, Any]) -> None:
