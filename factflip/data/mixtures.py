@@ -1,9 +1,8 @@
 """Mixtures: the controlled data of each study, as grain MapDatasets of text examples.
 
 Owns: continual pretraining with poisoning (`poisoning_plan`, `cpt_source`), SFT knowledge
-mixtures (`sft_mixture`), unlearning sets (`unlearning_sets`, DPO `preference_pairs`), the text
-forms they share
-(`render_qa`, `mention_text`) and their statistics (`write_stats`).
+mixtures (`sft_mixture`), unlearning sets (`unlearning_sets`, DPO `preference_pairs`), the
+text forms they share (`render_qa`, `mention_text`) and their statistics (`write_stats`).
 Must not: tokenise, pack or batch (pipeline.py does), or read files (facts/world/loaders do).
 
 An example is a dict: `segments`, a tuple of (text, trained) pairs whose concatenation is the
