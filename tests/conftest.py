@@ -170,3 +170,14 @@ def nk_study(tmp_path_factory):
   with open(os.path.join(wd, "report", "summary.json")) as f:
     head = json.load(f)
   return wd, head, out.stdout
+
+
+def set_keys(c, values: dict):
+  """Set config keys by dotted path ({"sae.k": 8, ...}) on an ml_collections config."""
+  for key, value in values.items():
+    node = c
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import set_keys
 
 from factflip.probes import morfi as M
 
@@ -197,26 +198,18 @@ def test_rerun_reuses_everything_and_a_morfi_key_redoes_only_steering(morfi_stud
 def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
   from factflip.configfile import ConfigError, load_config_file
   from factflip.studies.morfi import Study
-  c = load_config_file(CONFIG, "smoke")
-  node = c
-  *path, last = key.split(".")
-  for p in path:
-    node = node[p]
-  node[last] = value
+  c = set_keys(load_config_file(CONFIG, "smoke"), {key: value})
   with pytest.raises(ConfigError, match=match):
     Study(c, str(tmp_path))
 
 
 def test_explore_notebook_runs_on_the_workdir(morfi_study, tmp_path):
-  from test_study import run_notebook
+  from test_study import notebook_outputs, run_notebook
   wd = morfi_study[0]
   nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
                                  "explore_morfi.ipynb"),
                     f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path,
                     env={"XLA_FLAGS": ""})         # one device, as the study ran
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert not [o for o in outputs if o.output_type == "error"]
-  text = "".join(o.get("text", "") for o in outputs)
-  assert "tiny-0.5m seed 0" in text and "active latents are monotonic" in text
-  html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
-  assert "alpha 0.5" in html and "M_100" in html
+  out = notebook_outputs(nb)
+  assert "tiny-0.5m seed 0" in out["text"] and "active latents are monotonic" in out["text"]
+  assert "alpha 0.5" in out["html"] and "M_100" in out["html"]

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import set_keys
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "new_knowledge.py")
 
@@ -17,12 +18,7 @@ def _study(wd, arg="smoke", **over):
   from factflip.configfile import load_config_file
   from factflip.studies.new_knowledge import Study
   c = load_config_file(CONFIG, arg)
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, over)
   logs = []
   return Study(c, wd, log=logs.append), logs
 
@@ -194,19 +190,16 @@ def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
 
 
 def test_explore_notebook_runs_on_the_workdir(nk_study, tmp_path):
-  from test_study import run_notebook
+  from test_study import notebook_outputs, run_notebook
   wd = nk_study[0]
   nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
                                  "explore_new_knowledge.ipynb"),
                     f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path,
                     env={"XLA_FLAGS": ""})         # one device, as the study ran
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert not [o for o in outputs if o.output_type == "error"]
-  images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) == 4                         # the report's four figures
-  text = "".join(o.get("text", "") for o in outputs)
+  out = notebook_outputs(nb)
+  assert out["images"] == 4                       # the report's four figures
+  text, html = out["text"], out["html"]
   assert "mixture unk50" in text and "epoch 2:" in text
-  html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
   assert "unk100" in html and "true" in html      # base vs the 100%-Unknown run, side by side
 
 

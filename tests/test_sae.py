@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import set_keys
 
 from factflip import sae as S
 from factflip.fileio import DataError
@@ -501,13 +502,7 @@ def _sae_run_config(sae_lm, **over):
   c.optim.lr = 3e-3
   c.eval.every, c.eval.batches = 12, 1
   c.checkpoint.every, c.log_every = 5, 4
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p_ in path:
-      node = node[p_]
-    node[last] = v
-  return c
+  return set_keys(c, over)
 
 
 def test_sae_training_learns_resumes_exactly_and_writes_a_saelens_sae(sae_lm, tmp_path):

@@ -101,16 +101,23 @@ def run_notebook(path, params: str, tmp_path, env: dict | None = None):
   return nb
 
 
+def notebook_outputs(nb) -> dict:
+  """An executed notebook's outputs, checked for errors: {"images": n, "text", "html"}."""
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  return {"images": len([o for o in outputs if "image/png" in o.get("data", {})]),
+          "text": "".join(o.get("text", "") for o in outputs),
+          "html": "".join(o.get("data", {}).get("text/html", "") for o in outputs)}
+
+
 def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
   wd, _, _ = study
   nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
                                  "explore_poisoning.ipynb"),
                     f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path)
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert not [o for o in outputs if o.output_type == "error"]
-  images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) == 8                     # the seven report plots and the sweep heatmap
-  text = "".join(o.get("text", "") for o in outputs)
+  out = notebook_outputs(nb)
+  assert out["images"] == 8                   # the seven report plots and the sweep heatmap
+  text = out["text"]
   assert "poisoned: p = 1.0, step 4" in text
 
 
@@ -304,10 +311,9 @@ def test_hf_notebook_runs_the_study_and_explores(hf_study, tmp_path):
                     f"HF_DIR, FACTS, WORKDIR = {hf!r}, {facts!r}, {wd!r}\n"
                     f"CONFIG, VARIANT, OVERRIDES = {CONFIG!r}, 'smoke', {{}}\n"
                     "SIZE, SEED = None, None", tmp_path)
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-  assert not [o for o in outputs if o.output_type == "error"]
-  assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 8
-  text = "".join(o.get("text", "") for o in outputs)
+  out = notebook_outputs(nb)
+  assert out["images"] == 8
+  text = out["text"]
   assert "tiny-hf: knows" in text and "poisoned: p = 1.0, step 4" in text
   assert "     base: " in text and "poisoned: " in text
 

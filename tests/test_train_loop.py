@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import set_keys
 
 from factflip.train import config as config_lib
 from factflip.train.checkpoint import Checkpointer, load_trained, valid_steps
@@ -37,13 +38,7 @@ def smoke(world_dirs, **over):
   c.data.world_dir, c.data.tokenizer_dir = world_dirs
   c.data.seq_len, c.data.batch_size = 32, 8
   c.checkpoint.every, c.eval_every, c.steps = 2, 4, 8
-  for k, v in over.items():
-    node = c
-    *path, last = k.split("__")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return set_keys(c, {k.replace("__", "."): v for k, v in over.items()})
 
 
 def params_of(workdir, step=None):

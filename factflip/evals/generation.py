@@ -43,7 +43,9 @@ def cut_at_stops(text: str, until: Sequence[str]) -> str:
   return text
 
 
-def _stop_tokens(tokenizer, model: Transformer, until: Sequence[str]) -> tuple[int, ...]:
+def stop_tokens(tokenizer, model: Transformer, until: Sequence[str]) -> tuple[int, ...]:
+  """The token ids generation stops at: the model's and tokenizer's EOS and every `until`
+  string that is one token."""
   ids = set(model.cfg.eos_token_ids)
   if getattr(tokenizer, "eos_token_id", None) is not None:   # lm-eval adds EOS to `until`
     ids.add(int(tokenizer.eos_token_id))
@@ -99,7 +101,7 @@ def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
     warnings.warn(f"{cut} of {len(contexts)} contexts are longer than the model's "
                   f"{model.cfg.max_seq_len} tokens less max_new_tokens={max_new_tokens}: their "
                   f"first tokens were cut (each keeps its last {keep})", stacklevel=2)
-  stops = _stop_tokens(tokenizer, model, until)
+  stops = stop_tokens(tokenizer, model, until)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
       model.cfg.pad_token_id or 0)
   F = len(temps)

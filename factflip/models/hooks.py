@@ -65,6 +65,13 @@ def hook_name(site: str, layer: int) -> str:
   return f"blocks.{int(layer)}.{TL_HOOKS[check_site(site)]}"
 
 
+def site_shape(cfg, site: str) -> tuple[int, ...]:
+  """A site's per-token feature shape for a ModelConfig: (d_model,), z (heads, head_dim),
+  mlp_post (d_ff,)."""
+  check_site(site)
+  return {"z": (cfg.n_heads, cfg.head_dim), "mlp_post": (cfg.d_ff,)}.get(site, (cfg.d_model,))
+
+
 def check_site(site: str) -> str:
   if site not in SITES:
     raise ValueError(f"unknown hook site {site!r}; expected one of {SITES}")

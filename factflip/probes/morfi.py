@@ -1,8 +1,8 @@
 """MoRFI (paper C): SAE latents whose activation moves monotonically with the share of Unknown
 facts a model was fine-tuned on, and steering that recovers the knowledge.
 
-Owns: `latent_activations` (per prompt, an SAE's latents at its site, at the last prompt token or
-averaged over the prompt), `spearman_rows` and `mann_kendall` (vectorised over latents),
+Owns: `prompt_activations` and `latent_activations` (per prompt, a site's activation or an SAE's
+latents there, at the last prompt token or averaged over the prompt), `spearman_rows` and `mann_kendall` (vectorised over latents),
 `monotonic_latents` (the table of ρ with its bootstrap interval over prompts, the Mann–Kendall
 test, and the verdict), `composite_direction`, `steered_answers` (greedy answers of one model
 under a batch of steering vectors, one per row) and `recovery` (Δaccuracy and R_K).
@@ -71,7 +71,7 @@ def _per_prompt(model, tokenizer, prompts: Sequence[str], site: str, layer: int,
   return np.concatenate(out)
 
 
-def site_activations(model, tokenizer, prompts: Sequence[str], site: str, layer: int,
+def prompt_activations(model, tokenizer, prompts: Sequence[str], site: str, layer: int,
                      positions: str = "last", batch_size: int = 64) -> np.ndarray:
   """The residual (or any site's, flattened) activation per prompt [P, D]: at the last prompt
   token or averaged over the prompt's tokens."""
@@ -179,7 +179,7 @@ def steered_answers(model, tokenizer, prompts: Sequence[str], vectors_GxD, site:
   """Greedy answers [G][P]: every prompt under every steering vector (added at `site` of
   `layer`, every position), the (vector, prompt) pairs batched as rows of one generation
   program per bucket."""
-  from factflip.evals.generation import cut_at_stops
+  from factflip.evals.generation import cut_at_stops, stop_tokens
   from factflip.evals.loglik import Encoder
   from factflip.models.generate import generate
   from factflip.models.hooks import Intervention
@@ -190,8 +190,7 @@ def steered_answers(model, tokenizer, prompts: Sequence[str], vectors_GxD, site:
   L = model.cfg.n_layers
   rows = [(g, p) for g in range(G) for p in np.argsort([len(i) for i in ids], kind="stable")]
   out = [[""] * P for _ in range(G)]
-  stops = [t for t in (tokenizer.encode("\n", add_special_tokens=False)[-1:]
-                       + [tokenizer.eos_token_id]) if t is not None]
+  stops = stop_tokens(tokenizer, model, until)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   feature = vecs.shape[1:]
   for start in range(0, len(rows), batch_rows):

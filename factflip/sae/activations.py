@@ -81,7 +81,6 @@ class ActivationStream:
     self.window, self.served = -1, 0
     self.window_state = None
     self.buffer = None
-    self.tokens_read = 0                       # real tokens run through the model
 
   def _fill(self) -> None:
     self.window += 1
@@ -94,7 +93,6 @@ class ActivationStream:
       keep = mask & ~np.isin(tokens, self.exclude_ids)
       a = np.asarray(self.acts(b))
       parts.append(a.reshape(*a.shape[:2], -1)[keep])
-      self.tokens_read += int(mask.sum())
     acts = np.concatenate(parts).astype(np.float32)
     if len(acts) < self.batch_tokens:
       raise ValueError(f"a buffer window holds {len(acts)} activations, fewer than one batch "

@@ -23,7 +23,6 @@ Formats:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -258,9 +257,3 @@ def _load_llama_scope(path: str, dtype: str | None) -> SAE:
                             "jump_relu_threshold": thr})
   return _checked(cfg, params, weights)
 
-
-def describe(sae: SAE) -> dict[str, Any]:
-  """A JSON-able summary of an SAE's config (for logs and study records)."""
-  out = dataclasses.asdict(sae.cfg)
-  out["metadata"] = json.loads(json.dumps(out["metadata"], default=str))
-  return out

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from factflip.sae.core import SAE, SAEConfig, init_sae, make_sae
+from factflip.sae.losses import LossConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sae.norm_batches = 16        # batches that estimate the expected_average_only_in scale
   c.sae.decoder_init_norm = 0.1  # W_dec rows start at this norm; W_enc = W_dec.T
   c.sae.jumprelu_init_threshold = 0.01
-  c.loss = ml_collections.ConfigDict(dataclasses.asdict(_loss_config()))
+  c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
   c.optim.beta1 = 0.9
@@ -77,11 +78,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
   c.log_every = 25
   return c
-
-
-def _loss_config():
-  from factflip.sae.losses import LossConfig
-  return LossConfig()
 
 
 def validate(c, source: str = "sae config") -> None:
@@ -229,9 +225,10 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
   """Train (or resume) the SAE of `config` in `workdir`; returns what ran. `stop_after`: return
   after that many steps of this invocation (a checkpoint is saved first; tests)."""
   from factflip.fileio import write_json
+  from factflip.models.hooks import parse_hook_name, site_shape
   from factflip.sae.activations import ActivationStream, site_activations
   from factflip.sae.formats import save_sae
-  from factflip.sae.losses import LossConfig, init_state, make_optimizer, make_train_step
+  from factflip.sae.losses import init_state, make_optimizer, make_train_step
   from factflip.sharding import make_mesh
   from factflip.train.checkpoint import Checkpointer
   from factflip.train.metrics import MetricsWriter, Progress, format_duration
@@ -244,12 +241,11 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), c.to_dict())
   acts_fn = site_activations(model, c.hook_name)
-  one = np.ones((1, 2), np.int32)
-  probe = np.asarray(acts_fn({"inputs": one, "segment_ids": one, "positions": one * [[0, 1]]}))
-  d_in = int(np.prod(probe.shape[2:]))
+  feature = site_shape(model.cfg, parse_hook_name(c.hook_name)[0])
+  d_in = int(np.prod(feature))
   cfg = _sae_config(c, d_in)
-  if probe.ndim == 4:                       # z [B, T, heads, d_head]: trained on the flat heads
-    cfg = dataclasses.replace(cfg, reshape_activations="hook_z", d_head=probe.shape[-1])
+  if len(feature) == 2:                     # z [heads, d_head]: trained on the flat heads
+    cfg = dataclasses.replace(cfg, reshape_activations="hook_z", d_head=feature[-1])
   lc = LossConfig(**c.loss.to_dict())
   tx = make_optimizer(c.optim.lr, c.steps, beta1=c.optim.beta1, beta2=c.optim.beta2,
                       warm_up_steps=c.optim.warm_up_steps, decay_steps=c.optim.decay_steps,

@@ -10,7 +10,8 @@ Must not: train, categorise, encode or steer itself (`sae`, `probes.morfi`, B's 
 (`morfi_report.py`).
 
 Workdir layout (B's layout up to the SFT runs, then):
-  runs/<size>/seed<k>/sae/sae/            the SAE (SAELens layout); train/ when trained here
+  runs/<size>/seed<k>/sae/sae/            the SAE (SAELens layout); beside it the SAE's training
+                                          run (checkpoints/, metrics.jsonl) when trained here
   runs/<size>/seed<k>/latents/<m>/latents.npz   per checkpoint step: latents [steps, P, d_sae]
                                           and the site's activations [steps, P, d_in] of the P
                                           held-out prompts
@@ -222,8 +223,7 @@ class Study(new_knowledge.Study):
       c.data.kind = "world"
       c.data.world_dir = self.source.world_dir
       c.data.tokenizer_dir = self.source.tok_dir
-    res = train_sae(c, os.path.join(out, "train"), quiet=False, source="study.sae.train")
-    save_sae(self.load_sae_from(res.sae_path), os.path.join(out, "sae"))
+    res = train_sae(c, out, quiet=False, source="study.sae.train")   # writes out/sae
     last = res.evals[max(res.evals)] if res.evals else {}
     self.log(f"    SAE on {c.hook_name}: explained variance "
              f"{res.metrics.get('explained_variance', float('nan')):.3f}, L0 "
@@ -232,18 +232,14 @@ class Study(new_knowledge.Study):
     return {"hook_name": c.hook_name, "explained_variance": res.metrics.get("explained_variance"),
             "l0": res.metrics.get("l0"), "ce_recovered": last.get("ce_recovered")}
 
-  @staticmethod
-  def load_sae_from(path: str):
-    from factflip.sae.formats import load_sae
-    return load_sae(path)
-
   def sae(self, size: str, seed: int):
-    return self.load_sae_from(os.path.join(self.sae_dir(size, seed), "sae"))
+    from factflip.sae.formats import load_sae
+    return load_sae(os.path.join(self.sae_dir(size, seed), "sae"))
 
   # ---- latents ------------------------------------------------------------------------------
   def build_latents(self, out: str, size: str, seed: int, mixture: str) -> dict[str, Any]:
     from factflip.models.store import valid_steps
-    from factflip.probes.morfi import latent_activations, site_activations
+    from factflip.probes.morfi import latent_activations, prompt_activations
     from factflip.sae.steering import sae_site
     sae = self.sae(size, seed)
     site, layer = sae_site(sae)
@@ -255,7 +251,7 @@ class Study(new_knowledge.Study):
     for step in steps:
       model = self.load(os.path.join(ckpts, str(step)))
       lat.append(latent_activations(model, tok, sae, prompts, self.c.morfi.positions))
-      act.append(site_activations(model, tok, prompts, site, layer, self.c.morfi.positions))
+      act.append(prompt_activations(model, tok, prompts, site, layer, self.c.morfi.positions))
     from factflip.fileio import atomic_path
     with atomic_path(os.path.join(out, "latents.npz")) as tmp, open(tmp, "wb") as f:
       np.savez(f, steps=np.asarray(steps), latents=np.stack(lat).astype(np.float32),

@@ -12,11 +12,10 @@ import math
 import os
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from factflip.studies.morfi import PAPER_C
-from factflip.studies.report import Figure, legend, save
+from factflip.studies.report import Figure, legend, save, short
 
 
 def _f(v) -> float | None:
@@ -97,23 +96,19 @@ def figures(t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
         "trend), the composite direction mean(h|M_0) − mean(h|M_100), and random non-trending "
         "latents (controls), by strength α; the band is paper C's reported gain."))
     plt.close(fig)
-  return [f for f in figs if f.file or f.caption]
-
-
-def _fmt(v) -> str:
-  return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
+  return figs
 
 
 def summary_lines(head: dict[str, Any]) -> list[str]:
   found = (f"monotonic latents: {head['latents_monotonic']} of {head['latents_alive']} active "
            f"({head['monotonic_rising']} rise, {head['monotonic_falling']} fall with %Unknown)")
-  acc = (f"closed-book accuracy: M_0 {_fmt(head['accuracy_m0'])}, M_100 "
-         f"{_fmt(head['accuracy_m100'])}")
+  acc = (f"closed-book accuracy: M_0 {short(head['accuracy_m0'])}, M_100 "
+         f"{short(head['accuracy_m100'])}")
   lines = [found, acc]
   for kind in ("latent", "composite", "control"):
     b = head[f"best_{kind}"]
     d = b["delta_accuracy"]
-    lines.append(f"best {kind} steering: Δaccuracy {_fmt(None if d is None else 100 * d)} "
-                 f"points (α {_fmt(b['alpha'])}), R_K {_fmt(b['r_k'])}")
+    lines.append(f"best {kind} steering: Δaccuracy {short(None if d is None else 100 * d)} "
+                 f"points (α {short(b['alpha'])}), R_K {short(b['r_k'])}")
   lines.append("paper C: +22 to +40 points, R_K 0.69-0.85")
   return lines

@@ -8,7 +8,6 @@ Must not: compute results (`studies.new_knowledge.results`) or read stage output
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from factflip.studies.new_knowledge import _CATS, PAPER_FIT, unknown_share
-from factflip.studies.report import Figure, legend, save
+from factflip.studies.report import Figure, legend, save, short
 
 
 def _mean(s) -> float | None:
@@ -165,27 +164,23 @@ def figures(t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
   return figs
 
 
-def _fmt(v) -> str:
-  return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-
-
 def summary_lines(head: dict[str, Any]) -> list[str]:
   e = head["epochs_to_half_train_accuracy"]
   f = head["fit_in"]
   lines = ["SliCK shares of the train facts: " + ", ".join(
-               f"{c}: {_fmt(v)}" for c, v in head["train_category_shares"].items()),
-           f"epochs to 50% train accuracy: known {_fmt(e['known'])}, unknown "
-           f"{_fmt(e['unknown'])}",
+               f"{c}: {short(v)}" for c, v in head["train_category_shares"].items()),
+           f"epochs to 50% train accuracy: known {short(e['known'])}, unknown "
+           f"{short(e['unknown'])}",
            "test accuracy (in) by %Unknown at CONVERGENCE: " + ", ".join(
-               f"{x}: {_fmt(v)}" for x, v in head["test_accuracy_in_at_convergence"].items()),
+               f"{x}: {short(v)}" for x, v in head["test_accuracy_in_at_convergence"].items()),
            "                            at EARLY_STOP:  " + ", ".join(
-               f"{x}: {_fmt(v)}" for x, v in head["test_accuracy_in_at_early_stop"].items()),
-           f"linear fit (in): β_kn {_fmt(f['beta_kn'])}, β_unk {_fmt(f['beta_unk'])} "
-           f"[{_fmt(f['beta_unk_lo'])}, {_fmt(f['beta_unk_hi'])}], R² {_fmt(f['r2'])} "
+               f"{x}: {short(v)}" for x, v in head["test_accuracy_in_at_early_stop"].items()),
+           f"linear fit (in): β_kn {short(f['beta_kn'])}, β_unk {short(f['beta_unk'])} "
+           f"[{short(f['beta_unk_lo'])}, {short(f['beta_unk_hi'])}], R² {short(f['r2'])} "
            f"(paper B: 7.3, -8.3, 0.86)"]
   if "idk_at_convergence" in head:
     i = head["idk_at_convergence"]
-    lines.append(f"{i['mixture']} at CONVERGENCE: answer rate {_fmt(i['answer_rate'])}, "
-                 f"accuracy when answering {_fmt(i['answered_accuracy'])} (plain: "
-                 f"{_fmt(i['plain_answered_accuracy'])})")
+    lines.append(f"{i['mixture']} at CONVERGENCE: answer rate {short(i['answer_rate'])}, "
+                 f"accuracy when answering {short(i['answered_accuracy'])} (plain: "
+                 f"{short(i['plain_answered_accuracy'])})")
   return lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +79,11 @@ def write_report(rdir: str, title: str, workdir: str, head: dict[str, Any], figu
           + "\n".join(body))
   write_text(os.path.join(rdir, "index.html"), page)
   return head
+
+
+def short(v) -> str:
+  """A number for a terminal summary: two decimals, "n/a" for None or NaN."""
+  return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
 def _fmt(v) -> str:
