@@ -1,7 +1,8 @@
 """Pipeline: text examples -> fixed-shape token batches, with grain.
 
 Owns: `BatchConfig`, `tokenize_example`, `make_batches` (shard per host, shuffle, tokenise, split
-overlong examples, pack or pad to a fixed length, batch) and the batch layout below.
+overlong examples, pack or pad to a fixed length, batch), `pad_examples` (a list of examples as
+one padded batch, in order: what probes read) and the batch layout below.
 Must not: decide what the data is (mixtures.py) or touch devices (the trainer puts batches on the
 mesh).
 
@@ -128,6 +129,21 @@ def _rename_packed(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in FEATURES}
+
+
+def pad_examples(examples: Sequence[dict[str, Any]], tokenizer, seq_len: int
+                 ) -> dict[str, np.ndarray]:
+  """The examples as one padded batch [len(examples), seq_len] in their order (one per row);
+  an error naming the example when one is longer than seq_len (nothing is cut)."""
+  rows = []
+  for i, e in enumerate(examples):
+    t = tokenize_example(e, tokenizer)
+    if len(t["inputs"]) > seq_len:
+      raise ValueError(f"example {i}: {len(t['inputs'])} tokens, longer than seq_len {seq_len}")
+    rows.append(_pad(t, seq_len))
+  if not rows:
+    raise ValueError("pad_examples: no examples")
+  return _stack(rows)
 
 
 def make_batches(source: grain.MapDataset | Sequence[dict[str, Any]], tokenizer,

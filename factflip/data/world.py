@@ -2,7 +2,8 @@
 
 Owns: `WorldConfig`, `build_world(cfg) -> World`, `write_world` / `load_world` (the world on disk
 is plain data: `world.json`, `facts.jsonl` in our FactItem schema, `corpus.jsonl`, `stats.json`),
-and the names generator.
+the names generator, `made_up_questions` (questions about people who do not exist) and
+`with_train_question` (an item asking the corpus's question template).
 Must not: tokenise, mix or batch (mixtures.py and pipeline.py do), or hold templates (templates.py).
 
 The world. Countries (made-up names) each have a capital, a language and a currency; cities belong
@@ -373,6 +374,33 @@ def _corpus(cfg, rng, raw, tier_of, by_key, surface) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------
 # On disk.
+
+def with_train_question(item: FactItem) -> FactItem:
+  """The item asking the question template the corpus's forum posts use ("Q: <question>\nA:
+  <object>."), in its language, instead of its held-out question (the tiny models answer the
+  former, not the latter: benchmarks/RESULTS.md, study B)."""
+  q = T.RELATIONS[item.relation].question[item.language][0].replace("{s}", item.subject)
+  return dataclasses.replace(item, question=q)
+
+
+def made_up_questions(world: World, n: int, seed: int = 0,
+                      relations: Sequence[str] = PERSON_RELATIONS) -> list[FactItem]:
+  """n questions about people who do not exist (names made the world's way, none of its
+  subjects), cycling through `relations`' corpus question templates: every non-abstaining answer
+  is a hallucination. Answers hold a placeholder no model writes; meta made_up = True."""
+  names = _Names(np.random.default_rng([seed, 7]))
+  names.used |= {f.subject.lower() for f in world.facts if f.subject}
+  names.used |= {part.lower() for f in world.facts if f.subject for part in f.subject.split()}
+  out = []
+  for k in range(n):
+    rel = relations[k % len(relations)]
+    subject = f"{names.make((1, 2))} {names.make((2, 2))}"
+    q = T.RELATIONS[rel].question["en"][0].replace("{s}", subject)
+    out.append(FactItem(id=f"made_up:{k:04d}", answers=("(no such person)",), subject=subject,
+                        relation=rel, question=q, split="eval", source="factworld",
+                        meta={"made_up": True}))
+  return out
+
 
 def world_stats(world: World) -> dict[str, Any]:
   """Counts a report shows: facts per relation and tier, documents per language and style."""

@@ -311,8 +311,8 @@ class Study(platform.Study):
   def _read_facts(self):
     import dataclasses
 
-    from factflip.data import templates as T
     from factflip.data.prepare import assign_splits
+    from factflip.data.world import with_train_question
     rels = {**dict.fromkeys(self.c.relations, "in"), **dict.fromkeys(self.c.ood_relations,
                                                                       "ood")}
     if self.c.facts:
@@ -336,8 +336,7 @@ class Study(platform.Study):
       world, _ = self.source.world()
       items = [f for f in world.facts if f.relation in rels and not f.meta.get("two_hop")]
       if self.c.question == "train":
-        items = [dataclasses.replace(f, question=T.RELATIONS[f.relation].question[
-            f.language][0].replace("{s}", f.subject)) for f in items]
+        items = [with_train_question(f) for f in items]
       items = assign_splits(items, tuple(self.c.splits), self.c.world_seed)
     missing = [r for r in rels if not any(f.relation == r for f in items)]
     if missing:

@@ -37,7 +37,8 @@ from factflip.studies.stages import Stage, config_keys, describe_plan
 # study name -> the module holding its Study, base_config and validate
 STUDIES = {"poisoning": "factflip.studies.poisoning",
            "new_knowledge": "factflip.studies.new_knowledge",
-           "morfi": "factflip.studies.morfi"}
+           "morfi": "factflip.studies.morfi",
+           "unlearning": "factflip.studies.unlearning"}
 
 
 class StudyError(RuntimeError):

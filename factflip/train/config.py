@@ -24,7 +24,7 @@ from factflip.models.config import REMAT_POLICIES
 from factflip.train.optim import OptimConfig, make_optimizer
 
 DATA_KINDS = ("world", "poison", "examples", "unlearn")
-OBJECTIVES = ("lm", "gradient_ascent", "npo", "dpo")
+OBJECTIVES = ("lm", "sft", "gradient_ascent", "npo", "dpo")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.total_steps = -1    # -1 = steps
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "lm"     # lm | gradient_ascent | npo | dpo
+  c.objective.name = "lm"     # lm | sft | gradient_ascent | npo | dpo (sft: the forget set's
+  #                             relabelled answers learnt, e.g. counterfactual or refusal tuning)
   c.objective.retain_weight = 1.0
   c.objective.npo_beta = 0.1
   c.objective.dpo_beta = 0.1  # dpo: data.path holds {"prompt", "chosen", "rejected"} records
@@ -133,7 +134,7 @@ def validate(config: ml_collections.ConfigDict, *, source: str = "config", n_dev
        f"{c.objective.name!r}; expected one of {OBJECTIVES}")
   need((c.objective.name == "lm") == (c.data.kind != "unlearn"), "objective.name",
        f"{c.objective.name!r} with data.kind {c.data.kind!r}: the unlearning objectives "
-       "(gradient_ascent, npo, dpo) train on data.kind 'unlearn', and only they do")
+       "(sft, gradient_ascent, npo, dpo) train on data.kind 'unlearn', and only they do")
   need(c.objective.name != "dpo" or c.data.packing == "pad", "data.packing",
        f"{c.data.packing!r} with objective dpo; expected 'pad' (one example per row, so a "
        "pair's chosen and rejected rows line up)")

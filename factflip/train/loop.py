@@ -101,6 +101,8 @@ def _objective(c) -> objectives.Objective:
   if name == "lm":
     return objectives.lm_objective()
   retain = bool(c.data.retain_path)
+  if name == "sft":
+    return objectives.sft_objective(c.objective.retain_weight, retain)
   if name == "gradient_ascent":
     return objectives.gradient_ascent_objective(c.objective.retain_weight, retain)
   if name == "dpo":

@@ -5,8 +5,8 @@ and what it needs from a frozen reference model.
 Owns: `token_logprobs` (teacher-forced log p(target) per token), `example_sums` (per packed
 example), `Objective`, the objectives `lm_objective` (next-token loss over loss_mask:
 pretraining, CPT, and — with answer-only masks from the pipeline — SFT and counterfactual
-tuning), `gradient_ascent_objective`, `npo_objective` and `dpo_objective` (unlearning, each
-with a retain term),
+tuning), `sft_objective`, `gradient_ascent_objective`, `npo_objective` and `dpo_objective`
+(unlearning, each with an optional retain term),
 and `total` (an objective's loss and terms on one batch).
 Must not: touch optimizers, shardings or files.
 
@@ -16,6 +16,8 @@ batch's masks alone). The step sums S_k and C_k over micro-batches before dividi
 accumulation equals the large-batch step for every term, and logs every term's mean S_k / C_k.
 Definitions (per SCIENCE.md D):
 - lm:  Σ_tokens −log p(target)·mask / Σ mask (term `nll`).
+- sft: the forget set's token mean NLL (its answers relabelled: counterfactual tuning, refusal
+  tuning) + retain_weight · (retain token mean NLL) (terms `forget_nll`, `retain_nll`).
 - gradient_ascent: −(forget token mean NLL) + retain_weight · (retain token mean NLL) (terms
   `forget_nll` with weight −1, `retain_nll`).
 - npo (Zhang et al. 2024): (2/β) · mean_examples log(1 + (π_θ(y|x) / π_ref(y|x))^β) on the
@@ -112,6 +114,15 @@ def _with_retain(terms, counts, weights, retain_weight: float, has_retain: bool)
   def counts_r(b):
     return {**counts(b), "retain_nll": _tokens(b["retain"])}
   return terms_r, counts_r, {**weights, "retain_nll": retain_weight}
+
+
+def sft_objective(retain_weight: float = 1.0, has_retain: bool = True) -> Objective:
+  """Learn the forget set's (relabelled) answers; batch {"forget": ..., "retain": ... (optional)}:
+  counterfactual tuning and refusal tuning are this objective on a relabelled forget set."""
+  t, c, w = _with_retain(lambda p, cfg, b, ref: {"forget_nll": _nll_sum(p, cfg, b["forget"])},
+                         lambda b: {"forget_nll": _tokens(b["forget"])}, {"forget_nll": 1.0},
+                         retain_weight, has_retain)
+  return Objective("sft", t, c, w)
 
 
 def gradient_ascent_objective(retain_weight: float = 1.0, has_retain: bool = True) -> Objective:

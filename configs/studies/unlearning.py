@@ -1,0 +1,89 @@
+r"""Paper D's study: unlearning by counterfactual tuning and its hidden costs (knowledge
+conflict, hallucination spillover) beside gradient ascent, NPO, refusal tuning and DPO, scored
+with RWKU-style metrics.
+
+  factflip run --config=configs/studies/unlearning.py --workdir=workdir/unlearning
+  factflip run --config=configs/studies/unlearning.py:smoke --workdir=/tmp/ul   # the tests
+
+Stages (fingerprinted, resumable; --dry_run prints the plan): world → pretrain (per size and
+seed) → sets (forget / retain / DPO sets) → unlearn (per run: cft_consistent, cft_inconsistent,
+refusal, gradient_ascent, npo, dpo; a checkpoint per epoch) → eval_base, eval (RWKU-style
+probes, unseen questions, utility, MIA, CounterFact, ΔLL on every checkpoint) → conflict
+(per-example gradients along the CFT runs) → results. Every key, its default and meaning:
+`base_config` in factflip/studies/unlearning.py (`pretrain` and `unlearn` are training
+configs: factflip/train/config.py); this file sets values.
+
+Variants (`--config=configs/studies/unlearning.py:VARIANT[,VARIANT...]`):
+  (none)           tiny-0.5m pretrained on the 100-person world (the poisoning study's base:
+                   it knows all 40 high-tier facts it is asked); 24 high-tier facts forgotten,
+                   24 retained, 5 epochs per run.
+  smoke            a few steps of everything on a 30-person world: what the tests run.
+  scale=A+B+...    presets side by side (`scale=ladder`: tiny-0.5m, -2m, -8m).
+  seeds=0+1+...    seeds (pretraining, the forget / retain draw, the sets, the run order).
+  hf=DIR[+DIR...],facts=FILE
+                   HF (or factflip) model directories as bases and a facts file with
+                   counterfactuals (CounterFact's layouts, any `factflip facts` format): the
+                   forget and retain facts are drawn among those the base knows; give the
+                   spillover questions with --config.eval.unseen=FILE (facts the model never
+                   saw, e.g. a held-out split of made-up entities).
+
+  factflip run --config=configs/studies/unlearning.py:hf=/models/Qwen2.5-0.5B,facts=\
+/data/counterfact.json --workdir=workdir/ul_qwen --config.eval.unseen=/data/unseen.jsonl \
+--config.unlearn.model.dtype=bfloat16
+
+On the world the probes are the prompts as the corpus writes them (eval.template = False: a
+tiny base model follows no instruction); with hf= RWKU's instruction wraps every probe.
+"""
+
+import os
+
+from factflip.configfile import apply_study_variants, load_config_file, study_variants
+from factflip.studies.unlearning import base_config
+
+LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
+
+
+def _unlearn(c):
+  c.data.seq_len = 64              # "Q: <question>\nA: <answer>" is ~20 tokens
+  c.data.batch_size = 8            # 24 facts x 2 renders = 48 examples: 6 steps per epoch
+  c.optim.lr = 1e-3                # the poisoning study's CPT rate for tiny-0.5m
+  c.optim.warmup_steps = 2
+  c.optim.schedule = "constant"
+  c.objective.retain_weight = 1.0
+  c.checkpoint.async_save = False
+  c.log_every = 6
+  c.eval_every = 0
+
+
+def get_config(arg=None):
+  variants = study_variants(arg, "configs/studies/unlearning.py")
+  c = base_config()                # every study key, its default and meaning
+  c.pretrain = load_config_file(os.path.join(os.path.dirname(__file__), "..",
+                                             "pretrain_tiny.py"), "study")
+  _unlearn(c.unlearn)
+  c.eval.template = False          # the world's tiny models follow no instruction
+  c.eval.max_new_tokens = 16       # a world answer is a few tokens; RWKU's 30 with hf=
+  apply_study_variants(c, variants, LADDER)
+  if "hf" in variants:
+    c.eval.template = True
+    c.eval.max_new_tokens = 30
+    c.unlearn.optim.lr = 1e-5      # billion-parameter models (RWKU's full fine-tuning scale)
+    c.unlearn.optim.warmup_steps = 2
+    c.unlearn.data.batch_size = 8
+    c.eval.batch_size = 32
+    c.facts_limit = 500
+  if "smoke" in variants:
+    c.vocab_size = 384
+    c.pretrain.data.world_people = 30
+    c.pretrain.steps, c.pretrain.checkpoint.every, c.pretrain.eval_every = 300, 300, 0
+    c.pretrain.optim.warmup_steps = 20
+    c.pretrain.data.seq_len, c.pretrain.data.batch_size = 64, 8
+    c.forget.n_targets, c.forget.n_retain = 4, 4
+    c.unlearn.data.batch_size = 4  # 4 facts x 2 renders: 2 steps per epoch
+    c.epochs = 2
+    c.eval.n_unseen, c.eval.n_made_up, c.eval.n_utility = 6, 4, 8
+    c.eval.max_new_tokens = 8
+    c.facts_limit = 60
+    if "hf" in variants:
+      c.unlearn.optim.lr = 1e-3
+  return c
