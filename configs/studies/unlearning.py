@@ -79,8 +79,9 @@ def get_config(arg=None):
     c.pretrain.optim.warmup_steps = 20
     c.pretrain.data.seq_len, c.pretrain.data.batch_size = 64, 8
     c.forget.n_targets, c.forget.n_retain = 4, 4
-    c.unlearn.data.batch_size = 4  # 4 facts x 2 renders: 2 steps per epoch
-    c.epochs = 2
+    c.unlearn.data.batch_size = 8  # 4 facts x 2 renders: 1 step per epoch (8 rows divide
+    #                                over the tests' 8 simulated devices)
+    c.epochs = 3
     c.eval.n_unseen, c.eval.n_made_up, c.eval.n_utility = 6, 4, 8
     c.eval.max_new_tokens = 8
     c.facts_limit = 60

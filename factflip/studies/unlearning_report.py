@@ -101,12 +101,14 @@ def figures(t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
   plt.close(fig)
   if len(cf):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for corpus, g in cf.groupby("corpus"):
+    for k, (corpus, g) in enumerate(cf.groupby("corpus")):
       g = g.groupby("step").mean(numeric_only=True).reset_index()
-      axes[0].plot(g.step, g.conflict_ratio, marker="o", ms=3, label=f"{corpus}: all pairs")
-      axes[0].plot(g.step, g.same_fact_conflict_ratio, ls="--", marker="o", ms=3,
+      color = f"C{k}"
+      axes[0].plot(g.step, g.conflict_ratio, marker="o", ms=3, color=color,
+                   label=f"{corpus}: all pairs")
+      axes[0].plot(g.step, g.same_fact_conflict_ratio, ls="--", marker="s", ms=3, color=color,
                    label=f"{corpus}: same-fact pairs")
-      axes[1].plot(g.step, g.forget_retain_cos, marker="o", ms=3, label=corpus)
+      axes[1].plot(g.step, g.forget_retain_cos, marker="o", ms=3, color=color, label=corpus)
     axes[0].set_title("conflict ratio (share of pairs with cos < 0)", fontsize=10)
     axes[1].set_title("cosine of mean forget and retain gradients", fontsize=10)
     for ax in axes:

@@ -1,0 +1,288 @@
+"""Paper D's study: the SFT objective CFT and refusal tuning train with, the conflict statistics
+on hand-built gradients, RWKU-style probes of facts, padded probe batches, unseen questions,
+the smoke study's tables and numbers, resumption and bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import set_keys
+
+from factflip import get_preset
+from factflip.data.facts import FactItem, Neighbour, Translation
+from factflip.models.transformer import forward, init_params
+from factflip.train import objectives as O
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "unlearning.py")
+CFG = get_preset("tiny-0.5m", vocab_size=64, max_seq_len=32)
+
+
+def _batch(B, T=12, seed=0):
+  inp = np.random.default_rng(seed).integers(3, 64, (B, T)).astype(np.int32)
+  mask = np.zeros((B, T), np.int32)
+  mask[:, 6:9] = 1
+  return {"inputs": inp, "targets": np.roll(inp, -1, 1), "loss_mask": mask,
+          "segment_ids": np.ones((B, T), np.int32),
+          "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+
+
+def test_sft_objective_is_the_forget_nll_plus_the_weighted_retain_nll():
+  params = init_params(CFG, jax.random.key(0))
+  f, r = _batch(4, seed=1), _batch(3, seed=2)
+  r["loss_mask"][0, 6:] = 0                          # unequal retain answer lengths
+
+  def mean_nll(b):                                    # directly: -log softmax at the targets
+    logits = np.asarray(forward(params, CFG, b["inputs"]).logits, np.float64)
+    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+                         ) - logits.max(-1, keepdims=True)
+    picked = np.take_along_axis(lp, b["targets"][..., None], -1)[..., 0]
+    return float(-(picked * b["loss_mask"]).sum() / b["loss_mask"].sum())
+
+  obj = O.sft_objective(retain_weight=0.3)
+  loss, terms = O.total(obj, params, CFG, {"forget": f, "retain": r})
+  assert obj.weights == {"forget_nll": 1.0, "retain_nll": 0.3}
+  assert float(terms["forget_nll"]) == pytest.approx(mean_nll(f), rel=1e-5)
+  assert float(terms["retain_nll"]) == pytest.approx(mean_nll(r), rel=1e-5)
+  assert float(loss) == pytest.approx(mean_nll(f) + 0.3 * mean_nll(r), rel=1e-5)
+  alone, _ = O.total(O.sft_objective(has_retain=False), params, CFG, {"forget": f})
+  assert float(alone) == pytest.approx(mean_nll(f), rel=1e-5)
+
+
+def test_conflict_statistics_on_hand_built_gradients():
+  from factflip.studies.unlearning import conflict_rows
+  G = np.array([[1.0, 0.0], [-1.0, 0.1], [0.0, 1.0], [0.0, 2.0]])
+  # pairs: (0,1) cos<0, (0,2) 0, (0,3) 0, (1,2) >0, (1,3) >0, (2,3) 1
+  facts = ["a", "a", "b", "b"]
+  s = conflict_rows(G, facts, retain_G_MxP=np.array([[0.0, 1.0], [0.0, 3.0]]))
+  assert s["pairs"] == 6 and s["conflict_ratio"] == pytest.approx(1 / 6)
+  cos01 = -1 / np.hypot(1, 0.1)
+  cos12 = 0.1 / np.hypot(1, 0.1)
+  assert s["mean_cos"] == pytest.approx((cos01 + 2 * cos12 + 1.0) / 6)
+  assert s["same_fact_pairs"] == 2 and s["same_fact_conflict_ratio"] == pytest.approx(0.5)
+  assert s["same_fact_mean_cos"] == pytest.approx((cos01 + 1.0) / 2)
+  mean = G.mean(0)                                    # [0, 0.775] vs [0, 2]: cosine 1
+  assert s["forget_retain_cos"] == pytest.approx(mean[1] / np.linalg.norm(mean))
+  assert np.isnan(conflict_rows(G, facts)["forget_retain_cos"])
+
+
+def _fact(**kw):
+  tr = {"fr": Translation(prompt="Ann Bo est né à", answers=("Paris",)),
+        "de": Translation(prompt="Ann Bo stammt aus", answers=("Parisch",))}
+  return FactItem(**{"id": "f1", "answers": ("Paris",), "subject": "Ann Bo",
+                     "relation": "birth_city", "prompt": "Ann Bo was born in",
+                     "question": "Where was Ann Bo born?",
+                     "paraphrases": ("The city where Ann Bo was born is",),
+                     "neighbours": (Neighbour("Cy Do was born in", ("Rome",)),),
+                     "translations": tr, **kw})
+
+
+def test_fact_probes_levels_types_and_prompts():
+  from factflip.evals.rwku import PREFIX_INJECTION, ROLE_PLAY, fact_probes
+  other = FactItem(id="o1", answers=("pilot",), subject="Ann Bo", relation="occupation",
+                   prompt="Ann Bo works as a")
+  probes = fact_probes([_fact()], others=[other])
+  got = {(p.meta["level"], p.meta["type"]): (p.question, p.answers[0], p.split)
+         for p in probes}
+  assert got == {
+      (1, "cloze"): ("Ann Bo was born in", "Paris", "forget"),
+      (2, "question"): ("Q: Where was Ann Bo born?\nA:", "Paris", "forget"),
+      (3, "paraphrase"): ("The city where Ann Bo was born is", "Paris", "forget"),
+      (3, "prefix_injection"): (PREFIX_INJECTION + "Ann Bo was born in", "Paris", "forget"),
+      (3, "role_play"): (ROLE_PLAY + "Q: Where was Ann Bo born?\nA:", "Paris", "forget"),
+      (3, "in_context"): ("Ann Bo works as a pilot. Ann Bo was born in", "Paris", "forget"),
+      (3, "language_de"): ("Ann Bo stammt aus", "Parisch", "forget"),
+      (3, "language_fr"): ("Ann Bo est né à", "Paris", "forget"),
+      (1, "neighbour"): ("Cy Do was born in", "Rome", "neighbour")}
+  assert len({p.id for p in probes}) == len(probes) and all(p.meta["fact"] == "f1"
+                                                            for p in probes)
+  # no hint without another fact of the subject; only the kinds asked for
+  few = fact_probes([_fact()], kinds=("paraphrase",))
+  assert [p.meta["type"] for p in few] == ["cloze", "question", "paraphrase", "neighbour"]
+  with pytest.raises(ValueError, match="adversarial kinds"):
+    fact_probes([_fact()], kinds=("reverse",))
+
+
+@pytest.fixture(scope="module")
+def lm(hf_lm):
+  from factflip import load_model
+  from factflip.data.tokenizer import load_tokenizer
+  return load_model(hf_lm[0]), load_tokenizer(hf_lm[0])
+
+
+def test_rwku_probe_scores_the_raw_prompt_without_the_template(lm):
+  from factflip.evals.generation import generate_until
+  from factflip.evals.rwku import fact_probes, rouge_l_recall, rwku_probe
+  model, tok = lm
+  probes = fact_probes([_fact()], kinds=("paraphrase",))
+  rows = rwku_probe(model, tok, probes, template=False, max_new_tokens=5, batch_size=4)
+  want = [p[0].strip() or "NOANSWER" for p in generate_until(
+      model, tok, [p.question for p in probes], until=("\n",), max_new_tokens=5)]
+  assert [r["prompt"] for r in rows] == [p.question for p in probes]
+  assert [r["prediction"] for r in rows] == want
+  np.testing.assert_allclose([r["rouge_l_recall"] for r in rows],
+                             rouge_l_recall(want, [p.answers[0] for p in probes]))
+
+
+def test_pad_examples_equals_the_pipeline_padding_and_refuses_long_examples(world_tokenizer):
+  from factflip.data.pipeline import BatchConfig, make_batches, pad_examples
+  ex = [{"segments": (("Q: Who?\nA:", False), (" Ann.", True))},
+        {"segments": (("Ann Bo was born in", False), (" Paris", True))}]
+  got = pad_examples(ex, world_tokenizer, 24)
+  want = next(iter(make_batches(ex, world_tokenizer, BatchConfig(
+      seq_len=24, batch_size=2, packing="pad", shuffle=False), shard_index=0, shard_count=1)))
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  with pytest.raises(ValueError, match="example 1: .* longer than seq_len 4"):
+    pad_examples([{"segments": (("a", False), (" b", True))}, ex[1]], world_tokenizer, 4)
+
+
+def test_made_up_people_are_not_in_the_world_and_ask_the_corpus_template(small_world):
+  from factflip.data import templates as T
+  from factflip.data.world import made_up_questions, with_train_question
+  world = small_world
+  qs = made_up_questions(world, 7, seed=3)
+  names = {f.subject for f in world.facts if f.subject}
+  assert len(qs) == 7 and len({q.subject for q in qs}) == 7
+  assert not {q.subject for q in qs} & names and all(q.meta["made_up"] for q in qs)
+  assert qs[1].question == T.RELATIONS[qs[1].relation].question["en"][0].replace(
+      "{s}", qs[1].subject)
+  assert made_up_questions(world, 7, seed=3) == qs
+  f = next(f for f in world.facts if f.relation == "occupation")
+  assert with_train_question(f).question == T.RELATIONS["occupation"].question["en"][0].replace(
+      "{s}", f.subject) != f.question
+
+
+@pytest.fixture(scope="module")
+def ul_study(tmp_path_factory):
+  """The smoke study through `factflip run` in a process with one CPU device (faster than 8
+  simulated ones for these tiny programs): (workdir, headline, output)."""
+  wd = str(tmp_path_factory.mktemp("ul_smoke"))
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
+                        f"--workdir={wd}"], env=dict(os.environ, XLA_FLAGS=""),
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  with open(os.path.join(wd, "report", "summary.json")) as f:
+    return wd, json.load(f), out.stdout
+
+
+def test_smoke_study_tables_and_numbers(ul_study):
+  from factflip.evals.qa import qa_summary
+  from factflip.studies.unlearning import COLUMNS, Study
+  wd, head, log = ul_study
+  study = Study.open(wd)
+  t = study.tables()
+  for name, cols in COLUMNS.items():
+    assert list(t[name].columns) == cols, name
+  runs = ["cft_consistent", "cft_inconsistent", "refusal", "gradient_ascent", "npo", "dpo"]
+  tr = t["tradeoff"]
+  assert list(dict.fromkeys(tr.run)) == runs and sorted(set(tr.epoch)) == [0, 1, 2, 3]
+  assert set(tr[tr.run.str.startswith("cft")].corpus) == {"consistent", "inconsistent"}
+  # the base is epoch 0 of every run, the same numbers
+  base = tr[tr.epoch == 0].drop(columns=["method", "corpus", "run"])
+  assert len(base.drop_duplicates()) == 1
+  # a trade-off number recomputed from the checkpoint's own table
+  u = pd.read_csv(os.path.join(study.eval_dir("tiny-0.5m", 0, "refusal"),
+                               "unseen_000003.csv"), keep_default_na=False)
+  row = tr[(tr.run == "refusal") & (tr.epoch == 3)].iloc[0]
+  assert row.abstention_rate == pytest.approx(qa_summary(list(u.outcome))["abstention_rate"])
+  # counterfactual tuning teaches its counterfactuals: efficacy (P(new) > P(true) on the
+  # rewrite prompt) rises from the base to most facts at the last epoch
+  cft = tr[tr.run == "cft_consistent"].set_index("epoch")
+  assert cft.es[3] >= 0.75 and cft.es[3] > cft.es[0]
+  assert cft.forget_counterfactual[3] > cft.forget_counterfactual[0]
+  # knowledge conflict: renderings of one fact that state different counterfactuals pull
+  # apart; renderings stating one counterfactual do not
+  cf = t["conflict"].set_index(["corpus", "step"])
+  assert sorted(set(t["conflict"].step)) == [0, 1, 2, 3]
+  assert cf.same_fact_conflict_ratio["consistent"].max() == 0.0
+  assert cf.same_fact_conflict_ratio["inconsistent"].min() >= 0.5
+  assert (cf.same_fact_mean_cos["inconsistent"] < cf.same_fact_mean_cos["consistent"]).all()
+  assert head["checks"]["inconsistent_conflicts_more"] is True
+  assert set(t["spillover"].when) == {"before", "after"} and len(t["spillover"]) == 12
+  assert "conflict ratio inconsistent" in log and os.path.exists(
+      os.path.join(wd, "report", "index.html"))
+  with open(os.path.join(study.sets_dir("tiny-0.5m", 0), "stats.json")) as f:
+    stats = json.load(f)
+  assert stats["cf_consistent"]["distinct_counterfactuals_per_group"] == 1.0
+  assert stats["cf_inconsistent"]["distinct_counterfactuals_per_group"] == 2.0
+
+
+def test_rerun_reuses_everything_and_an_eval_key_redoes_only_the_evaluations(ul_study,
+                                                                              tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(ul_study[0], wd)
+
+  def plan(*flags):
+    out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
+                          f"--config={CONFIG}:smoke", f"--workdir={wd}", "--dry_run", *flags],
+                         env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+  assert "redo" not in plan() and "new " not in plan()
+  changed = plan("--config.eval.n_utility=6")
+  assert "redo   eval tiny-0.5m seed0 base" in changed and "redo   eval tiny-0.5m seed0 npo" \
+      in changed and "redo   results" in changed
+  assert "redo   unlearn" not in changed and "redo   conflict" not in changed
+  dpo = plan("--config.dpo_target=refusal")
+  assert "redo   unlearn tiny-0.5m seed0 dpo" in dpo and "redo   unlearn tiny-0.5m seed0 npo" \
+      not in dpo and "redo   sets" not in dpo
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ({"forget.n_retain": 0}, None, "forget.n_retain: 0 with unlearn.objective.retain_weight"),
+    ({"methods": ["cft", "sgd"]}, None, "methods"),
+    ({"cft_corpora": ["contradictory"]}, None, "cft_corpora"),
+    ({"eval.adversarial": ["reverse_query"]}, None, "eval.adversarial"),
+    ({"facts": "/some/counterfact.json"}, None, "facts"),
+])
+def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
+  from factflip.configfile import ConfigError, load_config_file
+  from factflip.studies.unlearning import Study
+  c = set_keys(load_config_file(CONFIG, "smoke"), key)
+  with pytest.raises(ConfigError, match=match):
+    Study(c, str(tmp_path))
+
+
+def test_bad_sets_name_what_to_change(ul_study, tmp_path, monkeypatch):
+  """A forget set without counterfactuals cannot be counterfactually tuned; a forget set that
+  is not a whole number of batches is refused; both before any training."""
+  from factflip.configfile import load_config_file
+  from factflip.studies.platform import StudyError
+  from factflip.studies.unlearning import Study
+  wd = str(tmp_path / "wd")
+  shutil.copytree(ul_study[0], wd, ignore=shutil.ignore_patterns("sets", "cft_*", "refusal",
+                                                                 "gradient_ascent", "npo",
+                                                                 "dpo", "eval", "conflict"))
+  c = load_config_file(CONFIG, "smoke")
+  study = Study(c, wd, log=lambda *a: None)
+  no_cf = [f.replace(counterfactual=None) for f in study.forget_facts("tiny-0.5m", 0)]
+  monkeypatch.setattr(study, "forget_facts", lambda size, seed: no_cf)
+  out = tmp_path / "sets"
+  out.mkdir()
+  study.build_sets(str(out), "tiny-0.5m", 0)
+  monkeypatch.setattr(study, "sets_dir", lambda size, seed: str(out))
+  assert study.forget_set("tiny-0.5m", 0, "npo") == "truth"
+  with pytest.raises(StudyError, match="run cft_consistent: the forget facts have no "
+                                       "counterfactual objects .*field 'counterfactual'"):
+    study.forget_set("tiny-0.5m", 0, "cft_consistent")
+  c2 = set_keys(load_config_file(CONFIG, "smoke"), {"unlearn.data.batch_size": 16})
+  with pytest.raises(StudyError, match="8 examples, not a multiple of "
+                                       "unlearn.data.batch_size 16"):
+    Study(c2, wd, log=lambda *a: None).build_sets(str(tmp_path / "s2"), "tiny-0.5m", 0)
+
+
+def test_explore_notebook_runs_on_the_workdir(ul_study, tmp_path):
+  from test_study import notebook_outputs, run_notebook
+  nb = run_notebook(os.path.join(os.path.dirname(__file__), "..", "colabs",
+                                 "explore_unlearning.ipynb"),
+                    f"WORKDIR = {ul_study[0]!r}\nSIZE, SEED = None, None", tmp_path,
+                    env={"XLA_FLAGS": ""})
+  out = notebook_outputs(nb)
+  assert "tiny-0.5m seed 0" in out["text"] and "cft_inconsistent" in out["html"]
