@@ -1,6 +1,8 @@
 """Per-example gradients: `probes.gradients.per_example_grads` (vmapped in chunks, one compiled
 program) against a loop of jitted single-example gradients, and against PyTorch's
-`torch.func.vmap(torch.func.grad(...))` on the same HF model, side by side in one run.
+`torch.func.vmap(torch.func.grad(...))` on the same HF model, side by side in one run, and
+against the floor: one batched gradient of the summed example losses (what any per-example
+method must at least compute).
 
 The model is a random HF Llama (tied embeddings) saved with `save_pretrained` and loaded by
 factflip with `load_model(dir)`; both sides compute every example's gradient of its mean
@@ -95,6 +97,17 @@ def main():
     return np.stack([np.asarray(single(params, r)) for r in rows])
   G_loop, loop_first, loop_s = best(loop, a.iters)
 
+  # the floor: ONE gradient of the batch's summed example losses (not per example) — no
+  # per-example method can take less compute than this
+  bj = {k: jnp.asarray(v) for k, v in b.items()}
+
+  def batch_loss(p, rows):
+    nll = -token_logprobs(p, mcfg, rows)
+    m = rows["loss_mask"].astype(jnp.float32)
+    return ((nll * m).sum(1) / jnp.maximum(m.sum(1), 1.0)).sum()
+  summed = jax.jit(jax.grad(batch_loss))
+  _, floor_first, floor_s = best(lambda: jax.block_until_ready(summed(params, bj)), a.iters)
+
   names = [n for n, _ in tm.named_parameters()]
   tparams = {n: p.detach() for n, p in tm.named_parameters()}
   inp, tgt = torch.tensor(b["inputs"], dtype=torch.long), torch.tensor(b["targets"],
@@ -136,6 +149,10 @@ def main():
         f"{a.n / loop_s:.1f} | {loop_s / ours_s:.2f}x |")
   print(f"| torch.func.vmap(grad), chunk_size {a.chunk} | {torch_s:.3f} | {torch_first:.2f} | "
         f"{a.n / torch_s:.1f} | {torch_s / ours_s:.2f}x |")
+  print(f"| floor: one batched gradient of the summed losses (not per example) | {floor_s:.3f} "
+        f"| {floor_first:.2f} | {a.n / floor_s:.1f} | {floor_s / ours_s:.2f}x |")
+  print(f"\nThe loop takes {loop_s / floor_s:.1f}x the floor: the most any per-example method "
+        "could gain over it on this machine.")
 
 
 if __name__ == "__main__":

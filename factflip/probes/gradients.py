@@ -39,24 +39,35 @@ def param_subset(params, pattern: str = ".*") -> list[str]:
   return keep
 
 
-def _select(params, paths: tuple[str, ...]):
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [leaf for kp, leaf in flat if _path(kp) in paths]
+def _split(params, paths: tuple[str, ...]):
+  """(the leaves at `paths` in tree order, a function putting such leaves back into params)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  where = [i for i, (kp, _) in enumerate(flat) if _path(kp) in paths]
+  leaves = [leaf for _, leaf in flat]
+
+  def merge(sub):
+    out = list(leaves)
+    for i, x in zip(where, sub):
+      out[i] = x
+    return jax.tree_util.tree_unflatten(treedef, out)
+  return [leaves[i] for i in where], merge
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "paths", "chunk"))
 def _grads(params, cfg: ModelConfig, batch, *, paths: tuple[str, ...], chunk: int):
   from factflip.train.objectives import token_logprobs
+  sub, merge = _split(params, paths)       # differentiate the subset only: the other
+  #                                           parameters' gradients are never formed
 
-  def example_loss(p, row):
+  def example_loss(sub_params, row):
     one = jax.tree.map(lambda a: a[None], row)
-    nll = -token_logprobs(p, cfg, one)[0]
+    nll = -token_logprobs(merge(sub_params), cfg, one)[0]
     mask = row["loss_mask"].astype(jnp.float32)
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
   def flat_grad(row):
-    g = jax.grad(example_loss)(params, row)
-    return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in _select(g, paths)])
+    g = jax.grad(example_loss)(sub, row)
+    return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in g])
 
   return jax.lax.map(flat_grad, batch, batch_size=chunk)
 
