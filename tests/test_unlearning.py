@@ -286,3 +286,45 @@ def test_explore_notebook_runs_on_the_workdir(ul_study, tmp_path):
                     env={"XLA_FLAGS": ""})
   out = notebook_outputs(nb)
   assert "tiny-0.5m seed 0" in out["text"] and "cft_inconsistent" in out["html"]
+
+
+def test_hf_model_and_facts_file_variant(ul_study, tmp_path):
+  """The same study on an HF model directory (the smoke base exported with its tokenizer), a
+  CounterFact-layout facts file and an unseen-questions file: RWKU's instruction wraps every
+  probe, and counterfactual tuning still teaches its counterfactuals."""
+  from test_study import counterfact_file
+
+  from factflip.data.facts import write_facts_jsonl
+  from factflip.data.tokenizer import load_tokenizer
+  from factflip.data.world import load_world, with_train_question
+  from factflip.models.hf import save_hf
+  from factflip.models.store import load_model
+  src = ul_study[0]
+  hf = str(tmp_path / "tiny-hf")
+  save_hf(load_model(os.path.join(src, "runs", "tiny-0.5m", "seed0", "pretrain")), hf,
+          tokenizer=load_tokenizer(os.path.join(src, "tokenizer")))
+  world = load_world(os.path.join(src, "world"))
+  facts = counterfact_file(world, tmp_path / "counterfact.json", 40)
+  unseen = str(tmp_path / "unseen.jsonl")
+  write_facts_jsonl(unseen, [with_train_question(f) for f in world.facts
+                             if f.meta.get("exposure_tier") == "none"][:6])
+  wd = str(tmp_path / "wd")
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
+                        f"--config={CONFIG}:smoke,hf={hf},facts={facts}",
+                        f"--config.eval.unseen={unseen}", f"--workdir={wd}"],
+                       env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                       timeout=900, check=False)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  tr = pd.read_csv(os.path.join(wd, "results", "tradeoff.csv"))
+  assert set(tr["size"]) == {"tiny-hf"} and len(tr) == 6 * 4
+  base = os.path.join(wd, "runs", "tiny-hf", "seed0")
+  with open(os.path.join(base, "base", "targets.jsonl")) as f:
+    targets = [json.loads(line)["id"] for line in f]
+  with open(os.path.join(base, "sets", "forget.jsonl")) as f:
+    assert [json.loads(line)["id"] for line in f] == targets
+  probes = pd.read_csv(os.path.join(base, "eval", "base", "probes_000000.csv"))
+  assert probes.prompt.str.startswith("Please complete the blank").any()
+  assert len(pd.read_csv(os.path.join(base, "eval", "base", "unseen_000000.csv"))) == 6
+  cft = tr[tr.run == "cft_consistent"].set_index("epoch")
+  assert cft.es[3] > cft.es[0]
+  assert len(pd.read_csv(os.path.join(wd, "results", "conflict.csv"))) == 2 * 4

@@ -87,4 +87,5 @@ def get_config(arg=None):
     c.facts_limit = 60
     if "hf" in variants:
       c.unlearn.optim.lr = 1e-3
+      c.forget.n_targets = 8       # CounterFact items have no question: one render per fact
   return c
