@@ -38,19 +38,22 @@ def test_sft_objective_is_the_forget_nll_plus_the_weighted_retain_nll():
   r["loss_mask"][0, 6:] = 0                          # unequal retain answer lengths
 
   def mean_nll(b):                                    # directly: -log softmax at the targets
-    logits = np.asarray(forward(params, CFG, b["inputs"]).logits, np.float64)
+    logits = np.asarray(jax.jit(lambda p, x: forward(p, CFG, x).logits)(params, b["inputs"]),
+                        np.float64)
     lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
                          ) - logits.max(-1, keepdims=True)
     picked = np.take_along_axis(lp, b["targets"][..., None], -1)[..., 0]
     return float(-(picked * b["loss_mask"]).sum() / b["loss_mask"].sum())
 
   obj = O.sft_objective(retain_weight=0.3)
-  loss, terms = O.total(obj, params, CFG, {"forget": f, "retain": r})
+  loss, terms = jax.jit(lambda p, b: O.total(obj, p, CFG, b))(params, {"forget": f,
+                                                                       "retain": r})
   assert obj.weights == {"forget_nll": 1.0, "retain_nll": 0.3}
   assert float(terms["forget_nll"]) == pytest.approx(mean_nll(f), rel=1e-5)
   assert float(terms["retain_nll"]) == pytest.approx(mean_nll(r), rel=1e-5)
   assert float(loss) == pytest.approx(mean_nll(f) + 0.3 * mean_nll(r), rel=1e-5)
-  alone, _ = O.total(O.sft_objective(has_retain=False), params, CFG, {"forget": f})
+  alone, _ = jax.jit(lambda p, b: O.total(O.sft_objective(has_retain=False), p, CFG, b))(
+      params, {"forget": f})
   assert float(alone) == pytest.approx(mean_nll(f), rel=1e-5)
 
 
@@ -237,9 +240,9 @@ def test_rerun_reuses_everything_and_an_eval_key_redoes_only_the_evaluations(ul_
 
 @pytest.mark.parametrize("key,value,match", [
     ({"forget.n_retain": 0}, None, "forget.n_retain: 0 with unlearn.objective.retain_weight"),
-    ({"methods": ["cft", "sgd"]}, None, "methods"),
-    ({"cft_corpora": ["contradictory"]}, None, "cft_corpora"),
-    ({"eval.adversarial": ["reverse_query"]}, None, "eval.adversarial"),
+    ({"methods": ("cft", "sgd")}, None, "methods"),
+    ({"cft_corpora": ("contradictory",)}, None, "cft_corpora"),
+    ({"eval.adversarial": ("reverse_query",)}, None, "eval.adversarial"),
     ({"facts": "/some/counterfact.json"}, None, "facts"),
 ])
 def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
@@ -328,3 +331,91 @@ def test_hf_model_and_facts_file_variant(ul_study, tmp_path):
   cft = tr[tr.run == "cft_consistent"].set_index("epoch")
   assert cft.es[3] > cft.es[0]
   assert len(pd.read_csv(os.path.join(wd, "results", "conflict.csv"))) == 2 * 4
+
+
+def _rwku_folder(world, root) -> str:
+  """An RWKU Target folder (RWKU's file layout) of two world people: level-1 cloze and level-2
+  question probes of their facts, level-3 probes, neighbour probes and MIA texts."""
+  people = list(dict.fromkeys(f.subject for f in world.facts
+                              if f.meta.get("exposure_tier") == "high"))[:3]
+  for n, name in enumerate(people[:2], 1):
+    d = root / f"{n}_{name.replace(' ', '_')}"
+    d.mkdir(parents=True)
+    facts = [f for f in world.facts if f.subject == name and not f.meta.get("two_hop")]
+    other = [f for f in world.facts if f.subject == people[2]]
+
+    def dump(file, records, d=d):
+      (d / file).write_text(json.dumps(records))
+    dump("forget_level1.json", [{"query": f.prompt + " ___", "answer": f.answers[0],
+                                 "level": "1", "type": "cloze", "subject": name}
+                                for f in facts])
+    dump("forget_level2.json", [{"query": with_q(f), "answer": f.answers[0], "level": "2",
+                                 "type": "simple question", "subject": name} for f in facts])
+    dump("forget_level3.json", [{"query": "I wonder. " + with_q(f), "answer": f.answers[0],
+                                 "level": "3", "type": "prefix injection", "subject": name}
+                                for f in facts[:2]])
+    dump("neighbor_level1.json", [{"query": f.prompt + " ___", "answer": f.answers[0],
+                                   "level": "1", "type": "cloze", "subject": name,
+                                   "neighbor": people[2]} for f in other[:2]])
+    dump("neighbor_level2.json", [{"query": with_q(f), "answer": f.answers[0], "level": "2",
+                                   "type": "simple question", "subject": name,
+                                   "neighbor": people[2]} for f in other[:2]])
+    dump("forget_mia.json", [{"text": f"{f.prompt} {f.answers[0]}."} for f in facts])
+    dump("retain_mia.json", [{"text": f"{f.prompt} {f.answers[0]}."} for f in other])
+  return str(root)
+
+
+def with_q(f):
+  from factflip.data.world import with_train_question
+  return with_train_question(f).question
+
+
+def test_rwku_folder_variant(ul_study, tmp_path):
+  """forget.source = rwku: RWKU's Target folder as the forget set (level-1/2 probes trained
+  on, every level and the neighbours probed with RWKU's instruction, its MIA texts scored);
+  counterfactual tuning is refused before anything runs."""
+  from factflip.configfile import ConfigError, load_config_file
+  from factflip.data.tokenizer import load_tokenizer
+  from factflip.data.world import load_world
+  from factflip.evals.mia import auc
+  from factflip.models.hf import save_hf
+  from factflip.models.store import load_model
+  from factflip.studies.unlearning import Study
+  src = ul_study[0]
+  hf = str(tmp_path / "tiny-hf")
+  save_hf(load_model(os.path.join(src, "runs", "tiny-0.5m", "seed0", "pretrain")), hf,
+          tokenizer=load_tokenizer(os.path.join(src, "tokenizer")))
+  world = load_world(os.path.join(src, "world"))
+  rwku = _rwku_folder(world, tmp_path / "Target")
+  unseen = tmp_path / "unseen.jsonl"
+  unseen.write_text(json.dumps({"id": "u1", "question": "Who is Zork Blim?",
+                                "answers": ["nobody"]}) + "\n")
+  variant = f"{CONFIG}:smoke,hf={hf},facts={rwku}"
+  flags = ["--config.forget.source=rwku", "--config.forget.n_targets=2",
+           f"--config.eval.unseen={unseen}", "--config.unlearn.objective.retain_weight=0",
+           "--config.methods=('refusal','npo')"]
+  wd = str(tmp_path / "wd")
+  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={variant}",
+                        *flags, f"--workdir={wd}"], env=dict(os.environ, XLA_FLAGS=""),
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  run = os.path.join(wd, "runs", "tiny-hf", "seed0")
+  with open(os.path.join(run, "sets", "stats.json")) as f:
+    stats = json.load(f)
+  n12 = 2 * 2 * 5                         # 2 targets x (level 1 + level 2) x 5 facts
+  assert stats["truth"]["examples"] == n12 // 8 * 8
+  assert stats["rwku_probes_left_out"] == n12 % 8
+  probes = pd.read_csv(os.path.join(run, "eval", "base", "probes_000000.csv"))
+  assert len(probes) == n12 + 2 * 2 + 2 * 4 and set(probes.level) == {1, 2, 3}
+  assert set(probes.set) == {"forget", "neighbour"}
+  assert probes.prompt.str.startswith("Please").all()
+  mia = pd.read_csv(os.path.join(run, "eval", "base", "mia_000000.csv"))
+  assert list(mia.set).count("forget") == 10
+  tr = pd.read_csv(os.path.join(wd, "results", "tradeoff.csv"))
+  assert set(tr.run) == {"refusal", "npo"} and tr.utility_acc.isna().all()
+  assert tr[tr.epoch == 0].mia_auc.iloc[0] == pytest.approx(
+      auc(mia[mia.set == "forget"].loss, mia[mia.set == "retain"].loss))
+  c = load_config_file(CONFIG, f"smoke,hf={hf},facts={rwku}")
+  set_keys(c, {"forget.source": "rwku", "eval.unseen": str(unseen)})
+  with pytest.raises(ConfigError, match="methods: .*RWKU's probes carry no counterfactual"):
+    Study(c, str(tmp_path / "wd2"))

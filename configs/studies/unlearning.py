@@ -31,6 +31,15 @@ Variants (`--config=configs/studies/unlearning.py:VARIANT[,VARIANT...]`):
 /data/counterfact.json --workdir=workdir/ul_qwen --config.eval.unseen=/data/unseen.jsonl \
 --config.unlearn.model.dtype=bfloat16
 
+RWKU's Target folder as the forget set (its level-1/2 probes trained on; every level, the
+neighbours and its MIA texts scored; no counterfactuals, so no CFT):
+
+  factflip run --config=configs/studies/unlearning.py:hf=/models/Llama-3.2-1B-Instruct,\
+facts=/data/rwku/Target --config.forget.source=rwku --config.forget.n_targets=10 \
+--config.methods="('refusal','gradient_ascent','npo','dpo')" --config.dpo_target=refusal \
+--config.eval.unseen=/data/unseen.jsonl --config.unlearn.objective.retain_weight=0 \
+--workdir=workdir/ul_rwku
+
 On the world the probes are the prompts as the corpus writes them (eval.template = False: a
 tiny base model follows no instruction); with hf= RWKU's instruction wraps every probe.
 """

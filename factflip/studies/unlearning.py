@@ -8,6 +8,13 @@ checkpoint, the knowledge-conflict diagnostics, and the results tables; the layo
 Must not: train (`factflip.train`), build sets (`data.mixtures`), score (`factflip.evals`),
 compute gradients (`probes.gradients`) or plot (`unlearning_report.py`).
 
+RWKU (`forget.source = "rwku"`, `facts` = RWKU's Target folder, with hf=): the forget facts are
+the level-1 and level-2 forget probes of the folder's first `forget.n_targets` targets (one
+example per probe, the first whole number of batches), every probe of theirs (levels 1–3,
+forget and neighbour) is scored with RWKU's instruction, MIA compares their forget_mia and
+retain_mia texts, the retain term reads `forget.retain_path`; RWKU has no counterfactuals
+(no CFT, DPO towards the refusal) and no utility set (utility_acc is NaN).
+
 Runs (the `method` axis; `run_names`): `cft_<corpus>` (SFT on counterfactual answers, once per
 corpus in `cft_corpora`: "consistent" = every rendering of a fact states one counterfactual,
 "inconsistent" = each rendering a different one), `refusal` (SFT on "I don't know."),
@@ -54,7 +61,8 @@ the mean forget gradient and the mean retain gradient.
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+import re
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -63,9 +71,12 @@ from factflip.fileio import read_json, write_csv, write_json
 from factflip.studies import platform
 from factflip.studies.checkpoints import CheckpointProbe, probe_checkpoints, table_path, table_steps
 from factflip.studies.platform import StudyError, memo
+from factflip.studies.sources import file_stamp
 from factflip.studies.stages import Stage
 
 METHODS = ("cft", "refusal", "gradient_ascent", "npo", "dpo")
+_DRAW_KEYS = {"n_targets": "forget.n_targets", "tier": "forget.tier",
+              "n_control": "forget.n_retain"}
 CORPORA = ("consistent", "inconsistent")
 TABLES = ("probes", "unseen", "utility", "mia", "cf", "dll")
 # run -> (training objective, forget set file)
@@ -103,9 +114,15 @@ def base_config():
   c.forget.n_targets = 24          # facts to forget (world: person facts of `tier`)
   c.forget.tier = "high"           # world: the exposure tier they come from
   c.forget.n_retain = 24           # retain facts (the retain term's data, MIA's non-members)
-  c.forget.renders = ["prompt", "question"]   # forget examples per fact
-  c.methods = list(METHODS)
-  c.cft_corpora = list(CORPORA)    # CFT runs once per counterfactual corpus
+  c.forget.renders = ("prompt", "question")   # forget examples per fact (tuples: settable
+  #                                              with --config.KEY="('a','b')")
+  c.forget.source = "draw"         # draw: the fact source's targets (world, or facts the base
+  #                                  knows); rwku: `facts` is RWKU's Target folder and the
+  #                                  first n_targets targets are forgotten (module docstring)
+  c.forget.retain_path = ""        # rwku: retain examples (JSONL, any training-example record)
+  #                                  for the retain term (RWKU ships no retain corpus)
+  c.methods = METHODS
+  c.cft_corpora = CORPORA          # CFT runs once per counterfactual corpus
   c.dpo_target = "counterfactual"  # dpo: the preferred answer (counterfactual | refusal)
   c.epochs = 5
   c.unlearn = train_config.base_config()
@@ -117,7 +134,7 @@ def base_config():
   c.eval.max_new_tokens = 30       # RWKU: greedy 30 tokens
   c.eval.template = True           # RWKU's instruction around each probe (False: the prompt as
   #                                  is, for base models that follow no instruction)
-  c.eval.adversarial = list(ADVERSARIAL)   # level-3 variants
+  c.eval.adversarial = ADVERSARIAL  # level-3 variants
   c.eval.n_unseen = 40             # world: unmentioned facts asked (spillover)
   c.eval.n_made_up = 20            # world: questions about people who do not exist
   c.eval.unseen = ""               # facts: a facts file of questions the model never saw
@@ -177,7 +194,24 @@ def validate(c, source: str = "study") -> None:
   need(c.dpo_target in ("counterfactual", "refusal"), "dpo_target",
        f"{c.dpo_target!r}; expected counterfactual or refusal")
   need(c.epochs >= 1, "epochs", f"{c.epochs}; expected >= 1")
-  need(c.unlearn.objective.retain_weight == 0 or c.forget.n_retain > 0, "forget.n_retain",
+  need(c.forget.source in ("draw", "rwku"), "forget.source",
+       f"{c.forget.source!r}; expected draw or rwku")
+  rwku = c.forget.source == "rwku"
+  need(not rwku or bool(c.facts), "forget.source", "'rwku' reads RWKU's Target folder from "
+       "`facts` (hf=DIR,facts=RWKU/Target)")
+  need(not rwku or ("cft" not in c.methods and ("dpo" not in c.methods
+                                                 or c.dpo_target == "refusal")), "methods",
+       f"{list(c.methods)} with forget.source 'rwku' and dpo_target {c.dpo_target!r}: RWKU's "
+       "probes carry no counterfactual objects, so counterfactual tuning and DPO towards a "
+       "counterfactual have nothing to train on; drop cft (and set dpo_target 'refusal')")
+  need(not c.forget.retain_path or os.path.exists(c.forget.retain_path), "forget.retain_path",
+       f"{c.forget.retain_path!r} does not exist; expected a JSONL of training examples")
+  need(not rwku or c.unlearn.objective.retain_weight == 0 or bool(c.forget.retain_path),
+       "forget.retain_path", f"empty with forget.source 'rwku' and unlearn.objective."
+       f"retain_weight {c.unlearn.objective.retain_weight}: the retain term needs retain data "
+       "(RWKU ships none); give a JSONL of examples, or set retain_weight 0")
+  need(rwku or c.unlearn.objective.retain_weight == 0 or c.forget.n_retain > 0,
+       "forget.n_retain",
        f"0 with unlearn.objective.retain_weight {c.unlearn.objective.retain_weight}: the retain "
        "term needs retain facts (set n_retain > 0, or retain_weight = 0 for no retain term)")
   need(c.unlearn.data.kind == "unlearn" and c.unlearn.data.packing == "pad", "unlearn.data",
@@ -197,22 +231,24 @@ def validate(c, source: str = "study") -> None:
     need(c.forget.tier in ("high", "medium", "low", "none"), "forget.tier",
          f"{c.forget.tier!r}; expected high, medium, low or none")
   need(c.conflict.chunk >= 1, "conflict.chunk", f"{c.conflict.chunk}; expected >= 1")
-  for run in run_names(c) or ["cft_consistent"]:
-    sub = platform.mutable(c.unlearn)
-    if c.facts:
-      sub.model.init_from = c.sizes[0]
-    else:
-      sub = platform.mutable(c.pretrain)
-      sub.model.preset = c.sizes[0]
-      train_config.validate(sub, source=f"{source}: pretrain", n_devices=jax.device_count(),
-                            n_processes=jax.process_count())
-      sub = platform.mutable(c.unlearn)
-      sub.model.init_from = "runs/<size>/seed<k>/pretrain"
-    sub.objective.name = _OBJECTIVE[method_of(run)[0]]
-    sub.data.path = "runs/<size>/seed<k>/sets/forget.jsonl"
+  try:
+    re.compile(c.conflict.pattern)
+  except re.error as e:
+    raise ConfigError(source, "conflict.pattern", f"{c.conflict.pattern!r} is not a regular "
+                      f"expression ({e})") from None
+  if not c.facts:
+    sub = platform.mutable(c.pretrain)
+    sub.model.preset = c.sizes[0]
+    train_config.validate(sub, source=f"{source}: pretrain", n_devices=jax.device_count(),
+                          n_processes=jax.process_count())
+  for objective in dict.fromkeys(_OBJECTIVE[method_of(r)[0]] for r in run_names(c)):
+    sub = platform.mutable(c.unlearn)      # what build_unlearn sets per run
+    sub.model.init_from = c.sizes[0] if c.facts else "runs/<size>/seed<k>/pretrain"
+    sub.objective.name = objective
+    sub.data.path = "runs/<size>/seed<k>/sets/forget_<set>.jsonl"
     sub.data.retain_path = ("runs/<size>/seed<k>/sets/retain.jsonl"
                             if c.unlearn.objective.retain_weight else "")
-    train_config.validate(sub, source=f"{source}: unlearn ({run})",
+    train_config.validate(sub, source=f"{source}: unlearn ({objective})",
                           n_devices=jax.device_count(), n_processes=jax.process_count())
 
 
@@ -246,10 +282,14 @@ class Study(platform.Study):
   conflict diagnostics along the CFT runs, then the results tables."""
   name = "unlearning"
   title = "unlearning by counterfactual tuning: conflict, spillover, RWKU metrics"
-  draw_keys: ClassVar[dict[str, str]] = {"n_targets": "forget.n_targets", "tier": "forget.tier",
-                                         "n_control": "forget.n_retain"}
   base_config = staticmethod(base_config)
   validate = staticmethod(validate)
+
+  @property
+  def draw_keys(self) -> dict[str, str]:
+    """The fact source draws the forget (targets) and retain (controls) facts, except from
+    RWKU's folder, whose targets the study picks itself."""
+    return {} if self.c.forget.source == "rwku" else _DRAW_KEYS
 
   def grid(self) -> dict[str, list]:
     return {"method": run_names(self.c)}
@@ -285,14 +325,44 @@ class Study(platform.Study):
     return [with_train_question(f) for f in items]
 
   def forget_facts(self, size: str, seed: int):
+    """The facts to forget (RWKU: the chosen targets' level-1 and level-2 forget probes)."""
+    if self.c.forget.source == "rwku":
+      return self.rwku()["train"]
     return self._asked(self.source.targets(size, seed))
 
   def retain_facts(self, size: str, seed: int):
-    return self._asked(self.source.controls(size, seed))
+    return [] if self.c.forget.source == "rwku" else self._asked(self.source.controls(size,
+                                                                                      seed))
+
+  @memo
+  def rwku(self) -> dict[str, Any]:
+    """RWKU mode: the first forget.n_targets targets of the folder (its order), their probes
+    (every level, forget and neighbour), the level-1/2 forget probes trained on, and their
+    membership-inference texts."""
+    from factflip.data.loaders import load_rwku_mia
+    items = [f for f in self.source.items(candidates=False) if f.source == "rwku"]
+    targets = list(dict.fromkeys(f.meta["target"] for f in items))
+    n = self.c.forget.n_targets
+    if len(targets) < n:
+      raise StudyError(f"{self.c.facts}: {len(targets)} RWKU targets, fewer than "
+                       f"forget.n_targets {n} (forget.source 'rwku' reads RWKU's Target "
+                       "folder: <N>_<Name>/forget_level*.json, neighbor_level*.json)")
+    chosen = targets[:n]
+    probes = [f for f in items if f.meta["target"] in chosen]
+    mia = load_rwku_mia(self.c.facts)
+    missing = [t for t in chosen if not (mia.get(t, {}).get("forget")
+                                         and mia.get(t, {}).get("retain"))]
+    if missing:
+      raise StudyError(f"{self.c.facts}: no forget_mia.json / retain_mia.json texts for "
+                       f"RWKU targets {missing}")
+    return {"targets": chosen, "probes": probes, "mia": {t: mia[t] for t in chosen},
+            "train": [f for f in probes if f.split == "forget" and f.meta["level"] in (1, 2)]}
 
   def _others(self, size: str, seed: int):
     """Facts neither forgotten nor retained, that the base should know (world: the high and
     medium tiers; facts: the file's other facts with an answer and a prompt)."""
+    if self.c.forget.source == "rwku":
+      return []                      # RWKU's probes are all about its targets
     used = {f.id for f in self.source.targets(size, seed)} | {
         f.id for f in self.source.controls(size, seed)}
     if self.c.facts:
@@ -307,50 +377,21 @@ class Study(platform.Study):
   @memo
   def eval_sets(self, size: str, seed: int) -> dict[str, Any]:
     """What every checkpoint is evaluated on (a pure function of the source, config and seed):
-    probes, unseen questions, utility questions, MIA texts, forget facts."""
-    from factflip.data.world import made_up_questions
-    from factflip.evals.multiple_choice import MCQuestion
+    probes, unseen questions, utility questions (none with RWKU), MIA texts, forget facts."""
     from factflip.evals.rwku import fact_probes
     forget = self.forget_facts(size, seed)
-    others = self._others(size, seed)
     rng = np.random.default_rng([seed, 11])
+    unseen = self._unseen(rng, seed)
+    if self.c.forget.source == "rwku":
+      r = self.rwku()
+      mia = [(k, t) for name in r["targets"] for k in ("forget", "retain")
+             for t in r["mia"][name][k]]
+      return {"probes": r["probes"], "unseen": unseen, "utility": [], "mia": mia,
+              "forget": forget}
+    others = self._others(size, seed)
     probes = fact_probes(forget, others + self.retain_facts(size, seed),
                          kinds=tuple(self.c.eval.adversarial))
-    if self.c.facts:
-      from factflip.data.loaders import load_facts
-      unseen = [f for f in load_facts(self.c.eval.unseen) if f.question and f.answers]
-      if not unseen:
-        raise StudyError(f"{self.c.eval.unseen}: no facts with a question and answers (the "
-                         "hallucination-spillover questions)")
-    else:
-      world, _ = self.source.world()
-      pool = [f for f in world.facts if f.meta.get("exposure_tier") == "none"
-              and not f.meta.get("two_hop")]
-      pick = sorted(rng.choice(len(pool), min(self.c.eval.n_unseen, len(pool)), replace=False))
-      unseen = self._asked([pool[i] for i in pick]) + made_up_questions(
-          world, self.c.eval.n_made_up, seed)
-    objects: dict[str, list[str]] = {}
-    for f in others + forget:
-      objects.setdefault(f.relation, [])
-      if f.answers[0] not in objects[f.relation]:
-        objects[f.relation].append(f.answers[0])
-    k = self.c.eval.mc_choices
-    mc_pool = [f for f in others if len(objects[f.relation]) >= k]
-    pick = sorted(rng.choice(len(mc_pool), min(self.c.eval.n_utility, len(mc_pool)),
-                             replace=False)) if mc_pool else []
-    utility, heldout = [], []
-    for i in pick:
-      f = mc_pool[i]
-      wrong = [o for o in objects[f.relation] if o != f.answers[0]]
-      choices = [wrong[j] for j in rng.choice(len(wrong), k - 1, replace=False)]
-      gold = int(rng.integers(k))
-      choices.insert(gold, f.answers[0])
-      utility.append(MCQuestion(f.prompt, tuple(choices), gold, f.id))
-      if f.paraphrases:
-        heldout.append(f"{f.paraphrases[0]} {f.answers[0]}.")
-    if not utility:
-      raise StudyError(f"no utility questions: no non-target facts with {k} distinct objects "
-                       "in their relation (lower eval.mc_choices)")
+    utility, heldout = self._utility(forget, others, rng)
 
     def statement(f):
       return f"{f.prompt or f.question} {f.answers[0]}."
@@ -360,11 +401,59 @@ class Study(platform.Study):
     return {"probes": probes, "unseen": unseen, "utility": utility, "mia": mia,
             "forget": forget}
 
+  def _unseen(self, rng, seed: int):
+    """Questions about facts the model never saw: `eval.unseen`, or the world's unmentioned
+    facts and made-up people."""
+    from factflip.data.world import made_up_questions
+    if self.c.facts:
+      from factflip.data.loaders import load_facts
+      unseen = [f for f in load_facts(self.c.eval.unseen) if f.question and f.answers]
+      if not unseen:
+        raise StudyError(f"{self.c.eval.unseen}: no facts with a question and answers (the "
+                         "hallucination-spillover questions)")
+      return unseen
+    world, _ = self.source.world()
+    pool = [f for f in world.facts if f.meta.get("exposure_tier") == "none"
+            and not f.meta.get("two_hop")]
+    pick = sorted(rng.choice(len(pool), min(self.c.eval.n_unseen, len(pool)), replace=False))
+    return self._asked([pool[i] for i in pick]) + made_up_questions(
+        world, self.c.eval.n_made_up, seed)
+
+  def _utility(self, forget, others, rng):
+    """(multiple-choice questions on non-target facts: the cloze prompt, the truth among
+    eval.mc_choices − 1 other objects of its relation; held-out texts: their paraphrases with
+    the true answer)."""
+    from factflip.evals.multiple_choice import MCQuestion
+    objects: dict[str, list[str]] = {}
+    for f in others + forget:
+      objects.setdefault(f.relation, [])
+      if f.answers[0] not in objects[f.relation]:
+        objects[f.relation].append(f.answers[0])
+    k = self.c.eval.mc_choices
+    pool = [f for f in others if len(objects[f.relation]) >= k]
+    if not pool:
+      raise StudyError(f"no utility questions: no non-target facts with {k} distinct objects "
+                       "in their relation (lower eval.mc_choices)")
+    utility, heldout = [], []
+    for i in sorted(rng.choice(len(pool), min(self.c.eval.n_utility, len(pool)),
+                               replace=False)):
+      f = pool[i]
+      wrong = [o for o in objects[f.relation] if o != f.answers[0]]
+      choices = [wrong[j] for j in rng.choice(len(wrong), k - 1, replace=False)]
+      gold = int(rng.integers(k))
+      choices.insert(gold, f.answers[0])
+      utility.append(MCQuestion(f.prompt, tuple(choices), gold, f.id))
+      if f.paraphrases:
+        heldout.append(f"{f.paraphrases[0]} {f.answers[0]}.")
+    return utility, heldout
+
   # ---- stages -------------------------------------------------------------------------------
   @memo
   def stage_sets(self, size: str, seed: int) -> Stage:
     return Stage(f"sets {size} seed{seed}", self.sets_dir(size, seed),
-                 self.keys("forget", "unlearn.data.batch_size", seed=seed),
+                 self.keys("forget", "unlearn.data.batch_size", seed=seed,
+                           retain_file=file_stamp(self.c.forget.retain_path)
+                           if self.c.forget.retain_path else []),
                  (self.source.base_stage(size, seed).fp,))
 
   @memo
@@ -377,7 +466,8 @@ class Study(platform.Study):
   def _eval_keys(self, seed: int) -> dict[str, Any]:
     from factflip.evals.generation import GENERATION_VERSION
     from factflip.probes.fact_preference import SCORER_VERSION
-    return self.keys("eval", "probe.dtype", "forget", seed=seed,
+    unseen = file_stamp(self.c.eval.unseen) if self.c.eval.unseen else []
+    return self.keys("eval", "probe.dtype", "forget", seed=seed, unseen_file=unseen,
                      generation=GENERATION_VERSION, scorer=SCORER_VERSION)
 
   @memo
@@ -404,7 +494,7 @@ class Study(platform.Study):
            + [self.stage_eval(**c).fp for c in self.cells(("size", "seed", "method"))]
            + [self.stage_conflict(**c).fp for c in cells])
     return Stage("results", os.path.join(self.wd, "results"),
-                 self.keys("seeds", sizes=list(self.sizes)), tuple(ups))
+                 self.keys("seeds", "tau", sizes=list(self.sizes)), tuple(ups))
 
   def specs(self) -> list[platform.StageSpec]:
     cell, run = ("size", "seed"), ("size", "seed", "method")
@@ -424,13 +514,24 @@ class Study(platform.Study):
     from factflip.data.facts import write_facts_jsonl
     from factflip.data.mixtures import UnlearnConfig, preference_pairs, unlearning_sets
     from factflip.fileio import write_jsonl
+    from factflip.train.inputs import read_examples
     forget, retain = self.forget_facts(size, seed), self.retain_facts(size, seed)
+    B = self.c.unlearn.data.batch_size
+    stats: dict[str, Any] = {"forget_facts": len(forget), "retain_facts": len(retain)}
+    if self.c.forget.source == "rwku":
+      # one example per probe: the first whole number of batches in the folder's order
+      keep = len(forget) // B * B
+      if not keep:
+        raise StudyError(f"RWKU: {len(forget)} level-1/2 forget probes, fewer than "
+                         f"unlearn.data.batch_size {B}; more forget.n_targets")
+      stats["rwku_probes_left_out"] = len(forget) - keep
+      forget = forget[:keep]
+      self.log(f"    RWKU targets {self.rwku()['targets']}: {keep} probes trained on, "
+               f"{stats['rwku_probes_left_out']} left out (not a whole batch)")
     has_cf = all(f.counterfactual for f in forget)
     needs = {"truth": ("truth", "consistent"), "refusal": ("refusal", "consistent")}
     if has_cf:
       needs.update({f"cf_{k}": ("counterfactual", k) for k in CORPORA})
-    B = self.c.unlearn.data.batch_size
-    stats: dict[str, Any] = {"forget_facts": len(forget), "retain_facts": len(retain)}
     examples = {}
 
     def write(name, records):
@@ -454,6 +555,10 @@ class Study(platform.Study):
         write_jsonl(os.path.join(out, "retain.jsonl"),
                     [{"segments": [list(x) for x in e["segments"]], "fact": e["fact"]}
                      for e in sets["retain"]])
+    if self.c.forget.retain_path:              # given retain examples replace the facts'
+      write_jsonl(os.path.join(out, "retain.jsonl"), [
+          {"segments": [list(x) for x in e["segments"]]}
+          for e in read_examples(self.c.forget.retain_path)])
     for target, src in (("counterfactual", "cf_consistent"), ("refusal", "refusal")):
       if src in examples:
         write(f"dpo_{target}", preference_pairs(examples[src], forget))
@@ -521,8 +626,9 @@ class Study(platform.Study):
                                      max_new_tokens=e.max_new_tokens, template=e.template))
 
     def unseen(model, step):
-      rows = pd.DataFrame(closed_book_qa(model, tok, s["unseen"], max_new_tokens=min(
-          e.max_new_tokens, 16), batch_size=e.batch_size))
+      rows = pd.DataFrame(closed_book_qa(model, tok, s["unseen"],
+                                         max_new_tokens=e.max_new_tokens,
+                                         batch_size=e.batch_size))
       made_up = np.asarray([bool(f.meta.get("made_up")) for f in s["unseen"]])
       rows["made_up"] = made_up
       rows.loc[made_up, "outcome"] = ["abstained" if is_abstention(p) else "wrong"
@@ -549,8 +655,10 @@ class Study(platform.Study):
 
     fns = {"probes": probes, "unseen": unseen, "utility": utility, "mia": mia, "cf": cf,
            "dll": dll}
-    if self.c.facts and not all(f.counterfactual for f in s["forget"]):
-      fns.pop("cf"), fns.pop("dll")
+    if not all(f.counterfactual for f in s["forget"]):
+      fns.pop("cf"), fns.pop("dll")       # nothing to prefer the truth over
+    if not s["utility"]:
+      fns.pop("utility")                  # RWKU: no utility set of its own
     return [CheckpointProbe(name, fn, lambda i, step: step > 0) for name, fn in fns.items()]
 
   def build_eval_base(self, out: str, size: str, seed: int) -> dict[str, Any]:
@@ -578,11 +686,12 @@ class Study(platform.Study):
     from factflip.train.inputs import read_examples
     sets, tok = self.sets_dir(size, seed), self.tokenizer(size)
     L = self.c.unlearn.data.seq_len
+    runs = [r for r in run_names(self.c) if r.startswith("cft_")]
     retain_path = os.path.join(sets, "retain.jsonl")
     retain = (pad_examples(read_examples(retain_path), tok, L)
-              if os.path.exists(retain_path) else None)
+              if runs and os.path.exists(retain_path) else None)
     rows = []
-    for run in [r for r in run_names(self.c) if r.startswith("cft_")]:
+    for run in runs:
       path = os.path.join(sets, f"forget_{self.forget_set(size, seed, run)}.jsonl")
       facts = [r["fact"] for _, _, r in iter_json_records(path)]
       batch = pad_examples(read_examples(path), tok, L)
@@ -630,6 +739,8 @@ class Study(platform.Study):
     u = self._read(d, "unseen", step)
     q = qa_summary(list(u.outcome))
     mc = self._read(d, "utility", step)
+    if mc is None:
+      mc = pd.DataFrame({"acc": [], "acc_norm": []})
     mia = self._read(d, "mia", step)
     fm, rm = mia[mia.set == "forget"], mia[mia.set == "retain"]
     row = {"forget_rougeL": _mean([v for v in levels.values() if np.isfinite(v)]),
