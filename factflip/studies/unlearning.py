@@ -78,7 +78,6 @@ METHODS = ("cft", "refusal", "gradient_ascent", "npo", "dpo")
 _DRAW_KEYS = {"n_targets": "forget.n_targets", "tier": "forget.tier",
               "n_control": "forget.n_retain"}
 CORPORA = ("consistent", "inconsistent")
-TABLES = ("probes", "unseen", "utility", "mia", "cf", "dll")
 # run -> (training objective, forget set file)
 _OBJECTIVE = {"cft": "sft", "refusal": "sft", "gradient_ascent": "gradient_ascent",
               "npo": "npo", "dpo": "dpo"}
