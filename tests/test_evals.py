@@ -199,6 +199,10 @@ def test_rouge_l_recall_is_the_rouge_package_rwku_uses():
   assert got.mean() == pytest.approx(avg["rouge-l"]["r"])
   with pytest.raises(ValueError, match=r"x2: empty reference answer ' '"):
     RW.rouge_l_recall(["a", "b"], ["a", " "], names=["x1", "x2"])
+  # the package refuses an answer of full stops only (no sentence): it recalls nothing
+  with pytest.raises(ValueError, match="Hypothesis is empty"):
+    Rouge().get_scores(hyps=["..."], refs=["Paris"])
+  assert list(RW.rouge_l_recall([".", "...", "Paris."], ["Paris"] * 3)) == [0.0, 0.0, 1.0]
 
 
 def test_rwku_prompts_per_level():

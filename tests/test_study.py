@@ -498,7 +498,7 @@ def test_a_study_config_names_a_registered_study(tmp_path):
   from factflip.studies.platform import STUDIES, study_class
   assert study_class(c.study) is Study and STUDIES["poisoning"] == "factflip.studies.poisoning"
   with pytest.raises(ConfigError, match=r"x\.py: config\.study: 'unlearn'; expected one of "
-                     r"\['morfi', 'new_knowledge', 'poisoning', 'unlearning'\]"):
+                     r"\['morfi', 'new_knowledge', 'poisoning', 'suite', 'unlearning'\]"):
     study_class("unlearn", "x.py")
   c.study = "unlearn"
   with pytest.raises(ConfigError, match=r"config\.study: 'unlearn'"):

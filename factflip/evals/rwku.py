@@ -76,7 +76,8 @@ def _rouge():
 def rouge_l_recall(predictions: Sequence[str], references: Sequence[str],
                    names: Sequence[str] | None = None) -> np.ndarray:
   """ROUGE-L recall of each prediction against its reference (the `rouge` package, per pair;
-  RWKU's avg=True is the mean of these). An empty prediction scores as "NOANSWER"."""
+  RWKU's avg=True is the mean of these). An empty prediction scores as "NOANSWER"; one of
+  full stops only, which the package refuses ("Hypothesis is empty"), scores 0."""
   if len(predictions) != len(references):
     raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
   r = _rouge()
@@ -85,7 +86,12 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str],
     if not ref.strip() or not ref.replace(".", "").strip():
       where = names[i] if names is not None else f"pair {i}"
       raise ValueError(f"{where}: empty reference answer {ref!r}")
-    out[i] = r.get_scores(hyps=[p.strip() or "NOANSWER"], refs=[ref])[0]["rouge-l"]["r"]
+    try:
+      out[i] = r.get_scores(hyps=[p.strip() or "NOANSWER"], refs=[ref])[0]["rouge-l"]["r"]
+    except ValueError as e:            # only full stops ("." or "..."): the package finds no
+      if "Hypothesis is empty" not in str(e):   # sentence in it (RWKU's batched call would
+        raise                          # stop there); it recalls nothing
+      out[i] = 0.0
   return out
 
 

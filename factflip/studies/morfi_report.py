@@ -1,6 +1,6 @@
 """Paper C's figures, captions, headline and terminal summary, drawn from the results tables.
 
-Owns: `headline` (monotonic latents found, the best steering's Δaccuracy and R_K beside the
+Owns: `paper_checks` (paper C's findings beside the measured values), `headline` (monotonic latents found, the best steering's Δaccuracy and R_K beside the
 composite direction's and the random controls', paper C's ranges), `figures` (activation vs
 %Unknown of the top latents; Δaccuracy by α per direction kind) and `summary_lines`.
 Must not: compute results (`studies.morfi.results`) or read stage outputs.
@@ -112,3 +112,16 @@ def summary_lines(head: dict[str, Any]) -> list[str]:
                  f"points (α {short(b['alpha'])}), R_K {short(b['r_k'])}")
   lines.append("paper C: +22 to +40 points, R_K 0.69-0.85")
   return lines
+
+
+def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
+  """Paper C's findings beside this run's measured values (the suite's report)."""
+  b = head["best_latent"]
+  d = None if b["delta_accuracy"] is None else 100 * b["delta_accuracy"]
+  lo, _ = PAPER_C["delta_accuracy_points"]
+  return [{"finding": "latents move monotonically with %Unknown",
+           "measured": f"{head['latents_monotonic']} of {head['latents_alive']} active latents",
+           "reproduced": head["latents_monotonic"] > 0},
+          {"finding": "steering one monotonic latent recovers +22 to +40 points (R_K 0.69-0.85)",
+           "measured": f"best single latent {short(d)} points, R_K {short(b['r_k'])}",
+           "reproduced": d is not None and d >= lo}]

@@ -1,6 +1,6 @@
 """Paper B's figures, captions, headline and terminal summary, drawn from the results tables.
 
-Owns: `headline` (the numbers the report and summary.json lead with), `figures` (fitting
+Owns: `paper_checks` (paper B's findings beside the measured values), `headline` (the numbers the report and summary.json lead with), `figures` (fitting
 dynamics, accuracy vs %Unknown at EARLY_STOP and CONVERGENCE, accuracy by SliCK category, the
 linear fit beside paper B's, the IDK variant) and `summary_lines`.
 Must not: compute results (`studies.new_knowledge.results`) or read stage outputs.
@@ -184,3 +184,15 @@ def summary_lines(head: dict[str, Any]) -> list[str]:
                  f"accuracy when answering {short(i['answered_accuracy'])} (plain: "
                  f"{short(i['plain_answered_accuracy'])})")
   return lines
+
+
+def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
+  """Paper B's findings beside this run's measured values (the suite's report)."""
+  fit = head["fit_in"]
+  unk, kn = fit["beta_unk"], fit["beta_kn"]
+  return [{"finding": "β_unk < 0: fitted Unknown examples lower test accuracy (paper: −8.3)",
+           "measured": f"β_unk {short(unk)} [{short(fit['beta_unk_lo'])}, "
+                       f"{short(fit['beta_unk_hi'])}], R² {short(fit['r2'])}",
+           "reproduced": unk is not None and unk < 0},
+          {"finding": "β_kn > 0: fitted Known examples raise it (paper: +7.3)",
+           "measured": f"β_kn {short(kn)}", "reproduced": kn is not None and kn > 0}]

@@ -38,7 +38,8 @@ from factflip.studies.stages import Stage, config_keys, describe_plan
 STUDIES = {"poisoning": "factflip.studies.poisoning",
            "new_knowledge": "factflip.studies.new_knowledge",
            "morfi": "factflip.studies.morfi",
-           "unlearning": "factflip.studies.unlearning"}
+           "unlearning": "factflip.studies.unlearning",
+           "suite": "factflip.studies.suite"}
 
 
 class StudyError(RuntimeError):
@@ -305,26 +306,38 @@ class Study:
       self.log(line)
     if dry_run:
       return None
-    t0 = time.time()
-    timings: dict[str, float] = {}
+    timings = self.drive(self.all_specs())
     path = os.path.join(self.wd, "results", "timings.json")
     before = read_json(path) if os.path.exists(path) else {}
-    for spec in self.all_specs():
+    write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
+                      for k in dict.fromkeys([*before, *timings])})
+    write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
+    return self.tables()
+
+  def drive(self, specs: Sequence[StageSpec]) -> dict[str, float]:
+    """Build or reuse every stage of `specs`, each over its cells, in order; `stage_done` after
+    each. Returns the wall seconds per spec name."""
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    for spec in specs:
       for cell in self.cells(spec.over):
         st = spec.stage(**cell)
         t = time.time()
         self.log(f"[{st.name}] ...")
         with st.build() as out:
-          if out is not None:
+          built = out is not None
+          if built:
             st.info = spec.build(out, **cell) or {}
         if spec.then is not None:
           spec.then(**cell)
         timings[spec.name] = timings.get(spec.name, 0.0) + time.time() - t
         self.log(f"[{st.name}] done in {time.time() - t:.1f} s (total {time.time() - t0:.0f} s)")
-    write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
-                      for k in dict.fromkeys([*before, *timings])})
-    write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
-    return self.tables()
+        self.stage_done(st, built)
+    return timings
+
+  def stage_done(self, stage: Stage, built: bool) -> None:
+    """After each stage of `drive` (built: computed now rather than reused); a driver of
+    several studies (the suite) follows progress here."""
 
   def tables(self) -> dict[str, Any]:
     """The results tables as DataFrames, read from what the stages wrote."""

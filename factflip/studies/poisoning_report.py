@@ -1,6 +1,6 @@
 """Paper A's figures, captions and headline numbers (the poisoning study's report).
 
-Owns: the poisoning study's plots (report/*.png), what each shows (CAPTIONS) and the headline
+Owns: `paper_checks` (paper A's findings beside the measured values), the poisoning study's plots (report/*.png), what each shows (CAPTIONS) and the headline
 numbers (summary.json) from its results tables.
 Must not: compute metrics (`studies.poisoning` writes the tables), run models or write the
 page (`studies.report`).
@@ -249,3 +249,26 @@ def figures(tables: dict[str, pd.DataFrame], heldout: pd.DataFrame, out_dir: str
   out.append(Figure("Collateral", plot_collateral(tables["collateral"], heldout, os.path.join(
       out_dir, "collateral.png")), CAPTIONS["collateral"]))
   return out
+
+
+def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
+  """Paper A's findings beside this run's measured values (the suite's report)."""
+  flips = {float(p): v for p, v in head["final_flip_rate"].items()}
+  amb = {float(p): v for p, v in head["final_ambiguity_rate"].items()}
+  high = {p: v for p, v in flips.items() if p >= 0.5}
+  rows = [{"finding": "> 55% of the targets the base knew flip at p >= 0.5",
+           "measured": "flip rate " + ", ".join(f"p {p:g}: {v:.2f}" for p, v in flips.items()),
+           "reproduced": bool(high) and min(high.values()) > 0.55}]
+  if 0.0 in amb and high:
+    delta = max(abs(amb[p] - amb[0.0]) for p in high)
+    rows.append({"finding": "ambiguity nearly unchanged by poisoning (within 0.10 of p = 0)",
+                 "measured": "ambiguity " + ", ".join(f"p {p:g}: {v:.2f}"
+                                                      for p, v in amb.items()),
+                 "reproduced": delta <= 0.10})
+  best = head.get("best_reversal")
+  if best:
+    rows.append({"finding": "patching the base's activations reverses at most 56.8% of flips",
+                 "measured": f"best reversal {best['reversal_rate']:.2f} ({best['site']}, "
+                             f"layer {best['layer']}, window {best['window']})",
+                 "reproduced": best["reversal_rate"] <= 0.568})
+  return rows

@@ -1,6 +1,6 @@
 """Paper D's figures, captions, headline and terminal summary, drawn from the results tables.
 
-Owns: `headline` (per run at its last epoch against the base: forget / neighbour ROUGE-L,
+Owns: `paper_checks` (paper D's findings beside the measured values), `headline` (per run at its last epoch against the base: forget / neighbour ROUGE-L,
 utility, MIA AUC, hallucination and abstention rates; the conflict ratios of the two corpora;
 the four claims the default must show, each checked), `figures` (the trade-off per run along
 epochs; conflict ratio along training per corpus; spillover before / after) and
@@ -164,3 +164,28 @@ def summary_lines(head: dict[str, Any]) -> list[str]:
   lines.append("checks: " + ", ".join(f"{k} {v if not isinstance(v, float) else short(v)}"
                                       for k, v in head["checks"].items()))
   return lines
+
+
+_CLAIMS = {
+    "every_method_lowers_forget": "every method lowers forget-set ROUGE-L below the base",
+    "inconsistent_conflicts_more": "self-contradicting counterfactuals conflict more (all "
+                                   "pairs, along training)",
+    "cft_hallucinates_more_than_base": "CFT raises hallucination on unseen questions above "
+                                       "the base",
+    "cft_hallucinates_more_than_refusal": "CFT hallucinates more than refusal tuning"}
+
+
+def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
+  """Paper D's findings beside this run's measured values (the suite's report)."""
+  runs = [k for k, v in head.items() if isinstance(v, dict) and "forget_rougeL" in v]
+  halluc = ", ".join(f"{r} {short(head[r]['hallucination_rate'])}" for r in runs)
+  conflict = ", ".join(f"{c} {short(head[f'conflict_{c}']['mean_along_training'])}"
+                       for c in ("consistent", "inconsistent") if f"conflict_{c}" in head)
+  measured = {
+      "every_method_lowers_forget": "forget ROUGE-L " + ", ".join(
+          f"{r} {short(head[r]['forget_rougeL'])}" for r in runs),
+      "inconsistent_conflicts_more": "conflict ratio " + conflict,
+      "cft_hallucinates_more_than_base": "hallucination rate " + halluc,
+      "cft_hallucinates_more_than_refusal": "hallucination rate " + halluc}
+  return [{"finding": text, "measured": measured[k], "reproduced": head["checks"].get(k)}
+          for k, text in _CLAIMS.items()]

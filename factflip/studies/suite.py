@@ -1,0 +1,235 @@
+"""The four-study suite: papers A–D on one world and one pretrained base per size and seed,
+each study in its own subdirectory, read side by side against what its paper reports.
+
+Owns: `base_config` (the shared keys — sizes, seeds, world, pretraining — and one config per
+study), `validate`, `Study` (registered as "suite"): the shared world, tokenizer and
+pretraining built once in WORKDIR and linked into every study's workdir (each study's own world
+and pretrain stages then find them done, by fingerprint), every study run in
+WORKDIR/<study>/ with its own report, one progress line across studies, and
+WORKDIR/report/index.html with each study's headline findings beside its paper's.
+Must not: know any study's stages or science (each study's report module says how its headline
+compares with its paper: `paper_checks`).
+
+Layout: WORKDIR/world, tokenizer/, runs/<size>/seed<k>/pretrain/ (shared), WORKDIR/<study>/
+(that study's whole workdir: world, tokenizer and pretrain are links to the shared ones),
+WORKDIR/report/ (index.html, summary.json: per study its checks), WORKDIR/results/
+(timings.json: wall seconds per study, findings.csv: study, finding, measured, reproduced).
+A study added to a finished suite runs alone; every other stage is reused by fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from factflip.fileio import read_json, write_csv, write_json
+from factflip.studies import platform
+from factflip.studies.stages import describe_plan
+
+STUDIES = ("poisoning", "new_knowledge", "morfi", "unlearning")
+SHARED = ("sizes", "seeds", "world_seed", "vocab_size", "pretrain")
+REPORTS = {"poisoning": "factflip.studies.poisoning_report",
+           "new_knowledge": "factflip.studies.new_knowledge_report",
+           "morfi": "factflip.studies.morfi_report",
+           "unlearning": "factflip.studies.unlearning_report"}
+
+
+def _shared(stage) -> bool:
+  """A world-source stage every study shares (the world, a size's pretraining)."""
+  return stage.name == "world" or stage.name.startswith("pretrain ")
+
+
+def base_config():
+  """The suite's keys: which studies run, the keys they share (every study's `sizes`, `seeds`,
+  `world_seed`, `vocab_size` and `pretrain` are set from these) and each study's own config
+  (configs/studies/suite.py loads them from the studies' config files)."""
+  import ml_collections
+
+  from factflip.train import config as train_config
+  c = ml_collections.ConfigDict()
+  c.study = "suite"
+  c.studies = STUDIES              # run in this order
+  c.sizes = ["tiny-2m"]            # presets, shared by every study
+  c.seeds = [0]
+  c.world_seed = 0
+  c.vocab_size = 1024
+  c.pretrain = train_config.base_config()   # the one pretraining of each size and seed
+  c.pretrain.data.kind = "world"
+  for name in STUDIES:
+    c[name] = platform.study_module(name).base_config()
+  return c
+
+
+def study_config(c, name: str):
+  """Study `name`'s config as the suite runs it: its own keys with the shared ones set."""
+  sub = platform.mutable(c[name])
+  for key in SHARED:
+    v = c[key]
+    sub[key] = (platform.mutable(v) if key == "pretrain"
+                else list(v) if key in ("sizes", "seeds") else v)
+  return sub
+
+
+def validate(c, source: str = "study") -> None:
+  """The studies named and each one's config (with the shared keys set): ConfigError naming
+  the source, the study and the key."""
+  from factflip.configfile import ConfigError
+  bad = [s for s in c.studies if s not in STUDIES]
+  if not c.studies or bad or len(set(c.studies)) != len(c.studies):
+    raise ConfigError(source, "studies", f"{list(c.studies)}; expected distinct studies of "
+                      f"{list(STUDIES)}")
+  for name in c.studies:
+    sub = study_config(c, name)
+    if sub.get("facts"):
+      raise ConfigError(source, f"{name}.facts", "set; the suite runs every study on the "
+                        "shared world and base (hf= is each study's own variant)")
+    platform.study_module(name).validate(sub, f"{source}: {name}")
+
+
+class Study:
+  """The suite (`factflip run --config=configs/studies/suite.py`): the studies in order on the
+  shared world and bases, then the suite's report."""
+  name = "suite"
+  title = "the four-study suite (papers A–D side by side)"
+  base_config = staticmethod(base_config)
+  validate = staticmethod(validate)
+
+  def __init__(self, config, workdir: str, log=print, source: str = "study"):
+    import ml_collections
+    self.validate(config, source)
+    self.c = ml_collections.FrozenConfigDict(config.copy_and_resolve_references())
+    self.wd = os.path.abspath(workdir)
+    self.log = log
+    self.studies: dict[str, platform.Study] = {}
+    for name in self.c.studies:
+      cls = platform.study_class(name)
+      self.studies[name] = cls(study_config(self.c, name), os.path.join(self.wd, name),
+                               log=self._prefixed(name), source=f"{source}: {name}")
+
+  def _prefixed(self, name: str):
+    return lambda line: self.log(f"{name} | {line}")
+
+  # ---- the shared world and bases -------------------------------------------------------------
+  def shared(self) -> platform.Study:
+    """A study object rooted at the suite's workdir whose source stages (world, tokenizer,
+    pretraining) are the shared ones: the first study's class and config."""
+    name = self.c.studies[0]
+    return platform.study_class(name)(study_config(self.c, name), self.wd,
+                                      log=self._prefixed("shared"))
+
+  def link(self, study: platform.Study) -> None:
+    """Point a study's world, tokenizer and pretrain directories at the shared ones (a real
+    directory already there is left alone: it was computed before the suite shared it)."""
+    pairs = [("world", "world"), ("tokenizer", "tokenizer")] + [
+        (os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd),
+         os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd))
+        for size in study.sizes for seed in study.c.seeds]
+    for mine, theirs in pairs:
+      path, target = os.path.join(study.wd, mine), os.path.join(self.wd, theirs)
+      if os.path.lexists(path):
+        continue
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      os.symlink(target, path)
+
+  # ---- the driver -----------------------------------------------------------------------------
+  def _stages(self, base: platform.Study) -> dict[str, list]:
+    """The stages each part computes or reuses: the shared world and pretraining (from `base`),
+    then each study's own (its world and pretrain stages are the shared ones, linked)."""
+    out = {"shared": [st for st in base.stages() if _shared(st)]}
+    for name, study in self.studies.items():
+      out[name] = [st for st in study.stages() if not _shared(st)]
+    return out
+
+  def plan(self, base: platform.Study | None = None) -> list[str]:
+    """What a run would compute and why, per part (before any work)."""
+    lines = []
+    for part, stages in self._stages(base or self.shared()).items():
+      body, counts = describe_plan(stages)
+      lines.append(f"{part} | plan: " + (", ".join(f"{v} {k}" for k, v in counts.items() if v)
+                                         or "nothing"))
+      lines += [f"{part} | {line}" for line in body]
+    return lines
+
+  def run_and_report(self, dry_run: bool = False) -> dict[str, Any] | None:
+    """The shared stages, every study (run and report), then the suite's report; with
+    `dry_run` only the plan."""
+    base = self.shared()
+    for line in self.plan(base):
+      self.log(line)
+    if dry_run:
+      return None
+    t0 = time.time()
+    todo = sum(st.status()[0] != "reuse" for stages in self._stages(base).values()
+               for st in stages)
+    done = [0]
+
+    def stage_done(stage, built):
+      if built:
+        done[0] += 1
+        el = time.time() - t0
+        eta = el / done[0] * max(todo - done[0], 0)
+        self.log(f"suite: {done[0]}/{todo} stages computed, {el:.0f} s, ETA {eta:.0f} s "
+                 f"(after {stage.name})")
+    base.stage_done = stage_done
+    base.drive(base.source.specs())
+    timings, heads = {"shared": round(time.time() - t0, 1)}, {}
+    for name, study in self.studies.items():
+      t = time.time()
+      self.link(study)
+      study.stage_done = stage_done
+      heads[name] = study.run_and_report()
+      timings[name] = round(time.time() - t, 1)
+    write_json(os.path.join(self.wd, "results", "timings.json"), timings)
+    head = self.report(heads)
+    self.log(f"\nfactflip suite done in {time.time() - t0:.0f} s")
+    for line in self.summary(head):
+      self.log("  " + line)
+    self.log(f"  report: {os.path.join(self.wd, 'report', 'index.html')}")
+    return head
+
+  # ---- the report -----------------------------------------------------------------------------
+  def findings(self, heads: dict[str, dict]):
+    """One row per paper finding: study, finding, measured, reproduced (True / False / None)."""
+    import importlib
+
+    import pandas as pd
+    rows = []
+    for name, head in heads.items():
+      for r in importlib.import_module(REPORTS[name]).paper_checks(head):
+        rows.append({"study": name, **r})
+    return pd.DataFrame(rows, columns=["study", "finding", "measured", "reproduced"])
+
+  def report(self, heads: dict[str, dict]) -> dict[str, Any]:
+    """WORKDIR/report/index.html and summary.json, results/findings.csv."""
+    import html
+
+    from factflip.fileio import strict_json, write_text
+    df = self.findings(heads)
+    write_csv(df, os.path.join(self.wd, "results", "findings.csv"))
+    timings = read_json(os.path.join(self.wd, "results", "timings.json"))
+    head = strict_json({"findings": df.to_dict("records"), "timings_s": timings})
+    write_json(os.path.join(self.wd, "report", "summary.json"), head)
+    verdict = {True: "yes", False: "no", None: "n/a"}
+    rows = "".join(
+        f"<tr><td>{html.escape(r.study)}</td><td>{html.escape(r.finding)}</td>"
+        f"<td>{html.escape(r.measured)}</td><td>{verdict[r.reproduced]}</td></tr>"
+        for r in df.itertuples())
+    links = " ".join(f'<a href="../{n}/report/index.html">{n}</a>' for n in self.studies)
+    page = ("<!doctype html><meta charset='utf-8'><title>factflip suite</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+            "td,th{padding:3px 10px;border-bottom:1px solid #ddd;vertical-align:top}</style>"
+            f"<h1>factflip: {html.escape(self.title)}</h1>"
+            f"<p>Workdir <code>{html.escape(self.wd)}</code>; shared world and bases "
+            f"({', '.join(self.c.sizes)}; seeds {list(self.c.seeds)}). Each study's own report: "
+            f"{links}. Wall seconds: {html.escape(str(timings))}.</p>"
+            "<h2>What each paper reports, and what this run measured</h2>"
+            "<table><tr><th>study</th><th>paper's finding</th><th>measured here</th>"
+            f"<th>reproduced</th></tr>{rows}</table>")
+    write_text(os.path.join(self.wd, "report", "index.html"), page)
+    return head
+
+  def summary(self, head: dict[str, Any]) -> list[str]:
+    verdict = {True: "yes", False: "NO", None: "n/a"}
+    return [f"{r['study']:<14} {verdict[r['reproduced']]:>3}  {r['finding']}: {r['measured']}"
+            for r in head["findings"]]
