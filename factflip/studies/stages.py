@@ -66,6 +66,15 @@ def config_keys(config, prefixes: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def _remove(path: str) -> None:
+  """A replaced stage directory, or the link that stood for it (a suite links a stage equal to
+  another study's: a redo replaces the link, never the other study's outputs)."""
+  if os.path.islink(path):
+    os.unlink(path)
+  else:
+    shutil.rmtree(path)
+
+
 def fingerprint(keys: dict[str, Any], upstream: Sequence[str] = ()) -> str:
   blob = json.dumps({"keys": _plain(keys), "upstream": list(upstream)}, sort_keys=True,
                     default=str)
@@ -104,8 +113,8 @@ class Stage:
     """Finish a swap a stop interrupted: `<dir>` gone but a complete `<dir>.redo` there."""
     if self._live() == self.redo_path:
       os.rename(self.redo_path, self.path)
-    if os.path.exists(self.path + ".old"):
-      shutil.rmtree(self.path + ".old")
+    if os.path.lexists(self.path + ".old"):
+      _remove(self.path + ".old")
 
   def _live(self) -> str:
     """Where the stage's current outputs are: `<dir>`, or `<dir>.redo` when a stop came
@@ -166,7 +175,7 @@ class Stage:
     if target != self.path:
       os.rename(self.path, self.path + ".old")
       os.rename(target, self.path)
-      shutil.rmtree(self.path + ".old")
+      _remove(self.path + ".old")
 
 
 def describe_plan(stages: Sequence[Stage]) -> tuple[list[str], dict[str, int]]:

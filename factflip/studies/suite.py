@@ -118,9 +118,11 @@ class Study:
     return platform.study_class(name)(study_config(self.c, name), self.wd,
                                       log=self._prefixed("shared"))
 
-  def link(self, study: platform.Study) -> None:
-    """Point a study's world, tokenizer and pretrain directories at the shared ones (a real
-    directory already there is left alone: it was computed before the suite shared it)."""
+  def link(self, study: platform.Study, before: list[platform.Study] = ()) -> None:
+    """Point a study's world, tokenizer and pretrain directories at the shared ones, and any
+    stage equal to one an earlier study computed (same place in its workdir, same
+    fingerprint: paper C's SliCK stage is paper B's) at that one. A directory already there
+    is left alone (computed before the suite shared it); a redo replaces only the link."""
     pairs = [("world", "world"), ("tokenizer", "tokenizer")] + [
         (os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd),
          os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd))
@@ -131,6 +133,18 @@ class Study:
         continue
       os.makedirs(os.path.dirname(path), exist_ok=True)
       os.symlink(target, path)
+    for st in study.stages():
+      if _shared(st) or os.path.lexists(st.path):
+        continue
+      rel = os.path.relpath(st.path, study.wd)
+      for other in before:
+        theirs = os.path.join(other.wd, rel)
+        done = os.path.join(theirs, "DONE")
+        if os.path.exists(done) and read_json(done).get("fingerprint") == st.fp:
+          os.makedirs(os.path.dirname(st.path), exist_ok=True)
+          os.symlink(theirs, st.path)
+          self.log(f"{study.name} | [{st.name}] is {other.name}'s: linked")
+          break
 
   # ---- the driver -----------------------------------------------------------------------------
   def _stages(self, base: platform.Study) -> dict[str, list]:
@@ -174,9 +188,9 @@ class Study:
     base.stage_done = stage_done
     base.drive(base.source.specs())
     timings, heads = {"shared": round(time.time() - t0, 1)}, {}
-    for name, study in self.studies.items():
+    for k, (name, study) in enumerate(self.studies.items()):
       t = time.time()
-      self.link(study)
+      self.link(study, list(self.studies.values())[:k])
       study.stage_done = stage_done
       heads[name] = study.run_and_report()
       timings[name] = round(time.time() - t, 1)
