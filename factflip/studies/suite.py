@@ -123,12 +123,11 @@ class Study:
     stage equal to one an earlier study computed (same place in its workdir, same
     fingerprint: paper C's SliCK stage is paper B's) at that one. A directory already there
     is left alone (computed before the suite shared it); a redo replaces only the link."""
-    pairs = [("world", "world"), ("tokenizer", "tokenizer")] + [
-        (os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd),
-         os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd))
+    shared = ["world", "tokenizer"] + [
+        os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd)
         for size in study.sizes for seed in study.c.seeds]
-    for mine, theirs in pairs:
-      path, target = os.path.join(study.wd, mine), os.path.join(self.wd, theirs)
+    for rel in shared:                     # the same place under the suite's workdir
+      path, target = os.path.join(study.wd, rel), os.path.join(self.wd, rel)
       if os.path.lexists(path):
         continue
       os.makedirs(os.path.dirname(path), exist_ok=True)
