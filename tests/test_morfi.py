@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import set_keys
+from conftest import factflip_run, set_keys
 
 from factflip.probes import morfi as M
 
@@ -109,17 +109,12 @@ def morfi_study(nk_study, tmp_path_factory):
   """The smoke study in a copy of paper B's smoke workdir: the world, pretraining and SliCK
   stages are B's, reused by fingerprint (the log says so); the rest runs here."""
   import shutil
-  import subprocess
-  import sys
   wd = str(tmp_path_factory.mktemp("morfi") / "smoke")
   shutil.copytree(nk_study[0], wd)
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
-                        f"--workdir={wd}"], env=dict(os.environ, XLA_FLAGS=""),
-                       capture_output=True, text=True, timeout=900, check=False)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert out.stdout.splitlines()[1].startswith("plan: 3 reuse")   # world, pretrain, slick
-  assert "SliCK:" not in out.stdout and "-> 300," not in out.stdout   # neither ran again
-  return wd, out.stdout
+  log = factflip_run(f"{CONFIG}:smoke", wd)
+  assert log.splitlines()[1].startswith("plan: 3 reuse")   # world, pretrain, slick
+  assert "SliCK:" not in log and "-> 300," not in log      # neither ran again
+  return wd, log
 
 
 def test_smoke_study_tables_and_numbers(morfi_study):
@@ -170,18 +165,11 @@ def test_smoke_study_tables_and_numbers(morfi_study):
 
 def test_rerun_reuses_everything_and_a_morfi_key_redoes_only_steering(morfi_study, tmp_path):
   import shutil
-  import subprocess
-  import sys
   wd = str(tmp_path / "wd")
   shutil.copytree(morfi_study[0], wd)
 
   def plan(*flags):
-    out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
-                          f"--config={CONFIG}:smoke", f"--workdir={wd}", "--dry_run", *flags],
-                         env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    return factflip_run(f"{CONFIG}:smoke", wd, "--dry_run", *flags, timeout=300)
   assert "redo" not in plan() and "new " not in plan()
   changed = plan("--config.morfi.top_latents=1")
   assert "redo   steering tiny-0.5m seed0" in changed and "redo   results" in changed

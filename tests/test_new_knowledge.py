@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import set_keys
+from conftest import factflip_run, set_keys
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "new_knowledge.py")
 
@@ -78,29 +78,18 @@ def test_smoke_study_tables_and_numbers(nk_study):
   assert head["paper_fit_in"]["beta_unk"] == -8.3
 
 
-def _cli(wd, *flags, config=True):
-  import subprocess
-  import sys
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
-                        *([f"--config={CONFIG}:smoke"] if config else []),
-                        f"--workdir={wd}", *flags], env=dict(os.environ, XLA_FLAGS=""),
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  return out.stdout
-
-
 def test_resumes_and_redoes_exactly_what_a_change_affects(nk_study, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(nk_study[0], wd)
   before = pd.read_csv(os.path.join(wd, "results", "dynamics.csv"))
   shutil.rmtree(os.path.join(wd, "runs", "tiny-0.5m", "seed0", "eval", "unk50"))
-  log = _cli(wd)
+  log = factflip_run(f"{CONFIG}:smoke", wd)
   assert "new    eval tiny-0.5m seed0 unk50" in log and "new    sft" not in log
   assert "redo   sft" not in log
   pd.testing.assert_frame_equal(before, pd.read_csv(os.path.join(wd, "results",
                                                                  "dynamics.csv")))
   # one more epoch: SFT, eval and results are redone for every mixture; SliCK is reused
-  plan = _cli(wd, "--dry_run", "--config.epochs=3")
+  plan = factflip_run(f"{CONFIG}:smoke", wd, "--dry_run", "--config.epochs=3")
   assert "redo   sft tiny-0.5m seed0 unk0" in plan and "epochs: 2 -> 3" in plan
   assert "slick tiny" not in plan and "mixtures tiny" not in plan
 
@@ -234,7 +223,7 @@ def test_hf_variant_on_entityquestions_files(nk_study, tmp_path):
       (eq / split / f"{pid}.{split}.json").write_text(json.dumps(recs))
   (eq / "relation_query_templates.json").write_text(json.dumps(templates))
   out = str(tmp_path / "study")
-  log = _cli(out, f"--config={CONFIG}:smoke,hf={mdir},facts={eq}", config=False)
+  log = factflip_run(f"{CONFIG}:smoke,hf={mdir},facts={eq}", out)
   assert "new    base world-model seed0" in log
   cats = pd.read_csv(os.path.join(out, "results", "categories.csv"))
   assert set(cats.relation) == {"P17", "P131", "P19", "P50", "all"}
@@ -247,5 +236,5 @@ def test_hf_variant_on_entityquestions_files(nk_study, tmp_path):
   # an edited file inside the facts folder is a new input: the base and everything after redo
   first = eq / "train" / "P17.train.json"
   first.write_text(first.read_text().replace('"answers"', '"answers" ', 1))
-  plan = _cli(out, f"--config={CONFIG}:smoke,hf={mdir},facts={eq}", "--dry_run", config=False)
+  plan = factflip_run(f"{CONFIG}:smoke,hf={mdir},facts={eq}", out, "--dry_run")
   assert "redo   base world-model seed0" in plan and "reuse" not in plan

@@ -4,23 +4,17 @@ report, and its config errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
+from conftest import factflip_run
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "suite.py")
 
 
 def _run(wd, *flags):
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
-                        f"--workdir={wd}", "--config.pretrain.steps=40",
-                        "--config.pretrain.checkpoint.every=40", *flags],
-                       env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
-                       timeout=900, check=False)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  return out.stdout
+  return factflip_run(f"{CONFIG}:smoke", wd, "--config.pretrain.steps=40",
+                      "--config.pretrain.checkpoint.every=40", *flags)
 
 
 def test_suite_shares_the_base_and_adds_a_study_alone(tmp_path):

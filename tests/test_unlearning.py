@@ -5,14 +5,12 @@ the smoke study's tables and numbers, resumption and bad input."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import set_keys
+from conftest import factflip_run, set_keys
 
 from factflip import get_preset
 from factflip.data.facts import FactItem, Neighbour, Translation
@@ -166,12 +164,9 @@ def ul_study(tmp_path_factory):
   """The smoke study through `factflip run` in a process with one CPU device (faster than 8
   simulated ones for these tiny programs): (workdir, headline, output)."""
   wd = str(tmp_path_factory.mktemp("ul_smoke"))
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={CONFIG}:smoke",
-                        f"--workdir={wd}"], env=dict(os.environ, XLA_FLAGS=""),
-                       capture_output=True, text=True, timeout=900, check=False)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  log = factflip_run(f"{CONFIG}:smoke", wd)
   with open(os.path.join(wd, "report", "summary.json")) as f:
-    return wd, json.load(f), out.stdout
+    return wd, json.load(f), log
 
 
 def test_smoke_study_tables_and_numbers(ul_study):
@@ -222,12 +217,7 @@ def test_rerun_reuses_everything_and_an_eval_key_redoes_only_the_evaluations(ul_
   shutil.copytree(ul_study[0], wd)
 
   def plan(*flags):
-    out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
-                          f"--config={CONFIG}:smoke", f"--workdir={wd}", "--dry_run", *flags],
-                         env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    return factflip_run(f"{CONFIG}:smoke", wd, "--dry_run", *flags, timeout=300)
   assert "redo" not in plan() and "new " not in plan()
   changed = plan("--config.eval.n_utility=6")
   assert "redo   eval tiny-0.5m seed0 base" in changed and "redo   eval tiny-0.5m seed0 npo" \
@@ -312,12 +302,7 @@ def test_hf_model_and_facts_file_variant(ul_study, tmp_path):
   write_facts_jsonl(unseen, [with_train_question(f) for f in world.facts
                              if f.meta.get("exposure_tier") == "none"][:6])
   wd = str(tmp_path / "wd")
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run",
-                        f"--config={CONFIG}:smoke,hf={hf},facts={facts}",
-                        f"--config.eval.unseen={unseen}", f"--workdir={wd}"],
-                       env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
-                       timeout=900, check=False)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  factflip_run(f"{CONFIG}:smoke,hf={hf},facts={facts}", wd, f"--config.eval.unseen={unseen}")
   tr = pd.read_csv(os.path.join(wd, "results", "tradeoff.csv"))
   assert set(tr["size"]) == {"tiny-hf"} and len(tr) == 6 * 4
   base = os.path.join(wd, "runs", "tiny-hf", "seed0")
@@ -395,10 +380,7 @@ def test_rwku_folder_variant(ul_study, tmp_path):
            f"--config.eval.unseen={unseen}", "--config.unlearn.objective.retain_weight=0",
            "--config.methods=('refusal','npo')"]
   wd = str(tmp_path / "wd")
-  out = subprocess.run([sys.executable, "-m", "factflip.cli", "run", f"--config={variant}",
-                        *flags, f"--workdir={wd}"], env=dict(os.environ, XLA_FLAGS=""),
-                       capture_output=True, text=True, timeout=900, check=False)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  factflip_run(variant, wd, *flags)
   run = os.path.join(wd, "runs", "tiny-hf", "seed0")
   with open(os.path.join(run, "sets", "stats.json")) as f:
     stats = json.load(f)

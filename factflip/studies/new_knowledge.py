@@ -148,13 +148,8 @@ def validate(c, source: str = "study") -> None:
     if not ok:
       raise ConfigError(source, key, message)
 
-  schema = base_config()
-  need(c.get("study") == "new_knowledge", "study",
-       f"{c.get('study')!r}; expected 'new_knowledge' (this module's study)")
-  for group in ("", "slick.", "mixtures.", "eval.", "fit.", "probe."):
-    node, ref = (c, schema) if not group else (c[group[:-1]], schema[group[:-1]])
-    for key in node:
-      need(key in ref, group + key, "unknown key; expected one of " + ", ".join(ref))
+  platform.check_schema(c, base_config(), "new_knowledge",
+                        ("slick", "mixtures", "eval", "fit", "probe"), source)
   platform.validate_common(c, source, "a facts file or folder whose items carry a split "
                            "(EntityQuestions' folder)")
   need(len(c.relations) > 0, "relations", "empty; expected the fine-tuned relations")

@@ -3,7 +3,8 @@
 Owns: `StageSpec` (a kind of stage: its name, the cell axes it runs over, how its `Stage` is
 made and how it is built), `Study` (the base every study subclasses: config, workdir, fact
 source, cells, the plan, the driver, model loading for probes, the report), `common_config`
-(the keys every study config has) and `validate_common` (their checks), `StudyError` and the registry (`STUDIES`, `study_class`).
+(the keys every study config has), `check_schema` (a config's study name and keys) and
+`validate_common` (the common keys' checks), `StudyError` and the registry (`STUDIES`, `study_class`).
 Must not: know any study's science (a study module lists its stages and tables) or train,
 probe or plot itself.
 
@@ -85,6 +86,21 @@ def common_config():
   c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
   c.probe.devices = 1              # local devices a probed model is sharded over (-1 = all)
   return c
+
+
+def check_schema(c, schema, study: str, groups: Sequence[str], source: str) -> None:
+  """The config names `study` and holds only `schema`'s keys, at the top level and in each of
+  `groups`: ConfigError naming the source, the key and the keys expected."""
+  from factflip.configfile import ConfigError
+  if c.get("study") != study:
+    raise ConfigError(source, "study", f"{c.get('study')!r}; expected {study!r} (this "
+                      "module's study)")
+  for group in ("", *groups):
+    node, ref = (c, schema) if not group else (c[group], schema[group])
+    for key in node:
+      if key not in ref:
+        raise ConfigError(source, f"{group}.{key}" if group else key,
+                          "unknown key; expected one of " + ", ".join(ref))
 
 
 def validate_common(c, source: str, facts_expected: str) -> None:

@@ -108,14 +108,7 @@ def validate(c, source: str = "study") -> None:
     bad = [x for x in given if x not in allowed]
     need(given and not bad, key, f"{list(given)}; expected a non-empty list of {list(allowed)}")
 
-  schema = base_config()
-  need(c.get("study") == "poisoning", "study", f"{c.get('study')!r}; expected 'poisoning' "
-       "(this module's study)")
-  for key in c:
-    need(key in schema, key, "unknown key; expected one of " + ", ".join(schema))
-  for key in c.probe:
-    need(key in schema.probe, "probe." + key,
-         "unknown key; expected one of " + ", ".join(schema.probe))
+  platform.check_schema(c, base_config(), "poisoning", ("probe",), source)
   platform.validate_common(c, source, "a facts file or folder (`factflip facts --facts=PATH` "
                            "checks one)")
   if c.facts:

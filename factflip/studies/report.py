@@ -54,10 +54,12 @@ def sizes_of(df: pd.DataFrame) -> list[str]:
 
 
 def write_report(rdir: str, title: str, workdir: str, head: dict[str, Any], figures,
-                 tables: Sequence[str]) -> dict[str, Any]:
+                 tables: Sequence[str], sections: Sequence[tuple[str, str]] = ()
+                 ) -> dict[str, Any]:
   """report/summary.json (`head` as strict JSON) and report/index.html: the title, the
-  headline, links to results/<table>.csv and every figure (`Figure`: title, file in
-  rdir, caption). Returns the strict headline."""
+  headline, links to results/<table>.csv, `sections` ((title, HTML) each, e.g. a table the
+  suite builds) and every figure (`Figure`: title, file in rdir, caption). Returns the strict
+  headline."""
   head = strict_json(head)
   write_json(os.path.join(rdir, "summary.json"), head)
 
@@ -69,6 +71,8 @@ def write_report(rdir: str, title: str, workdir: str, head: dict[str, Any], figu
           f"<p>Workdir <code>{html.escape(workdir)}</code>. Tables: "
           + ", ".join(f'<a href="../results/{n}.csv">{n}.csv</a>' for n in tables) + ".</p>",
           "<h2>Headline</h2>", table_html(head)]
+  for name, section in sections:
+    body += [f"<h2>{html.escape(name)}</h2>", section]
   for f in figures:
     body += [f"<h2>{html.escape(f.title)}</h2>", f"<p>{html.escape(f.caption)}</p>"]
     if f.file:                  # a figure with nothing to draw keeps its caption (why)

@@ -12,7 +12,7 @@ compares with its paper: `paper_checks`).
 
 Layout: WORKDIR/world, tokenizer/, runs/<size>/seed<k>/pretrain/ (shared), WORKDIR/<study>/
 (that study's whole workdir: world, tokenizer and pretrain are links to the shared ones),
-WORKDIR/report/ (index.html, summary.json: per study its checks), WORKDIR/results/
+WORKDIR/report/ (index.html, summary.json: sizes, seeds, wall seconds), WORKDIR/results/
 (timings.json: wall seconds per study, findings.csv: study, finding, measured, reproduced).
 A study added to a finished suite runs alone; every other stage is reused by fingerprint.
 """
@@ -72,19 +72,17 @@ def study_config(c, name: str):
 
 
 def validate(c, source: str = "study") -> None:
-  """The studies named and each one's config (with the shared keys set): ConfigError naming
-  the source, the study and the key."""
+  """The suite's own keys: ConfigError naming the source and key (each study's config is
+  checked by that study when the suite constructs it)."""
   from factflip.configfile import ConfigError
   bad = [s for s in c.studies if s not in STUDIES]
   if not c.studies or bad or len(set(c.studies)) != len(c.studies):
     raise ConfigError(source, "studies", f"{list(c.studies)}; expected distinct studies of "
                       f"{list(STUDIES)}")
-  for name in c.studies:
-    sub = study_config(c, name)
-    if sub.get("facts"):
+  for name in c.studies:                 # each study validates its own config when the
+    if c[name].get("facts"):             # suite constructs it (source "<source>: <study>")
       raise ConfigError(source, f"{name}.facts", "set; the suite runs every study on the "
                         "shared world and base (hf= is each study's own variant)")
-    platform.study_module(name).validate(sub, f"{source}: {name}")
 
 
 class Study:
@@ -214,33 +212,28 @@ class Study:
     return pd.DataFrame(rows, columns=["study", "finding", "measured", "reproduced"])
 
   def report(self, heads: dict[str, dict]) -> dict[str, Any]:
-    """WORKDIR/report/index.html and summary.json, results/findings.csv."""
+    """results/findings.csv; report/index.html (the findings table, links to each study's
+    report) and summary.json (wall seconds per part; the findings)."""
     import html
 
-    from factflip.fileio import strict_json, write_text
+    from factflip.studies.report import write_report
     df = self.findings(heads)
     write_csv(df, os.path.join(self.wd, "results", "findings.csv"))
-    timings = read_json(os.path.join(self.wd, "results", "timings.json"))
-    head = strict_json({"findings": df.to_dict("records"), "timings_s": timings})
-    write_json(os.path.join(self.wd, "report", "summary.json"), head)
     verdict = {True: "yes", False: "no", None: "n/a"}
     rows = "".join(
         f"<tr><td>{html.escape(r.study)}</td><td>{html.escape(r.finding)}</td>"
         f"<td>{html.escape(r.measured)}</td><td>{verdict[r.reproduced]}</td></tr>"
         for r in df.itertuples())
-    links = " ".join(f'<a href="../{n}/report/index.html">{n}</a>' for n in self.studies)
-    page = ("<!doctype html><meta charset='utf-8'><title>factflip suite</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-            "td,th{padding:3px 10px;border-bottom:1px solid #ddd;vertical-align:top}</style>"
-            f"<h1>factflip: {html.escape(self.title)}</h1>"
-            f"<p>Workdir <code>{html.escape(self.wd)}</code>; shared world and bases "
-            f"({', '.join(self.c.sizes)}; seeds {list(self.c.seeds)}). Each study's own report: "
-            f"{links}. Wall seconds: {html.escape(str(timings))}.</p>"
-            "<h2>What each paper reports, and what this run measured</h2>"
-            "<table><tr><th>study</th><th>paper's finding</th><th>measured here</th>"
-            f"<th>reproduced</th></tr>{rows}</table>")
-    write_text(os.path.join(self.wd, "report", "index.html"), page)
-    return head
+    table = ("<table><tr><th>study</th><th>paper's finding</th><th>measured here</th>"
+             f"<th>reproduced</th></tr>{rows}</table><p>Each study's own report: "
+             + " ".join(f'<a href="../{n}/report/index.html">{n}</a>' for n in self.studies)
+             + ".</p>")
+    head = {"sizes": list(self.c.sizes), "seeds": list(self.c.seeds),
+            "timings_s": read_json(os.path.join(self.wd, "results", "timings.json"))}
+    section = "What each paper reports, and what this run measured"
+    head = write_report(os.path.join(self.wd, "report"), self.title, self.wd, head, [],
+                        ["findings"], sections=[(section, table)])
+    return dict(head, findings=df.to_dict("records"))
 
   def summary(self, head: dict[str, Any]) -> list[str]:
     verdict = {True: "yes", False: "NO", None: "n/a"}

@@ -172,13 +172,8 @@ def validate(c, source: str = "study") -> None:
     if not ok:
       raise ConfigError(source, key, message)
 
-  schema = base_config()
-  need(c.get("study") == "unlearning", "study",
-       f"{c.get('study')!r}; expected 'unlearning' (this module's study)")
-  for group in ("", "forget.", "eval.", "conflict.", "probe."):
-    node, ref = (c, schema) if not group else (c[group[:-1]], schema[group[:-1]])
-    for key in node:
-      need(key in ref, group + key, "unknown key; expected one of " + ", ".join(ref))
+  platform.check_schema(c, base_config(), "unlearning", ("forget", "eval", "conflict", "probe"),
+                        source)
   platform.validate_common(c, source, "a facts file with counterfactual objects (`factflip "
                            "facts --facts=PATH` checks one)")
   need(c.forget.n_targets >= 2, "forget.n_targets", f"{c.forget.n_targets}; expected >= 2")
