@@ -116,24 +116,39 @@ def _study_config_path() -> str:
 
 def _run(workdir: str, config=None, source: str | None = None, dry_run: bool = False
          ) -> dict | None:
-  """The study a config names (default: configs/studies/poisoning.py): every stage, resumable."""
+  """The study a config names (default: configs/studies/poisoning.py): every stage, resumable.
+  In a multi-process job only process 0 prints (the others print only an error)."""
+  import jax
+
   from factflip.configfile import ConfigError, load_config_file
-  from factflip.studies.platform import StudyError, study_class
+  from factflip.distributed import HostError
+  from factflip.studies.platform import Stopped, StudyError, study_class
 
   if config is None:
     source = _study_config_path()
     config = load_config_file(source)
-  print(f"factflip run: {source} -> {os.path.abspath(workdir)}", flush=True)
+  main = jax.process_index() == 0
+  log = print if main else (lambda line: None)
+  log(f"factflip run: {source} -> {os.path.abspath(workdir)}"
+      + (f" ({jax.process_count()} processes, {jax.device_count()} devices)"
+         if jax.process_count() > 1 else ""))
   try:
     study = study_class(config.get("study", ""), source)
-    summary = study(config, workdir, source=source).run_and_report(dry_run)
-  except (StudyError, ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    summary = study(config, workdir, log=log, source=source).run_and_report(dry_run)
+  except Stopped as e:     # exit 0, as `factflip train` does: a requeued job resumes
+    log(str(e))
+    sys.exit(0)
+  except (StudyError, ConfigError, HostError) as e:
+    print(f"error: {e}" if main else f"error (process {jax.process_index()}): {e}",
+          file=sys.stderr)
     sys.exit(2)
   return summary
 
 
 def _run_cmd() -> None:
+  from factflip.distributed import initialize
+  initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+             FLAGS.process_id)
   _run(FLAGS.workdir, FLAGS.config, flags.FLAGS["config"].config_filename, FLAGS.dry_run)
 
 
@@ -287,6 +302,9 @@ COMMANDS = {c.name: c for c in (
         the config keys it read: running again reuses unchanged stages, resumes a stopped one
         and redoes (atomically) exactly the stages whose keys changed and everything
         downstream. The plan is printed before any work; --dry_run prints only the plan.
+        On many hosts the same command runs on every process (TPU pod workers, SLURM tasks,
+        or launch/local.sh with NUM_PROCESSES=N): training stages on the global mesh, paper
+        A's probes over every process's devices, process 0 writing (launch/README.md).
 
           factflip run                                 # configs/studies/poisoning.py
           factflip run --config=configs/studies/poisoning.py:smoke --workdir=/tmp/smoke
@@ -297,7 +315,8 @@ COMMANDS = {c.name: c for c in (
          "workdir": "The study's directory: runs/, results/, report/, study.json. The same "
                     "directory again resumes or redoes what changed.",
          "dry_run": "Print which stages would be reused, computed or redone and which config "
-                    "keys changed, then stop."},
+                    "keys changed, then stop.",
+         **_MULTIHOST},
         _run_cmd),
     Command(
         "presets", "factflip presets", "The model size ladder with parameter counts.",

@@ -68,6 +68,22 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
 
 
+def to_host(tree):
+  """Every jax array of `tree` as a numpy array on this process: fetched when its shards are all
+  local or it is replicated, all-gathered across processes when it is sharded over devices of
+  several (a probe whose batch spans every host: each process calls this at the same point, as
+  with any collective). Other leaves pass through."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
+
+
 def param_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
   """Same tree as `cfg.param_shapes()`, with a tuple of logical axis names at each leaf."""
   shapes = cfg.param_shapes()

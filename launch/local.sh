@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
-# Run a factflip training job on this machine, as one process or as N local processes that talk
-# over 127.0.0.1 (a rehearsal of a multi-host job; CPU collectives use gloo).
+# Run a factflip training job or study on this machine, as one process or as N local processes
+# that talk over 127.0.0.1 (a rehearsal of a multi-host job; CPU collectives use gloo).
 #
 #   launch/local.sh CONFIG WORKDIR [--config.KEY=VALUE ...]
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh configs/pretrain_tiny.py workdir/mh
+#   COMMAND=run NUM_PROCESSES=2 launch/local.sh configs/studies/poisoning.py:smoke workdir/st
 #
-# NUM_PROCESSES (default 1), DEVICES_PER_PROCESS (CPU only: fake devices per process, default
-# unset = the real devices), PORT (coordinator port, default 12355).
+# COMMAND (train, the default, or run: a study), NUM_PROCESSES (default 1),
+# DEVICES_PER_PROCESS (CPU only: fake devices per process, default unset = the real devices),
+# PORT (coordinator port, default 12355).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-  sed -n '2,10p' "$0"; exit 2
+  sed -n '2,12p' "$0"; exit 2
 fi
 config=$1; workdir=$2; shift 2
+cmd=${COMMAND:-train}
+if [[ "$cmd" != train && "$cmd" != run ]]; then
+  echo "COMMAND=$cmd; expected train or run" >&2; exit 2
+fi
 n=${NUM_PROCESSES:-1}
 if [[ -n "${DEVICES_PER_PROCESS:-}" ]]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS}"
 fi
 if [[ "$n" == 1 ]]; then
-  exec factflip train --config="$config" --workdir="$workdir" "$@"
+  exec factflip "$cmd" --config="$config" --workdir="$workdir" "$@"
 fi
 port=${PORT:-12355}
 pids=()
 for ((i = 0; i < n; i++)); do
-  factflip train --config="$config" --workdir="$workdir" \
+  factflip "$cmd" --config="$config" --workdir="$workdir" \
     --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@" \
     > >(sed "s/^/[$i] /") 2>&1 &
   pids+=($!)

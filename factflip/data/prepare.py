@@ -25,9 +25,11 @@ def _barrier(name: str) -> None:
 
 
 def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int,
-                  n_people: int = 300):
+                  n_people: int = 300, every_process: bool = True):
   """Load the world in `world_dir` (building and writing it there if absent) and its tokenizer
-  (training it into `tokenizer_dir` if absent). Only process 0 writes."""
+  (training it into `tokenizer_dir` if absent). Only process 0 writes; with `every_process`
+  every process calls this and waits for it (False: only process 0 does, e.g. a study's world
+  stage)."""
   from factflip.data.tokenizer import load_tokenizer, train_tokenizer
   from factflip.data.world import WorldConfig, build_world, load_world, write_world
 
@@ -39,7 +41,8 @@ def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int
       write_world(world, world_dir)
     if not have_tok:
       train_tokenizer(world.texts(), tokenizer_dir, vocab_size=vocab_size)
-  _barrier("factflip_prepare_world")
+  if every_process:
+    _barrier("factflip_prepare_world")
   return load_world(world_dir), load_tokenizer(tokenizer_dir)
 
 

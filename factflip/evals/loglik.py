@@ -48,6 +48,7 @@ import numpy as np
 from factflip.data.tokenizer import TokenIds
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import Transformer, forward, unembed
+from factflip.sharding import to_host
 
 
 def answer_logprob(logits_BxAxV: jax.Array, target_BxA: jax.Array, amask_BxA: jax.Array
@@ -218,7 +219,7 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
         where[b, a + 1:a + 1 + m] = np.arange(t, t + m)
         target[b, a:a + m + 1], req[b, a:a + m + 1] = cont, k
         t, a = t + m, a + m + 1
-    res = jax.device_get(_score_rows(params, cfg, tokens, mask, pos, branch, where, target, req,
+    res = to_host(_score_rows(params, cfg, tokens, mask, pos, branch, where, target, req,
                                      tuned, lens=lens, packed=packed, stats=stats, n_req=R))
     sums = np.asarray(res["sums"], np.float64).reshape(n_out, B, R)
     for b, (_, r, _) in enumerate(chunk):

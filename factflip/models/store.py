@@ -135,7 +135,9 @@ def valid_steps(directory: str, warn: bool = True) -> list[int]:
 
 def restore_params(directory: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
   """Only the parameters of a training checkpoint (the optimizer state is not read), placed in
-  `abstract_params`' shardings. directory: WORKDIR/checkpoints."""
+  `abstract_params`' shardings. directory: WORKDIR/checkpoints. In a multi-process job every
+  process must call this unless the shardings are all this process's devices (then it reads
+  alone: a probe on process 0)."""
   steps = valid_steps(directory)
   if not steps:
     raise FileNotFoundError(f"{directory}: no complete training checkpoint")
@@ -145,6 +147,12 @@ def restore_params(directory: str, step: int | None, abstract_params: Any) -> tu
                             f"(complete: {steps})")
   path = os.path.join(directory, str(step), "state")
   ckpt = ocp.PyTreeCheckpointer()
+  local = all(s.sharding.is_fully_addressable for s in jax.tree.leaves(abstract_params))
+  if local and jax.process_count() > 1:    # one process reads alone: no barrier with the others
+    mp = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                            active_processes={jax.process_index()})
+    ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+                            multiprocessing_options=mp)
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
       abstract_params)

@@ -29,6 +29,7 @@ from factflip.data.tokenizer import TokenIds
 from factflip.evals.loglik import answer_ids, answer_logprob
 from factflip.models.transformer import Transformer, forward, unembed
 from factflip.probes.patching import act_patch
+from factflip.sharding import to_host
 
 GROUPS = ("subject", "last", "all")
 
@@ -109,7 +110,7 @@ def _answer_metric(params, cfg, tokens_BxT, mask_BxT, target_BxP, amask_BxP, log
 
 
 def _run_metric(model: Transformer, b: dict[str, np.ndarray]) -> np.ndarray:
-  return np.asarray(_answer_metric(model.params(), model.cfg, b["tokens"], b["mask"],
+  return to_host(_answer_metric(model.params(), model.cfg, b["tokens"], b["mask"],
                                    b["target"], b["amask"], b["logit_positions"]))
 
 

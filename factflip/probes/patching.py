@@ -35,6 +35,7 @@ import numpy as np
 
 from factflip.models.hooks import STREAM_SITES, Intervention, check_site, parse_hook_name
 from factflip.models.transformer import Transformer, embed, forward, init_cache, unembed
+from factflip.sharding import to_host
 
 Metric = Callable[[jax.Array], jax.Array]  # logits [B, P, V] -> [B]
 
@@ -316,7 +317,7 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
   p = _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
                positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
                devices, centred)
-  return np.asarray(_sweep(*p.args, **p.static)).transpose(2, 0, 1)
+  return to_host(_sweep(*p.args, **p.static)).transpose(2, 0, 1)
 
 
 _COST_ARGS = {"site": "resid_pre", "source_model": None, "layers": None, "positions": None,
@@ -443,4 +444,4 @@ def attribution_patch(model: Transformer, corrupted_tokens, clean_tokens, metric
   res = _attribution(model.params(), model.cfg, source_model.params(), source_model.cfg,
                      corrupted, clean, mask, clean_mask, site=check_site(site), metric=metric,
                      logit_positions=tuple(int(p) for p in logit_positions))
-  return np.asarray(res).transpose(1, 0, 2)
+  return to_host(res).transpose(1, 0, 2)

@@ -409,7 +409,7 @@ class Study(platform.Study):
     S = platform.StageSpec
     return [S("slick", cell, self.stage_slick, self.build_slick),
             S("mixtures", cell, self.stage_mixtures, self.build_mixtures),
-            S("sft", run, self.stage_sft, self.build_sft),
+            S("sft", run, self.stage_sft, self.build_sft, hosts=platform.SHARED),
             S("eval", run, self.stage_eval, self.build_eval),
             S("results", (), self.stage_results, self.build_results)]
 
@@ -509,7 +509,6 @@ class Study(platform.Study):
 
   # ---- SFT --------------------------------------------------------------------------------
   def build_sft(self, out: str, size: str, seed: int, mixture: str) -> dict[str, Any]:
-    from factflip.train.loop import train
     per_epoch = self.mixture_stats(size, seed)[mixture]["steps_per_epoch"]
     c = platform.mutable(self.c.sft)
     c.seed = seed
@@ -520,7 +519,7 @@ class Study(platform.Study):
     c.checkpoint.keep = 0
     if not self.c.facts:
       c.data.tokenizer_dir = self.source.tok_dir
-    res = train(c, out, quiet=False, source=f"study.sft ({mixture})")
+    res = platform.train_stage(c, out, f"study.sft ({mixture})")
     return {"step": res.step, "seconds": round(res.seconds, 1), "steps_per_epoch": per_epoch}
 
   # ---- QA on every checkpoint ---------------------------------------------------------------

@@ -16,6 +16,18 @@ directory, config keys, upstream fingerprints); a stage whose fingerprint matche
 record is reused, otherwise `spec.build(out, **cell)` computes it into `out` and returns the
 info its DONE record keeps; `spec.then(**cell)` runs after it either way (a gate).
 
+Many hosts: the same `factflip run` on every process of a multi-process job (TPU pod workers,
+SLURM tasks) runs the study SPMD. Every process goes through the same stages in the same order;
+process 0 decides each stage's status (and prepares its directory) and tells the others;
+`StageSpec.hosts` says who computes it: MAIN (process 0; the others wait), SHARED (every
+process, into the stage's directory: a training stage, whose loop is a multi-host job with a
+global mesh and writes its own outputs per process) or MIRROR (every process, with the probed
+models and their batches sharded over the probe devices of every process; process 0 writes the
+stage's directory, the others the same files into a private copy that is discarded). Only
+process 0 writes DONE records, results, reports and study.json, and runs gates (`then`); a
+process waiting longer than `barrier_timeout_s` stops with an error naming the stage, and a
+failure on any process stops the waiting ones with its message (`distributed.Hosts`).
+
 Registry: a study config names its study (`study = "poisoning"`); `STUDIES` maps that name to
 the module defining `Study` (a subclass of this one), `base_config` and `validate`, imported
 only when asked for (`factflip run --config=configs/studies/X.py` loads one study).
@@ -23,15 +35,19 @@ only when asked for (`factflip run --config=configs/studies/X.py` loads one stud
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
+from factflip.distributed import Hosts
 from factflip.fileio import read_json, write_json
 from factflip.studies.stages import Stage, config_keys, describe_plan
 
@@ -45,6 +61,23 @@ STUDIES = {"poisoning": "factflip.studies.poisoning",
 
 class StudyError(RuntimeError):
   """A study cannot go on as configured (e.g. the base model does not know the targets)."""
+
+
+class Stopped(RuntimeError):
+  """A training stage stopped by SIGTERM with its checkpoint saved (a preemption, or SLURM's
+  signal before the time limit): the study stops there, the stage not DONE; the same command
+  resumes it from that checkpoint."""
+
+
+def train_stage(config, out: str, source: str):
+  """A study's training stage: `train.loop.train` into `out` (every process of a multi-host run
+  calls it: a SHARED stage); Stopped when SIGTERM stopped it, so no DONE is written for it."""
+  from factflip.train.loop import train
+  res = train(config, out, quiet=False, source=source)
+  if res.preempted:
+    raise Stopped(f"{source}: stopped by SIGTERM at step {res.step} (checkpoint saved); run the "
+                  "same command again to resume")
+  return res
 
 
 def study_module(name: str, source: str = "study"):
@@ -84,7 +117,10 @@ def common_config():
   c.probe = ml_collections.ConfigDict()
   c.probe.batch_size = 64
   c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
-  c.probe.devices = 1              # local devices a probed model is sharded over (-1 = all)
+  c.probe.devices = 1              # devices per process a probed model is sharded over
+  #                                  (-1 = all; a multi-host run uses them on every process)
+  c.barrier_timeout_s = 7200.0     # multi-host: how long a process waits for the others at a
+  #                                  stage before it stops with an error naming the stage
   return c
 
 
@@ -187,16 +223,24 @@ def memo(method):
   return wrapper
 
 
+# who computes a stage in a multi-process run (StageSpec.hosts)
+MAIN = "main"        # process 0; the others wait for it
+SHARED = "shared"    # every process, into the stage's directory (a multi-host training job)
+MIRROR = "mirror"    # every process (probes over every process's devices); process 0's files kept
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
   """A kind of stage. `over`: the cell axes it runs over (() = once per study); `stage(**cell)`
   -> its Stage; `build(out, **cell)` -> the info for DONE (computes into `out`);
-  `then(**cell)`: after the stage, built or reused."""
+  `then(**cell)`: after the stage, built or reused (process 0 only); `hosts`: who computes it
+  in a multi-process run (MAIN, SHARED or MIRROR)."""
   name: str
   over: tuple[str, ...]
   stage: Callable[..., Stage]
   build: Callable[..., dict[str, Any] | None]
   then: Callable[..., Any] | None = None
+  hosts: str = MAIN
 
 
 class Study:
@@ -222,6 +266,8 @@ class Study:
     self.c = ml_collections.FrozenConfigDict(config.copy_and_resolve_references())
     self.wd = os.path.abspath(workdir)
     self.log = log
+    self.hosts = Hosts(self.c.barrier_timeout_s)
+    self.all_hosts = False              # inside a MIRROR stage of a multi-process run
     self.source = fact_source(self)
     self.sizes = self.source.sizes          # label -> preset or model directory
 
@@ -288,14 +334,24 @@ class Study:
 
   # ---- models for probes ------------------------------------------------------------------
   def probe_devices(self) -> list:
-    """The local devices a probed model (and its patching sweep) uses: `probe.devices`."""
+    """The devices a probed model (and its patching sweep) uses: `probe.devices` of this
+    process, or inside a MIRROR stage of a multi-process run that many of every process."""
     import jax
     n = self.c.probe.devices
-    return jax.local_devices() if n == -1 else jax.local_devices()[:n]
+    if not self.all_hosts:
+      return jax.local_devices() if n == -1 else jax.local_devices()[:n]
+    taken: dict[int, int] = {}
+    out = []
+    for d in jax.devices():
+      k = taken.get(d.process_index, 0)
+      if n == -1 or k < n:
+        out.append(d)
+        taken[d.process_index] = k + 1
+    return out
 
   def load(self, path: str):
     """A model to probe (a base, a checkpoint step), in `probe.dtype`, its parameters sharded
-    over `probe.devices` local devices (fsdp) when that is more than one."""
+    (fsdp) over `probe_devices()` when that is more than one device."""
     from factflip.models.store import load_model
     from factflip.sharding import make_mesh
     devices = self.probe_devices()
@@ -318,21 +374,26 @@ class Study:
     cells; the tables at the end (`tables()`). Wall seconds per spec name are summed over
     resumed invocations into results/timings.json; study.json (the config, what `open`
     reads) is written when every stage is done, so it always describes complete outputs."""
-    for line in self.plan():
-      self.log(line)
+    if self.hosts.main:
+      for line in self.plan():
+        self.log(line)
     if dry_run:
       return None
     timings = self.drive(self.all_specs())
-    path = os.path.join(self.wd, "results", "timings.json")
-    before = read_json(path) if os.path.exists(path) else {}
-    write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
-                      for k in dict.fromkeys([*before, *timings])})
-    write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
-    return self.tables()
+
+    def finish():
+      path = os.path.join(self.wd, "results", "timings.json")
+      before = read_json(path) if os.path.exists(path) else {}
+      write_json(path, {k: round(before.get(k, 0.0) + timings.get(k, 0.0), 1)
+                        for k in dict.fromkeys([*before, *timings])})
+      write_json(os.path.join(self.wd, "study.json"), self.c.to_dict())
+      return self.tables()
+    return self.hosts.on_main("the results tables", finish)
 
   def drive(self, specs: Sequence[StageSpec]) -> dict[str, float]:
     """Build or reuse every stage of `specs`, each over its cells, in order; `stage_done` after
-    each. Returns the wall seconds per spec name."""
+    each. Returns the wall seconds per spec name. In a multi-process run every process calls
+    this (the module docstring: who computes what)."""
     t0 = time.time()
     timings: dict[str, float] = {}
     for spec in specs:
@@ -340,16 +401,44 @@ class Study:
         st = spec.stage(**cell)
         t = time.time()
         self.log(f"[{st.name}] ...")
-        with st.build() as out:
-          built = out is not None
-          if built:
-            st.info = spec.build(out, **cell) or {}
-        if spec.then is not None:
-          spec.then(**cell)
+        try:
+          built = self._drive_one(spec, st, cell)
+        except BaseException as e:
+          self.hosts.fail(f"stage {st.name!r}", e)
+          raise
         timings[spec.name] = timings.get(spec.name, 0.0) + time.time() - t
         self.log(f"[{st.name}] done in {time.time() - t:.1f} s (total {time.time() - t0:.0f} s)")
         self.stage_done(st, built)
     return timings
+
+  def _drive_one(self, spec: StageSpec, st: Stage, cell: dict[str, Any]) -> bool:
+    """One stage on this process: process 0 decides reuse or build (and where: `Stage.build`)
+    and tells the others; who builds follows `spec.hosts`; process 0 writes DONE after every
+    builder is through, then runs the gate; the others wait for it. Returns: built now."""
+    where = f"stage {st.name!r}"
+    h = self.hosts
+    with contextlib.ExitStack() as stack:
+      out = stack.enter_context(st.build()) if h.main else None
+      out = h.share(where + " (its directory)", out or "") or None
+      if out is not None and (h.main or spec.hosts != MAIN):
+        private = None
+        if not h.main and spec.hosts == MIRROR:    # the same files, into a discarded copy
+          private = tempfile.mkdtemp(prefix=f"factflip-p{h.index}-")
+          stack.callback(shutil.rmtree, private, True)
+          out = shutil.copytree(out, os.path.join(private, "out"))
+        self.all_hosts = h.many and spec.hosts == MIRROR
+        try:
+          info = spec.build(out, **cell) or {}
+        finally:
+          self.all_hosts = False
+        if h.main:
+          st.info = info
+        if spec.hosts != MAIN:
+          h.barrier(where + " (every process's outputs written)")
+    if h.main and spec.then is not None:
+      spec.then(**cell)
+    h.share(where, "done")
+    return out is not None
 
   def stage_done(self, stage: Stage, built: bool) -> None:
     """After each stage of `drive` (built: computed now rather than reused); a driver of
@@ -375,11 +464,14 @@ class Study:
   def run_and_report(self, dry_run: bool = False) -> dict[str, Any] | None:
     """All stages, then plots, report/index.html, summary.json and the terminal summary
     (with `dry_run`, only the plan)."""
-    from factflip.studies.report import write_report
     t0 = time.time()
     tables = self.run(dry_run)
-    if tables is None:
+    if dry_run:
       return None
+    return self.hosts.on_main("the report", lambda: self._report(tables, t0))
+
+  def _report(self, tables: dict[str, Any], t0: float) -> dict[str, Any]:
+    from factflip.studies.report import write_report
     rdir = os.path.join(self.wd, "report")
     head, figs = self.report(tables, rdir)
     head["timings_s"] = read_json(os.path.join(self.wd, "results", "timings.json"))

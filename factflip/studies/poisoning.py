@@ -231,9 +231,10 @@ class Study(platform.Study):
 
   def specs(self) -> list[platform.StageSpec]:
     cell = ("size", "seed", "p")
-    return [platform.StageSpec("cpt", cell, self.stage_cpt, self.build_cpt),
-            platform.StageSpec("probe", cell, self.stage_probe, self.build_probe),
-            platform.StageSpec("results", (), self.stage_results, self.build_results)]
+    S = platform.StageSpec
+    return [S("cpt", cell, self.stage_cpt, self.build_cpt, hosts=platform.SHARED),
+            S("probe", cell, self.stage_probe, self.build_probe, hosts=platform.MIRROR),
+            S("results", (), self.stage_results, self.build_results)]
 
   # ---- the base gate ------------------------------------------------------------------------
   def base_ready(self, size: str, seed: int) -> None:
@@ -272,14 +273,13 @@ class Study(platform.Study):
 
   # ---- cpt and probes -----------------------------------------------------------------------
   def build_cpt(self, out: str, size: str, seed: int, p: float) -> dict[str, Any]:
-    from factflip.train.loop import train
     c = platform.mutable(self.c.cpt)
     c.seed = seed
     c.data.ratio = float(p)
     c.model.init_from = self.base_path(size, seed)
     for k, v in self.source.train_data(size, seed).items():
       c.data[k] = v
-    res = train(c, out, quiet=False, source="study.cpt")
+    res = platform.train_stage(c, out, "study.cpt")
     return {"step": res.step, "seconds": round(res.seconds, 1)}
 
   def build_probe(self, out: str, size: str, seed: int, p: float) -> dict[str, Any]:

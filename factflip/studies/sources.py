@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from factflip.fileio import write_csv
-from factflip.studies.platform import StageSpec, StudyError, memo, mutable, size_label
+from factflip.studies import platform
+from factflip.studies.platform import SHARED, StageSpec, StudyError, memo, mutable, size_label
 from factflip.studies.stages import Stage, fingerprint
 
 # draw roles a study may leave out, and what they are then
@@ -114,7 +115,7 @@ class WorldSource(_Source):
   def specs(self, then=None) -> list[StageSpec]:
     return [StageSpec("world", (), self.stage_world, self.build_world),
             StageSpec("pretrain", ("size", "seed"), self.stage_pretrain, self.build_pretrain,
-                      then)]
+                      then, hosts=SHARED)]
 
   def build_world(self, out: str) -> dict[str, Any]:
     """The world and its tokenizer into `out` (world/, or world.redo/ when redone: the
@@ -126,7 +127,7 @@ class WorldSource(_Source):
     elif os.path.exists(tok) and not os.path.exists(os.path.join(out, "world.json")):
       shutil.rmtree(tok)                       # a tokenizer without its world: not this one
     prepare_world(out, tok, self.c.world_seed, self.c.vocab_size,
-                  self.c.pretrain.data.world_people)
+                  self.c.pretrain.data.world_people, every_process=False)   # a MAIN stage
     if tok != self.tok_dir:                    # the tokenizer first: DONE moves with world/
       shutil.rmtree(self.tok_dir, ignore_errors=True)
       os.rename(tok, self.tok_dir)
@@ -135,12 +136,11 @@ class WorldSource(_Source):
     return {}
 
   def build_pretrain(self, out: str, size: str, seed: int) -> dict[str, Any]:
-    from factflip.train.loop import train
     c = mutable(self.c.pretrain)
     c.seed = seed
     c.model.preset = size
     c.data.world_dir, c.data.tokenizer_dir = self.world_dir, self.tok_dir
-    res = train(c, out, quiet=False, source="study.pretrain")
+    res = platform.train_stage(c, out, "study.pretrain")
     return {"step": res.step, "seconds": round(res.seconds, 1)}
 
   # ---- what the stages made -----------------------------------------------------------------

@@ -19,16 +19,18 @@ A study added to a finished suite runs alone; every other stage is reused by fin
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
 
+from factflip.distributed import Hosts
 from factflip.fileio import read_json, write_csv, write_json
 from factflip.studies import platform
 from factflip.studies.stages import describe_plan
 
 STUDIES = ("poisoning", "new_knowledge", "morfi", "unlearning")
-SHARED = ("sizes", "seeds", "world_seed", "vocab_size", "pretrain")
+SHARED = ("sizes", "seeds", "world_seed", "vocab_size", "pretrain", "barrier_timeout_s")
 REPORTS = {"poisoning": "factflip.studies.poisoning_report",
            "new_knowledge": "factflip.studies.new_knowledge_report",
            "morfi": "factflip.studies.morfi_report",
@@ -56,6 +58,7 @@ def base_config():
   c.vocab_size = 1024
   c.pretrain = train_config.base_config()   # the one pretraining of each size and seed
   c.pretrain.data.kind = "world"
+  c.barrier_timeout_s = 7200.0     # multi-host: a process's longest wait for the others
   for name in STUDIES:
     c[name] = platform.study_module(name).base_config()
   return c
@@ -99,6 +102,7 @@ class Study:
     self.c = ml_collections.FrozenConfigDict(config.copy_and_resolve_references())
     self.wd = os.path.abspath(workdir)
     self.log = log
+    self.hosts = Hosts(self.c.barrier_timeout_s)
     self.studies: dict[str, platform.Study] = {}
     for name in self.c.studies:
       cls = platform.study_class(name)
@@ -166,8 +170,9 @@ class Study:
     """The shared stages, every study (run and report), then the suite's report; with
     `dry_run` only the plan."""
     base = self.shared()
-    for line in self.plan(base):
-      self.log(line)
+    if self.hosts.main:
+      for line in self.plan(base):
+        self.log(line)
     if dry_run:
       return None
     t0 = time.time()
@@ -187,10 +192,14 @@ class Study:
     timings, heads = {"shared": round(time.time() - t0, 1)}, {}
     for k, (name, study) in enumerate(self.studies.items()):
       t = time.time()
-      self.link(study, list(self.studies.values())[:k])
+      self.hosts.on_main(f"linking {name}'s shared stages", functools.partial(
+          self.link, study, list(self.studies.values())[:k]))
       study.stage_done = stage_done
       heads[name] = study.run_and_report()
       timings[name] = round(time.time() - t, 1)
+    return self.hosts.on_main("the suite's report", lambda: self._finish(heads, timings, t0))
+
+  def _finish(self, heads, timings, t0) -> dict[str, Any]:
     write_json(os.path.join(self.wd, "results", "timings.json"), timings)
     head = self.report(heads)
     self.log(f"\nfactflip suite done in {time.time() - t0:.0f} s")

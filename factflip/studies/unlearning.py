@@ -494,7 +494,7 @@ class Study(platform.Study):
     cell, run = ("size", "seed"), ("size", "seed", "method")
     S = platform.StageSpec
     return [S("sets", cell, self.stage_sets, self.build_sets),
-            S("unlearn", run, self.stage_unlearn, self.build_unlearn),
+            S("unlearn", run, self.stage_unlearn, self.build_unlearn, hosts=platform.SHARED),
             S("eval_base", cell, self.stage_eval_base, self.build_eval_base),
             S("eval", run, self.stage_eval, self.build_eval),
             S("conflict", cell, self.stage_conflict, self.build_conflict),
@@ -586,7 +586,6 @@ class Study(platform.Study):
 
   # ---- unlearning runs ------------------------------------------------------------------------
   def build_unlearn(self, out: str, size: str, seed: int, method: str) -> dict[str, Any]:
-    from factflip.train.loop import train
     per_epoch = self.steps_per_epoch(size, seed, method)
     sets = self.sets_dir(size, seed)
     c = platform.mutable(self.c.unlearn)
@@ -601,7 +600,7 @@ class Study(platform.Study):
     c.checkpoint.keep = 0
     if not self.c.facts:
       c.data.tokenizer_dir = self.source.tok_dir
-    res = train(c, out, quiet=False, source=f"study.unlearn ({method})")
+    res = platform.train_stage(c, out, f"study.unlearn ({method})")
     return {"step": res.step, "seconds": round(res.seconds, 1), "steps_per_epoch": per_epoch}
 
   # ---- evaluation -----------------------------------------------------------------------------

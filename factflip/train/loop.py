@@ -129,7 +129,8 @@ def _base_model(c, tok, mesh) -> tuple[ModelConfig, Any]:
     return get_preset(c.model.preset, vocab_size=vocab_size, **special, **over), None
   if _is_train_workdir(path):
     model, step = load_trained(path, c.model.init_step, mesh, dtype=c.model.param_dtype)
-    print(f"base model: {path} step {step}", flush=True)
+    if jax.process_index() == 0:
+      print(f"base model: {path} step {step}", flush=True)
   else:
     from factflip.models.store import load_model
     model = load_model(path, dtype=c.model.param_dtype, mesh=mesh)
