@@ -1,7 +1,8 @@
 """Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
 
 Owns: `initialize` (the one place a factflip process joins a multi-process job),
-`should_initialize` (when "auto" does) and `Hosts` (how the processes of a study agree: process
+`should_initialize` (when "auto" does), `alone` (run by this process only: `process_index`,
+`process_count` and `devices` then describe a one-process job) and `Hosts` (how the processes of a study agree: process
 0 decides and publishes, the others wait for it with a timeout that names what they waited for;
 a failure on any process is published so the waiting ones stop with its message).
 Must not: touch devices before initialising (JAX must not have started its backends), or know
@@ -24,6 +25,38 @@ import jax
 
 ERROR_KEY = "factflip/error"
 _SEQ = itertools.count(1)   # share/barrier keys in call order (the same on every process)
+_ALONE = [False]
+
+
+@contextlib.contextmanager
+def alone():
+  """Inside: this process runs work the others do not (a study's stage computed by process 0
+  only), so factflip's code that would wait for the other processes or span their devices acts
+  as a one-process job: `process_index()` 0, `process_count()` 1, `devices()` this process's,
+  checkpoints written and read by this process alone."""
+  before = _ALONE[0]
+  _ALONE[0] = jax.process_count() > 1
+  try:
+    yield
+  finally:
+    _ALONE[0] = before
+
+
+def is_alone() -> bool:
+  return _ALONE[0]
+
+
+def process_index() -> int:
+  return 0 if _ALONE[0] else jax.process_index()
+
+
+def process_count() -> int:
+  return 1 if _ALONE[0] else jax.process_count()
+
+
+def devices() -> list:
+  """The devices a job spans: every process's, or this process's inside `alone`."""
+  return jax.local_devices() if _ALONE[0] else jax.devices()
 
 
 class HostError(RuntimeError):

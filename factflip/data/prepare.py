@@ -11,38 +11,36 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 
+from factflip import distributed
 from factflip.data.facts import FactItem
 from factflip.fileio import DataError
 
 
 def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
+  if distributed.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
 def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int,
-                  n_people: int = 300, every_process: bool = True):
+                  n_people: int = 300):
   """Load the world in `world_dir` (building and writing it there if absent) and its tokenizer
-  (training it into `tokenizer_dir` if absent). Only process 0 writes; with `every_process`
-  every process calls this and waits for it (False: only process 0 does, e.g. a study's world
-  stage)."""
+  (training it into `tokenizer_dir` if absent). Only process 0 writes; every process calls
+  this (or process 0 alone, inside `distributed.alone`)."""
   from factflip.data.tokenizer import load_tokenizer, train_tokenizer
   from factflip.data.world import WorldConfig, build_world, load_world, write_world
 
   have_world = os.path.exists(os.path.join(world_dir, "world.json"))
   have_tok = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
-  if jax.process_index() == 0 and not (have_world and have_tok):
+  if distributed.process_index() == 0 and not (have_world and have_tok):
     world = load_world(world_dir) if have_world else build_world(WorldConfig(seed=seed, n_people=n_people))
     if not have_world:
       write_world(world, world_dir)
     if not have_tok:
       train_tokenizer(world.texts(), tokenizer_dir, vocab_size=vocab_size)
-  if every_process:
-    _barrier("factflip_prepare_world")
+  _barrier("factflip_prepare_world")
   return load_world(world_dir), load_tokenizer(tokenizer_dir)
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from factflip import distributed
 from factflip.sae.core import SAE, SAEConfig, init_sae, make_sae
 from factflip.sae.losses import LossConfig
 
@@ -68,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = train_config.base_config().data   # the token data, as for any training run
   c.data.seq_len = 64            # context_size
   c.data.batch_size = 16         # sequences per model forward
-  c.data.shards = 1
+  c.data.shards = 0              # input shards (0 = one per process)
   c.data.packing = "pack"
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 100             # steps between CE-recovered evaluations (0 = only at the end)
@@ -107,8 +108,12 @@ def validate(c, source: str = "sae config") -> None:
     for part in key.split("."):
       node = node[part]
     need(isinstance(node, int) and node >= 1, key, f"{node!r}; expected an integer >= 1")
-  need(c.batch_tokens % jax.device_count() == 0, "batch_tokens",
-       f"{c.batch_tokens} does not divide over {jax.device_count()} devices")
+  n_proc = distributed.process_count()
+  need((c.data.shards or n_proc) % n_proc == 0, "data.shards",
+       f"{c.data.shards} input shards do not divide over {n_proc} processes")
+  n_dev = len(distributed.devices())
+  need(c.batch_tokens % n_dev == 0, "batch_tokens",
+       f"{c.batch_tokens} does not divide over {n_dev} devices")
   need(c.optim.lr > 0, "optim.lr", f"{c.optim.lr}; expected > 0")
 
 
@@ -135,7 +140,10 @@ def _model_and_tokenizer(c):
   return model, load_tokenizer(tok_dir), tok_dir
 
 
-def _token_batches(c, tok, seed_offset: int = 0):
+def _token_batches(c, tok, seed_offset: int = 0, every_shard: bool = False):
+  """Token batches of the SAE's data: this process's input shards (training: the processes'
+  rows make the global batch), or with `every_shard` all of them on every process (the
+  normalisation estimate and the evaluations, the same on every process)."""
   from factflip.train import config as train_config
   from factflip.train import inputs
   tc = train_config.base_config()
@@ -146,8 +154,10 @@ def _token_batches(c, tok, seed_offset: int = 0):
     world, _ = inputs.prepare_world(c.data.world_dir, c.data.tokenizer_dir, c.data.world_seed,
                                     c.data.vocab_size, c.data.world_people)
   streams, _ = inputs.sources(tc, world)
-  shards = c.data.shards or jax.process_count()
-  return inputs.ShardedBatches(streams, tok, train_config.batch_config(tc, shards), shards)
+  shards = c.data.shards or distributed.process_count()
+  whole = {"process_index": 0, "process_count": 1} if every_shard else {}
+  return inputs.ShardedBatches(streams, tok, train_config.batch_config(tc, shards), shards,
+                               **whole)
 
 
 def _sae_config(c, d_in: int) -> SAEConfig:
@@ -236,10 +246,12 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
   validate(config, source)
   c = config.copy_and_resolve_references()
   workdir = os.path.abspath(workdir)
-  say = (lambda *a: None) if quiet else functools.partial(print, flush=True)
+  main = distributed.process_index() == 0          # writes and reports
+  say = (lambda *a: None) if quiet or not main else functools.partial(print, flush=True)
   model, tok, c.data.tokenizer_dir = _model_and_tokenizer(c)
   os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), c.to_dict())
+  if main:
+    write_json(os.path.join(workdir, "config.json"), c.to_dict())
   acts_fn = site_activations(model, c.hook_name)
   feature = site_shape(model.cfg, parse_hook_name(c.hook_name)[0])
   d_in = int(np.prod(feature))
@@ -252,9 +264,13 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
                       lr_end=c.optim.lr_end, grad_clip=c.optim.grad_clip)
   flat_cfg = dataclasses.replace(cfg, reshape_activations="none", d_head=0)   # trains on [N, d_in]
   exclude = _special_ids(tok) if c.exclude_special_tokens else ()
-  stream = ActivationStream(_token_batches(c, tok), acts_fn, batch_tokens=c.batch_tokens,
-                            buffer_batches=c.buffer_batches, seed=c.seed, exclude_ids=exclude)
-  mesh = make_mesh(-1, 1, 1)
+  # each process its share of every step's activations, from its own input shards
+  stream = ActivationStream(_token_batches(c, tok), acts_fn,
+                            batch_tokens=c.batch_tokens // distributed.process_count(),
+                            buffer_batches=c.buffer_batches,
+                            seed=c.seed + 1000 * distributed.process_index(),
+                            exclude_ids=exclude)
+  mesh = make_mesh(-1, 1, 1, devices=distributed.devices())
   x_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -272,7 +288,8 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
   if restored is None:
     scale = 1.0
     if c.sae.normalize_activations == "expected_average_only_in":
-      norm_stream = ActivationStream(_token_batches(c, tok, seed_offset=11), acts_fn,
+      norm_stream = ActivationStream(_token_batches(c, tok, seed_offset=11, every_shard=True),
+                                     acts_fn,
                                      batch_tokens=c.batch_tokens,
                                      buffer_batches=c.buffer_batches, seed=c.seed + 11,
                                      exclude_ids=exclude)
@@ -283,7 +300,7 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
     say(f"resumed from {ckpt.directory}/{start}")
   scale = float(state["scale"])
   step_fn = make_train_step(flat_cfg, lc, tx)
-  eval_stream = _token_batches(c, tok, seed_offset=7)      # another shuffle of the same data
+  eval_stream = _token_batches(c, tok, seed_offset=7, every_shard=True)   # another shuffle
   eval_batches = [next(eval_stream) for _ in range(c.eval.batches)]
 
   def current_sae(state):
@@ -303,7 +320,8 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
       f"per step, workdir {workdir}")
   try:
     for t in range(start, last):
-      x = jax.device_put(jnp.asarray(next(stream)) * scale, x_sharding)
+      x = jax.make_array_from_process_local_data(
+          x_sharding, np.asarray(next(stream), np.float32) * np.float32(scale))
       state, metrics = step_fn(state, x)
       done = t + 1
       n_since += c.batch_tokens
@@ -333,7 +351,8 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
     final = current_sae(state)
     if scale != 1.0:
       final = fold_scale(final, scale)
-    save_sae(final, sae_path)
+    if main:
+      save_sae(final, sae_path)
   say(f"done: step {last}, {format_duration(time.time() - t_start)}"
       + (f"; SAE written to {sae_path}" if last == c.steps else ""))
   return SAETrainResult(workdir, sae_path, last, row, evals, time.time() - t_start)

@@ -193,7 +193,7 @@ class Study(new_knowledge.Study):
     cell, run = ("size", "seed"), ("size", "seed", "mixture")
     S = platform.StageSpec
     return [b["slick"], b["mixtures"], b["sft"],
-            S("sae", cell, self.stage_sae, self.build_sae),
+            S("sae", cell, self.stage_sae, self.build_sae, hosts=platform.SHARED),
             S("latents", run, self.stage_latents, self.build_latents),
             S("steering", cell, self.stage_steering, self.build_steering),
             S("results", (), self.stage_results, self.build_results)]
@@ -207,12 +207,15 @@ class Study(new_knowledge.Study):
     return f"blocks.{n // 2}.hook_resid_post"
 
   def build_sae(self, out: str, size: str, seed: int) -> dict[str, Any]:
+    import jax
+
     from factflip.sae.formats import load_sae, save_sae
     if self.c.sae.path:
       sae = load_sae(self.c.sae.path, hook_name=self.c.sae.hook_name or None)
       if not sae.cfg.hook_name:
         raise StudyError(f"{self.c.sae.path}: the SAE names no hook; set sae.hook_name")
-      save_sae(sae, os.path.join(out, "sae"))
+      if jax.process_index() == 0:     # a SHARED stage: every process runs this
+        save_sae(sae, os.path.join(out, "sae"))
       return {"hook_name": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "loaded": self.c.sae.path}
     from factflip.sae.train import train_sae
     c = platform.mutable(self.c.sae.train)

@@ -24,7 +24,9 @@ process, into the stage's directory: a training stage, whose loop is a multi-hos
 global mesh and writes its own outputs per process) or MIRROR (every process, with the probed
 models and their batches sharded over the probe devices of every process; process 0 writes the
 stage's directory, the others the same files into a private copy that is discarded). Only
-process 0 writes DONE records, results, reports and study.json, and runs gates (`then`); a
+process 0 writes DONE records, results, reports and study.json, and runs gates (`then`); what
+process 0 computes alone runs inside `distributed.alone` (its checkpoints, input shards and
+meshes are this process's only); a
 process waiting longer than `barrier_timeout_s` stops with an error naming the stage, and a
 failure on any process stops the waiting ones with its message (`distributed.Hosts`).
 
@@ -47,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
-from factflip.distributed import Hosts
+from factflip.distributed import Hosts, alone
 from factflip.fileio import read_json, write_json
 from factflip.studies.stages import Stage, config_keys, describe_plan
 
@@ -428,7 +430,8 @@ class Study:
           out = shutil.copytree(out, os.path.join(private, "out"))
         self.all_hosts = h.many and spec.hosts == MIRROR
         try:
-          info = spec.build(out, **cell) or {}
+          with alone() if spec.hosts == MAIN else contextlib.nullcontext():
+            info = spec.build(out, **cell) or {}
         finally:
           self.all_hosts = False
         if h.main:
@@ -436,7 +439,8 @@ class Study:
         if spec.hosts != MAIN:
           h.barrier(where + " (every process's outputs written)")
     if h.main and spec.then is not None:
-      spec.then(**cell)
+      with alone():
+        spec.then(**cell)
     h.share(where, "done")
     return out is not None
 

@@ -127,7 +127,7 @@ class WorldSource(_Source):
     elif os.path.exists(tok) and not os.path.exists(os.path.join(out, "world.json")):
       shutil.rmtree(tok)                       # a tokenizer without its world: not this one
     prepare_world(out, tok, self.c.world_seed, self.c.vocab_size,
-                  self.c.pretrain.data.world_people, every_process=False)   # a MAIN stage
+                  self.c.pretrain.data.world_people)
     if tok != self.tok_dir:                    # the tokenizer first: DONE moves with world/
       shutil.rmtree(self.tok_dir, ignore_errors=True)
       os.rename(tok, self.tok_dir)

@@ -28,6 +28,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from factflip import distributed
 from factflip.models.store import (COMMIT_FILE, _warn, load_trained,  # noqa: F401  (re-exported)
                                    restore_params, valid_steps)
 from factflip.train.step import TrainState
@@ -36,13 +37,13 @@ from factflip.train.step import TrainState
 
 def _set_aside(path: str, suffix: str) -> None:
   """Rename a step directory out of Orbax's way (process 0; nothing is deleted)."""
-  if jax.process_index() == 0 and os.path.isdir(path):
+  if distributed.process_index() == 0 and os.path.isdir(path):
     target, n = f"{path}.{suffix}", 1
     while os.path.exists(target):
       target, n = f"{path}.{suffix}{n}", n + 1
     os.rename(path, target)
     _warn(f"{path}: moved to {target}")
-  if jax.process_count() > 1:
+  if distributed.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"factflip_set_aside_{os.path.basename(path)}")
 
@@ -61,9 +62,15 @@ class Checkpointer:
           _warn(f"{self.directory}/{name}: incomplete checkpoint (no {COMMIT_FILE}; the save "
                 "was cut off); ignored")
           _set_aside(os.path.join(self.directory, name), "incomplete")
+    mp = ocp.options.MultiprocessingOptions()
+    if distributed.is_alone():          # this process only: no barrier with the others
+      mp = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
+      os.makedirs(self.directory, exist_ok=True)     # Orbax creates it only for all processes
     opts = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep or None, keep_period=keep_period or None,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=not distributed.is_alone(),
+        multiprocessing_options=mp)
     self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
   def save(self, step: int, state: TrainState, data: Any, force: bool = False) -> bool:

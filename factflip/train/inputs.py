@@ -21,9 +21,9 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 import numpy as np
 
+from factflip import distributed
 from factflip.data import mixtures
 from factflip.data.pipeline import FEATURES, make_batches
 from factflip.data.prepare import file_targets, poison_targets, prepare_world  # noqa: F401
@@ -177,8 +177,8 @@ class ShardedBatches:
   def __init__(self, streams: dict[str, Any], tokenizer, batch_cfg, shards: int,
                accum_steps: int = 1, process_index: int | None = None,
                process_count: int | None = None):
-    p = jax.process_index() if process_index is None else process_index
-    n = jax.process_count() if process_count is None else process_count
+    p = distributed.process_index() if process_index is None else process_index
+    n = distributed.process_count() if process_count is None else process_count
     per = shards // n
     self.shard_ids = list(range(p * per, (p + 1) * per))
     self.shards, self.accum = shards, accum_steps

@@ -15,7 +15,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
+
+from factflip import distributed
 
 
 def format_duration(seconds: float) -> str:
@@ -32,7 +33,7 @@ class MetricsWriter:
   resumes from, so the file holds one row per logged step, as if the run had never stopped."""
 
   def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
-    self.active = jax.process_index() == 0
+    self.active = distributed.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if not self.active:
