@@ -33,7 +33,8 @@ def alone():
   """Inside: this process runs work the others do not (a study's stage computed by process 0
   only), so factflip's code that would wait for the other processes or span their devices acts
   as a one-process job: `process_index()` 0, `process_count()` 1, `devices()` this process's,
-  checkpoints written and read by this process alone."""
+  checkpoints read by this process alone (Orbax refuses to write this process's arrays in a
+  multi-process job: work that trains runs on every process)."""
   before = _ALONE[0]
   _ALONE[0] = jax.process_count() > 1
   try:
