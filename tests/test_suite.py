@@ -65,5 +65,37 @@ def test_bad_suite_configs_name_the_study_and_key(tmp_path, values, match):
   c = set_keys(load_config_file(CONFIG, "smoke"), values)
   with pytest.raises(ConfigError, match=match):
     Study(c, str(tmp_path))
-  with pytest.raises(ValueError, match="hf= is not a suite variant"):
+  with pytest.raises(ValueError, match="hf=DIR goes with at least one study's facts"):
+    load_config_file(CONFIG, "hf=/m")
+  with pytest.raises(ValueError, match="facts= names no study; each study takes its own"):
     load_config_file(CONFIG, "hf=/m,facts=/f")
+
+
+def test_hf_variant_runs_the_studies_named_with_facts_on_the_model(hf_lm, small_world,
+                                                                   tmp_path):
+  """On real models each study named with a facts file runs on the model directory with its
+  own fact draw: no shared world or pretraining in the plan, the others left out."""
+  from test_study import counterfact_file
+
+  from factflip.configfile import load_config_file
+  from factflip.data.facts import write_facts_jsonl
+  from factflip.data.world import with_train_question
+  from factflip.studies.suite import Study
+  facts = counterfact_file(small_world, tmp_path / "counterfact.json", 40)
+  unseen = str(tmp_path / "unseen.jsonl")      # paper D's spillover questions
+  write_facts_jsonl(unseen, [with_train_question(f) for f in small_world.facts
+                             if f.meta.get("exposure_tier") == "none"][:6])
+  c = load_config_file(CONFIG, f"smoke,hf={hf_lm[0]},poisoning={facts},unlearning={facts}")
+  c.unlearning.eval.unseen = unseen
+  assert c.studies == ("poisoning", "unlearning") and c.sizes == [hf_lm[0]]
+  assert c.poisoning.facts == facts and c.poisoning.probe.devices == -1   # A's own hf= keys
+  logs = []
+  suite = Study(c, str(tmp_path / "wd"), log=logs.append)
+  assert suite.run_and_report(dry_run=True) is None
+  assert logs[0] == "shared | plan: nothing"
+  plans = {line.split(" | ")[0]: line for line in logs if "| plan:" in line}
+  assert set(plans) == {"shared", "poisoning", "unlearning"}
+  assert plans["poisoning"].endswith("plan: 6 new")   # fact draw, cpt + probe per p, results
+  assert plans["unlearning"].endswith("plan: 17 new")  # its own draw, sets, 6 runs, evals...
+  assert "base " + os.path.basename(hf_lm[0]) in "\n".join(logs)
+  assert not os.path.exists(tmp_path / "wd" / "poisoning" / "world")

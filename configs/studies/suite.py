@@ -11,9 +11,20 @@ world_seed, vocab_size and pretrain (paper B's: tiny-2m on the 100-person world,
 categories need the larger model) — so the world and each base are built once. Override a
 study's key with --config.<study>.<key>=VALUE (e.g. --config.unlearning.epochs=3), the studies
 run with --config.studies="('poisoning','unlearning')". Stages are fingerprinted: adding a study
-or a size to a finished suite runs only what is new.
+or a size to a finished suite runs only what is new. Within the suite paper A patches every
+third checkpoint (probe.patch_every = 3; its own config, every one) to keep the default suite
+within 20 minutes on a 2-core laptop.
 
-Variants: smoke, scale=A+B+..., seeds=0+1+... (hf= is each study's own: their facts differ).
+Variants: smoke, scale=A+B+..., seeds=0+1+..., and real models:
+  hf=DIR[+DIR...],poisoning=FILE,new_knowledge=DIR,morfi=DIR,unlearning=FILE
+      each model directory the base of every study named with its own facts (paper A: a
+      CounterFact-style file; B and C: EntityQuestions' folder; D: a facts file or RWKU's Target
+      folder, as each study's own hf= variant takes); studies without a facts file are left
+      out. Each study's hf= settings apply (its learning rates, probes over every device).
+
+  factflip run --config=configs/studies/suite.py:hf=/models/Qwen2.5-0.5B,poisoning=\
+/data/counterfact.json,new_knowledge=/data/entity_questions,unlearning=/data/rwku/Target \
+      --workdir=workdir/qwen_suite
 """
 
 import os
@@ -22,15 +33,50 @@ from factflip.configfile import load_config_file, study_variants
 from factflip.studies.suite import STUDIES, base_config
 
 
+PATH = "configs/studies/suite.py"
+
+
+def split_variants(arg):
+  """(the studies' shared variants, hf model directories or None, {study: its facts file})."""
+  shared, hf, facts = [], None, {}
+  for part in filter(None, (arg or "").split(",")):
+    name, _, value = part.partition("=")
+    if name in STUDIES or name == "hf":
+      if not value:
+        raise ValueError(f"{PATH}: bad variant {part!r}; expected {name}=PATH")
+      if name == "hf":
+        hf = value
+      else:
+        facts[name] = value
+    elif name == "facts":
+      raise ValueError(f"{PATH}: facts= names no study; each study takes its own: "
+                       "poisoning=FILE, new_knowledge=DIR, morfi=DIR, unlearning=FILE")
+    else:
+      shared.append(part)
+  if (hf is None) != (not facts):
+    raise ValueError(f"{PATH}: hf=DIR goes with at least one study's facts (poisoning=FILE, "
+                     "new_knowledge=DIR, morfi=DIR, unlearning=FILE), and those with hf=")
+  return ",".join(shared), hf, facts
+
+
 def get_config(arg=None):
-  variants = study_variants(arg, "configs/studies/suite.py")
-  if "hf" in variants:
-    raise ValueError("configs/studies/suite.py: hf= is not a suite variant (each study reads "
-                     "its own facts file); run the studies' configs with hf=")
+  shared, hf, facts = split_variants(arg)
+  variants = study_variants(shared, PATH)
   c = base_config()
   here = os.path.dirname(__file__)
+  if hf:
+    c.studies = tuple(name for name in STUDIES if name in facts)
   for name in STUDIES:
-    c[name] = load_config_file(os.path.join(here, f"{name}.py"), arg)
+    own = ",".join(filter(None, [shared] + ([f"hf={hf}", f"facts={facts[name]}"]
+                                           if name in facts else [])))
+    c[name] = load_config_file(os.path.join(here, f"{name}.py"), own)
+  if hf:                             # no shared world or pretraining: each study's own facts
+    first = c[c.studies[0]]
+    c.sizes, c.seeds = list(first.sizes), list(first.seeds)
+    return c
+  if "smoke" not in variants:        # paper A on tiny-2m: cross-model patching at every third
+    c.poisoning.probe.patch_every = 3  # checkpoint (the last included), not all 15 per ratio:
+    #                                    the suite's largest cost (its own config patches all)
   nk = c.new_knowledge               # paper B's base serves every study
   c.sizes, c.seeds = list(nk.sizes), list(nk.seeds)
   c.world_seed, c.vocab_size, c.pretrain = nk.world_seed, nk.vocab_size, nk.pretrain

@@ -25,10 +25,10 @@ global mesh and writes its own outputs per process) or MIRROR (every process, wi
 models and their batches sharded over the probe devices of every process; process 0 writes the
 stage's directory, the others the same files into a private copy that is discarded). Only
 process 0 writes DONE records, results, reports and study.json, and runs gates (`then`); what
-process 0 computes alone runs inside `distributed.alone` (its checkpoints, input shards and
-meshes are this process's only); a
-process waiting longer than `barrier_timeout_s` stops with an error naming the stage, and a
-failure on any process stops the waiting ones with its message (`distributed.Hosts`).
+process 0 computes alone runs inside `distributed.alone` (its checkpoint reads, input shards
+and meshes are this process's only). A process waiting longer than `barrier_timeout_s` stops
+with an error naming the stage, and a failure on any process stops the waiting ones with its
+message (`distributed.Hosts`).
 
 Registry: a study config names its study (`study = "poisoning"`); `STUDIES` maps that name to
 the module defining `Study` (a subclass of this one), `base_config` and `validate`, imported
@@ -172,6 +172,8 @@ def validate_common(c, source: str, facts_expected: str) -> None:
          f"{list(c.sizes)}; expected a non-empty list of {list(presets())}")
   need(len(c.seeds) > 0 and all(isinstance(k, int) for k in c.seeds), "seeds",
        f"{list(c.seeds)}; expected a non-empty list of integers")
+  need(c.barrier_timeout_s > 0, "barrier_timeout_s",
+       f"{c.barrier_timeout_s}; expected seconds > 0")
   need(c.probe.dtype in ("float32", "bfloat16"), "probe.dtype",
        f"{c.probe.dtype!r}; expected float32 or bfloat16")
   need(c.probe.devices == -1 or 1 <= c.probe.devices <= jax.local_device_count(),

@@ -15,6 +15,8 @@ Layout: WORKDIR/world, tokenizer/, runs/<size>/seed<k>/pretrain/ (shared), WORKD
 WORKDIR/report/ (index.html, summary.json: sizes, seeds, wall seconds), WORKDIR/results/
 (timings.json: wall seconds per study, findings.csv: study, finding, measured, reproduced).
 A study added to a finished suite runs alone; every other stage is reused by fingerprint.
+On real models (hf=, each study with its own facts file) nothing is shared but the model
+directories: there is no world or pretraining, and each study draws its own facts.
 """
 
 from __future__ import annotations
@@ -82,10 +84,12 @@ def validate(c, source: str = "study") -> None:
   if not c.studies or bad or len(set(c.studies)) != len(c.studies):
     raise ConfigError(source, "studies", f"{list(c.studies)}; expected distinct studies of "
                       f"{list(STUDIES)}")
-  for name in c.studies:                 # each study validates its own config when the
-    if c[name].get("facts"):             # suite constructs it (source "<source>: <study>")
-      raise ConfigError(source, f"{name}.facts", "set; the suite runs every study on the "
-                        "shared world and base (hf= is each study's own variant)")
+  with_facts = [name for name in c.studies if c[name].get("facts")]
+  if with_facts and len(with_facts) != len(c.studies):   # each study validates the rest of its
+    missing = [n for n in c.studies if n not in with_facts]  # config when the suite builds it
+    raise ConfigError(source, f"{missing[0]}.facts", "empty, but the other studies read facts "
+                      f"files ({', '.join(with_facts)}): on real models (hf=) every study "
+                      "needs its own; leave it out of `studies` otherwise")
 
 
 class Study:
@@ -103,6 +107,8 @@ class Study:
     self.wd = os.path.abspath(workdir)
     self.log = log
     self.hosts = Hosts(self.c.barrier_timeout_s)
+    # real models (hf=): each study's facts and fact draw are its own, nothing is pretrained
+    self.on_facts = bool(self.c[self.c.studies[0]].get("facts"))
     self.studies: dict[str, platform.Study] = {}
     for name in self.c.studies:
       cls = platform.study_class(name)
@@ -125,7 +131,7 @@ class Study:
     stage equal to one an earlier study computed (same place in its workdir, same
     fingerprint: paper C's SliCK stage is paper B's) at that one. A directory already there
     is left alone (computed before the suite shared it); a redo replaces only the link."""
-    shared = ["world", "tokenizer"] + [
+    shared = [] if self.on_facts else ["world", "tokenizer"] + [
         os.path.relpath(study.run_dir(size, seed, "pretrain"), study.wd)
         for size in study.sizes for seed in study.c.seeds]
     for rel in shared:                     # the same place under the suite's workdir
@@ -148,10 +154,11 @@ class Study:
           break
 
   # ---- the driver -----------------------------------------------------------------------------
-  def _stages(self, base: platform.Study) -> dict[str, list]:
-    """The stages each part computes or reuses: the shared world and pretraining (from `base`),
-    then each study's own (its world and pretrain stages are the shared ones, linked)."""
-    out = {"shared": [st for st in base.stages() if _shared(st)]}
+  def _stages(self, base: platform.Study | None) -> dict[str, list]:
+    """The stages each part computes or reuses: the shared world and pretraining (from `base`;
+    none on real models), then each study's own (its world and pretrain stages are the shared
+    ones, linked)."""
+    out = {"shared": [] if base is None else [st for st in base.stages() if _shared(st)]}
     for name, study in self.studies.items():
       out[name] = [st for st in study.stages() if not _shared(st)]
     return out
@@ -159,7 +166,9 @@ class Study:
   def plan(self, base: platform.Study | None = None) -> list[str]:
     """What a run would compute and why, per part (before any work)."""
     lines = []
-    for part, stages in self._stages(base or self.shared()).items():
+    if base is None and not self.on_facts:
+      base = self.shared()
+    for part, stages in self._stages(base).items():
       body, counts = describe_plan(stages)
       lines.append(f"{part} | plan: " + (", ".join(f"{v} {k}" for k, v in counts.items() if v)
                                          or "nothing"))
@@ -169,7 +178,7 @@ class Study:
   def run_and_report(self, dry_run: bool = False) -> dict[str, Any] | None:
     """The shared stages, every study (run and report), then the suite's report; with
     `dry_run` only the plan."""
-    base = self.shared()
+    base = None if self.on_facts else self.shared()
     if self.hosts.main:
       for line in self.plan(base):
         self.log(line)
@@ -187,8 +196,9 @@ class Study:
         eta = el / done[0] * max(todo - done[0], 0)
         self.log(f"suite: {done[0]}/{todo} stages computed, {el:.0f} s, ETA {eta:.0f} s "
                  f"(after {stage.name})")
-    base.stage_done = stage_done
-    base.drive(base.source.specs())
+    if base is not None:
+      base.stage_done = stage_done
+      base.drive(base.source.specs())
     timings, heads = {"shared": round(time.time() - t0, 1)}, {}
     for k, (name, study) in enumerate(self.studies.items()):
       t = time.time()

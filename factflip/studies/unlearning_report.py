@@ -46,6 +46,7 @@ def headline(t: dict[str, pd.DataFrame]) -> dict[str, Any]:
         "start": _f(g[g.step == 0].conflict_ratio.mean()),
         "mean_along_training": _f(g.conflict_ratio.mean()),
         "same_fact_start": _f(g[g.step == 0].same_fact_conflict_ratio.mean()),
+        "same_fact_along_training": _f(g.same_fact_conflict_ratio.mean()),
         "forget_retain_cos_start": _f(g[g.step == 0].forget_retain_cos.mean())}
   cft = [r for r in last.index if r.startswith("cft_")]
   checks: dict[str, Any] = {
@@ -159,8 +160,9 @@ def summary_lines(head: dict[str, Any]) -> list[str]:
     c = head.get(f"conflict_{corpus}")
     if c:
       lines.append(f"conflict ratio {corpus}: start {short(c['start'])}, along training "
-                   f"{short(c['mean_along_training'])}, same-fact pairs "
-                   f"{short(c['same_fact_start'])}")
+                   f"{short(c['mean_along_training'])}; same-fact pairs: start "
+                   f"{short(c['same_fact_start'])}, along training "
+                   f"{short(c.get('same_fact_along_training'))}")
   lines.append("checks: " + ", ".join(f"{k} {v if not isinstance(v, float) else short(v)}"
                                       for k, v in head["checks"].items()))
   return lines
@@ -179,12 +181,15 @@ def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   """Paper D's findings beside this run's measured values (the suite's report)."""
   runs = [k for k, v in head.items() if isinstance(v, dict) and "forget_rougeL" in v]
   halluc = ", ".join(f"{r} {short(head[r]['hallucination_rate'])}" for r in runs)
+  corpora = [c for c in ("consistent", "inconsistent") if f"conflict_{c}" in head]
   conflict = ", ".join(f"{c} {short(head[f'conflict_{c}']['mean_along_training'])}"
-                       for c in ("consistent", "inconsistent") if f"conflict_{c}" in head)
+                       for c in corpora)
+  same = " vs ".join(short(head[f"conflict_{c}"].get("same_fact_along_training"))
+                     for c in corpora)
   measured = {
       "every_method_lowers_forget": "forget ROUGE-L " + ", ".join(
           f"{r} {short(head[r]['forget_rougeL'])}" for r in runs),
-      "inconsistent_conflicts_more": "conflict ratio " + conflict,
+      "inconsistent_conflicts_more": f"conflict ratio {conflict} (same-fact pairs {same})",
       "cft_hallucinates_more_than_base": "hallucination rate " + halluc,
       "cft_hallucinates_more_than_refusal": "hallucination rate " + halluc}
   return [{"finding": text, "measured": measured[k], "reproduced": head["checks"].get(k)}
