@@ -32,19 +32,16 @@ _ALONE = [False]
 def alone():
   """Inside: this process runs work the others do not (a study's stage computed by process 0
   only), so factflip's code that would wait for the other processes or span their devices acts
-  as a one-process job: `process_index()` 0, `process_count()` 1, `devices()` this process's,
-  checkpoints read by this process alone (Orbax refuses to write this process's arrays in a
-  multi-process job: work that trains runs on every process)."""
+  as a one-process job: `process_index()` 0, `process_count()` 1, `devices()` this process's.
+  Orbax refuses to save one process's arrays in a multi-process job, so work that trains runs
+  on every process, never alone (reading a checkpoint onto this process's devices is fine:
+  `models.store.restore_params`)."""
   before = _ALONE[0]
   _ALONE[0] = jax.process_count() > 1
   try:
     yield
   finally:
     _ALONE[0] = before
-
-
-def is_alone() -> bool:
-  return _ALONE[0]
 
 
 def process_index() -> int:

@@ -123,8 +123,8 @@ def patch_items(poisoned: Transformer, base: Transformer, tokenizer,
   site, window, layer, position (group name), dll_patched, dll_poisoned, dll_base, recovery
   ((patched − poisoned) / (base − poisoned), NaN when equal) and subject_found. `rows` are
   dicts {item, prompt, true, cf, subject} (e.g. `prompt_rows` plus the item's subject).
-  devices: the local devices the sweep's batch is split over (`act_patch`; default all local
-  devices that divide it)."""
+  devices: the devices the sweep's batch is split over (`act_patch`; default all local
+  devices that divide it; a multi-host study passes every process's)."""
   bad = [g for g in groups if g not in GROUPS]
   if bad:
     raise ValueError(f"unknown position groups {bad}; expected some of {GROUPS}")

@@ -276,7 +276,7 @@ def _model_and_token_pair(model, source_model, corrupted_tokens, clean_tokens):
 
 
 def _batch_devices(devices, batch: int) -> list:
-  """The local devices a sweep is split over along the batch: `devices` if given (the batch
+  """The devices a sweep is split over along the batch: `devices` if given (the batch
   must divide), else all local devices when they divide the batch, else the default one."""
   if devices is None:
     local = jax.local_devices()
@@ -310,8 +310,9 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
 
   Cost: chunk = packed tokens per batch row evaluated together (the memory budget: a step
   holds the activations of chunk x batch tokens; None = a whole layer's cells at once; see
-  `sweep_cost`). devices: split the batch over these local devices (default: all local
-  devices when they divide the batch). The compiled sweep is cached per (shapes, cell layout,
+  `sweep_cost`). devices: split the batch over these devices (default: all local devices
+  when they divide the batch; in a multi-host study, devices of every process, each process
+  calling with the same inputs). The compiled sweep is cached per (shapes, cell layout,
   site, layers, window, metric, logit_positions, chunk): pass the same metric function object
   (and per-row data through metric_aux) to reuse it."""
   p = _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,

@@ -25,14 +25,12 @@ import re
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from factflip import distributed
 from factflip.models.store import (COMMIT_FILE, _warn, load_trained,  # noqa: F401  (re-exported)
                                    restore_params, valid_steps)
 from factflip.train.step import TrainState
-
 
 
 def _set_aside(path: str, suffix: str) -> None:
@@ -62,15 +60,9 @@ class Checkpointer:
           _warn(f"{self.directory}/{name}: incomplete checkpoint (no {COMMIT_FILE}; the save "
                 "was cut off); ignored")
           _set_aside(os.path.join(self.directory, name), "incomplete")
-    mp = ocp.options.MultiprocessingOptions()
-    if distributed.is_alone():          # this process only: no barrier with the others
-      mp = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                              active_processes={jax.process_index()})
-      os.makedirs(self.directory, exist_ok=True)     # Orbax creates it only for all processes
     opts = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep or None, keep_period=keep_period or None,
-        enable_async_checkpointing=async_save, create=not distributed.is_alone(),
-        multiprocessing_options=mp)
+        enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
   def save(self, step: int, state: TrainState, data: Any, force: bool = False) -> bool:
@@ -99,7 +91,7 @@ class Checkpointer:
       args = ocp.args.Composite(**items)
       try:
         out = self.manager.restore(s, args=args)
-      except Exception as e:  # noqa: BLE001 (tensorstore raises bare Exception for lost files)
+      except Exception as e:
         if step is not None:
           raise
         _warn(f"{self.directory}/{s}: cannot be restored ({str(e)[:200]}); trying an older step")

@@ -15,7 +15,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-
 from factflip import distributed
 
 
