@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["ModelConfig", "Transformer", "generate", "get_preset", "load_facts", "load_model",
            "load_tokenizer", "presets", "save_hf", "save_model"]
 
-_SUBPACKAGES = ("data", "distributed", "evals", "fileio", "models", "probes", "sharding",
+_SUBPACKAGES = ("compile_cache", "data", "distributed", "evals", "fileio", "models", "probes", "sharding",
                 "studies", "train")
 
 

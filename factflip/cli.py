@@ -46,6 +46,8 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-host job.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host job.")
+flags.DEFINE_string("compilation_cache", None, "Where compiled programs are kept across "
+                    "processes, or off.")
 config_flags.DEFINE_config_file("config", None, "A config file (FILE.py[:variant]); override "
                                 "its keys with --config.KEY=VALUE.", lock_config=True)
 
@@ -55,6 +57,7 @@ METAVARS = {"workdir": "DIR", "model": "DIR", "out": "PATH", "prompt": "TEXT", "
             "vocab_size": "N", "facts": "PATH", "metrics": "M1,M2", "k_shot": "K",
             "batch_size": "N", "format": "NAME", "step": "N",
             "coordinator_address": "HOST:PORT", "num_processes": "N", "process_id": "I",
+            "compilation_cache": "DIR|off",
             "config": "FILE.py[:variant]"}
 
 
@@ -289,6 +292,13 @@ _MULTIHOST = {
     "process_id": "This process's index in a multi-host job.",
 }
 
+_CACHE = {
+    "compilation_cache": "The persistent compilation cache: compiled programs are kept in this "
+                         "directory and loaded by later processes (default "
+                         "$FACTFLIP_COMPILATION_CACHE, else $JAX_COMPILATION_CACHE_DIR, else "
+                         "~/.cache/factflip/xla); off turns it off.",
+}
+
 COMMANDS = {c.name: c for c in (
     Command(
         "run", "factflip run [--config=FILE.py[:variant] --config.KEY=VALUE --workdir=DIR "
@@ -316,7 +326,7 @@ COMMANDS = {c.name: c for c in (
                     "directory again resumes or redoes what changed.",
          "dry_run": "Print which stages would be reused, computed or redone and which config "
                     "keys changed, then stop.",
-         **_MULTIHOST},
+         **_MULTIHOST, **_CACHE},
         _run_cmd),
     Command(
         "presets", "factflip presets", "The model size ladder with parameter counts.",
@@ -339,7 +349,7 @@ COMMANDS = {c.name: c for c in (
          "temperature": "Sampling temperature; 0 is greedy.",
          "top_k": "Sample among the k most likely tokens (0 = off).",
          "top_p": "Sample within the top-p probability mass (1 = off).",
-         "seed": "The sampling PRNG seed."},
+         "seed": "The sampling PRNG seed.", **_CACHE},
         _generate, required=("model", "prompt")),
     Command(
         "convert", "factflip convert --model=DIR --out=DIR [--to=hf|factflip]",
@@ -397,7 +407,7 @@ COMMANDS = {c.name: c for c in (
                    "--config.KEY=VALUE.",
          "workdir": "The run's directory (checkpoints/, metrics.jsonl, config.json); an "
                     "existing run there is resumed.",
-         **_MULTIHOST},
+         **_MULTIHOST, **_CACHE},
         _train, required=("config", "workdir")),
     Command(
         "train-sae", "factflip train-sae --config=configs/sae.py --config.model=DIR "
@@ -416,7 +426,7 @@ COMMANDS = {c.name: c for c in (
         {"config": "The SAE config, FILE.py[:variant]; override any key with "
                    "--config.KEY=VALUE.",
          "workdir": "The run's directory (checkpoints/, metrics.jsonl, sae/); an existing run "
-                    "there is resumed."},
+                    "there is resumed.", **_CACHE},
         _train_sae, required=("config", "workdir")),
     Command(
         "export", "factflip export --workdir=DIR [--step=N] --out=DIR [--to=hf|factflip]",
@@ -453,7 +463,7 @@ COMMANDS = {c.name: c for c in (
          "step": "With a training workdir: only this checkpoint (-1 = the latest).",
          "k_shot": "QA: exemplars per question from the dataset's dev split.",
          "batch_size": "Rows per compiled batch.",
-         "seed": "QA: the seed of the exemplar draw."},
+         "seed": "QA: the seed of the exemplar draw.", **_CACHE},
         _eval, required=("model", "facts", "out")),
     Command(
         "lm-eval", "factflip lm-eval --model factflip --model_args pretrained=DIR[,dtype=...] "
@@ -479,6 +489,8 @@ def _lm_eval(args: list[str]) -> None:
     print(f"error: factflip lm-eval needs lm-evaluation-harness ({e}); pip install "
           "'factflip[lm_eval]'", file=sys.stderr)
     sys.exit(1)
+  from factflip import compile_cache
+  compile_cache.enable()
   lm_eval_main(args)
 
 # every flag defined above: given to a command that does not list it, it is a usage error
@@ -486,7 +498,7 @@ OUR_FLAGS = ("workdir", "model", "out", "to", "prompt", "max_new_tokens", "tempe
              "top_k", "top_p", "seed", "vocab_size", "facts", "format", "lenient", "dry_run",
              "metrics", "k_shot", "batch_size",
              "step", "distributed", "coordinator_address", "num_processes", "process_id",
-             "config")
+             "compilation_cache", "config")
 
 
 def usage() -> str:
@@ -530,6 +542,9 @@ def _main(argv) -> None:
     raise app.UsageError(f"unexpected arguments {argv[2:]}")
   cmd = COMMANDS[argv[1]]
   _own_flags(cmd)
+  if "compilation_cache" in cmd.flags:
+    from factflip import compile_cache
+    compile_cache.enable(FLAGS.compilation_cache)
   cmd.fn()
 
 

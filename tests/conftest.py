@@ -13,7 +13,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # XLA programs that took over a second to compile are kept across test processes and runs
-# (the CLI subprocess tests, a re-run of the suite); JAX_COMPILATION_CACHE_DIR= turns it off.
+# (the CLI subprocess tests, whose compile_cache reads the same variable, a re-run of the
+# suite); JAX_COMPILATION_CACHE_DIR= turns it off.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"))
 

@@ -52,8 +52,8 @@ def test_usage_errors(parse):
 @pytest.mark.parametrize("args,match", [
     (("run", "--temperature=3"), (r"^factflip run does not take --temperature; its flags: "
                                   r"--config, --workdir, --dry_run, --distributed, "
-                                  r"--coordinator_address, --num_processes, --process_id "
-                                  r"\(factflip run --help\)$")),
+                                  r"--coordinator_address, --num_processes, --process_id, "
+                                  r"--compilation_cache \(factflip run --help\)$")),
     (("generate", "--model=m", "--prompt=p", "--workdir=w"),
      r"generate does not take --workdir; its flags: --model, --prompt, --max_new_tokens"),
     (("presets", "--seed=1"), r"presets does not take --seed; its flags: none"),
@@ -182,7 +182,7 @@ def test_command_help_is_its_doc_and_only_its_flags(argv, capsys):
   flag_lines = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
   assert flag_lines == ["--config=FILE.py[:variant]", "--workdir=DIR", "--dry_run",
                         "--distributed=auto|on|off", "--coordinator_address=HOST:PORT",
-                        "--num_processes=N", "--process_id=I"]
+                        "--num_processes=N", "--process_id=I", "--compilation_cache=DIR|off"]
   assert "The study's directory: runs/, results/" in out     # --workdir's meaning for run
 
 
