@@ -425,7 +425,6 @@ class Study:
       out = stack.enter_context(st.build()) if h.main else None
       out = h.share(where + " (its directory)", out or "") or None
       if out is not None and (h.main or spec.hosts != MAIN):
-        private = None
         if not h.main and spec.hosts == MIRROR:    # the same files, into a discarded copy
           private = tempfile.mkdtemp(prefix=f"factflip-p{h.index}-")
           stack.callback(shutil.rmtree, private, True)
