@@ -124,3 +124,19 @@ def test_greedy_correct_is_the_argmax_of_every_answer_token(model_and_items):
   target[3, 0] = (target[3, 0] + 1) % model.cfg.vocab_size    # row 3: masked, so it still counts
   _, hit = answer_logprob(logits[np.arange(B)[:, None], where], target, amask)
   np.testing.assert_array_equal(np.asarray(hit), [True, False, False, True])
+
+
+def test_a_kept_layout_scores_each_model_with_its_own_parameters(model_and_items):
+  """The probe stage's next checkpoint reuses the tokenised layout: values are that model's."""
+  model, tok, items = model_and_items
+  other = Transformer(model.cfg, rngs=nnx.Rngs(11))
+  P._layout.cache_clear()
+  first = P.preference(model, tok, items[:3], kinds=("prompt", "question"), batch_size=8)
+  second = P.preference(other, tok, items[:3], kinds=("prompt", "question"), batch_size=8)
+  assert P._layout.cache_info().hits == 1
+  for i in range(len(second["item"])):
+    for table, m in ((first, model), (second, other)):
+      want = (direct_logprob(m, tok, table["prompt"][i], table["true"][i])
+              - direct_logprob(m, tok, table["prompt"][i], table["cf"][i]))
+      assert table["dll"][i] == pytest.approx(want, abs=1e-4)
+  assert np.abs(first["dll"] - second["dll"]).max() > 1e-2

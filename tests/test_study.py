@@ -39,7 +39,8 @@ def test_files_tables_and_ranges(study):
   assert set(head["final_flip_rate"]) == {"0", "1"}
   with open(os.path.join(wd, "report", "index.html")) as f:
     page = f.read()
-  assert page.count("<img ") == 7 and "share of the flipped items whose patched" in page
+  assert page.count("<img ") == 9 and "share of the flipped items whose patched" in page
+  assert "how many steps before a target prompt" in page
   base = _json(os.path.join(wd, "runs", "tiny-0.5m", "seed0", "pretrain", "base.json"))
   assert {"prompt", "paraphrase", "question", "language", "language:fr", "language:de"} <= set(
       base["accuracy"])
@@ -51,6 +52,44 @@ def test_files_tables_and_ranges(study):
       "patch_000002.csv", "patch_000004.csv"]
   patch = pd.read_csv(os.path.join(probes, "patch_000004.csv"))
   assert set(patch.position) == {"subject", "last"} and set(patch.site) == {"resid_pre"}
+
+
+def test_monitor_alerts_match_the_probes_of_the_same_checkpoints(study):
+  """The CPT monitor (every 2 steps, like the smoke checkpoints) scores the live parameters:
+  each alert's value and reference equal the probe tables' ΔLL (output, or the lens layer)
+  of that prompt at that checkpoint and at step 0; alerts.csv and monitor.csv count them."""
+  import json
+
+  import numpy as np
+  wd, head, _ = study
+  alerts_csv = pd.read_csv(os.path.join(wd, "results", "alerts.csv"), keep_default_na=False)
+  monitor = pd.read_csv(os.path.join(wd, "results", "monitor.csv"))
+  n_checked = 0
+  for p in ("0.00", "1.00"):
+    run = os.path.join(wd, "runs", "tiny-0.5m", "seed0")
+    with open(os.path.join(run, f"cpt_p{p}", "alerts.jsonl")) as f:
+      alerts = [json.loads(x) for x in f]
+    probe = {s: pd.read_csv(os.path.join(run, "probes", f"p{p}", f"step_{s:06d}.csv"),
+                            keep_default_na=False).astype({"variant": str})
+             for s in (0, 2, 4)}
+    for a in alerts:
+      col = "dll_l3" if a["rule"] == "lens_sign:-2" else "dll"    # boundaries 0..4: -2 = 3
+      for step, key in ((a["step"], "value"), (0, "reference")):
+        t = probe[step]
+        row = t[(t.item == a["item"]) & (t.kind == a["kind"]) & (t.variant == a["variant"])
+                & (t.set == ("target" if a["set"] == "watch" else "control"))]
+        assert len(row) == 1 and abs(row[col].iloc[0] - a[key]) < 1e-4, (a, key)
+        n_checked += 1
+    for (rule, set_), g in pd.DataFrame(alerts).groupby(["rule", "set"]):
+      m = monitor[(monitor.p == float(p)) & (monitor.rule == rule) & (monitor.set == set_)]
+      assert int(m.alerted.iloc[0]) == len(g)
+      rows = alerts_csv[(alerts_csv.p == float(p)) & (alerts_csv.rule == rule)
+                        & (alerts_csv.set == set_) & (alerts_csv.alert_step >= 0)]
+      assert sorted(rows.alert_step) == sorted(g.step)
+  assert n_checked > 0
+  both = alerts_csv[(alerts_csv.alert_step >= 0) & (alerts_csv.flip_step >= 0)]
+  assert np.allclose(both.lead_time, both.flip_step - both.alert_step)
+  assert set(head["monitor"]) == {"dll_drop:0.05", "lens_sign:-2", "flip:0.5"}
 
 
 def test_resumes_after_a_stage_is_deleted(study, tmp_path):
@@ -129,6 +168,8 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
     ("probe.batchsize", 8, r"config\.probe\.batchsize: unknown key; expected one of .*batch_size"),
     ("taus", 0.5, r"config\.taus: unknown key; expected one of .*tau"),
     ("probe.devices", 0, r"config\.probe\.devices: 0; expected -1 \(all\) or 1\.\.8"),
+    ("cpt.monitor.rules", ["dll_drop:1.0"], r"config\.cpt\.monitor\.rules: .*a flip:0\.5 rule"),
+    ("cpt.monitor.rules", ["flip:0.5", "lens:2"], r"rule 'lens:2'; expected NAME:ARG"),
 ])
 def test_bad_study_configs_fail_before_anything_runs(tmp_path, key, value, match):
   c = load_config_file(CONFIG)

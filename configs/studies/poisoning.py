@@ -64,6 +64,8 @@ def _cpt():
   c.checkpoint.keep = 0            # keep them all
   c.log_every = 10
   c.eval_every = 20
+  c.monitor.every = 2              # the factual-integrity monitor on targets and controls
+  c.monitor.rules = ["dll_drop:1.0", "dll_drop:2.0", "lens_sign:-2", "flip:0.5"]
   return c
 
 
@@ -92,6 +94,7 @@ def get_config(arg=None):
     for t in (c.pretrain, c.cpt):
       t.data.seq_len, t.data.batch_size, t.data.eval_batches = 64, 8, 1
     c.probe.n_control = 4
+    c.cpt.monitor.rules = ["dll_drop:0.05", "lens_sign:-2", "flip:0.5"]   # alerts in 4 steps
     c.probe.patch_sites = ["resid_pre"]
     c.probe.patch_windows = [1]
     c.facts_limit = 60

@@ -157,21 +157,25 @@ def _rows(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], cap: int):
   return rows
 
 
-def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                batch_size: int = 64, lens=False, stats: bool = False,
-                names: Sequence[str] | None = None) -> Scores:
-  """Σ log p(continuation | context) and greedy agreement for token-id pairs (context ≥ 1 token,
-  continuation ≥ 1 token, len(context) + len(continuation) ≤ max_seq_len + 1: the last
-  continuation token is never an input). `lens`: True for the logit lens, or a
-  `probes.TunedLens`; `stats`: per-token log p, mean and variance (Min-K%++). `names` name
-  the pairs in errors (default "pair i"). Rows are sorted by length into power-of-two buckets
-  of `batch_size` rows, so each (batch, length, slots) bucket compiles once."""
-  cfg = model.cfg
-  tuned = None if isinstance(lens, bool) or lens is None else lens
-  if tuned is not None:
-    from factflip.probes.tuned_lens import check_fits
-    check_fits(tuned, cfg, "score")
-  lens = lens is not False and lens is not None
+class PairLayout(NamedTuple):
+  """How `score_pairs` lays out pairs: `keys` [N] (each pair's unique index), `unique` (the
+  unique (context, continuation) pairs) and `batches`: per compiled call, its arrays, its
+  static arguments and where each unique pair's sums sit (row b, request slot k, first answer
+  slot a0). Built once, it can be scored again on other parameters of the same model shape
+  (`score_layout`: the training monitor scores its watch list this way)."""
+  keys: np.ndarray
+  unique: list[tuple[tuple[int, ...], tuple[int, ...]]]
+  batches: list[tuple[tuple[np.ndarray, ...], bool, int, list[tuple[int, int, int, int]]]]
+
+
+def layout_pairs(cfg: ModelConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 batch_size: int = 64, names: Sequence[str] | None = None,
+                 exact: bool = False) -> PairLayout:
+  """Check the pairs (errors name them: `names`, default "pair i") and lay them out: identical
+  pairs once, pairs sharing a context packed into one row, rows sorted by length into
+  power-of-two buckets of `batch_size` rows (so different pair sets share compiled programs).
+  exact=True: each call's shapes are its own rows' (no padding to buckets), for a layout that
+  is scored many times (its programs compile once anyway)."""
   keys, uniq = [], {}
   for i, (ctx, cont) in enumerate(pairs):
     where = names[i] if names is not None else f"pair {i}"
@@ -187,18 +191,16 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
   upairs = list(uniq)
   rows = _rows(upairs, cfg.max_seq_len)
   rows.sort(key=lambda r: r[2])
-  n_out = cfg.n_layers + 1 if lens else 1
-  logprob = np.zeros((n_out, len(upairs)))
-  greedy = np.zeros(len(upairs), bool)
-  tok = {k: [None] * len(upairs) for k in ("logp", "mu", "var")} if stats else None
-  params = model.params()
   B = batch_size if len(rows) > batch_size else _bucket(len(rows), minimum=1)
+  bucket = (lambda n, minimum=16: max(n, 1)) if exact else _bucket
+  batches = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     slots = [n - len(c) + len(r) for c, r, n in chunk]      # Σ len(cont) per row
-    T_, A = _bucket(max(n for _, _, n in chunk)), _bucket(max(slots), minimum=4)
-    R = _bucket(max(len(r) for _, r, _ in chunk), minimum=1)
-    packed = R > 1                              # some row shares its context
+    T_, A = bucket(max(n for _, _, n in chunk)), bucket(max(slots), minimum=4)
+    R = bucket(max(len(r) for _, r, _ in chunk), minimum=1)
+    if exact:
+      B = len(chunk)
     tokens = np.zeros((B, T_), np.int32)
     mask = np.zeros((B, T_), bool)
     pos = np.zeros((B, T_), np.int32)
@@ -206,6 +208,7 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
     where = np.zeros((B, A), np.int32)
     target = np.zeros((B, A), np.int32)
     req = np.full((B, A), -1, np.int32)
+    place = []
     for b, (ctx, r, _) in enumerate(chunk):
       n = len(ctx)
       tokens[b, :n], mask[b, :n], pos[b, :n] = ctx, True, np.arange(n)
@@ -218,25 +221,58 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
         where[b, a] = n - 1                     # the first token is predicted by the context
         where[b, a + 1:a + 1 + m] = np.arange(t, t + m)
         target[b, a:a + m + 1], req[b, a:a + m + 1] = cont, k
+        place.append((b, k, i, a))
         t, a = t + m, a + m + 1
-    res = to_host(_score_rows(params, cfg, tokens, mask, pos, branch, where, target, req,
-                                     tuned, lens=lens, packed=packed, stats=stats, n_req=R))
+    # packed: some row shares its context
+    batches.append(((tokens, mask, pos, branch, where, target, req), R > 1, R, place))
+  return PairLayout(np.asarray(keys, np.int64), upairs, batches)
+
+
+def score_layout(params, cfg: ModelConfig, layout: PairLayout, lens=False,
+                 stats: bool = False) -> Scores:
+  """`score_pairs` on laid-out pairs with these parameters (lens: False, True or a TunedLens)."""
+  tuned = None if isinstance(lens, bool) or lens is None else lens
+  lens = lens is not False and lens is not None
+  upairs = layout.unique
+  n_out = cfg.n_layers + 1 if lens else 1
+  logprob = np.zeros((n_out, len(upairs)))
+  greedy = np.zeros(len(upairs), bool)
+  tok = {k: [None] * len(upairs) for k in ("logp", "mu", "var")} if stats else None
+  # every batch dispatched before the first is read: the host lays out results meanwhile
+  pending = [_score_rows(params, cfg, *arrays, tuned, lens=lens, packed=packed, stats=stats,
+                         n_req=R) for arrays, packed, R, _ in layout.batches]
+  for (arrays, _, R, place), res in zip(layout.batches, pending):
+    res = to_host(res)
+    B = arrays[0].shape[0]
     sums = np.asarray(res["sums"], np.float64).reshape(n_out, B, R)
-    for b, (_, r, _) in enumerate(chunk):
-      a0 = 0
-      for k, i in enumerate(r):
-        logprob[:, i] = sums[:, b, k]
-        greedy[i] = res["greedy"][b, k]
-        if stats:
-          m = len(upairs[i][1])
-          for name in tok:
-            tok[name][i] = np.asarray(res[name][b, a0:a0 + m], np.float64)
-          a0 += m
-  keys = np.asarray(keys, np.int64)
+    for b, k, i, a0 in place:
+      logprob[:, i] = sums[:, b, k]
+      greedy[i] = res["greedy"][b, k]
+      if stats:
+        m = len(upairs[i][1])
+        for name in tok:
+          tok[name][i] = np.asarray(res[name][b, a0:a0 + m], np.float64)
+  keys = layout.keys
   out = Scores(logprob[-1][keys], greedy[keys], logprob[:, keys] if lens else None)
   if stats:
     out = out._replace(**{f"token_{k}": [v[j] for j in keys] for k, v in tok.items()})
   return out
+
+
+def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                batch_size: int = 64, lens=False, stats: bool = False,
+                names: Sequence[str] | None = None) -> Scores:
+  """Σ log p(continuation | context) and greedy agreement for token-id pairs (context ≥ 1 token,
+  continuation ≥ 1 token, len(context) + len(continuation) ≤ max_seq_len + 1: the last
+  continuation token is never an input). `lens`: True for the logit lens, or a
+  `probes.TunedLens`; `stats`: per-token log p, mean and variance (Min-K%++). `names` name
+  the pairs in errors (default "pair i"). Rows are sorted by length into power-of-two buckets
+  of `batch_size` rows, so each (batch, length, slots) bucket compiles once."""
+  if not (isinstance(lens, bool) or lens is None):
+    from factflip.probes.tuned_lens import check_fits
+    check_fits(lens, model.cfg, "score")
+  return score_layout(model.params(), model.cfg,
+                      layout_pairs(model.cfg, pairs, batch_size, names), lens, stats)
 
 
 # ---- text requests ---------------------------------------------------------------------------

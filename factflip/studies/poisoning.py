@@ -37,6 +37,16 @@ whose first hop is a target (their counterfactual is the answer through the coun
 first hop), so accuracy there is two-hop reasoning accuracy. first_flips: per target item and
 kind the first checkpoint at which it is counterfactual (−1: never); abruptness: the largest
 single-interval rise of the flip-rate curve over its total rise (NaN: it never rose).
+
+The factual-integrity monitor (`cpt.monitor.every` > 0: `factflip.train.monitor`) watches the
+targets (set "watch") and the controls (set "control") during CPT, on the live parameters every
+`cpt.monitor.every` steps (cpt_p<p>/alerts.jsonl; the watch files in cpt_p<p>/watch/). Its
+rules must include flip:τ (the output flip, at the monitor's resolution). alerts.csv: per
+watched prompt and rule, the first alert step, the step of its flip:τ alert (−1: none) and
+lead time = flip step − alert step (NaN unless both; > 0: the rule warned before the output
+flipped). monitor.csv per rule and set: prompts watched, alerted, flipped, detected (alerted
+at or before the flip), the median lead time of the detected, false alarms (alerted, never
+flipped; a control that flipped is collateral damage, and an alert on it a true one).
 """
 
 from __future__ import annotations
@@ -65,6 +75,10 @@ COLUMNS = {
                         "flipped_items"],
     "first_flips": ["size", "seed", "p", "item", "kind", "first_flip_step"],
     "abruptness": ["size", "seed", "p", "kind", "abruptness", "final_flip_rate"],
+    "alerts": ["size", "seed", "p", "set", "item", "kind", "variant", "rule", "alert_step",
+               "flip_step", "lead_time"],
+    "monitor": ["size", "seed", "p", "rule", "set", "prompts", "alerted", "flipped",
+                "detected", "median_lead", "false_alarms"],
 }
 
 
@@ -130,6 +144,11 @@ def validate(c, source: str = "study") -> None:
   need(c.probe.n_control >= 0 and c.probe.batch_size >= 1, "probe",
        "n_control must be >= 0 and batch_size >= 1")
   need(c.cpt.data.kind == "poison", "cpt.data.kind", f"{c.cpt.data.kind!r}; expected 'poison'")
+  if c.cpt.monitor.every:
+    from factflip.train.monitor import parse_rule
+    need(any(r.name == "flip" and r.arg == c.tau for r in map(parse_rule, c.cpt.monitor.rules)),
+         "cpt.monitor.rules", f"{list(c.cpt.monitor.rules)}; expected a flip:{c.tau:g} rule "
+         "(the output flip at the study's tau, which lead times count to)")
   for p in c.ratios:
     try:
       PoisonConfig(ratio=p, mentions_per_fact=c.cpt.data.mentions_per_fact,
@@ -141,6 +160,8 @@ def validate(c, source: str = "study") -> None:
     if c.facts:                  # what `cpt` sets per model (the files are written per run)
       sub.model.init_from, sub.data.facts_path = c.sizes[0], c.facts
       sub.data.replay_path = sub.data.eval_path = "runs/<size>/seed<k>/base/*.jsonl"
+    if stage == "cpt" and sub.monitor.every:   # written per run by build_cpt
+      sub.monitor.watch = "runs/<size>/seed<k>/cpt_p<p>/watch/targets.jsonl"
     else:
       sub.model.preset = c.sizes[0]
     train_config.validate(sub, source=f"{source}: {stage}", n_devices=jax.device_count(),
@@ -279,6 +300,12 @@ class Study(platform.Study):
     c.model.init_from = self.base_path(size, seed)
     for k, v in self.source.train_data(size, seed).items():
       c.data[k] = v
+    if c.monitor.every:                          # the monitor watches targets and controls
+      from factflip.data.facts import write_facts_jsonl
+      c.monitor.watch, c.monitor.controls = (os.path.join(out, "watch", f"{name}.jsonl")
+                                             for name in ("targets", "controls"))
+      write_facts_jsonl(c.monitor.watch, self.targets(size, seed))
+      write_facts_jsonl(c.monitor.controls, self.controls(size, seed))
     res = platform.train_stage(c, out, "study.cpt")
     return {"step": res.step, "seconds": round(res.seconds, 1)}
 
@@ -400,11 +427,49 @@ class Study(platform.Study):
         tables["abruptness"].append({"size": size, "seed": seed, "p": p, "kind": kind,
                                      "abruptness": abruptness(curve),
                                      "final_flip_rate": float(curve[-1])})
+      if self.c.cpt.monitor.every:
+        self._monitor_rows(tables, size, seed, p)
     out_dir = out or os.path.join(self.wd, "results")
     out = {k: pd.DataFrame(v, columns=COLUMNS[k]) for k, v in tables.items()}
     for name, df in out.items():
       write_csv(df, os.path.join(out_dir, f"{name}.csv"))
     return out
+
+  def _monitor_rows(self, tables, size: str, seed: int, p: float) -> None:
+    """alerts.csv and monitor.csv rows of one CPT run (definitions: the module docstring)."""
+    from factflip.data.loaders import load_facts
+    from factflip.probes.fact_preference import prompt_rows
+    from factflip.train.monitor import parse_rule, read_alerts
+    d = self.cpt_dir(size, seed, p)
+    m = self.c.cpt.monitor
+    rules = [parse_rule(r) for r in m.rules]
+    flip_rule = next(r.text for r in rules if r.name == "flip" and r.arg == self.c.tau)
+    key = ["set", "item", "kind", "variant"]
+    prompts = pd.DataFrame(
+        [dict(r, set=set_) for set_, name in (("watch", "targets"), ("control", "controls"))
+         for r in prompt_rows(load_facts(os.path.join(d, "watch", f"{name}.jsonl")),
+                              tuple(m.kinds))], columns=key + ["prompt"])[key]
+    alerts = pd.DataFrame(read_alerts(os.path.join(d, "alerts.jsonl")),
+                          columns=key + ["step", "rule"])
+    alerts["variant"] = alerts.variant.astype(str)
+    first = {tuple(k): int(v) for k, v in alerts.groupby(key + ["rule"]).step.min().items()}
+    for rule in rules:
+      for k in prompts.itertuples(index=False, name=None):
+        a, f = first.get(k + (rule.text,), -1), first.get(k + (flip_rule,), -1)
+        tables["alerts"].append(dict(zip(key, k), size=size, seed=seed, p=p, rule=rule.text,
+                                     alert_step=a, flip_step=f,
+                                     lead_time=float(f - a) if a >= 0 and f >= 0 else np.nan))
+    rows = pd.DataFrame([r for r in tables["alerts"] if (r["size"], r["seed"], r["p"]) == (
+        size, seed, p)])
+    for (rule, set_), g in rows.groupby(["rule", "set"], sort=False):
+      alerted, flipped = g.alert_step >= 0, g.flip_step >= 0
+      detected = alerted & flipped & (g.alert_step <= g.flip_step)
+      tables["monitor"].append({
+          "size": size, "seed": seed, "p": p, "rule": rule, "set": set_, "prompts": len(g),
+          "alerted": int(alerted.sum()), "flipped": int(flipped.sum()),
+          "detected": int(detected.sum()),
+          "median_lead": float(g.lead_time[detected].median()) if detected.any() else np.nan,
+          "false_alarms": int((alerted & ~flipped).sum())})
 
   def heldout(self) -> pd.DataFrame:
     """Held-out paraphrase answer NLL of every CPT run at its evaluations (metrics.jsonl)."""
@@ -438,6 +503,12 @@ class Study(platform.Study):
               "flip rate by prompt kind at the largest p: "
               + ", ".join(f"{k}: {_rate(v)}" for k, v in
                           head["final_flip_rate_by_kind_at_max_p"].items())]
+    for rule, m in head.get("monitor", {}).items():
+      lead = "n/a" if m["median_lead"] is None else f"{m['median_lead']:g} steps"
+      lines.append(f"monitor {rule}: {m['detected']}/{m['flipped']} flipped target prompts "
+                   f"alerted by their flip at the largest p (median lead {lead}); false alarms: "
+                   f"controls {_rate(m['control_false_alarm_rate'])}, targets at p = 0 "
+                   f"{_rate(m['p0_target_alarm_rate'])}")
     if "best_reversal" in head:
       b = head["best_reversal"]
       lines.append(f"best patching reversal: {_rate(b['reversal_rate'])} ({b['site']} window "

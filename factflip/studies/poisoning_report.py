@@ -172,6 +172,85 @@ def plot_collateral(collateral: pd.DataFrame, heldout: pd.DataFrame, path: str) 
   return save(fig, path)
 
 
+def _rules(alerts: pd.DataFrame) -> tuple[list[str], str | None]:
+  """The monitor's warning rules (in config order) and its flip rule."""
+  rules = list(dict.fromkeys(alerts.rule))
+  flip = next((r for r in rules if r.startswith("flip:")), None)
+  return [r for r in rules if r != flip], flip
+
+
+def plot_lead_times(alerts: pd.DataFrame, path: str) -> str:
+  """Per warning rule, a histogram of lead times (flip step − first alert step) over the
+  watched prompts that flipped, every p > 0, size and seed pooled; missed flips counted."""
+  warn, _ = _rules(alerts)
+  fig = MplFigure(figsize=(3.6 * max(len(warn), 1), 3.2), layout="constrained")
+  axes = fig.subplots(1, max(len(warn), 1), squeeze=False)[0]
+  flipped = alerts[(alerts.set == "watch") & (alerts.flip_step >= 0) & (alerts.p > 0)]
+  for ax, rule in zip(axes, warn):
+    g = flipped[flipped.rule == rule]
+    lead = g.lead_time.dropna()
+    missed = int(g.lead_time.isna().sum())
+    if len(lead):
+      lo, hi = min(lead.min(), 0), max(lead.max(), 0)
+      step = max(np.diff(np.unique(g.alert_step[g.alert_step >= 0])).min(initial=2), 1) \
+          if (g.alert_step >= 0).sum() > 1 else 2
+      ax.hist(lead, bins=np.arange(lo - step / 2, hi + step, step), color="C0")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_title(f"{rule}: {len(lead)} alerted, {missed} missed", fontsize=9)
+    ax.set_xlabel("lead time (steps before the output flip)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("flipped target prompts")
+  return save(fig, path)
+
+
+def plot_alert_timeline(alerts: pd.DataFrame, path: str) -> str:
+  """Cumulative share of prompts alerted against the CPT step, a line per rule (solid: targets,
+  dashed: controls), a panel per p; sizes and seeds pooled."""
+  ps = sorted(set(alerts.p))
+  rules = list(dict.fromkeys(alerts.rule))
+  fig = MplFigure(figsize=(3.4 * len(ps) + 0.6, 3.2), layout="constrained")
+  axes = fig.subplots(1, len(ps), squeeze=False, sharey=True)[0]
+  last = int(max(alerts.alert_step.max(), alerts.flip_step.max(), 1))
+  steps = np.arange(0, last + 1)
+  for ax, p in zip(axes, ps):
+    for i, rule in enumerate(rules):
+      for set_, style in (("watch", "-"), ("control", "--")):
+        a = alerts[(alerts.p == p) & (alerts.rule == rule) & (alerts.set == set_)].alert_step
+        if not len(a):
+          continue
+        a = a.to_numpy()
+        share = [((a >= 0) & (a <= s)).mean() for s in steps]
+        ax.step(steps, share, where="post", ls=style, color=f"C{i}",
+                label=f"{rule} ({'targets' if set_ == 'watch' else 'controls'})")
+    ax.set_title(f"p = {p:g}")
+    ax.set_xlabel("continual-pretraining step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("share of prompts alerted")
+  legend(axes[-1], fontsize=7)
+  return save(fig, path)
+
+
+def monitor_headline(monitor: pd.DataFrame) -> dict[str, Any]:
+  """Per rule, summed over sizes and seeds: at the largest p, detected / flipped target
+  prompts and the median of the runs' median lead times; false-alarm rates (alerted, never
+  flipped) on controls (every p) and on targets at p = 0 (nothing there should move)."""
+  out = {}
+  top = monitor[monitor.p == monitor.p.max()]
+  for rule, g in monitor.groupby("rule", sort=False):
+    t = top[(top.rule == rule) & (top.set == "watch")]
+    ctl = g[g.set == "control"]
+    zero = g[(g.set == "watch") & (g.p == 0)]
+    out[rule] = {"detected": int(t.detected.sum()), "flipped": int(t.flipped.sum()),
+                 "median_lead": (float(t.median_lead.median()) if t.median_lead.notna().any()
+                                 else None),
+                 "control_false_alarm_rate": (float(ctl.false_alarms.sum() / ctl.prompts.sum())
+                                              if ctl.prompts.sum() else None),
+                 "p0_target_alarm_rate": (float(zero.false_alarms.sum() / zero.prompts.sum())
+                                          if zero.prompts.sum() else None)}
+  return out
+
+
 def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str, Any]:
   """The numbers the terminal summary and the page lead with."""
   flips, patching, coll = tables["flips"], tables["patching"], tables["collateral"]
@@ -195,6 +274,8 @@ def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str,
     out["final_flip_rate_by_size"] = {
         size: {f"{p:g}": float(v) for p, v in g.groupby("p").flip_rate.mean().items()}
         for size, g in fin[fin.kind == "prompt"].groupby("size", sort=False)}
+  if len(tables.get("monitor", ())):
+    out["monitor"] = monitor_headline(tables["monitor"])
   if len(patching):
     pf = _final(patching)
     pf = pf[pf.p == pf.p.max()]
@@ -222,6 +303,14 @@ CAPTIONS = {
     "generalisation": "Final flip rate by prompt kind: the poisoned (training) prompt, held-out "
                       "paraphrases, questions, other languages, neighbours (other subjects: "
                       "should not move) and two-hop compositions through the target.",
+    "lead_times": "The factual-integrity monitor during CPT (targets watched on the live "
+                  "parameters every `cpt.monitor.every` steps): per warning rule, how many "
+                  "steps before a target prompt's output flip (its flip:τ alert) the rule "
+                  "first fired; 0 = at the same observation, < 0 = after it; missed = flipped "
+                  "without an alert. Every p > 0, size and seed pooled.",
+    "alert_timeline": "Share of watched prompts a rule has fired on by each CPT step, solid "
+                      "for the targets, dashed for the controls (an alert on a prompt that "
+                      "never flips is a false alarm), a panel per poisoning ratio p.",
     "collateral": "Non-target (control) facts' accuracy and the held-out answer NLL during "
                   "continual pretraining: a broad collapse would show here.",
 }
@@ -248,6 +337,12 @@ def figures(tables: dict[str, pd.DataFrame], heldout: pd.DataFrame, out_dir: str
                 CAPTIONS[name]) for title, name, fn, names in plots]
   out.append(Figure("Collateral", plot_collateral(tables["collateral"], heldout, os.path.join(
       out_dir, "collateral.png")), CAPTIONS["collateral"]))
+  alerts = tables.get("alerts")
+  if alerts is not None and len(alerts):
+    out += [Figure("Monitor: lead time before the output flip", plot_lead_times(
+                alerts, os.path.join(out_dir, "lead_times.png")), CAPTIONS["lead_times"]),
+            Figure("Monitor: alert timeline", plot_alert_timeline(
+                alerts, os.path.join(out_dir, "alert_timeline.png")), CAPTIONS["alert_timeline"])]
   return out
 
 

@@ -21,6 +21,7 @@ import ml_collections
 from factflip.configfile import ConfigError
 from factflip.data.pipeline import BatchConfig
 from factflip.models.config import REMAT_POLICIES
+from factflip.train import monitor
 from factflip.train.optim import OptimConfig, make_optimizer
 
 DATA_KINDS = ("world", "poison", "examples", "unlearn")
@@ -90,6 +91,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every = 10            # steps between metrics.jsonl rows / progress lines
   c.eval_every = 100          # steps between held-out evaluations (0 = off)
+
+  # the factual-integrity monitor (factflip/train/monitor.py: rules, alerts.jsonl)
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.every = 0         # steps between observations of the watch list (0 = off)
+  c.monitor.watch = ""        # facts file to watch (any `factflip facts` format)
+  c.monitor.controls = ""     # facts the training should leave alone (their alerts are false
+  #                             alarms)
+  c.monitor.kinds = ["prompt", "paraphrase", "question"]   # prompts scored per fact
+  c.monitor.rules = ["dll_drop:2.0", "lens_sign:-2", "flip:0.5"]   # NAME:ARG[@KIND][!]
+  c.monitor.batch_size = 256  # rows per compiled scoring call
   return c
 
 
@@ -158,6 +169,7 @@ def validate(config: ml_collections.ConfigDict, *, source: str = "config", n_dev
   for k in ("param_dtype", "dtype"):
     need(c.model[k] in ("float32", "bfloat16"), f"model.{k}",
          f"{c.model[k]!r}; expected float32 or bfloat16")
+  monitor.validate(c, source, need)
   need(c.model.remat in REMAT_POLICIES, "model.remat",
        f"{c.model.remat!r}; expected one of {REMAT_POLICIES}")
   try:

@@ -4,14 +4,16 @@ on one CPU, a GPU node or a TPU pod.
 Owns: `train(config, workdir)` — resolve and write the config, build the mesh, the model (random
 init or a base model: a factflip/HF directory or another training workdir), the optimizer, the
 sharded train state and the input shards; restore the newest valid checkpoint; run the jitted
-step; log; evaluate; checkpoint; save and stop cleanly on SIGTERM.
+step; log; evaluate; run the factual-integrity monitor every `monitor.every` steps (and stop
+where a stop rule fires); checkpoint; save and stop cleanly on SIGTERM.
 Must not: define objectives, optimizers, data mixtures or file formats (it composes them).
 
 The host never waits on the device between steps: step t's metrics are read after step t+1 is
 dispatched, and held-out losses are read when their step's row is written.
 
 Workdir: config.json (the resolved config), model.json (the ModelConfig), data_stats.json,
-metrics.jsonl, tensorboard/, checkpoints/<step>/ (see `checkpoint.py`). Step 0 (the starting
+metrics.jsonl, tensorboard/, checkpoints/<step>/ (see `checkpoint.py`); with the monitor on
+(`monitor.every`), alerts.jsonl and monitor/reference.npz (see `monitor.py`). Step 0 (the starting
 model) is checkpointed too, so studies can probe the base.
 """
 
@@ -38,9 +40,15 @@ from factflip.train import config as config_lib
 from factflip.train import inputs, objectives
 from factflip.train.checkpoint import Checkpointer, load_trained, valid_steps
 from factflip.train.metrics import MetricsWriter, Progress, format_duration
+from factflip.train.monitor import Monitor
 from factflip.train.optim import make_optimizer, make_schedule
-from factflip.train.step import (abstract_state, batch_sharding, init_state, make_train_step,
-                                 state_shardings)
+from factflip.train.step import (
+  abstract_state,
+  batch_sharding,
+  init_state,
+  make_train_step,
+  state_shardings,
+)
 
 # A callback the studies use to probe during training: (step, params) -> scalars to log or None.
 Callback = Callable[[int, Any], dict[str, float] | None]
@@ -56,6 +64,7 @@ class TrainResult:
   preempted: bool
   seconds: float
   model_config: ModelConfig
+  stopped_by: str | None = None   # the monitor's stop rule that ended the run early
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -91,6 +100,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
             "replay_path"):
     if c.data[k]:
       c.data[k] = os.path.abspath(c.data[k])
+  for k in ("watch", "controls"):
+    if c.monitor[k]:
+      c.monitor[k] = os.path.abspath(c.monitor[k])
   c.data.shards = c.data.shards or jax.process_count()
   c.optim.total_steps = config_lib.total_steps(c)
   return c
@@ -227,6 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
                                    c.data.shards, c.data.eval_batches)
                if c.eval_every and c.data.eval_batches else [])
 
+  monitor = Monitor(c, tok, mcfg, workdir) if c.monitor.every else None
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.every,
                       keep=c.checkpoint.keep, keep_period=c.checkpoint.keep_period,
                       async_save=c.checkpoint.async_save)
@@ -250,6 +263,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
 
   eval_fn = jax.jit(lambda p, b: objectives.lm(p, mcfg, b)[:2])
   writer = MetricsWriter(workdir, resume_step=start)
+  if monitor is not None:
+    monitor.start(start)
+  stopped_by = monitor.stop if monitor is not None else None
+  if monitor is not None and monitor.ref_LxN is None:     # the reference: the starting model
+    writer.write(start, monitor.observe(start, state.params))
   progress = Progress(start, c.steps)
   preempt = _Preemption()
   last = c.steps if stop_after is None else min(c.steps, start + stop_after)
@@ -258,6 +276,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
   pending: list[tuple[int, dict, dict, int]] = []   # (step, device metrics, eval values, tokens)
   t_last, tok_since = time.perf_counter(), 0
   preempted = False
+  if stopped_by:
+    say(f"stopped by the monitor: {stopped_by} (alerts.jsonl); remove the '!' of that rule "
+        "to train on")
+    last = start
   say(f"training {mcfg.num_params():,} parameters on {jax.device_count()} devices "
       f"(mesh {dict(mesh.shape)}), steps {start} -> {c.steps}, workdir {workdir}")
 
@@ -281,7 +303,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
     row = {"loss": m["loss"], "lr": float(schedule(step - 1)), "tokens_per_s": tps,
            "grad_norm": m["grad_norm"], "trained_tokens": m["count"], **terms, **(ev or {})}
     writer.write(step, row)
-    extra = " | ".join(f"{k} {v:.4f}" for k, v in (ev or {}).items() if isinstance(v, float))
+    extra = " | ".join(f"{k} {v:.4g}" if k.startswith("monitor/") else f"{k} {v:.4f}"
+                       for k, v in (ev or {}).items() if isinstance(v, float))
     say(progress.line(step, float(m["loss"]), tps, extra))
 
   try:
@@ -300,7 +323,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
           ev[eval_name] = (prev[0] + s, prev[1] + n)
         for cb in callbacks:
           ev.update(cb(done, state.params) or {})
+      if monitor is not None and (done % monitor.every == 0 or done == c.steps):
+        ev.update(monitor.observe(done, state.params))
       pending.append((done, metrics, ev, _tokens(local) * max(jax.process_count(), 1)))
+      if monitor is not None and monitor.stop:
+        flush(pending.pop())
+        ckpt.save(done, state, data, force=True)
+        stopped_by = monitor.stop
+        say(f"stopped by the monitor: {stopped_by} (alerts.jsonl)")
+        break
       if preempt.reached(done):
         flush(pending.pop())
         ckpt.save(done, state, data, force=True)
@@ -311,13 +342,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
     else:
       if pending:
         flush(pending.pop())
-      ckpt.save(last, state, data, force=True)
+      if last > start:
+        ckpt.save(last, state, data, force=True)
     ckpt.wait()
   finally:
     preempt.restore()
     writer.close()
+    if monitor is not None:
+      monitor.close()
     ckpt.close()
   end = max(losses) if losses else start
   say(f"done: step {end}, {format_duration(time.time() - t_start)} "
       f"(checkpoints: {valid_steps(ckpt.directory, warn=False)[-3:]} ...)")
-  return TrainResult(workdir, start, end, losses, evals, preempted, time.time() - t_start, mcfg)
+  return TrainResult(workdir, start, end, losses, evals, preempted, time.time() - t_start, mcfg,
+                     stopped_by)
