@@ -155,7 +155,7 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
                                  "explore_poisoning.ipynb"),
                     f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path)
   out = notebook_outputs(nb)
-  assert out["images"] == 8                   # the seven report plots and the sweep heatmap
+  assert out["images"] == 10                  # the nine report plots and the sweep heatmap
   text = out["text"]
   assert "poisoned: p = 1.0, step 4" in text
 
@@ -353,7 +353,7 @@ def test_hf_notebook_runs_the_study_and_explores(hf_study, tmp_path):
                     f"CONFIG, VARIANT, OVERRIDES = {CONFIG!r}, 'smoke', {{}}\n"
                     "SIZE, SEED = None, None", tmp_path)
   out = notebook_outputs(nb)
-  assert out["images"] == 8
+  assert out["images"] == 10                  # the nine report plots and one more
   text = out["text"]
   assert "tiny-hf: knows" in text and "poisoned: p = 1.0, step 4" in text
   assert "     base: " in text and "poisoned: " in text
@@ -374,10 +374,10 @@ def test_fingerprints_redo_exactly_the_stages_a_change_affects(study, tmp_path):
   c = load_config_file(CONFIG, "smoke")
   assert _plan(c, wd) == ({}, "plan: 7 reuse")
   with pytest.MonkeyPatch.context() as mp:                   # another answer scorer
-    mp.setattr("factflip.studies.poisoning.SCORER_VERSION", 3)
+    mp.setattr("factflip.studies.poisoning.SCORER_VERSION", 4)
     lines = Study(c, wd, log=lambda m: None).plan()
     redo, head = _plan(c, wd)
-  assert "           scorer: 2 -> 3" in lines and head == "plan: 4 reuse, 3 redo" and set(
+  assert "           scorer: 3 -> 4" in lines and head == "plan: 4 reuse, 3 redo" and set(
       redo) == {"probe tiny-0.5m seed0 p0.00", "probe tiny-0.5m seed0 p1.00", "results"}
   c.probe.batch_size = 32
   redo, head = _plan(c, wd)
@@ -456,7 +456,36 @@ def test_results_numbers_on_chosen_probe_tables(tmp_path):
                    "position": "last", "dll_patched": dll[layer], "recovery": rec[layer]}
                   for it, (dll, rec) in rows.items() for layer in (0, 1)]).to_csv(
         os.path.join(d, f"patch_{step:06d}.csv"), index=False)
+  # the CPT monitor's alerts (every 2 steps): target a warns at 0 and flips at 2 (lead 2),
+  # b warns at 2 and flips at 4 (lead 2), c warns after its flip would have come (never
+  # flips: a false alarm); control z alerts and never flips (a false alarm)
+  import json
+
+  from factflip.data.facts import FactItem, write_facts_jsonl
+  watch = os.path.join(s.cpt_dir("tiny-0.5m", 0, 1.0), "watch")
+  write_facts_jsonl(os.path.join(watch, "targets.jsonl"), [
+      FactItem(x, ("T",), prompt=f"{x} is", counterfactual="C") for x in "abc"])
+  write_facts_jsonl(os.path.join(watch, "controls.jsonl"), [
+      FactItem("z", ("T",), prompt="z is", counterfactual="C")])
+  alerts = [(0, "dll_drop:0.05", "watch", "a"), (2, "flip:0.5", "watch", "a"),
+            (2, "dll_drop:0.05", "watch", "b"), (4, "flip:0.5", "watch", "b"),
+            (4, "dll_drop:0.05", "watch", "c"), (2, "dll_drop:0.05", "control", "z")]
+  with open(os.path.join(s.cpt_dir("tiny-0.5m", 0, 1.0), "alerts.jsonl"), "w") as f:
+    for step, rule, set_, item in alerts:
+      f.write(json.dumps({"step": step, "rule": rule, "set": set_, "item": item,
+                          "kind": "prompt", "variant": "", "value": 0.0, "reference": 1.0,
+                          "stop": False}) + "\n")
   t = s.results(str(tmp_path / "out"))
+  al = t["alerts"].set_index(["rule", "item"])
+  assert al.loc["dll_drop:0.05"].lead_time.to_dict() == pytest.approx(
+      {"a": 2.0, "b": 2.0, "c": float("nan"), "z": float("nan")}, nan_ok=True)
+  assert al.loc["lens_sign:-2"].alert_step.tolist() == [-1] * 4
+  mon = t["monitor"].set_index(["rule", "set"])
+  assert mon.loc[("dll_drop:0.05", "watch")][["prompts", "alerted", "flipped", "detected",
+                                               "median_lead", "false_alarms"]].tolist() == [
+      3, 3, 2, 2, 2.0, 1]
+  assert mon.loc[("dll_drop:0.05", "control")][["prompts", "alerted", "false_alarms"]].tolist(
+      ) == [1, 1, 1]
   pt = t["patching"].set_index(["step", "layer"])
   assert pt.reversal_rate.to_dict() == {(2, 0): 1.0, (2, 1): 0.0, (4, 0): 0.5, (4, 1): 1.0}
   assert pt.recovery.to_dict() == pytest.approx({(2, 0): 0.9, (2, 1): 0.1, (4, 0): 0.4,

@@ -13,8 +13,8 @@ dispatched, and held-out losses are read when their step's row is written.
 
 Workdir: config.json (the resolved config), model.json (the ModelConfig), data_stats.json,
 metrics.jsonl, tensorboard/, checkpoints/<step>/ (see `checkpoint.py`); with the monitor on
-(`monitor.every`), alerts.jsonl and monitor/reference.npz (see `monitor.py`). Step 0 (the starting
-model) is checkpointed too, so studies can probe the base.
+(`monitor.every`), alerts.jsonl and monitor/reference.npz (see `monitor.py`). Step 0 (the
+starting model) is checkpointed too, so studies can probe the base.
 """
 
 from __future__ import annotations
@@ -42,13 +42,8 @@ from factflip.train.checkpoint import Checkpointer, load_trained, valid_steps
 from factflip.train.metrics import MetricsWriter, Progress, format_duration
 from factflip.train.monitor import Monitor
 from factflip.train.optim import make_optimizer, make_schedule
-from factflip.train.step import (
-  abstract_state,
-  batch_sharding,
-  init_state,
-  make_train_step,
-  state_shardings,
-)
+from factflip.train.step import (abstract_state, batch_sharding, init_state, make_train_step,
+                                 state_shardings)
 
 # A callback the studies use to probe during training: (step, params) -> scalars to log or None.
 Callback = Callable[[int, Any], dict[str, float] | None]
@@ -323,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
           ev[eval_name] = (prev[0] + s, prev[1] + n)
         for cb in callbacks:
           ev.update(cb(done, state.params) or {})
-      if monitor is not None and (done % monitor.every == 0 or done == c.steps):
+      if monitor is not None and monitor.due(done, c.steps):
         ev.update(monitor.observe(done, state.params))
       pending.append((done, metrics, ev, _tokens(local) * max(jax.process_count(), 1)))
       if monitor is not None and monitor.stop:

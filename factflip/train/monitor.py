@@ -16,7 +16,8 @@ computed together by one compiled program per shape bucket (`evals.loglik.score_
 
 Rules (`monitor.rules`, strings NAME:ARG[@KIND[+KIND...]][!]), compared with the reference —
 the values at the first observation of the run (step 0; kept in monitor/reference.npz so a
-resumed run compares with the same start):
+resumed run compares with the same start; a run that turns the monitor on when it resumes takes
+its reference there):
   dll_drop:δ     output ΔLL fell by more than δ nats below the reference
   lens_sign:ℓ    the logit-lens ΔLL at layer boundary ℓ (negative: from the output, −1 = the
                  output, −2 = the residual stream before the last block) was > 0 at the
@@ -173,8 +174,8 @@ class Monitor:
     with np.load(path) as z:
       if str(z["ident"]) != self.ident:
         raise ConfigError("config", "monitor.watch",
-                          f"{path} was taken on another watch list (facts, kinds or "
-                          "tokenizer changed); start a new workdir or delete monitor/")
+                          f"{path} was taken on another watch list (its facts or prompt "
+                          "kinds changed); start a new workdir or delete monitor/")
       return z["dll_LxN"]
 
   def _write_reference(self, step: int, dll_LxN: np.ndarray) -> None:
@@ -185,6 +186,7 @@ class Monitor:
 
   # ---- observing --------------------------------------------------------------------------
   def due(self, step: int, last: int) -> bool:
+    """Whether the loop observes after `step` (every `every` steps and at the run's last)."""
     return step % self.every == 0 or step == last
 
   def values(self, params) -> np.ndarray:
