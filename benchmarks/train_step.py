@@ -4,7 +4,8 @@ FLOP/s vs the measured float32 matmul peak; and the cost of async Orbax checkpoi
 study interval.
 
   python benchmarks/train_step.py [--presets=tiny-2m,tiny-8m,tiny-30m --batch=16 --seq=128]
-      [--iters=8 --hf_presets=tiny-2m,tiny-8m --ckpt_every=10,25]
+      [--iters=8 --hf_presets=tiny-2m,tiny-8m --ckpt_every=10,25 --remat=none,full
+       --vocab=1024]
 
 Prints markdown blocks for benchmarks/RESULTS.md.
 """
@@ -167,6 +168,10 @@ def main():
   ap.add_argument("--iters", type=int, default=8)
   ap.add_argument("--ckpt_every", default="10,25")
   ap.add_argument("--ckpt_preset", default="tiny-8m")
+  ap.add_argument("--remat", default="none",
+                  help="comma-separated model.remat policies, each timed (the first is the row "
+                       "compared with HF)")
+  ap.add_argument("--vocab", type=int, default=0, help="vocab_size (0 = the preset's)")
   args = ap.parse_args()
   import torch
   import transformers
@@ -177,23 +182,27 @@ def main():
         f"{datetime.date.today()}; batch {B} x {T}, float32, AdamW + clip 1.0")
   peak = matmul_peak(args.iters)
   print(f"matmul peak (jax 2048^3 f32): {peak:.0f} GFLOP/s")
-  print("| preset | params | factflip s/step | tokens/s | HF PyTorch s/step | tokens/s | "
-        "ours/HF | model GFLOP/s | of peak |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| preset | remat | params | factflip s/step | tokens/s | HF PyTorch s/step | tokens/s "
+        "| ours/HF | model GFLOP/s | of peak |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   kept = {}
+  vocab = {"vocab_size": args.vocab} if args.vocab else {}
   for name in args.presets.split(","):
-    cfg = get_preset(name)
-    batch = batch_of(cfg, B, T)
-    t_ours, state, step, b = time_ours(cfg, batch, args.iters)
-    kept[name] = (state, step, b)
-    gf = model_flops(cfg, B, T) / t_ours / 1e9
-    if name in args.hf_presets.split(","):
-      t_hf = time_hf(cfg, batch, args.iters)
-      hf = f"{t_hf:.4f} | {B * T / t_hf:,.0f} | {t_hf / t_ours:.2f}x"
-    else:
-      hf = "- | - | -"
-    print(f"| {name} | {cfg.num_params():,} | {t_ours:.4f} | {B * T / t_ours:,.0f} | {hf} | "
-          f"{gf:.0f} | {gf / peak:.0%} |")
+    t_hf = None
+    for remat in args.remat.split(","):
+      cfg = get_preset(name, remat=remat, **vocab)
+      batch = batch_of(cfg, B, T)
+      t_ours, state, step, b = time_ours(cfg, batch, args.iters)
+      if remat == args.remat.split(",")[0]:
+        kept[name] = (state, step, b)
+      gf = model_flops(cfg, B, T) / t_ours / 1e9
+      if name in args.hf_presets.split(","):
+        t_hf = t_hf or time_hf(cfg, batch, args.iters)
+        hf = f"{t_hf:.4f} | {B * T / t_hf:,.0f} | {t_hf / t_ours:.2f}x"
+      else:
+        hf = "- | - | -"
+      print(f"| {name} | {remat} | {cfg.num_params():,} | {t_ours:.4f} | {B * T / t_ours:,.0f} | "
+            f"{hf} | {gf:.0f} | {gf / peak:.0%} |")
     if name != args.ckpt_preset:
       kept.pop(name)
   if args.ckpt_preset in kept:
