@@ -324,6 +324,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
     if segment_ids_BxT is not None:
       causal_BxTxS = causal_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
   windows_L = jnp.asarray(cfg.window_sizes()[start_layer:], jnp.int32)
+  # without sliding layers the mask is the same for every layer: built here, outside the scan,
+  # so autodiff keeps one copy for the backward instead of one per layer
+  windowed = any(cfg.window_sizes()[start_layer:])
 
   act = _activation(cfg)
   H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
@@ -369,16 +372,17 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
       v_BxSxGxK = jax.lax.dynamic_update_slice(kv[1], v_BxTxGxK.astype(kv[1].dtype),
                                                (0, cache_index, 0, 0))
       new_kv = (k_BxSxGxK, v_BxSxGxK)
-    in_window_xTxS = jnp.where(window > 0, diff_xTxS < window, True)
+    mask_BxTxS = (causal_BxTxS & jnp.where(window > 0, diff_xTxS < window, True)
+                  if windowed else causal_BxTxS)
     if shared_kv is None:
-      o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt),
-                           causal_BxTxS & in_window_xTxS, cfg)
+      o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt), mask_BxTxS,
+                           cfg)
     else:
-      shared_mask_BxTxSp = shared_valid_BxSp[:, None, :] & jnp.where(
-          window > 0, shared_diff_xTxSp < window, True)
+      shared_mask_BxTxSp = shared_valid_BxSp[:, None, :] & (
+          jnp.where(window > 0, shared_diff_xTxSp < window, True) if windowed else True)
       o_BxTxHK = shared_attention(q_BxTxHxK, shared_kv[0].astype(dt), shared_kv[1].astype(dt),
                                   shared_mask_BxTxSp, k_BxSxGxK.astype(dt),
-                                  v_BxSxGxK.astype(dt), causal_BxTxS & in_window_xTxS, cfg)
+                                  v_BxSxGxK.astype(dt), mask_BxTxS, cfg)
     if "z" in sites:
       o_BxTxHK = site("z", o_BxTxHK.reshape(B, T, H, K))
     a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"]).reshape(B, T, D)
