@@ -160,10 +160,10 @@ def validate(c, source: str = "study") -> None:
     if c.facts:                  # what `cpt` sets per model (the files are written per run)
       sub.model.init_from, sub.data.facts_path = c.sizes[0], c.facts
       sub.data.replay_path = sub.data.eval_path = "runs/<size>/seed<k>/base/*.jsonl"
-    if stage == "cpt" and sub.monitor.every:   # written per run by build_cpt
-      sub.monitor.watch = "runs/<size>/seed<k>/cpt_p<p>/watch/targets.jsonl"
     else:
       sub.model.preset = c.sizes[0]
+    if stage == "cpt" and sub.monitor.every:   # written per run by build_cpt
+      sub.monitor.watch = "runs/<size>/seed<k>/cpt_p<p>/watch/targets.jsonl"
     train_config.validate(sub, source=f"{source}: {stage}", n_devices=jax.device_count(),
                           n_processes=jax.process_count())
 
