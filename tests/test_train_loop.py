@@ -408,6 +408,10 @@ def test_monitor_stop_rule_and_bad_rules(full_run, world_dirs, watch_files, tmp_
     with pytest.raises(ConfigError, match=message):
       train(monitored(world_dirs, watch_files, full_run[0], monitor__rules=rules),
             str(tmp_path / "bad"), quiet=True)
+  with pytest.raises(ConfigError, match=r"monitor\.watch: .*none\.jsonl: no such file"):
+    train(monitored(world_dirs, watch_files, full_run[0],
+                    monitor__watch=str(tmp_path / "none.jsonl")), str(tmp_path / "bad3"),
+          quiet=True)
   with pytest.raises(ConfigError, match="lens_sign:9.*outside"):
     train(monitored(world_dirs, watch_files, full_run[0], monitor__rules=["lens_sign:9"]),
           str(tmp_path / "bad2"), quiet=True)

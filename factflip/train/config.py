@@ -98,8 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.monitor.watch = ""        # facts file to watch (any `factflip facts` format)
   c.monitor.controls = ""     # facts the training should leave alone (their alerts are false
   #                             alarms)
-  c.monitor.kinds = ["prompt", "paraphrase", "question"]   # prompts scored per fact
-  c.monitor.rules = ["dll_drop:2.0", "lens_sign:-2", "flip:0.5"]   # NAME:ARG[@KIND][!]
+  c.monitor.kinds = ("prompt", "paraphrase", "question")   # prompts scored per fact
+  c.monitor.rules = ("dll_drop:2.0", "lens_sign:-2", "flip:0.5")   # NAME:ARG[@KIND][!]
+  #                             (tuples: --config.monitor.rules='("flip:0.5!",)' overrides)
   c.monitor.batch_size = 256  # rows per compiled scoring call
   return c
 

@@ -118,10 +118,16 @@ class Monitor:
         raise ConfigError("config", "monitor.rules",
                           f"rule {r.text!r}: layer {int(r.arg)} is outside the model's layer "
                           f"boundaries 0 .. {cfg.n_layers} (or -1 .. -{n_bounds})")
+    from factflip.fileio import DataError
     rows = []
-    for set_, path in zip(SETS, (m.watch, m.controls)):
-      if path:
-        rows += [dict(r, set=set_) for r in prompt_rows(load_facts(path), tuple(m.kinds))]
+    for set_, key in zip(SETS, ("watch", "controls")):
+      if m[key]:
+        try:
+          facts = load_facts(m[key])
+        except DataError as e:
+          raise ConfigError("config", f"monitor.{key}", f"{e}; expected a facts file (any "
+                            "`factflip facts` format)") from None
+        rows += [dict(r, set=set_) for r in prompt_rows(facts, tuple(m.kinds))]
     if not any(r["set"] == "watch" for r in rows):
       raise ConfigError("config", "monitor.watch",
                         f"{m.watch}: no fact with an answer and a counterfactual for the "
