@@ -453,15 +453,14 @@ class Study(platform.Study):
                           columns=key + ["step", "rule"])
     alerts["variant"] = alerts.variant.astype(str)
     first = {tuple(k): int(v) for k, v in alerts.groupby(key + ["rule"]).step.min().items()}
+    rows = []
     for rule in rules:
       for k in prompts.itertuples(index=False, name=None):
         a, f = first.get(k + (rule.text,), -1), first.get(k + (flip_rule,), -1)
-        tables["alerts"].append(dict(zip(key, k), size=size, seed=seed, p=p, rule=rule.text,
-                                     alert_step=a, flip_step=f,
-                                     lead_time=float(f - a) if a >= 0 and f >= 0 else np.nan))
-    rows = pd.DataFrame([r for r in tables["alerts"] if (r["size"], r["seed"], r["p"]) == (
-        size, seed, p)])
-    for (rule, set_), g in rows.groupby(["rule", "set"], sort=False):
+        rows.append(dict(zip(key, k), size=size, seed=seed, p=p, rule=rule.text, alert_step=a,
+                         flip_step=f, lead_time=float(f - a) if a >= 0 and f >= 0 else np.nan))
+    tables["alerts"] += rows
+    for (rule, set_), g in pd.DataFrame(rows).groupby(["rule", "set"], sort=False):
       alerted, flipped = g.alert_step >= 0, g.flip_step >= 0
       detected = alerted & flipped & (g.alert_step <= g.flip_step)
       tables["monitor"].append({

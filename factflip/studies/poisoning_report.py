@@ -192,8 +192,8 @@ def plot_lead_times(alerts: pd.DataFrame, path: str) -> str:
     missed = int(g.lead_time.isna().sum())
     if len(lead):
       lo, hi = min(lead.min(), 0), max(lead.max(), 0)
-      step = max(np.diff(np.unique(g.alert_step[g.alert_step >= 0])).min(initial=2), 1) \
-          if (g.alert_step >= 0).sum() > 1 else 2
+      # bins as wide as the smallest gap between alert steps (the monitor's interval), <= 2
+      step = max(np.diff(np.unique(g.alert_step[g.alert_step >= 0])).min(initial=2), 1)
       ax.hist(lead, bins=np.arange(lo - step / 2, hi + step, step), color="C0")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_title(f"{rule}: {len(lead)} alerted, {missed} missed", fontsize=9)

@@ -44,7 +44,7 @@ import numpy as np
 
 from factflip import distributed
 from factflip.configfile import ConfigError
-from factflip.fileio import atomic_path
+from factflip.fileio import DataError, atomic_path
 
 RULES = ("dll_drop", "lens_sign", "flip")
 SETS = ("watch", "control")
@@ -118,7 +118,6 @@ class Monitor:
         raise ConfigError("config", "monitor.rules",
                           f"rule {r.text!r}: layer {int(r.arg)} is outside the model's layer "
                           f"boundaries 0 .. {cfg.n_layers} (or -1 .. -{n_bounds})")
-    from factflip.fileio import DataError
     rows = []
     for set_, key in zip(SETS, ("watch", "controls")):
       if m[key]:
