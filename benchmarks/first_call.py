@@ -2,8 +2,11 @@
 cache off, with it cold (empty directory), and warm (the directory the cold run filled), side by
 side in one run. Each measurement is its own `python` process (the in-memory caches start empty),
 on the model of benchmarks/patching.py (12 layers, d_model 128, 32 tokens, vocab 4,096).
+Then shape buckets: one sweep per prompt length in `--lengths` (a notebook sweeping prompts one
+after another), cache off, with act_patch's buckets on and off, each in its own process.
 
-  python benchmarks/first_call.py [--layers=12 --d_model=128 --seq=32 --vocab=4096]
+  python benchmarks/first_call.py [--layers=12 --d_model=128 --seq=32 --vocab=4096
+                                   --lengths=25-32]
 
 Prints a markdown block for benchmarks/RESULTS.md.
 """
@@ -16,6 +19,8 @@ import platform
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 CHILD = r"""
 import json, sys, time
@@ -55,6 +60,47 @@ print(json.dumps({"first_s": first, "steady_s": steady, "process_s": time.perf_c
 """
 
 
+LENGTHS = r"""
+import json, sys, time
+import jax, numpy as np
+from flax import nnx
+from factflip.models.config import ModelConfig
+from factflip.models.transformer import Transformer
+from factflip.probes.patching import _sweep, act_patch
+L, D, V = (int(x) for x in sys.argv[1:4])
+lengths = [int(x) for x in sys.argv[4].split(",")]
+buckets = sys.argv[5] == "1"
+cfg = ModelConfig(family="llama", vocab_size=V, d_model=D, n_layers=L, n_heads=4, n_kv_heads=2,
+                  head_dim=D // 4, d_ff=4 * D, max_seq_len=256, tie_embeddings=True)
+m = Transformer(cfg, rngs=nnx.Rngs(0))
+rng = np.random.default_rng(0)
+metric = lambda l: l[:, -1, 5] - l[:, -1, 9]
+prompts = []
+for T in lengths:
+  clean = rng.integers(0, V, (8, T))
+  corrupt = clean.copy()
+  corrupt[:, T // 4] = 7
+  prompts.append((corrupt, clean))
+outs, t = [], time.perf_counter()
+for corrupt, clean in prompts:
+  outs.append(act_patch(m, corrupt, clean, metric, buckets=buckets))
+total = time.perf_counter() - t
+t = time.perf_counter()
+for corrupt, clean in prompts:
+  act_patch(m, corrupt, clean, metric, buckets=buckets)
+again = time.perf_counter() - t
+print(json.dumps({"total_s": total, "again_s": again, "programs": _sweep._cache_size(),
+                  "values": [o.tolist() for o in outs]}))
+"""
+
+
+def run_lengths(buckets: bool, args) -> dict:
+  out = subprocess.run([sys.executable, "-c", LENGTHS, str(args.layers), str(args.d_model),
+                        str(args.vocab), args.lengths, "1" if buckets else "0"],
+                       capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run(cache: str, args) -> dict:
   out = subprocess.run([sys.executable, "-c", CHILD, cache, str(args.layers), str(args.d_model),
                         str(args.seq), str(args.vocab)], capture_output=True, text=True,
@@ -68,7 +114,11 @@ def main():
   ap.add_argument("--d_model", type=int, default=128)
   ap.add_argument("--seq", type=int, default=32)
   ap.add_argument("--vocab", type=int, default=4096)
+  ap.add_argument("--lengths", default="25-32", help="prompt lengths, a-b or a,b,c")
   args = ap.parse_args()
+  if "-" in args.lengths:
+    a, b = (int(x) for x in args.lengths.split("-"))
+    args.lengths = ",".join(str(n) for n in range(a, b + 1))
   with tempfile.TemporaryDirectory() as d:
     rows = {"off": run("off", args), "cold": run(d, args), "warm": run(d, args)}
   assert len({r["checksum"] for r in rows.values()}) == 1, "a cached program computed otherwise"
@@ -83,6 +133,20 @@ def main():
           f"{r['hits']} | {r['misses']} |")
   print(f"\nwarm vs off, first call: {rows['off']['first_s'] / rows['warm']['first_s']:.1f}x "
         "faster; the same sweep values in all three.")
+
+  exact, bucketed = run_lengths(False, args), run_lengths(True, args)
+  diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(exact["values"], bucketed["values"]))
+  n = len(args.lengths.split(","))
+  print(f"\nOne sweep per prompt length {args.lengths} ({n} prompts of 8 rows), fresh process, "
+        "persistent cache off:\n")
+  print("| act_patch | compiled sweeps | first pass s | second pass s (all compiled) |")
+  print("|---|---|---|---|")
+  for name, r in (("buckets=False (exact shapes)", exact), ("buckets=True (default)", bucketed)):
+    print(f"| {name} | {r['programs']} | {r['total_s']:.2f} | {r['again_s']:.2f} |")
+  print(f"\nfirst pass: {exact['total_s'] / bucketed['total_s']:.2f}x faster with buckets; "
+        f"second pass (the padding's cost): {exact['again_s'] / bucketed['again_s']:.2f}x; "
+        f"largest difference between the two: {diff:.2e}.")
 
 
 if __name__ == "__main__":

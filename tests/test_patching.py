@@ -125,6 +125,32 @@ def test_packing_skips_the_unchanged_prefix_and_chunks_bound_memory(setup):
   assert small["temp_bytes"] < whole["temp_bytes"]
 
 
+def test_shape_buckets_share_one_program_and_equal_exact_shapes(setup):
+  """Prompts of 9 and 10 tokens fall in one bucket (10): the second length compiles nothing;
+  the bucketed sweep (right padding, padded packing) equals the exact-shape one."""
+  from factflip.probes.patching import _sweep, bucket_size
+  assert [bucket_size(n) for n in (3, 4, 5, 8, 9, 10, 11, 13, 17, 33)] == [
+      3, 4, 5, 8, 10, 10, 12, 14, 20, 40]
+  model, other, _, _ = setup
+  r = np.random.default_rng(7)
+
+  def metric(logits_BxPxV):
+    return logits_BxPxV[:, -1, 5] - logits_BxPxV[:, -1, 9]
+  before = _sweep._cache_size()
+  for n in (9, 10):
+    clean = r.integers(3, 97, (B, n)).astype(np.int32)
+    corrupted = clean.copy()
+    corrupted[:, 2:4] = r.integers(3, 97, (B, 2))
+    got = act_patch(model, corrupted, clean, metric, site="attn_out", source_model=other,
+                    window=2)
+    assert got.shape == (B, CFG.n_layers, n)
+    exact = act_patch(model, corrupted, clean, metric, site="attn_out", source_model=other,
+                      window=2, buckets=False)
+    np.testing.assert_allclose(got, exact, atol=1e-5)
+  # one bucketed program for both lengths + one exact program per length
+  assert _sweep._cache_size() - before == 3
+
+
 def test_sharded_over_devices_along_the_batch(setup):
   model, _, _, _ = setup
   r = np.random.default_rng(3)

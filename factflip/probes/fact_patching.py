@@ -141,10 +141,12 @@ def patch_items(poisoned: Transformer, base: Transformer, tokenizer,
   aux = (jnp.asarray(b["target"]), jnp.asarray(b["amask"]))
   for site in sites:
     for window in windows:
+      # exact shapes: the same prompts at every checkpoint compile once anyway, and the
+      # tables stay those of the exact program (no bucket padding to pay for)
       res = act_patch(poisoned, b["tokens"], b["tokens"], answer_metric, site=site,
                       source_model=base, layers=layers, positions=cells, window=window,
                       mask=b["mask"], logit_positions=b["logit_positions"], metric_aux=aux,
-                      chunk=chunk, devices=devices)             # [2N, layers, groups]
+                      chunk=chunk, devices=devices, buckets=False)  # [2N, layers, groups]
       dll = _dll(res)                                           # [N, layers, groups]
       n, n_l, n_g = dll.shape
       out["item"].append(np.repeat([r["item"] for r in rows], n_l * n_g))

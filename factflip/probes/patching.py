@@ -184,6 +184,7 @@ class _Prepared(NamedTuple):
   static: dict
   packing: Packing
   n_layers_run: int      # blocks per batch element and packed token, over the swept layers
+  cells: int             # the sweep's cells (its output may hold bucket padding beyond them)
 
 
 def _stream_site(site: str) -> str:
@@ -194,9 +195,36 @@ def _stream_site(site: str) -> str:
   return site
 
 
+def bucket_size(n: int) -> int:
+  """The shape bucket of a sweep dimension of size n: n itself up to 4, above it the next of
+  5, 6, 7, 8, 10, 12, 14, 16, 20, ... (four per octave: at most 25% padding)."""
+  n = int(n)
+  if n <= 4:
+    return n
+  step = 1 << max((n - 1).bit_length() - 3, 0)
+  return -(-n // step) * step
+
+
+def _pad_packing(pk: Packing, rows: int, length: int, per_row: int, cells: int) -> Packing:
+  """`pk` with its arrays padded to [rows, length] tokens, `per_row` cells a row and `cells`
+  outputs: padding tokens belong to no cell (slot = per_row, attend to nothing), padding rows
+  hold none, padding outputs read entry 0 (and are sliced off by the caller)."""
+  Rn, R = pk.pos.shape
+  k = pk.logit.shape[1]
+  grow = ((0, rows - Rn), (0, length - R))
+  slot = np.where(pk.slot == k, per_row, pk.slot)
+  r_C, j_C = np.divmod(pk.flat, k)
+  return pk._replace(
+      pos=np.pad(pk.pos, grow), start=np.pad(pk.start, grow),
+      slot=np.pad(slot, grow, constant_values=per_row),
+      patch=np.pad(pk.patch, ((0, rows - Rn), (0, 0), (0, length - R))),
+      logit=np.pad(pk.logit, ((0, rows - Rn), (0, per_row - k), (0, 0))),
+      flat=np.pad((r_C * per_row + j_C).astype(np.int32), (0, cells - len(pk.flat))))
+
+
 def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
              positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
-             devices, centred=False) -> _Prepared:
+             devices, centred=False, buckets=False) -> _Prepared:
   site, named_layer = parse_hook_name(site)
   _stream_site(site)
   source_model, corrupted, clean = _model_and_token_pair(model, source_model, corrupted_tokens,
@@ -221,6 +249,20 @@ def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, 
     raise ValueError(f"noise has shape {np.shape(noise)}; expected {(B, T, cfg.d_model)}")
 
   pk = pack_cells(cells_CxBxT, logit_positions)
+  prefix = int(pk.start.max())
+  if buckets:   # every shape of the compiled sweep rounded up to its bucket (see act_patch)
+    Tb = bucket_size(T)
+    right = ((0, 0), (0, Tb - T))
+    corrupted, clean = np.pad(corrupted, right), np.pad(clean, right)
+    mask, clean_mask = np.pad(mask, right), np.pad(clean_mask, right)
+    if noise is not None:
+      noise = np.pad(np.asarray(noise), ((0, 0), (0, Tb - T), (0, 0)))
+    # lengths that grow with the prompt (row length, cached prefix) are bucketed as if the
+    # prompt were Tb long, so every length of a bucket lands on the same shapes
+    Rn, R = pk.pos.shape
+    pk = _pad_packing(pk, bucket_size(Rn), min(bucket_size(R + Tb - T), Tb + 1),
+                      bucket_size(pk.logit.shape[1]), bucket_size(len(pk.flat)))
+    prefix = min(bucket_size(prefix + Tb - T), Tb) if prefix else 0
   params, src_params = model.params(), source_model.params()
   batch = (corrupted, clean, mask, clean_mask)
   patch = pk.patch
@@ -236,11 +278,12 @@ def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, 
       noise = jax.device_put(noise, jax.sharding.NamedSharding(mesh, P("batch")))
   R = pk.pos.shape[1]
   spans = tuple(_span(layer, window, centred, cfg.n_layers) for layer in layers)
-  static = {"site": site, "spans": spans, "metric": metric, "prefix": int(pk.start.max()),
+  static = {"site": site, "spans": spans, "metric": metric, "prefix": prefix,
             "chunk": None if chunk is None else max(int(chunk) // R, 1)}
   args = (params, cfg, src_params, src_cfg, *batch, pk.pos, pk.start, pk.slot, patch, pk.logit,
           pk.flat, metric_aux, noise)
-  return _Prepared(args, static, pk, sum(cfg.n_layers - first for first, _ in spans))
+  return _Prepared(args, static, pk, sum(cfg.n_layers - first for first, _ in spans),
+                   cells_CxBxT.shape[0])
 
 
 def _span(layer: int, window: int, centred: bool, n_layers: int) -> tuple[int, int]:
@@ -292,7 +335,7 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
               layers: Sequence[int] | None = None, positions=None, window: int = 1,
               mask=None, clean_mask=None, logit_positions: Sequence[int] = (-1,),
               chunk: int | None = 2048, metric_aux=None, noise=None,
-              devices=None, centred: bool = False) -> np.ndarray:
+              devices=None, centred: bool = False, buckets: bool = True) -> np.ndarray:
   """The patching sweep: float32 [batch, layers, cells].
 
   model: the model that runs (the corrupted / poisoned run). source_model: supplies the clean
@@ -314,17 +357,23 @@ def act_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric
   when they divide the batch; in a multi-host study, devices of every process, each process
   calling with the same inputs). The compiled sweep is cached per (shapes, cell layout,
   site, layers, window, metric, logit_positions, chunk): pass the same metric function object
-  (and per-row data through metric_aux) to reuse it."""
+  (and per-row data through metric_aux) to reuse it.
+
+  buckets: round the compiled shapes up to `bucket_size` (prompt length: right padding,
+  masked; packed rows, their length, cells per row, cells: padding that belongs to no cell),
+  so prompts of similar length reuse one compiled program instead of compiling their own. The
+  values are those of the exact shapes up to float rounding (the padding is never attended
+  to and its outputs are dropped); buckets=False runs the exact shapes."""
   p = _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
                positions, window, mask, clean_mask, logit_positions, chunk, metric_aux, noise,
-               devices, centred)
-  return to_host(_sweep(*p.args, **p.static)).transpose(2, 0, 1)
+               devices, centred, buckets)
+  return to_host(_sweep(*p.args, **p.static))[:, :p.cells].transpose(2, 0, 1)
 
 
 _COST_ARGS = {"site": "resid_pre", "source_model": None, "layers": None, "positions": None,
               "window": 1, "mask": None, "clean_mask": None, "logit_positions": (-1,),
               "chunk": 2048, "metric_aux": None, "noise": None, "devices": None,
-              "centred": False}
+              "centred": False, "buckets": True}
 
 
 def sweep_cost(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
@@ -341,7 +390,7 @@ def sweep_cost(model: Transformer, corrupted_tokens, clean_tokens, metric: Metri
   p = _prepare(model, corrupted_tokens, clean_tokens, metric, *kw.values())
   mem = _sweep.lower(*p.args, **p.static).compile().memory_analysis()
   B, T = np.atleast_2d(np.asarray(corrupted_tokens)).shape
-  L, C = model.cfg.n_layers, len(p.packing.flat)
+  L, C = model.cfg.n_layers, p.cells
   n_layers = len(p.static["spans"])
   block_tokens = B * p.n_layers_run * p.packing.tokens
   loop = B * n_layers * C * L * T
