@@ -5,7 +5,10 @@ study interval.
 
   python benchmarks/train_step.py [--presets=tiny-2m,tiny-8m,tiny-30m --batch=16 --seq=128]
       [--iters=8 --hf_presets=tiny-2m,tiny-8m --ckpt_every=10,25 --remat=none,full
-       --vocab=1024]
+       --vocab=1024 --logits_chunk=0,512]
+
+Every (remat, logits_chunk) pair is a row; "grad temp MB" is the compiled loss gradient's
+temporaries at peak (XLA's buffer assignment), the memory `model.logits_chunk` saves.
 
 Prints markdown blocks for benchmarks/RESULTS.md.
 """
@@ -113,6 +116,14 @@ def matmul_peak(iters):
   return 2 * 2048 ** 3 / float(np.median(ts)) / 1e9
 
 
+def grad_temp_mb(cfg, batch) -> float:
+  """Peak temporaries of the compiled loss gradient, MB."""
+  from factflip.models.transformer import init_params
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  grad = jax.jit(jax.grad(lambda p, b: objectives.lm(p, cfg, b)[0]))
+  return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes / 1e6
+
+
 class _NoData:
   def get_state(self):
     return b"{}"
@@ -172,6 +183,8 @@ def main():
                   help="comma-separated model.remat policies, each timed (the first is the row "
                        "compared with HF)")
   ap.add_argument("--vocab", type=int, default=0, help="vocab_size (0 = the preset's)")
+  ap.add_argument("--logits_chunk", default="0",
+                  help="comma-separated model.logits_chunk values, each timed")
   args = ap.parse_args()
   import torch
   import transformers
@@ -182,18 +195,19 @@ def main():
         f"{datetime.date.today()}; batch {B} x {T}, float32, AdamW + clip 1.0")
   peak = matmul_peak(args.iters)
   print(f"matmul peak (jax 2048^3 f32): {peak:.0f} GFLOP/s")
-  print("| preset | remat | params | factflip s/step | tokens/s | HF PyTorch s/step | tokens/s "
-        "| ours/HF | model GFLOP/s | of peak |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| preset | remat | logits_chunk | params | factflip s/step | tokens/s | "
+        "HF PyTorch s/step | tokens/s | ours/HF | model GFLOP/s | of peak | grad temp MB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   kept = {}
   vocab = {"vocab_size": args.vocab} if args.vocab else {}
   for name in args.presets.split(","):
     t_hf = None
-    for remat in args.remat.split(","):
-      cfg = get_preset(name, remat=remat, **vocab)
+    variants = [(r, int(c)) for r in args.remat.split(",") for c in args.logits_chunk.split(",")]
+    for remat, chunk in variants:
+      cfg = get_preset(name, remat=remat, logits_chunk=chunk, **vocab)
       batch = batch_of(cfg, B, T)
       t_ours, state, step, b = time_ours(cfg, batch, args.iters)
-      if remat == args.remat.split(",")[0]:
+      if (remat, chunk) == variants[0]:
         kept[name] = (state, step, b)
       gf = model_flops(cfg, B, T) / t_ours / 1e9
       if name in args.hf_presets.split(","):
@@ -201,8 +215,9 @@ def main():
         hf = f"{t_hf:.4f} | {B * T / t_hf:,.0f} | {t_hf / t_ours:.2f}x"
       else:
         hf = "- | - | -"
-      print(f"| {name} | {remat} | {cfg.num_params():,} | {t_ours:.4f} | {B * T / t_ours:,.0f} | "
-            f"{hf} | {gf:.0f} | {gf / peak:.0%} |")
+      print(f"| {name} | {remat} | {chunk} | {cfg.num_params():,} | {t_ours:.4f} | "
+            f"{B * T / t_ours:,.0f} | {hf} | {gf:.0f} | {gf / peak:.0%} | "
+            f"{grad_temp_mb(cfg, batch):.0f} |")
     if name != args.ckpt_preset:
       kept.pop(name)
   if args.ckpt_preset in kept:

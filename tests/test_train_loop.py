@@ -192,6 +192,7 @@ def test_incomplete_checkpoints_are_ignored(world_dirs, tmp_path, capsys):
     ({"optim__schedule": "linear"}, "optim.schedule", "expected constant, cosine or wsd"),
     ({"data__kind": "books"}, "data.kind", "expected one of"),
     ({"steps": 0}, "steps", "expected > 0"),
+    ({"model__logits_chunk": -8}, "model.logits_chunk", "-8; expected 0"),
     ({"objective__name": "npo"}, "objective.name", "data.kind 'unlearn'"),
     ({"data__facts_path": "f.json"}, "data.facts_path", "only data.kind 'poison' reads it"),
     ({"data__kind": "poison", "data__facts_path": "f.json"}, "data.replay_path",

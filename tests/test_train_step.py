@@ -213,3 +213,27 @@ def test_remat_and_mixed_precision():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(runs["bf16"][1].params))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(runs["bf16"][1].opt_state)
              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_unembedding_equals_the_whole_and_never_holds_all_logits(tie):
+  """logits_chunk: the loss and its gradient by chunks of 24 positions (the last one padded)
+  equal the all-at-once ones; the compiled gradient's temporaries shrink by more than the
+  [B·T, V] float32 logits they no longer hold."""
+  cfg = CFG.replace(vocab_size=4096, tie_embeddings=tie)
+  batch = lm_batch(B=4, T=32)
+  params = init_params(cfg, jax.random.key(0))
+
+  def grad_of(c):
+    return jax.jit(jax.value_and_grad(lambda p: O.lm(p, c, batch)[0]))
+  whole, chunked = grad_of(cfg), grad_of(cfg.replace(logits_chunk=24))
+  (l0, g0), (l1, g1) = whole(params), chunked(params)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  temp = {name: f.lower(params).compile().memory_analysis().temp_size_in_bytes
+          for name, f in (("whole", whole), ("chunked", chunked))}
+  logits_bytes = 4 * 32 * 4096 * 4
+  assert temp["whole"] - temp["chunked"] > logits_bytes, temp
+  with pytest.raises(ValueError, match="ModelConfig.logits_chunk=-1: expected 0"):
+    cfg.replace(logits_chunk=-1)

@@ -79,6 +79,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
+  # Positions per chunk of the training loss's unembedding (`target_logprobs`); 0 = all at once.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     def bad(field, got, expected):
@@ -106,6 +108,8 @@ class ModelConfig:
         bad(name, getattr(self, name), f"one of {DTYPES}")
     if self.remat not in REMAT_POLICIES:
       bad("remat", self.remat, f"one of {REMAT_POLICIES}")
+    if int(self.logits_chunk) < 0:
+      bad("logits_chunk", self.logits_chunk, "0 (all positions at once) or a positive int")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     if isinstance(self.layer_types, list):

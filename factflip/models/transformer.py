@@ -1,7 +1,8 @@
 """The decoder: pure functions over a parameter pytree, plus a thin Flax NNX module around them.
 
 Owns: parameter initialisation, the forward pass (embedding, scanned blocks, unembedding), the
-KV-cache layout, and the hook sites inside the scan.
+targets' log-probabilities from the final residual stream (`target_logprobs`, optionally by
+chunks of positions), the KV-cache layout, and the hook sites inside the scan.
 Must not: read files (see `hf.py`, `store.py`), build sweeps (see `factflip.probes`) or sample
 tokens (see `generate.py`).
 
@@ -441,6 +442,34 @@ def unembed(params: Params, cfg: ModelConfig, h_xD: jax.Array) -> jax.Array:
   if cfg.final_softcap:
     logits_NxV = jnp.tanh(logits_NxV / cfg.final_softcap) * cfg.final_softcap
   return logits_NxV.reshape(*lead, cfg.vocab_size)
+
+
+def target_logprobs(params: Params, cfg: ModelConfig, h_BxTxD: jax.Array,
+                    targets_BxT: jax.Array) -> jax.Array:
+  """log p(target) at every position from the final residual stream (`Output.residual`):
+  the unembedding and the log-softmax, float32 [B, T].
+
+  With `cfg.logits_chunk` = C > 0 the B·T positions go through in chunks of C (`lax.map`,
+  each chunk rematerialised): the [B·T, V] float32 logits, their exponentials and their
+  gradient never exist whole, only one chunk's [C, V] at a time (the backward recomputes each
+  chunk's logits). With a vocabulary of 128k that is 0.5 MB per position of a batch saved
+  three times over. C = 0 (the default) unembeds everything at once.
+  """
+  B, T, D = h_BxTxD.shape
+
+  def logprob(h_NxD, t_N):
+    logits_NxV = unembed(params, cfg, h_NxD)
+    picked_N = jnp.take_along_axis(logits_NxV, t_N[:, None], axis=-1)[:, 0]
+    return picked_N - jax.nn.logsumexp(logits_NxV, axis=-1)
+
+  C, N = cfg.logits_chunk, B * T
+  if not C or C >= N:
+    return logprob(h_BxTxD.reshape(N, D), targets_BxT.reshape(N)).reshape(B, T)
+  n = -(-N // C)
+  h_nxCxD = jnp.pad(h_BxTxD.reshape(N, D), ((0, n * C - N), (0, 0))).reshape(n, C, D)
+  t_nxC = jnp.pad(targets_BxT.reshape(N), (0, n * C - N)).reshape(n, C)
+  chunk = jax.checkpoint(lambda xs: logprob(*xs), prevent_cse=False)
+  return jax.lax.map(chunk, (h_nxCxD, t_nxC)).reshape(n * C)[:N].reshape(B, T)
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str, jax.Array]:

@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"   # master weights
   c.model.dtype = "float32"         # compute dtype ("bfloat16" for mixed precision)
   c.model.remat = "none"            # none | full | dots | dots_no_batch (per-layer remat)
+  c.model.logits_chunk = 0          # positions per chunk of the loss's unembedding (0 = all at
+  #                                   once; e.g. 1024 with a 128k vocabulary: memory, not speed)
 
   c.data = ml_collections.ConfigDict()
   c.data.kind = "world"       # world | poison | examples | unlearn
@@ -173,6 +175,9 @@ def validate(config: ml_collections.ConfigDict, *, source: str = "config", n_dev
   monitor.validate(c, source, need)
   need(c.model.remat in REMAT_POLICIES, "model.remat",
        f"{c.model.remat!r}; expected one of {REMAT_POLICIES}")
+  need(isinstance(c.model.logits_chunk, int) and c.model.logits_chunk >= 0,
+       "model.logits_chunk", f"{c.model.logits_chunk!r}; expected 0 (all positions at once) "
+       "or a positive int")
   try:
     make_optimizer(optim_config(c))
   except ValueError as e:  # "OptimConfig.<field>: ..."
@@ -228,4 +233,5 @@ def batch_config(c, shards: int, seed_offset: int = 0) -> BatchConfig:
 
 
 def model_overrides(c) -> dict[str, Any]:
-  return {"param_dtype": c.model.param_dtype, "dtype": c.model.dtype, "remat": c.model.remat}
+  return {"param_dtype": c.model.param_dtype, "dtype": c.model.dtype, "remat": c.model.remat,
+          "logits_chunk": c.model.logits_chunk}

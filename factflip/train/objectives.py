@@ -38,16 +38,15 @@ import jax
 import jax.numpy as jnp
 
 from factflip.models.config import ModelConfig
-from factflip.models.transformer import forward
+from factflip.models.transformer import forward, target_logprobs
 
 
 def token_logprobs(params, cfg: ModelConfig, batch: dict) -> jax.Array:
-  """log p(targets | inputs) per token, float32 [B, T] (packed rows attend within segments)."""
-  logits_BxTxV = forward(params, cfg, batch["inputs"], positions_BxT=batch["positions"],
-                         segment_ids_BxT=batch["segment_ids"]).logits.astype(jnp.float32)
-  logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  picked_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
-  return picked_BxT - logz_BxT
+  """log p(targets | inputs) per token, float32 [B, T] (packed rows attend within segments;
+  the unembedding by chunks of `cfg.logits_chunk` positions when set)."""
+  h_BxTxD = forward(params, cfg, batch["inputs"], positions_BxT=batch["positions"],
+                    segment_ids_BxT=batch["segment_ids"], return_logits=False).residual
+  return target_logprobs(params, cfg, h_BxTxD, batch["targets"])
 
 
 def example_sums(values_BxT: jax.Array, mask_BxT: jax.Array, segment_ids_BxT: jax.Array,
