@@ -5,7 +5,7 @@ study interval.
 
   python benchmarks/train_step.py [--presets=tiny-2m,tiny-8m,tiny-30m --batch=16 --seq=128]
       [--iters=8 --hf_presets=tiny-2m,tiny-8m --ckpt_every=10,25 --remat=none,full
-       --vocab=1024 --logits_chunk=0,512]
+       --vocab=1024 --logits_chunk=0,512 --kernels]
 
 Every (remat, logits_chunk) pair is a row; "grad temp MB" is the compiled loss gradient's
 temporaries at peak (XLA's buffer assignment), the memory `model.logits_chunk` saves.
@@ -124,6 +124,42 @@ def grad_temp_mb(cfg, batch) -> float:
   return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes / 1e6
 
 
+def kernel_table(cfg, N, iters, rounds=3):
+  """The preset's forward matmul shapes [N, in] x [in, out] (and their weight-gradient
+  transposes [in, N] x [N, out]) timed with XLA (jit) and with torch on the same threads,
+  alternated `rounds` times, the best of each: how fast each library's kernels are at the
+  shapes the step runs, which bounds the step ratio whatever the graph around them does."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  D, H, G, K, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                      cfg.vocab_size)
+  shapes = sorted({(D, H * K), (D, G * K), (H * K, D), (D, F), (F, D), (D, V)})
+  mm = jax.jit(lambda a, b: a @ b)
+  wg = jax.jit(lambda a, c: a.T @ c)
+  rows = []
+  for i, o in shapes:
+    r = np.random.RandomState(0)
+    a, b, c = (r.randn(N, i).astype(np.float32), r.randn(i, o).astype(np.float32),
+               r.randn(N, o).astype(np.float32))
+    ja, jb, jc = jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)
+    ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+    best = {k: np.inf for k in ("jf", "tf", "jw", "tw")}
+    for _ in range(rounds):
+      for k, f in (("jf", lambda: mm(ja, jb).block_until_ready()), ("tf", lambda: ta @ tb),
+                   ("jw", lambda: wg(ja, jc).block_until_ready()), ("tw", lambda: ta.T @ tc)):
+        f()
+        ts = []
+        for _ in range(iters):
+          t = time.perf_counter()
+          f()
+          ts.append(time.perf_counter() - t)
+        best[k] = min(best[k], float(np.median(ts)))
+    gf = 2 * N * i * o / 1e9
+    rows.append((f"[{N}, {i}] x [{i}, {o}]", gf / best["jf"], gf / best["tf"],
+                 gf / best["jw"], gf / best["tw"]))
+  return rows
+
+
 class _NoData:
   def get_state(self):
     return b"{}"
@@ -183,6 +219,8 @@ def main():
                   help="comma-separated model.remat policies, each timed (the first is the row "
                        "compared with HF)")
   ap.add_argument("--vocab", type=int, default=0, help="vocab_size (0 = the preset's)")
+  ap.add_argument("--kernels", action="store_true",
+                  help="also time the presets' matmul shapes with XLA and with torch")
   ap.add_argument("--logits_chunk", default="0",
                   help="comma-separated model.logits_chunk values, each timed")
   args = ap.parse_args()
@@ -220,6 +258,14 @@ def main():
             f"{grad_temp_mb(cfg, batch):.0f} |")
     if name != args.ckpt_preset:
       kept.pop(name)
+  if args.kernels:
+    print("\n| preset | matmul | XLA GFLOP/s | torch GFLOP/s | XLA/torch | weight-grad XLA | "
+          "weight-grad torch | XLA/torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.presets.split(","):
+      for shape, jf, tf, jw, tw in kernel_table(get_preset(name, **vocab), B * T, args.iters):
+        print(f"| {name} | {shape} | {jf:.0f} | {tf:.0f} | {jf / tf:.2f}x | {jw:.0f} | {tw:.0f} "
+              f"| {jw / tw:.2f}x |")
   if args.ckpt_preset in kept:
     state, step, b = kept[args.ckpt_preset]
     block, background = save_costs(state)

@@ -404,6 +404,19 @@ def test_monitor_stop_rule_and_bad_rules(full_run, world_dirs, watch_files, tmp_
   assert valid_steps(os.path.join(wd, "checkpoints"))[-1] == first
   again = train(c, wd, quiet=True)
   assert again.step == first and again.stopped_by == r.stopped_by
+  # no lens rule: the monitor scores the output only, with the probe's values
+  from factflip.data.loaders import load_facts
+  from factflip.data.tokenizer import load_tokenizer
+  from factflip.probes.fact_preference import preference
+  with np.load(os.path.join(wd, "monitor", "reference.npz")) as z:
+    ref_LxN = z["dll_LxN"]
+  model, _ = load_trained(wd, first)
+  tab = preference(model, load_tokenizer(world_dirs[1]), load_facts(watch_files[0]),
+                   kinds=("prompt", "question"))
+  row = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))
+         if json.loads(x)["step"] == first and "monitor/dll_watch" in x][0]
+  assert ref_LxN.shape[0] == 1
+  assert row["monitor/dll_watch"] == pytest.approx(float(tab["dll"].mean()), abs=1e-4)
   for rules, message in [(["drop:1"], "expected NAME:ARG"), (["lens_sign:x"], "not an integer"),
                          (["flip:0.5@promt"], "prompt kinds"), (["dll_drop:-1"], ">= 0 nats")]:
     with pytest.raises(ConfigError, match=message):

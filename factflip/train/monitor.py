@@ -138,8 +138,10 @@ class Monitor:
     self.layout = layout_pairs(cfg, pairs, int(m.batch_size), exact=True)
     self.set_N = np.asarray([r["set"] for r in rows])
     self.kind_N = np.asarray([r["kind"] for r in rows])
+    # the lens is computed only when a rule reads it (the output alone is ~2x cheaper)
+    self.lens = any(r.name == "lens_sign" for r in self.rules)
     ident = json.dumps([[r[k] for k in ("set", "item", "kind", "variant", "prompt", "true",
-                                          "cf")] for r in rows])
+                                          "cf")] for r in rows] + [self.lens])
     self.ident = hashlib.sha256(ident.encode()).hexdigest()[:16]
     self.dir = os.path.join(workdir, "monitor")
     self.alerts_path = os.path.join(workdir, "alerts.jsonl")
@@ -180,7 +182,8 @@ class Monitor:
       if str(z["ident"]) != self.ident:
         raise ConfigError("config", "monitor.watch",
                           f"{path} was taken on another watch list (its facts or prompt "
-                          "kinds changed); start a new workdir or delete monitor/")
+                          "kinds changed, or lens rules were added or all removed); start a "
+                          "new workdir or delete monitor/")
       return z["dll_LxN"]
 
   def _write_reference(self, step: int, dll_LxN: np.ndarray) -> None:
@@ -195,10 +198,12 @@ class Monitor:
     return step % self.every == 0 or step == last
 
   def values(self, params) -> np.ndarray:
-    """ΔLL [L + 1, N] of every watched prompt (row L = the output) on these parameters."""
+    """ΔLL of every watched prompt on these parameters: [L + 1, N] by the logit lens at every
+    layer boundary (row L = the output) when a rule reads the lens, else [1, N] (the output)."""
     from factflip.evals.loglik import score_layout
-    lens_LxP = score_layout(params, self.cfg, self.layout, lens=True).lens
-    return (lens_LxP[:, 0::2] - lens_LxP[:, 1::2]).astype(np.float32)
+    scores = score_layout(params, self.cfg, self.layout, lens=self.lens)
+    lp_LxP = scores.lens if self.lens else scores.logprob[None]
+    return (lp_LxP[:, 0::2] - lp_LxP[:, 1::2]).astype(np.float32)
 
   def observe(self, step: int, params) -> dict[str, float]:
     """Score the watch list, fire the rules, append their alerts; scalars for the logs."""
