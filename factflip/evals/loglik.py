@@ -85,6 +85,11 @@ def _bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _exact(n: int, minimum: int = 16) -> int:
+  """`_bucket`'s signature without the bucketing: the size itself (`minimum` unused)."""
+  return max(n, 1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "lens", "packed", "stats", "n_req"))
 def _score_rows(params, cfg: ModelConfig, tokens_BxT, mask_BxT, pos_BxT, branch_BxT, where_BxA,
                 target_BxA, req_BxA, tuned=None, *, lens: bool, packed: bool, stats: bool,
@@ -192,7 +197,7 @@ def layout_pairs(cfg: ModelConfig, pairs: Sequence[tuple[Sequence[int], Sequence
   rows = _rows(upairs, cfg.max_seq_len)
   rows.sort(key=lambda r: r[2])
   B = batch_size if len(rows) > batch_size else _bucket(len(rows), minimum=1)
-  bucket = (lambda n, minimum=16: max(n, 1)) if exact else _bucket
+  bucket = _exact if exact else _bucket
   batches = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
