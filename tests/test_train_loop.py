@@ -417,6 +417,10 @@ def test_monitor_stop_rule_and_bad_rules(full_run, world_dirs, watch_files, tmp_
          if json.loads(x)["step"] == first and "monitor/dll_watch" in x][0]
   assert ref_LxN.shape[0] == 1
   assert row["monitor/dll_watch"] == pytest.approx(float(tab["dll"].mean()), abs=1e-4)
+  # resumed with a lens rule, that reference cannot serve it
+  with pytest.raises(ConfigError, match=r"monitor\.rules: .*reference\.npz holds the output"):
+    train(monitored(world_dirs, watch_files, full_run[0], monitor__rules=["lens_sign:-2"]),
+          wd, quiet=True)
   for rules, message in [(["drop:1"], "expected NAME:ARG"), (["lens_sign:x"], "not an integer"),
                          (["flip:0.5@promt"], "prompt kinds"), (["dll_drop:-1"], ">= 0 nats")]:
     with pytest.raises(ConfigError, match=message):

@@ -141,7 +141,7 @@ class Monitor:
     # the lens is computed only when a rule reads it (the output alone is ~2x cheaper)
     self.lens = any(r.name == "lens_sign" for r in self.rules)
     ident = json.dumps([[r[k] for k in ("set", "item", "kind", "variant", "prompt", "true",
-                                          "cf")] for r in rows] + [self.lens])
+                                          "cf")] for r in rows])
     self.ident = hashlib.sha256(ident.encode()).hexdigest()[:16]
     self.dir = os.path.join(workdir, "monitor")
     self.alerts_path = os.path.join(workdir, "alerts.jsonl")
@@ -182,9 +182,16 @@ class Monitor:
       if str(z["ident"]) != self.ident:
         raise ConfigError("config", "monitor.watch",
                           f"{path} was taken on another watch list (its facts or prompt "
-                          "kinds changed, or lens rules were added or all removed); start a "
-                          "new workdir or delete monitor/")
-      return z["dll_LxN"]
+                          "kinds changed); start a new workdir or delete monitor/")
+      dll_LxN = z["dll_LxN"]
+    if not self.lens:
+      return dll_LxN[-1:]              # the output row serves a monitor without lens rules
+    if len(dll_LxN) == 1:
+      raise ConfigError("config", "monitor.rules",
+                        f"{path} holds the output ΔLL only (taken with no lens_sign rule); a "
+                        "lens_sign rule needs the lens at the reference step: start a new "
+                        "workdir or delete monitor/")
+    return dll_LxN
 
   def _write_reference(self, step: int, dll_LxN: np.ndarray) -> None:
     if self.main:
