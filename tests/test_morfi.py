@@ -182,6 +182,7 @@ def test_rerun_reuses_everything_and_a_morfi_key_redoes_only_steering(morfi_stud
     ("mixtures.unknown_shares", [0.0, 1.0], "at least 3 shares"),
     ("sae.path", "/nonexistent/sae", "no such file or directory"),
     ("facts", "/some/entityquestions", "sae.path: empty with a facts file"),
+    ("morfi.top_k", 3, r"morfi\.top_k: unknown key; expected one of alphas,"),
 ])
 def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
   from factflip.configfile import ConfigError, load_config_file

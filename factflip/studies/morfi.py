@@ -95,12 +95,7 @@ def validate(c, source: str = "study") -> None:
   def need(ok, key, message):
     if not ok:
       raise ConfigError(source, key, message)
-  need(c.get("study") == "morfi", "study", f"{c.get('study')!r}; expected 'morfi'")
-  schema = base_config()
-  for group in ("sae", "morfi"):
-    for key in c[group]:
-      need(key in schema[group], f"{group}.{key}", "unknown key; expected one of "
-           + ", ".join(schema[group]))
+  platform.check_schema(c, base_config(), "morfi", ("sae", "morfi"), source)
   m = c.morfi
   need(m.positions in POSITIONS, "morfi.positions", f"{m.positions!r}; expected {POSITIONS}")
   need(m.bootstrap >= 0 and 0 < m.confidence < 1 and 0 < m.mk_alpha < 1, "morfi",
