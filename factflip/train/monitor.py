@@ -11,8 +11,9 @@ What is watched: the facts of `monitor.watch` (any `load_facts` file: set "watch
 `monitor.controls` (set "control": facts the training should leave alone, so their alerts are
 false alarms), each with the prompts of `monitor.kinds` (the training prompt and held-out ones:
 `probes.fact_preference.prompt_rows`). Per prompt, ΔLL = log p(true) − log p(counterfactual)
-at the output and by the logit lens at every layer boundary (0 = embeddings ... L = output),
-computed together by one compiled program per shape bucket (`evals.loglik.score_layout`).
+at the output and, when a lens_sign rule reads it, by the logit lens at every layer boundary
+(0 = embeddings ... L = output), computed together by one compiled program per shape bucket
+(`evals.loglik.score_layout`).
 
 Rules (`monitor.rules`, strings NAME:ARG[@KIND[+KIND...]][!]), compared with the reference —
 the values at the first observation of the run (step 0; kept in monitor/reference.npz so a
