@@ -17,6 +17,14 @@ def _run(wd, *flags):
                       "--config.pretrain.checkpoint.every=40", *flags)
 
 
+def test_eta_weights_the_remaining_stages_by_their_kind():
+  from factflip.studies.suite import eta_seconds
+  done = [("world", 2.0), ("pretrain", 60.0), ("cpt", 10.0), ("cpt", 14.0)]
+  # two cpt stages at their mean (12 s), a probes stage at the mean of all four (21.5 s)
+  assert eta_seconds(done, ["cpt", "cpt", "probes"]) == pytest.approx(2 * 12.0 + 21.5)
+  assert eta_seconds(done, []) == 0.0 and eta_seconds([], ["cpt"]) == 0.0
+
+
 def test_suite_shares_the_base_and_adds_a_study_alone(tmp_path):
   wd = str(tmp_path / "suite")
   log = _run(wd, "--config.studies=('unlearning',)")

@@ -39,6 +39,25 @@ REPORTS = {"poisoning": "factflip.studies.poisoning_report",
            "unlearning": "factflip.studies.unlearning_report"}
 
 
+def eta_seconds(done: list[tuple[str, float]], todo: list[str]) -> float:
+  """Seconds the stages still to compute will take: each at the mean duration of the computed
+  stages of its kind (the first word of a stage's name: world, pretrain, cpt, sft, probes, ...),
+  a kind of which none is computed yet at the mean of all computed stages. `done`: (kind,
+  seconds) of the computed stages; `todo`: the kinds of those still to compute."""
+  if not done:
+    return 0.0
+  by_kind: dict[str, list[float]] = {}
+  for kind, seconds in done:
+    by_kind.setdefault(kind, []).append(seconds)
+  overall = sum(s for _, s in done) / len(done)
+  mean = {k: sum(v) / len(v) for k, v in by_kind.items()}
+  return float(sum(mean.get(k, overall) for k in todo))
+
+
+def _kind(stage_name: str) -> str:
+  return stage_name.split(" ", 1)[0]
+
+
 def _shared(stage) -> bool:
   """A world-source stage every study shares (the world, a size's pretraining)."""
   return stage.name == "world" or stage.name.startswith("pretrain ")
@@ -185,17 +204,20 @@ class Study:
     if dry_run:
       return None
     t0 = time.time()
-    todo = sum(st.status()[0] != "reuse" for stages in self._stages(base).values()
-               for st in stages)
-    done = [0]
+    todo = [st.name for stages in self._stages(base).values() for st in stages
+            if st.status()[0] != "reuse"]
+    n_todo, done, last = len(todo), [], [t0]
 
     def stage_done(stage, built):
+      now = time.time()
       if built:
-        done[0] += 1
-        el = time.time() - t0
-        eta = el / done[0] * max(todo - done[0], 0)
-        self.log(f"suite: {done[0]}/{todo} stages computed, {el:.0f} s, ETA {eta:.0f} s "
-                 f"(after {stage.name})")
+        done.append((_kind(stage.name), now - last[0]))
+        if stage.name in todo:
+          todo.remove(stage.name)
+        eta = eta_seconds(done, [_kind(name) for name in todo])
+        self.log(f"suite: {len(done)}/{n_todo} stages computed, {now - t0:.0f} s, ETA "
+                 f"{eta:.0f} s (after {stage.name})")
+      last[0] = now
     if base is not None:
       base.stage_done = stage_done
       base.drive(base.source.specs())
