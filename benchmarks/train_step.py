@@ -50,21 +50,30 @@ def batch_of(cfg, B, T, seed=0):
           "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
 
 
+def median_seconds(fn, iters, warmup=2):
+  """Median wall time of `fn()` over `iters` calls after `warmup` untimed ones (fn blocks until
+  its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
 def time_ours(cfg, batch, iters):
   tx = make_optimizer(OPT)
   state = init_state(cfg, tx, jax.random.key(0))
   step = make_train_step(cfg, tx, objectives.lm_objective())
   b = jax.device_put(batch)
-  for _ in range(2):
-    state, m = step(state, b)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
+
+  def one():
+    nonlocal state
     state, m = step(state, b)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)), state, step, b
+  return median_seconds(one, iters), state, step, b
 
 
 def time_hf(cfg, batch, iters):
@@ -94,26 +103,13 @@ def time_hf(cfg, batch, iters):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss)
-  for _ in range(2):
-    step()
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return median_seconds(step, iters)
 
 
 def matmul_peak(iters):
   a = jnp.asarray(np.random.RandomState(1).randn(2048, 2048).astype(np.float32))
   mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  ts = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    mm(a).block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return 2 * 2048 ** 3 / float(np.median(ts)) / 1e9
+  return 2 * 2048 ** 3 / median_seconds(lambda: mm(a).block_until_ready(), iters, 1) / 1e9
 
 
 def grad_temp_mb(cfg, batch) -> float:
@@ -143,17 +139,12 @@ def kernel_table(cfg, N, iters, rounds=3):
                r.randn(N, o).astype(np.float32))
     ja, jb, jc = jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)
     ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
-    best = {k: np.inf for k in ("jf", "tf", "jw", "tw")}
+    calls = {"jf": lambda: mm(ja, jb).block_until_ready(), "tf": lambda: ta @ tb,  # noqa: B023
+             "jw": lambda: wg(ja, jc).block_until_ready(), "tw": lambda: ta.T @ tc}  # noqa: B023
+    best = {k: np.inf for k in calls}    # each call runs within this iteration of `shapes`
     for _ in range(rounds):
-      for k, f in (("jf", lambda: mm(ja, jb).block_until_ready()), ("tf", lambda: ta @ tb),
-                   ("jw", lambda: wg(ja, jc).block_until_ready()), ("tw", lambda: ta.T @ tc)):
-        f()
-        ts = []
-        for _ in range(iters):
-          t = time.perf_counter()
-          f()
-          ts.append(time.perf_counter() - t)
-        best[k] = min(best[k], float(np.median(ts)))
+      for k, f in calls.items():
+        best[k] = min(best[k], median_seconds(f, iters, 1))
     gf = 2 * N * i * o / 1e9
     rows.append((f"[{N}, {i}] x [{i}, {o}]", gf / best["jf"], gf / best["tf"],
                  gf / best["jw"], gf / best["tw"]))
