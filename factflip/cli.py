@@ -171,11 +171,16 @@ def _generate() -> None:
 
 
 def _convert() -> None:
-  from factflip import load_model, save_hf, save_model
+  from factflip import load_model, load_tokenizer, save_hf, save_model
+  from factflip.data.tokenizer import has_tokenizer
 
   model = load_model(FLAGS.model)
   (save_hf if FLAGS.to == "hf" else save_model)(model, FLAGS.out)
-  print(f"wrote {FLAGS.to} model to {FLAGS.out}")
+  written = "model"
+  if has_tokenizer(FLAGS.model):   # a GGUF's or the directory's own tokenizer goes along
+    load_tokenizer(FLAGS.model).save_pretrained(FLAGS.out)
+    written = "model and tokenizer"
+  print(f"wrote {FLAGS.to} {written} to {FLAGS.out}")
 
 
 def _world(workdir: str, seed: int, vocab_size: int) -> dict:
@@ -343,7 +348,7 @@ COMMANDS = {c.name: c for c in (
           factflip export --workdir=workdir/default/runs/tiny-0.5m/seed0/pretrain --out=/tmp/base
           factflip generate --model=/tmp/base --prompt="Ada Lovelace was born in" \\
               --max_new_tokens=8""",
-        {"model": "The model directory (HF or factflip) with its tokenizer.",
+        {"model": "The model (HF or factflip directory with its tokenizer, or a .gguf file).",
          "prompt": "A prompt to continue (repeatable).",
          "max_new_tokens": "Tokens to generate per prompt.",
          "temperature": "Sampling temperature; 0 is greedy.",
@@ -352,14 +357,17 @@ COMMANDS = {c.name: c for c in (
          "seed": "The sampling PRNG seed.", **_CACHE},
         _generate, required=("model", "prompt")),
     Command(
-        "convert", "factflip convert --model=DIR --out=DIR [--to=hf|factflip]",
-        "Convert a model directory between the HF and factflip formats.",
+        "convert", "factflip convert --model=DIR|FILE.gguf --out=DIR [--to=hf|factflip]",
+        "Convert a model between the HF, GGUF and factflip formats.",
         """\
-        Reads an HF (safetensors + config.json) or factflip model directory and writes it in
-        the other format; our models are our own, HF is the interchange format.
+        Reads an HF (safetensors + config.json) or factflip model directory, or a GGUF file
+        (dequantised to float32), and writes it as an HF or factflip directory, with the
+        model's tokenizer when it has one; our models are our own, HF is the interchange
+        format.
 
-          factflip convert --model=/models/Qwen2.5-0.5B --out=/tmp/qwen-ff --to=factflip""",
-        {"model": "The model directory to read (HF or factflip).",
+          factflip convert --model=/models/Qwen2.5-0.5B --out=/tmp/qwen-ff --to=factflip
+          factflip convert --model=SmolLM2-135M-Instruct.Q4_1.gguf --out=/tmp/smollm2""",
+        {"model": "The model to read: an HF or factflip directory, or a .gguf file.",
          "out": "The directory the converted model is written to.",
          "to": "The format to write."},
         _convert, required=("model", "out")),

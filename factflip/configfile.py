@@ -7,6 +7,8 @@ Must not: know any schema (`factflip.train.config` and the studies own theirs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ml_collections
 
 
@@ -52,15 +54,16 @@ def study_variants(arg: str | None, path: str) -> dict[str, str | None]:
   return out
 
 
-def apply_study_variants(c, variants: dict[str, str | None], ladder: list[str]) -> None:
+def apply_study_variants(c, variants: dict[str, str | None], ladder: Sequence[str]) -> None:
   """The variants every study shares, set on study config `c`: scale= (presets; 'ladder'),
   seeds=, hf=DIR[+DIR] with facts=FILE (model directories as bases, probed models sharded
-  over the host's accelerators)."""
+  over the host's accelerators). Sizes and seeds are tuples, like every sequence in a
+  config: --config.KEY overrides tuples, not lists."""
   if "scale" in variants:
-    c.sizes = ladder if variants["scale"] == "ladder" else variants["scale"].split("+")
+    c.sizes = tuple(ladder if variants["scale"] == "ladder" else variants["scale"].split("+"))
   if "seeds" in variants:
-    c.seeds = [int(k) for k in variants["seeds"].split("+")]
+    c.seeds = tuple(int(k) for k in variants["seeds"].split("+"))
   if "hf" in variants:
-    c.sizes = variants["hf"].split("+")
+    c.sizes = tuple(variants["hf"].split("+"))
     c.facts = variants["facts"]
     c.probe.devices = -1

@@ -189,3 +189,150 @@ def set_keys(c, values: dict):
       node = node[part]
     node[last] = value
   return c
+
+
+# ---- GGUF fixtures: what llama.cpp's convert_hf_to_gguf.py writes, for tiny models -----------
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GGUF_GEMMA = {**_GGUF_LAYER, "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _llama_cpp_permute(w, n_head):
+  """llama.cpp's LlamaModel.permute: the rotary halves of each head interleaved."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def gguf_tokens(tokenizer):
+  """(tokens, token types, merges) of an HF byte-level BPE tokenizer, as llama.cpp stores them."""
+  import json
+  vocab = tokenizer.get_vocab()
+  tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+  special = set(tokenizer.all_special_tokens)
+  types = [3 if t in special else 1 for t in tokens]
+  merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+  merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+  return tokens, types, merges
+
+
+def write_gguf(path, model, qtype="F32", tokenizer=None, arch=None, chat_template=None,
+               tensor_types=None):
+  """Write torch `model` (a tiny HF Llama / Qwen2 / Qwen3 / Gemma 2) as llama.cpp's converter
+  would: its metadata keys and tensor names, llama's Q/K rows permuted, Gemma's norms + 1, Llama
+  3's RoPE scaling as `rope_freqs`, 2-D weights in `qtype` (F32, F16, BF16 or a type
+  `gguf.quants.quantize` writes), norms and biases in F32. `tokenizer` (HF byte-level BPE) or a
+  synthetic vocabulary of `vocab_size` tokens. tensor_types: {gguf name: raw dtype} overrides."""
+  import math
+
+  import gguf
+  from gguf import GGMLQuantizationType as Q
+
+  cfg = model.config
+  arch = arch or cfg.model_type
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_name(f"tiny-{cfg.model_type}")
+  w.add_block_count(cfg.num_hidden_layers)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_head_count(cfg.num_attention_heads)
+  w.add_head_count_kv(cfg.num_key_value_heads)
+  w.add_key_length(head_dim)
+  w.add_value_length(head_dim)
+  w.add_rope_dimension_count(head_dim)
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  rope = getattr(cfg, "rope_parameters", None) or {}
+  w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+  w.add_vocab_size(cfg.vocab_size)
+  if arch == "gemma2":
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+  if tokenizer is not None:
+    tokens, types, merges = gguf_tokens(tokenizer)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for name, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                      ("pad", tokenizer.pad_token_id)):
+      if tid is not None:
+        getattr(w, f"add_{name}_token_id")(tid)
+    w.add_add_bos_token(False)
+  else:   # a byte-level vocabulary: the first byte symbols ('!' ... ) and one merge
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())[:cfg.vocab_size - 1]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(chars + [chars[0] + chars[1]])
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_merges([f"{chars[0]} {chars[1]}"])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+  if chat_template:
+    w.add_chat_template(chat_template)
+
+  def put(name, t):
+    a = t.detach().float().numpy()
+    raw = (tensor_types or {}).get(name)
+    if raw is not None:
+      w.add_tensor(name, a.astype(raw))
+    elif a.ndim == 1 or qtype == "F32":
+      w.add_tensor(name, a.astype(np.float32))
+    elif qtype == "F16":
+      w.add_tensor(name, a.astype(np.float16))
+    else:
+      q = gguf.quants.quantize(a.astype(np.float32), Q[qtype])
+      w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=Q[qtype])
+
+  layer = _GGUF_GEMMA if arch == "gemma2" else _GGUF_LAYER
+  sd = model.state_dict()
+  for name, t in sd.items():
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue
+    if arch == "gemma2" and name.endswith("norm.weight"):
+      t = t + 1
+    if name == "model.embed_tokens.weight":
+      put("token_embd.weight", t)
+    elif name == "model.norm.weight":
+      put("output_norm.weight", t)
+    elif name == "lm_head.weight":
+      put("output.weight", t)
+    else:
+      _, _, i, rest = name.split(".", 3)
+      module, kind = rest.rsplit(".", 1)
+      if arch == "llama" and module == "self_attn.q_proj":
+        t = _llama_cpp_permute(t, cfg.num_attention_heads)
+      elif arch == "llama" and module == "self_attn.k_proj":
+        t = _llama_cpp_permute(t, cfg.num_key_value_heads)
+      put(f"blk.{i}.{layer[module]}.{kind}", t)
+  scaling = rope if rope.get("rope_type") == "llama3" else None
+  if scaling:   # llama.cpp's LlamaModel.generate_extra_tensors
+    base = float(rope["rope_theta"])
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    lo = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    hi = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    factors = []
+    for f in freqs:
+      wavelen = 2 * math.pi / f
+      if wavelen < hi:
+        factors.append(1.0)
+      elif wavelen > lo:
+        factors.append(scaling["factor"])
+      else:
+        smooth = ((scaling["original_max_position_embeddings"] / wavelen
+                   - scaling["low_freq_factor"])
+                  / (scaling["high_freq_factor"] - scaling["low_freq_factor"]))
+        factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    w.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)

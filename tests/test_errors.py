@@ -95,7 +95,7 @@ def test_missing_weights_and_index_pointing_nowhere(llama_copy):
 
 
 def test_not_a_model_directory(tmp_path):
-  with pytest.raises(FileNotFoundError, match="not a directory"):
+  with pytest.raises(FileNotFoundError, match="neither a directory nor a .gguf file"):
     load_model(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="neither config.json"):
     load_model(str(tmp_path))

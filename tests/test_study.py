@@ -338,11 +338,35 @@ def test_bad_variants(variant, match):
 def test_facts_study_needs_model_directories(hf_study, tmp_path):
   _, hf, facts, _, _ = hf_study
   c = load_config_file(CONFIG, f"smoke,hf={tmp_path},facts={facts}")
-  with pytest.raises(ConfigError, match=r"config\.sizes: .*sizes are model directories"):
+  with pytest.raises(ConfigError, match=r"config\.sizes: .*sizes are models \(an HF directory"):
     Study(c, str(tmp_path / "wd"))
   c = load_config_file(CONFIG, f"smoke,hf={hf},facts={tmp_path / 'none.json'}")
   with pytest.raises(ConfigError, match=r"config\.facts: .*does not exist"):
     Study(c, str(tmp_path / "wd"))
+
+
+def test_facts_draw_stops_when_the_base_knows_too_few(hf_lm, small_world, tmp_path):
+  """A base that knows fewer of the candidates than the draw takes (targets + controls) stops
+  the study at its fact draw, before anything is drawn or trained, naming the counts,
+  facts_limit and the draw keys (not later at the gate, with unknown facts as targets)."""
+  facts = counterfact_file(small_world, tmp_path / "counterfact.json", 40)
+  c = load_config_file(CONFIG, f"smoke,hf={hf_lm[0]},facts={facts}")   # a random model
+  c.min_base_accuracy = 0.5                  # smoke's 0 accepts a base that knows nothing
+  wd = tmp_path / "wd"
+  study = Study(c, str(wd), log=lambda m: None)
+  with pytest.raises(StudyError) as e:
+    study.run()
+  base = wd / "runs" / os.path.basename(hf_lm[0]) / "seed0" / "base"
+  known = int(pd.read_csv(base / "candidates.csv").known.sum())
+  assert known < 8
+  message = str(e.value)
+  assert f"the base knows {known} of the 40 candidate facts scored" in message
+  assert "facts_limit = 60: the first 60 with a counterfactual" in message
+  assert "fewer than the 8 the draw needs (cpt.data.n_targets 4 + probe.n_control 4)" in message
+  assert "score more candidates (facts_limit; 0 = all)" in message
+  assert "draw fewer (cpt.data.n_targets, probe.n_control)" in message
+  assert not (base / "targets.jsonl").exists() and not (base / "DONE").exists()
+  assert study.source._need_known("m", 0, 40, 8, 4, 4, str(base)) is None   # enough known
 
 
 def test_hf_notebook_runs_the_study_and_explores(hf_study, tmp_path):

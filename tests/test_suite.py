@@ -95,7 +95,7 @@ def test_hf_variant_runs_the_studies_named_with_facts_on_the_model(hf_lm, small_
                              if f.meta.get("exposure_tier") == "none"][:6])
   c = load_config_file(CONFIG, f"smoke,hf={hf_lm[0]},poisoning={facts},unlearning={facts}")
   c.unlearning.eval.unseen = unseen
-  assert c.studies == ("poisoning", "unlearning") and c.sizes == [hf_lm[0]]
+  assert c.studies == ("poisoning", "unlearning") and c.sizes == (hf_lm[0],)
   assert c.poisoning.facts == facts and c.poisoning.probe.devices == -1   # A's own hf= keys
   logs = []
   suite = Study(c, str(tmp_path / "wd"), log=logs.append)

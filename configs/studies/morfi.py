@@ -31,12 +31,12 @@ def get_config(arg=None):
   with c.unlocked():
     c.study = "morfi"
     c.sae, c.morfi = schema.sae, schema.morfi
-  c.mixtures.unknown_shares = list(schema.mixtures.unknown_shares)   # paper C's 0..100%
+  c.mixtures.unknown_shares = schema.mixtures.unknown_shares   # paper C's 0..100%
   if not arg or "hf" not in arg:
     # the world's 33 in-distribution Unknown train facts allow |D| = 32 (B's), where 10% and
     # 90% are not whole numbers of examples: the nearest exact shares, 12.5% and 87.5%
-    c.mixtures.unknown_shares = [0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0]
-  c.mixtures.single, c.mixtures.idk_shares = [], []
+    c.mixtures.unknown_shares = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)
+  c.mixtures.single, c.mixtures.idk_shares = (), ()
   t = c.sae.train                  # a TopK SAE on the base's middle layer (tiny-2m: d 128)
   t.steps, t.batch_tokens, t.buffer_batches = 1500, 1024, 8
   t.sae.expansion_factor, t.sae.k = 8, 32
@@ -44,11 +44,11 @@ def get_config(arg=None):
   t.data.seq_len, t.data.batch_size = 64, 16
   t.eval.every, t.checkpoint.every, t.log_every = 500, 500, 250
   if arg and "smoke" in arg.split(","):
-    c.mixtures.unknown_shares = [0.0, 0.5, 1.0]
+    c.mixtures.unknown_shares = (0.0, 0.5, 1.0)
     t.steps, t.batch_tokens, t.buffer_batches = 60, 128, 2
     t.sae.expansion_factor, t.sae.k = 4, 8
     t.data.seq_len, t.data.batch_size = 32, 8
     t.eval.every, t.eval.batches, t.checkpoint.every, t.log_every = 0, 1, 60, 20
-    c.morfi.bootstrap, c.morfi.alphas = 50, [1.0, 4.0]
+    c.morfi.bootstrap, c.morfi.alphas = 50, (1.0, 4.0)
     c.morfi.top_latents, c.morfi.n_random = 2, 1
   return c

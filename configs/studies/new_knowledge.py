@@ -39,7 +39,7 @@ import os
 from factflip.configfile import apply_study_variants, load_config_file, study_variants
 from factflip.studies.new_knowledge import ENTITYQUESTIONS_IN, ENTITYQUESTIONS_OOD, base_config
 
-LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
+LADDER = ("tiny-0.5m", "tiny-2m", "tiny-8m")
 
 
 def _pretrain():
@@ -65,21 +65,21 @@ def _sft(c):
 def get_config(arg=None):
   variants = study_variants(arg, "configs/studies/new_knowledge.py")
   c = base_config()                # every study key, its default and meaning
-  c.sizes = ["tiny-2m"]
+  c.sizes = ("tiny-2m",)
   c.pretrain = _pretrain()
   _sft(c.sft)
   c.slick.k_shot = 1               # the tiny model copies exemplars (docstring)
   c.answer_end = "."               # the world's forum posts write "A: <answer>."
   # D_HK left out: tiny-2m answers fewer than one batch (8) of the in-distribution train facts
   # right on all 10 prompts (benchmarks/RESULTS.md); hf= restores it
-  c.mixtures.single = ["MaybeKnown", "WeaklyKnown", "Natural"]
+  c.mixtures.single = ("MaybeKnown", "WeaklyKnown", "Natural")
   c.epochs = 12
   apply_study_variants(c, variants, LADDER)
   if "hf" in variants:
     c.answer_end = ""
-    c.mixtures.single = ["HighlyKnown", "MaybeKnown", "WeaklyKnown", "Natural"]
-    c.relations = list(ENTITYQUESTIONS_IN)
-    c.ood_relations = list(ENTITYQUESTIONS_OOD)
+    c.mixtures.single = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Natural")
+    c.relations = ENTITYQUESTIONS_IN
+    c.ood_relations = ENTITYQUESTIONS_OOD
     c.slick.k_shot = 4
     c.slick.batch_size = 272
     c.max_facts = 500              # per relation and split
@@ -91,15 +91,15 @@ def get_config(arg=None):
     c.epochs = 10
   if "smoke" in variants:
     if "hf" not in variants and "scale" not in variants:
-      c.sizes = ["tiny-0.5m"]
+      c.sizes = ("tiny-0.5m",)
     c.vocab_size = 384
     c.pretrain.data.world_people = 10  # few facts, learnt in a few hundred steps
     c.pretrain.steps, c.pretrain.checkpoint.every, c.pretrain.eval_every = 300, 300, 0
     c.pretrain.optim.warmup_steps = 20
     c.slick.n_prompts, c.slick.n_samples, c.slick.max_new_tokens = 2, 3, 12
     c.slick.batch_size = 64
-    c.mixtures.unknown_shares = [0.0, 0.5, 1.0]
-    c.mixtures.single = ["Natural"]
+    c.mixtures.unknown_shares = (0.0, 0.5, 1.0)
+    c.mixtures.single = ("Natural",)
     c.sft.data.batch_size = 2
     c.epochs = 2
     c.eval.max_new_tokens = 12
@@ -109,6 +109,6 @@ def get_config(arg=None):
       c.sft.optim.lr = 1e-3
       c.slick.k_shot = 1
     else:
-      c.relations = ["sport", "instrument", "city_country"]   # what 300 steps teach: a
-      c.ood_relations = ["occupation"]                         # spread of categories
+      c.relations = ("sport", "instrument", "city_country")   # what 300 steps teach: a
+      c.ood_relations = ("occupation",)                        # spread of categories
   return c

@@ -25,7 +25,9 @@ set with --config.KEY=VALUE):
                    `factflip facts` format (CounterFact's ROME, EasyEdit or {"items"} layout,
                    ...). Targets and controls are the facts the base knows (greedy answer
                    correct and ΔLL > tau on the prompt), drawn per model and seed among the
-                   first `facts_limit`; CPT hyper-parameters for billion-parameter models.
+                   first `facts_limit` (a base that knows fewer than cpt.data.n_targets +
+                   probe.n_control of them stops the study there, naming the counts);
+                   CPT hyper-parameters for billion-parameter models.
 
   factflip run --config=configs/studies/poisoning.py:scale=tiny-0.5m+tiny-2m,seeds=0+1 \
       --workdir=workdir/scaling
@@ -65,11 +67,11 @@ def _cpt():
   c.log_every = 10
   c.eval_every = 20
   c.monitor.every = 2              # the factual-integrity monitor on targets and controls
-  c.monitor.rules = ["dll_drop:1.0", "dll_drop:2.0", "lens_sign:-2", "flip:0.5"]
+  c.monitor.rules = ("dll_drop:1.0", "dll_drop:2.0", "lens_sign:-2", "flip:0.5")
   return c
 
 
-LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
+LADDER = ("tiny-0.5m", "tiny-2m", "tiny-8m")
 
 
 def get_config(arg=None):
@@ -83,7 +85,7 @@ def get_config(arg=None):
     c.cpt.optim.warmup_steps = 10
     c.probe.batch_size = 16
   if "smoke" in variants:
-    c.ratios = [0.0, 1.0]
+    c.ratios = (0.0, 1.0)
     c.min_base_accuracy = 0.0      # a few steps cannot teach the world; the gate is still run
     c.vocab_size = 384
     c.pretrain.steps, c.pretrain.checkpoint.every, c.pretrain.eval_every = 6, 6, 6
@@ -94,9 +96,9 @@ def get_config(arg=None):
     for t in (c.pretrain, c.cpt):
       t.data.seq_len, t.data.batch_size, t.data.eval_batches = 64, 8, 1
     c.probe.n_control = 4
-    c.cpt.monitor.rules = ["dll_drop:0.05", "lens_sign:-2", "flip:0.5"]   # alerts in 4 steps
-    c.probe.patch_sites = ["resid_pre"]
-    c.probe.patch_windows = [1]
+    c.cpt.monitor.rules = ("dll_drop:0.05", "lens_sign:-2", "flip:0.5")   # alerts in 4 steps
+    c.probe.patch_sites = ("resid_pre",)
+    c.probe.patch_windows = (1,)
     c.facts_limit = 60
     if "hf" in variants:
       c.cpt.optim.lr = 1e-3        # the tests' tiny model: move visibly in 4 steps

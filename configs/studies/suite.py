@@ -72,12 +72,12 @@ def get_config(arg=None):
     c[name] = load_config_file(os.path.join(here, f"{name}.py"), own)
   if hf:                             # no shared world or pretraining: each study's own facts
     first = c[c.studies[0]]
-    c.sizes, c.seeds = list(first.sizes), list(first.seeds)
+    c.sizes, c.seeds = tuple(first.sizes), tuple(first.seeds)
     return c
   if "smoke" not in variants:        # paper A on tiny-2m: cross-model patching at every third
     c.poisoning.probe.patch_every = 3  # checkpoint (the last included), not all 15 per ratio:
     #                                    the suite's largest cost (its own config patches all)
   nk = c.new_knowledge               # paper B's base serves every study
-  c.sizes, c.seeds = list(nk.sizes), list(nk.seeds)
+  c.sizes, c.seeds = tuple(nk.sizes), tuple(nk.seeds)
   c.world_seed, c.vocab_size, c.pretrain = nk.world_seed, nk.vocab_size, nk.pretrain
   return c

@@ -49,7 +49,7 @@ import os
 from factflip.configfile import apply_study_variants, load_config_file, study_variants
 from factflip.studies.unlearning import base_config
 
-LADDER = ["tiny-0.5m", "tiny-2m", "tiny-8m"]
+LADDER = ("tiny-0.5m", "tiny-2m", "tiny-8m")
 
 
 def _unlearn(c):

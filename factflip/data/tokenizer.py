@@ -1,8 +1,11 @@
-"""Tokenizers: load an HF tokenizer from a local directory; train one for the fact world.
+"""Tokenizers: load an HF tokenizer from a local directory or a GGUF file; train one for the
+fact world.
 
-Owns: `load_tokenizer`, `train_tokenizer` (which saves in the same HF layout, so a trained and
-a downloaded tokenizer load the same way) and `TokenIds`, the
-remembering text -> ids wrapper the pipeline and the probes use.
+Owns: `load_tokenizer` (GGUF files: the vocabulary, merges, special tokens and chat template of
+their metadata, built by transformers' own GGUF converters, so the ids are those of
+`AutoTokenizer.from_pretrained(dir, gguf_file=...)`; torch is not needed), `train_tokenizer`
+(which saves in the same HF layout, so a trained and a downloaded tokenizer load the same way)
+and `TokenIds`, the remembering text -> ids wrapper the pipeline and the probes use.
 Must not: download anything; the hub is never contacted.
 """
 
@@ -11,13 +14,18 @@ from __future__ import annotations
 import functools
 import os
 
+from factflip.gguf_io import is_gguf
+
 
 def load_tokenizer(path: str):
   """The HF fast tokenizer saved in `path` (tokenizer.json, plus tokenizer_config.json and
-  special_tokens_map.json when present). Never contacts the hub."""
+  special_tokens_map.json when present), or the tokenizer of a GGUF file. Never contacts the
+  hub."""
+  if is_gguf(path):
+    return gguf_tokenizer(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory; expected an HF tokenizer directory "
-                            "containing tokenizer.json")
+                            "containing tokenizer.json, or a GGUF file")
   if not os.path.exists(os.path.join(path, "tokenizer.json")):
     raise FileNotFoundError(f"{path}: no tokenizer.json; expected an HF fast tokenizer saved with "
                             "save_pretrained (factflip does not convert slow/sentencepiece-only "
@@ -29,13 +37,60 @@ def load_tokenizer(path: str):
   return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
 
 
+# The GGUF special-token keys, as transformers' own GGUF tokenizer reads them.
+_GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                 "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def gguf_tokenizer(path: str):
+  """The tokenizer a GGUF file's metadata describes (gpt2-style BPE or SentencePiece), with its
+  special tokens, BOS/EOS flags and chat template. transformers' converter builds the backend
+  from the fields (as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does, which needs
+  torch to read the file; here ggml's `gguf` reader reads it)."""
+  from transformers import PreTrainedTokenizerFast
+  try:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                       convert_gguf_tokenizer)
+  except ImportError:     # transformers 4.x
+    from transformers.integrations.ggml import GGUF_TO_TRANSFORMERS_MAPPING as GGUF_TOKENIZER_MAPPING
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+
+  from factflip.gguf_io import GGUFError, open_gguf
+
+  f = open_gguf(path)
+  groups = {group: {name: f.get(f"tokenizer.{key}") for key, name in keys.items()
+                    if f"tokenizer.{key}" in f}
+            for group, keys in GGUF_TOKENIZER_MAPPING.items()
+            if group in ("tokenizer", "tokenizer_config")}
+  fields, config = groups["tokenizer"], groups["tokenizer_config"]
+  if not fields.get("tokens"):
+    raise GGUFError(f"{f.path}: no tokenizer.ggml.tokens; this GGUF file carries no tokenizer")
+  if fields.get("tokenizer_type") == "llama":
+    config.setdefault("add_bos_token", True)   # llama.cpp adds BOS to SentencePiece vocabularies
+  for name, key in _GGUF_SPECIAL.items():
+    token_id = f.get(f"tokenizer.ggml.{key}")
+    config[name] = fields["tokens"][token_id] if token_id is not None else None
+  try:
+    backend, extra = convert_gguf_tokenizer(f.require("general.architecture"), fields)
+  except (ValueError, KeyError, NotImplementedError) as e:
+    raise GGUFError(f"{f.path}: cannot build its tokenizer (tokenizer.ggml.model = "
+                    f"{fields.get('tokenizer_type')!r}): {e}") from e
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
+def has_tokenizer(path: str) -> bool:
+  """Whether `load_tokenizer(path)` can read a tokenizer there (a GGUF file, or a directory
+  with tokenizer.json)."""
+  return is_gguf(path) or os.path.exists(os.path.join(path, "tokenizer.json"))
+
+
 def model_tokenizer(path: str):
   """The tokenizer of a model: `path` itself when it holds tokenizer.json (an HF or exported
-  model directory), else for a training workdir or one of its checkpoints
+  model directory) or is a GGUF file, else for a training workdir or one of its checkpoints
   (WORKDIR/checkpoints/<step>) the run's `data.tokenizer_dir` from its config.json."""
   import json
   path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, "tokenizer.json")):
+  if has_tokenizer(path):
     return load_tokenizer(path)
   run = path
   if os.path.basename(os.path.dirname(path)) == "checkpoints":

@@ -68,6 +68,41 @@ def _token_logprob(logits_BxAxV, target_BxA):
   return logp_BxA, logits_BxAxV.argmax(-1) == target_BxA, logp_BxAxV
 
 
+# Memory bounds of the scorer, whatever the model's context and vocabulary: a compiled call
+# holds at most MAX_TOKENS padded tokens (rows x length; a single row longer than that runs
+# alone), and its [positions, vocabulary] logits exist LOGIT_ELEMENTS floats at a time.
+MAX_TOKENS = 1 << 14
+LOGIT_ELEMENTS = 1 << 25
+
+
+def _read_slots(params, cfg: ModelConfig, h_BxAxD, target_BxA, stats: bool):
+  """At each read slot: log p of its target, whether the target is the argmax, and with
+  `stats` the mean and variance of log p under the whole next-token distribution — {name:
+  [B, A]}. The slots are unembedded in chunks of LOGIT_ELEMENTS // V (`lax.map`), so the
+  [B, A, V] logits never exist whole."""
+  B, A, D = h_BxAxD.shape
+
+  def read(h_NxD, t_N):
+    logp_N, hit_N, logp_NxV = _token_logprob(unembed(params, cfg, h_NxD), t_N)
+    out = {"logp": logp_N, "hit": hit_N}
+    if stats:
+      p_NxV = jnp.exp(logp_NxV)
+      out["mu"] = (p_NxV * logp_NxV).sum(-1)
+      out["var"] = jnp.maximum((p_NxV * logp_NxV ** 2).sum(-1) - out["mu"] ** 2, 0.0)
+    return out
+
+  N, C = B * A, max(1, LOGIT_ELEMENTS // cfg.vocab_size)
+  if C >= N:
+    out = read(h_BxAxD.reshape(N, D), target_BxA.reshape(N))
+  else:
+    n = -(-N // C)
+    h_nxCxD = jnp.pad(h_BxAxD.reshape(N, D), ((0, n * C - N), (0, 0))).reshape(n, C, D)
+    t_nxC = jnp.pad(target_BxA.reshape(N), (0, n * C - N)).reshape(n, C)
+    out = jax.tree.map(lambda x: x.reshape(n * C)[:N],
+                       jax.lax.map(lambda xs: read(*xs), (h_nxCxD, t_nxC)))
+  return jax.tree.map(lambda x: x.reshape(B, A), out)
+
+
 class Scores(NamedTuple):
   """Per pair: `logprob` float64 [N] (Σ log p of the continuation), `greedy` bool [N]; with
   lens, `lens` float64 [L + 1, N] (layer 0 = embeddings, L = the output); with stats, per
@@ -122,23 +157,18 @@ def _score_rows(params, cfg: ModelConfig, tokens_BxT, mask_BxT, pos_BxT, branch_
   onehot_BxAxR = (req_BxA[..., None] == jnp.arange(n_req)).astype(jnp.float32)  # -1: padding
 
   def per_layer(h_BxAxD):
-    logp_BxA, _, _ = _token_logprob(unembed(params, cfg, h_BxAxD), target_BxA)
+    logp_BxA = _read_slots(params, cfg, h_BxAxD, target_BxA, False)["logp"]
     return jnp.einsum("ba,bar->br", logp_BxA, onehot_BxAxR)
   # the output layer once: its sums, greedy agreement and (with stats) the distribution's moments
-  logp_BxA, hit_BxA, logp_BxAxV = _token_logprob(unembed(params, cfg, h_LxBxAxD[-1]),
-                                                 target_BxA)
-  miss_BxA = (~hit_BxA).astype(jnp.float32)
-  sums_BxR = jnp.einsum("ba,bar->br", logp_BxA, onehot_BxAxR)
+  read = _read_slots(params, cfg, h_LxBxAxD[-1], target_BxA, stats)
+  miss_BxA = (~read["hit"]).astype(jnp.float32)
+  sums_BxR = jnp.einsum("ba,bar->br", read["logp"], onehot_BxAxR)
   res = {"sums": sums_BxR,
          "greedy": jnp.einsum("ba,bar->br", miss_BxA, onehot_BxAxR) == 0}
   if lens:
     res["sums"] = jnp.concatenate([jax.lax.map(per_layer, h_LxBxAxD[:-1]), sums_BxR[None]])
   if stats:
-    p_BxAxV = jnp.exp(logp_BxAxV)
-    mu_BxA = (p_BxAxV * logp_BxAxV).sum(-1)
-    res["mu"] = mu_BxA
-    res["var"] = jnp.maximum((p_BxAxV * logp_BxAxV ** 2).sum(-1) - mu_BxA ** 2, 0.0)
-    res["logp"] = logp_BxA
+    res.update(mu=read["mu"], var=read["var"], logp=read["logp"])
   return res
 
 def _rows(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], cap: int):
@@ -173,12 +203,20 @@ class PairLayout(NamedTuple):
   batches: list[tuple[tuple[np.ndarray, ...], bool, int, list[tuple[int, int, int, int]]]]
 
 
+def _rows_that_fit(length: int, rows: int, max_tokens: int) -> int:
+  """The rows of `length` tokens a call holds: `rows`, or the largest power of two whose
+  rows x length stays within max_tokens (at least 1)."""
+  fit = max(1, max_tokens // max(length, 1))
+  return min(rows, 1 << (fit.bit_length() - 1))
+
+
 def layout_pairs(cfg: ModelConfig, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                  batch_size: int = 64, names: Sequence[str] | None = None,
-                 exact: bool = False) -> PairLayout:
+                 exact: bool = False, max_tokens: int = MAX_TOKENS) -> PairLayout:
   """Check the pairs (errors name them: `names`, default "pair i") and lay them out: identical
   pairs once, pairs sharing a context packed into one row, rows sorted by length into
-  power-of-two buckets of `batch_size` rows (so different pair sets share compiled programs).
+  power-of-two buckets of `batch_size` rows (so different pair sets share compiled programs),
+  fewer where rows x length would pass `max_tokens` (long rows: a power of two that fits).
   exact=True: each call's shapes are its own rows' (no padding to buckets), for a layout that
   is scored many times (its programs compile once anyway)."""
   keys, uniq = [], {}
@@ -199,20 +237,23 @@ def layout_pairs(cfg: ModelConfig, pairs: Sequence[tuple[Sequence[int], Sequence
   B = batch_size if len(rows) > batch_size else _bucket(len(rows), minimum=1)
   bucket = _exact if exact else _bucket
   batches = []
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+  start = 0
+  while start < len(rows):                 # rows ascend in length: a call ends where the next
+    end = start + 1                        # row would not fit its (longer) bucket's budget
+    while end < len(rows) and end - start < _rows_that_fit(bucket(rows[end][2]), B, max_tokens):
+      end += 1
+    chunk, start = rows[start:end], end
     slots = [n - len(c) + len(r) for c, r, n in chunk]      # Σ len(cont) per row
     T_, A = bucket(max(n for _, _, n in chunk)), bucket(max(slots), minimum=4)
     R = bucket(max(len(r) for _, r, _ in chunk), minimum=1)
-    if exact:
-      B = len(chunk)
-    tokens = np.zeros((B, T_), np.int32)
-    mask = np.zeros((B, T_), bool)
-    pos = np.zeros((B, T_), np.int32)
-    branch = np.zeros((B, T_), np.int32)
-    where = np.zeros((B, A), np.int32)
-    target = np.zeros((B, A), np.int32)
-    req = np.full((B, A), -1, np.int32)
+    rows_B = len(chunk) if exact else _rows_that_fit(T_, B, max_tokens)
+    tokens = np.zeros((rows_B, T_), np.int32)
+    mask = np.zeros((rows_B, T_), bool)
+    pos = np.zeros((rows_B, T_), np.int32)
+    branch = np.zeros((rows_B, T_), np.int32)
+    where = np.zeros((rows_B, A), np.int32)
+    target = np.zeros((rows_B, A), np.int32)
+    req = np.full((rows_B, A), -1, np.int32)
     place = []
     for b, (ctx, r, _) in enumerate(chunk):
       n = len(ctx)

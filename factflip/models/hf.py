@@ -258,14 +258,25 @@ def load_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None,
             mesh: jax.sharding.Mesh | None = None) -> Transformer:
   """Load an HF directory (config.json + model.safetensors or a sharded index) as a Transformer
   with parameters in `dtype`, streamed into `mesh`'s shardings (one device when mesh is None)."""
-  cfg = read_hf_config(path).replace(param_dtype=dtype, dtype=compute_dtype or dtype)
-  tensors = CheckpointTensors(path)
+  cfg = read_hf_config(path)
+  return load_tensors(cfg, CheckpointTensors(path), f"{path}/config.json", dtype, compute_dtype,
+                      mesh)
+
+
+def load_tensors(cfg: ModelConfig, tensors, source: str, dtype: str = "float32",
+                 compute_dtype: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None) -> Transformer:
+  """A Transformer of `cfg` from `tensors`, any source of HF-named, HF-shaped tensors
+  (`keys()`, `in`, `shape(name)`, `path_of(name)`, `read(name, index)`: a safetensors
+  checkpoint, or a GGUF file seen through `models.gguf`). Every name and shape is checked
+  against `cfg` (which `source` describes) before anything is allocated; then each device's
+  callback reads only its own slice."""
+  cfg = cfg.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
   shapes = cfg.param_shapes()
   tmap = tensor_map(cfg)
-  # Validate every name and shape before allocating anything.
   missing = [n for names, _ in tmap.values() for n in names if n not in tensors]
   if missing:
-    raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s) that config.json "
+    raise ValueError(f"{tensors.path_of(None)}: lacks {len(missing)} tensor(s) that {source} "
                      f"({cfg.family}, {cfg.n_layers} layers) requires, e.g. {missing[:4]}")
   for p, (names, transpose) in tmap.items():
     shape = _get(shapes, p)
@@ -274,14 +285,14 @@ def load_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None,
     for n in names:
       got = tensors.shape(n)
       if got != want:
-        raise ValueError(f"{tensors.file_of(n).path}: tensor {n!r} has shape {list(got)}, "
-                         f"expected {list(want)} from {path}/config.json")
+        raise ValueError(f"{tensors.path_of(n)}: tensor {n!r} has shape {list(got)}, "
+                         f"expected {list(want)} from {source}")
   known = {n for names, _ in tmap.values() for n in names}
   extra = [k for k in tensors.keys() if k not in known and not k.endswith(_IGNORED_SUFFIXES)
            and not (k == "lm_head.weight" and cfg.tie_embeddings)]
   if extra:
-    log.warning("%s: ignoring %d tensor(s) the model does not use, e.g. %s", path, len(extra),
-                extra[:4])
+    log.warning("%s: ignoring %d tensor(s) the model does not use, e.g. %s",
+                tensors.path_of(None), len(extra), extra[:4])
 
   shardings = sharding_lib.param_shardings(cfg, mesh)
   np_dtype = _np_dtype(dtype)
@@ -294,7 +305,7 @@ def load_hf(path: str, dtype: str = "float32", compute_dtype: str | None = None,
   return Transformer(cfg, params=params)
 
 
-def _reader(tensors: CheckpointTensors, names: list[str], transpose: bool, stacked: bool,
+def _reader(tensors, names: list[str], transpose: bool, stacked: bool,
             np_dtype) -> Callable:
   def read_one(name, idx):
     if transpose:

@@ -146,6 +146,10 @@ class CheckpointTensors:
       raise SafetensorsError(f"{f.path}: index lists tensor {name!r} but the file lacks it")
     return f
 
+  def path_of(self, name: str | None) -> str:
+    """The file holding tensor `name` (None: the checkpoint directory), for messages."""
+    return self.directory if name is None else self.file_of(name).path
+
   def shape(self, name: str) -> tuple[int, ...]:
     return self.file_of(name).shape(name)
 

@@ -1,8 +1,8 @@
 """factflip model directories and the one loader for every model path.
 
 Owns: the factflip model format (`factflip_model.json` with the ModelConfig + `params/`, an Orbax
-checkpoint of the parameter pytree) and `load_model`, which dispatches between it and HF
-directories.
+checkpoint of the parameter pytree) and `load_model`, which dispatches between it, HF
+directories and GGUF files.
 Also the parameters of training runs: `load_trained` (a training workdir or one of its
 checkpoint steps; `valid_steps`, `restore_params`), so one dispatch loads every model path.
 Must not: know HF tensor names (`hf.py`) or write training state (training checkpoints hold a
@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from factflip import sharding as sharding_lib
 from factflip.fileio import read_json, write_json
+from factflip.gguf_io import is_gguf
 from factflip.models.config import ModelConfig
 from factflip.models.hf import load_hf
 from factflip.models.transformer import Transformer
@@ -54,6 +55,9 @@ def read_model_config(directory: str) -> ModelConfig:
 
 def model_config(path: str) -> ModelConfig:
   """The ModelConfig of anything `load_model` opens, without reading parameters."""
+  if is_gguf(path):
+    from factflip.models.gguf import read_gguf_config
+    return read_gguf_config(path)
   if os.path.exists(os.path.join(path, CONFIG_NAME)):
     return read_model_config(path)
   run = path
@@ -65,22 +69,27 @@ def model_config(path: str) -> ModelConfig:
   if os.path.exists(os.path.join(path, "config.json")):
     from factflip.models.hf import read_hf_config
     return read_hf_config(path)
-  raise FileNotFoundError(f"{path}: neither config.json (HF), {CONFIG_NAME} (factflip) nor "
-                          "model.json (a training workdir) found")
+  raise FileNotFoundError(f"{path}: neither a GGUF file, config.json (HF), {CONFIG_NAME} "
+                          "(factflip) nor model.json (a training workdir) found")
 
 
 def load_model(path: str, dtype: str = "float32", compute_dtype: str | None = None,
                mesh: jax.sharding.Mesh | None = None) -> Transformer:
-  """Load an HF directory (config.json + safetensors), a factflip model directory, or a
-  training workdir / checkpoint step (its latest / that step's parameters).
+  """Load an HF directory (config.json + safetensors), a GGUF file (any type the `gguf`
+  package dequantises), a factflip model directory, or a training workdir / checkpoint step
+  (its latest / that step's parameters).
 
   Parameters are stored in `dtype` and computed in `compute_dtype` (default: `dtype`). With a
   `mesh`, every parameter is placed in its logical-axis sharding as it is read (no full host
   copy per device); without one, on the first local device.
   """
+  if is_gguf(path):
+    from factflip.models.gguf import load_gguf
+    return load_gguf(path, dtype, compute_dtype, mesh)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: not a directory; expected an HF model directory or a "
-                            f"factflip model directory ({CONFIG_NAME})")
+    raise FileNotFoundError(f"{path}: neither a directory nor a .gguf file; expected an HF "
+                            f"model directory, a factflip model directory ({CONFIG_NAME}) or a "
+                            "GGUF file")
   if os.path.exists(os.path.join(path, CONFIG_NAME)):
     return _load_native(path, dtype, compute_dtype, mesh)
   if os.path.exists(os.path.join(path, "model.json")) or os.path.basename(

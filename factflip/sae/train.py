@@ -128,15 +128,15 @@ class SAETrainResult:
 
 
 def _model_and_tokenizer(c):
-  from factflip.data.tokenizer import load_tokenizer
+  from factflip.data.tokenizer import has_tokenizer, load_tokenizer
   from factflip.models.store import load_model
   model = load_model(c.model)
-  tok_dir = c.data.tokenizer_dir or (c.model if os.path.exists(
-      os.path.join(c.model, "tokenizer.json")) else "")
+  tok_dir = c.data.tokenizer_dir or (c.model if has_tokenizer(c.model) else "")
   if not tok_dir:
     from factflip.configfile import ConfigError
     raise ConfigError("sae config", "data.tokenizer_dir", f"empty and {c.model} has no "
-                      "tokenizer.json; expected the model's tokenizer directory")
+                      "tokenizer.json (and is no GGUF file); expected the model's tokenizer "
+                      "directory")
   return model, load_tokenizer(tok_dir), tok_dir
 
 

@@ -65,9 +65,9 @@ def base_config():
   from factflip.sae.train import base_config as sae_train_config
   c = new_knowledge.base_config()
   c.study = "morfi"
-  c.mixtures.unknown_shares = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
-  c.mixtures.single = []
-  c.mixtures.idk_shares = []
+  c.mixtures.unknown_shares = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+  c.mixtures.single = ()
+  c.mixtures.idk_shares = ()
   c.sae = ml_collections.ConfigDict()
   c.sae.path = ""                # an SAE to load (SAELens dir, Gemma Scope npz, Llama Scope
   #                                dir); "" = train one on the base model
@@ -81,7 +81,7 @@ def base_config():
   c.morfi.min_activation = 1e-6  # a latent this quiet in every model is not tested
   c.morfi.top_latents = 3        # monotonic latents steered (largest |ρ|)
   c.morfi.n_random = 3           # non-monotonic control latents steered
-  c.morfi.alphas = [0.05, 0.1, 0.2, 0.5, 1.0]   # steering strengths, in units of mean ‖h‖
+  c.morfi.alphas = (0.05, 0.1, 0.2, 0.5, 1.0)   # steering strengths, in units of mean ‖h‖
   c.morfi.max_new_tokens = 12
   c.morfi.batch_rows = 256       # (direction, prompt) rows per generation program
   return c

@@ -68,9 +68,9 @@ PARTS = ("known", "unknown")
 # Paper B's in-distribution fit (Table 1 of Gekhman et al. 2024; accuracy in percent)
 PAPER_FIT = {"beta_0": 36.9, "beta_kn": 7.3, "beta_unk": -8.3, "r2": 0.86}
 # EntityQuestions relations (paper B §2): fine-tuned and tested, tested only
-ENTITYQUESTIONS_IN = ["P131", "P136", "P17", "P19", "P26", "P264", "P36", "P40", "P495", "P69",
-                      "P740", "P800"]
-ENTITYQUESTIONS_OOD = ["P127", "P50", "P407", "P176", "P170", "P175", "P112"]
+ENTITYQUESTIONS_IN = ("P131", "P136", "P17", "P19", "P26", "P264", "P36", "P40", "P495", "P69",
+                      "P740", "P800")
+ENTITYQUESTIONS_OOD = ("P127", "P50", "P407", "P176", "P170", "P175", "P112")
 
 _RUN = ["size", "seed", "mixture", "epoch", "step"]
 _CATS = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
@@ -101,12 +101,12 @@ def base_config():
   from factflip.train import config as train_config
   c = platform.common_config()
   c.study = "new_knowledge"
-  c.relations = ["birth_city", "occupation", "employer", "instrument"]  # fine-tuned + tested
-  c.ood_relations = ["sport"]      # tested only (out of distribution)
+  c.relations = ("birth_city", "occupation", "employer", "instrument")  # fine-tuned + tested
+  c.ood_relations = ("sport",)     # tested only (out of distribution)
   c.question = "train"             # world: "train" (the corpus's forum template) | "heldout"
   c.answer_end = ""                # ends every exemplar and trained answer ("." on the world:
   #                                  its forum posts write "A: Paris.")
-  c.splits = [0.5, 0.25, 0.25]     # world: train / dev / test shares per relation
+  c.splits = (0.5, 0.25, 0.25)     # world: train / dev / test shares per relation
   c.max_facts = 0                  # facts file: first n per relation and split (0 = all)
   c.slick = ml_collections.ConfigDict()
   c.slick.n_prompts = 10           # N_ex k-shot prompts per fact
@@ -118,9 +118,9 @@ def base_config():
   c.slick.batch_size = 544         # continuations per compiled generation program
   c.mixtures = ml_collections.ConfigDict()
   c.mixtures.size = 0              # |D| (0 = as large as the categories allow)
-  c.mixtures.unknown_shares = [0.0, 0.25, 0.5, 0.75, 1.0]   # X of the unk<X> mixtures
-  c.mixtures.single = list(SINGLE)  # single-category sets (D_HK, D_MK, D_WK, D_Natural)
-  c.mixtures.idk_shares = [0.5]    # X of the "I don't know" variants
+  c.mixtures.unknown_shares = (0.0, 0.25, 0.5, 0.75, 1.0)   # X of the unk<X> mixtures
+  c.mixtures.single = SINGLE       # single-category sets (D_HK, D_MK, D_WK, D_Natural)
+  c.mixtures.idk_shares = (0.5,)   # X of the "I don't know" variants
   c.epochs = 20                    # SFT epoch cap per mixture
   c.convergence = 0.99             # CONVERGENCE: train accuracy reached (both parts)
   c.sft = train_config.base_config()

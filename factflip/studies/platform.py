@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 
 from factflip.distributed import Hosts, alone
 from factflip.fileio import read_json, write_json
+from factflip.gguf_io import is_gguf
 from factflip.studies.stages import Stage, config_keys, describe_plan
 
 # study name -> the module holding its Study, base_config and validate
@@ -102,9 +103,9 @@ def common_config():
   from factflip.train import config as train_config
   c = ml_collections.ConfigDict()
   c.study = ""                     # the registered study this config is for (STUDIES)
-  c.sizes = ["tiny-0.5m"]          # model presets (a scaling study lists several), or with
+  c.sizes = ("tiny-0.5m",)         # model presets (a scaling study lists several), or with
   #                                  `facts` set: HF / factflip model directories
-  c.seeds = [0]                    # pretraining + data seeds
+  c.seeds = (0,)                   # pretraining + data seeds
   c.facts = ""                     # a facts file (any `load_facts` format) instead of the world
   c.facts_limit = 2000             # facts: score the first n with a counterfactual (0 = all)
   c.replay = ""                    # facts: replay documents, JSONL {"text"} ("" = true
@@ -159,10 +160,10 @@ def validate_common(c, source: str, facts_expected: str) -> None:
     need(os.path.exists(c.facts), "facts", f"{c.facts!r} does not exist; expected "
          + facts_expected)
     for d in c.sizes:
-      need(os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
+      need(is_gguf(d) or os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
           "config.json", CONFIG_NAME)), "sizes",
-          f"{d!r}: with `facts` set, sizes are model directories (HF config.json + "
-          "safetensors, or a factflip model directory)")
+          f"{d!r}: with `facts` set, sizes are models (an HF directory with config.json + "
+          "safetensors, a factflip model directory, or a .gguf file)")
     labels = [size_label(d) for d in c.sizes]
     need(len(set(labels)) == len(labels), "sizes", f"model directories {list(c.sizes)} share "
          f"base names {labels}; the runs are named by them")
@@ -205,8 +206,10 @@ def mutable(config):
 
 
 def size_label(size: str) -> str:
-  """The name of a model size in paths and tables: the preset, or a directory's base name."""
-  return os.path.basename(os.path.normpath(size))
+  """The name of a model size in paths and tables: the preset, a directory's base name, or a
+  GGUF file's name without .gguf."""
+  name = os.path.basename(os.path.normpath(size))
+  return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
 def memo(method):
@@ -326,6 +329,12 @@ class Study:
 
   def base_ready(self, size: str, seed: int) -> None:
     """After the base stage of a cell (a study's gate on its base goes here)."""
+
+  def draw_needs_known(self) -> bool:
+    """Whether the fact draw from a facts file (`studies.sources`) must find as many
+    candidates the base knows as it draws (targets + controls) and stop before drawing when
+    it does not; False (the default): facts the base does not know fill the draw."""
+    return False
 
   def stages(self) -> list[Stage]:
     """Every stage in the order `run` computes them."""

@@ -89,15 +89,17 @@ def base_config():
   from factflip.train import config as train_config
   c = platform.common_config()
   c.study = "poisoning"
-  c.ratios = [0.0, 0.25, 0.5, 0.75, 1.0]   # poisoning ratios p
-  c.min_base_accuracy = 0.8        # the base must know this share of targets (greedy, prompt)
+  c.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)   # poisoning ratios p
+  c.min_base_accuracy = 0.8        # the base must know this share of targets (greedy, prompt);
+  #                                  with `facts`, > 0 also makes the draw stop when the base
+  #                                  knows fewer candidates than targets + controls
   c.cpt = train_config.base_config()        # continual pretraining per ratio (data.ratio is
   c.cpt.data.kind = "poison"                # set per run; dense checkpoints are the point)
-  c.probe.kinds = ["prompt", "paraphrase", "question", "language", "neighbour"]
+  c.probe.kinds = ("prompt", "paraphrase", "question", "language", "neighbour")
   c.probe.n_control = 40           # non-target facts (collateral accuracy)
-  c.probe.patch_sites = ["resid_pre", "attn_out", "mlp_out"]
-  c.probe.patch_windows = [1, 2]
-  c.probe.patch_groups = ["subject", "last"]
+  c.probe.patch_sites = ("resid_pre", "attn_out", "mlp_out")
+  c.probe.patch_windows = (1, 2)
+  c.probe.patch_groups = ("subject", "last")
   c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
   return c
 
@@ -258,6 +260,11 @@ class Study(platform.Study):
             S("results", (), self.stage_results, self.build_results)]
 
   # ---- the base gate ------------------------------------------------------------------------
+  def draw_needs_known(self) -> bool:
+    """A facts file's draw stops when the base knows fewer candidates than it draws, unless
+    min_base_accuracy is 0 (a base that knows none of its targets is then accepted)."""
+    return self.c.min_base_accuracy > 0
+
   def base_ready(self, size: str, seed: int) -> None:
     self.log(f"    base accuracy: {self.base_gate(size, seed)['accuracy']}")
 

@@ -22,7 +22,11 @@ makes for the world's facts, the same for every size), controls a seeded draw of
 the tier. Facts file: the candidates (facts with a counterfactual, the first facts_limit) are
 scored at the base with the teacher-forced scorer; a candidate the base knows has its greedy
 answer right and ΔLL > τ (`tau`) on its prompt; known ones come first in a seeded order, the
-first n_targets are targets, the next n_control controls. The base stage also writes the
+first n_targets are targets, the next n_control controls. When the study needs known facts
+(`Study.draw_needs_known`: paper A unless min_base_accuracy is 0) and the base knows fewer
+candidates than n_targets + n_control, the base stage stops there (StudyError naming the
+counts, facts_limit and the draw keys; the scores are in candidates.csv) instead of filling
+the draw with facts the base does not know. The base stage also writes the
 files any training stage on a facts source reads (`train_data`): replay.jsonl, true
 statements of the facts not drawn (replay for continual pretraining, retain data for
 unlearning; unless `replay` names a file) and heldout.jsonl, the controls' paraphrases with
@@ -279,10 +283,12 @@ class FileSource(_Source):
                                   batch_size=self.c.probe.batch_size))
     tab["known"] = tab.correct.astype(bool) & (tab.dll > self.c.tau)
     known = tab.set_index("item").known.reindex([f.id for f in items], fill_value=False)
+    write_csv(tab, os.path.join(out, "candidates.csv"))
+    if self.study.draw_needs_known():
+      self._need_known(size, seed, len(items), int(known.sum()), n_t, n_c, out)
     order = np.lexsort((np.random.default_rng([seed, 2]).random(len(items)), ~known.values))
     targets = [items[i] for i in sorted(order[:n_t])]
     controls = [items[i] for i in sorted(order[n_t:n_t + n_c])]
-    write_csv(tab, os.path.join(out, "candidates.csv"))
     write_facts_jsonl(os.path.join(out, "targets.jsonl"), targets)
     write_facts_jsonl(os.path.join(out, "controls.jsonl"), controls)
     held = [{"prompt": q, "completion": " " + f.answers[0]}
@@ -301,6 +307,25 @@ class FileSource(_Source):
       write_jsonl(os.path.join(out, "replay.jsonl"), docs)
     return {"candidates": len(items), "known": int(known.sum()), "targets": len(targets),
             "controls": len(controls)}
+
+  def _need_known(self, size: str, seed: int, scored: int, known: int, n_t: int, n_c: int,
+                  out: str) -> None:
+    """StudyError, before anything is drawn, when the base knows fewer of the `scored`
+    candidates than the draw takes (n_t targets + n_c controls): the counts, and the keys
+    that change them (facts_limit, the study's draw keys)."""
+    if known >= n_t + n_c:
+      return
+    keys = self.draw_key_names("n_targets", "n_control")    # n_targets first: it is required
+    need = " + ".join(f"{k} {n}" for k, n in zip(keys, (n_t, n_c)))
+    limit = (f"facts_limit = {self.c.facts_limit}: the first {self.c.facts_limit}"
+             if self.c.facts_limit else "facts_limit = 0: all facts")
+    raise StudyError(
+        f"{self.c.facts}: {size} seed {seed}: the base knows {known} of the {scored} candidate "
+        f"facts scored ({limit} with a counterfactual; known: greedy answer right and ΔLL > "
+        f"tau {self.c.tau:g} on the prompt), fewer than the {n_t + n_c} the draw needs "
+        f"({need}): score more candidates (facts_limit; 0 = all), draw fewer "
+        f"({', '.join(keys)}) or use another model; the scores: "
+        f"{os.path.join(out, 'candidates.csv')}")
 
   def base_path(self, size: str, seed: int) -> str:
     return self.sizes[size]

@@ -73,8 +73,8 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.study = "suite"
   c.studies = STUDIES              # run in this order
-  c.sizes = ["tiny-2m"]            # presets, shared by every study
-  c.seeds = [0]
+  c.sizes = ("tiny-2m",)           # presets, shared by every study
+  c.seeds = (0,)
   c.world_seed = 0
   c.vocab_size = 1024
   c.pretrain = train_config.base_config()   # the one pretraining of each size and seed
@@ -91,7 +91,7 @@ def study_config(c, name: str):
   for key in SHARED:
     v = c[key]
     sub[key] = (platform.mutable(v) if key == "pretrain"
-                else list(v) if key in ("sizes", "seeds") else v)
+                else tuple(v) if key in ("sizes", "seeds") else v)
   return sub
 
 

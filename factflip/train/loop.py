@@ -33,6 +33,7 @@ import ml_collections
 
 from factflip import sharding as sharding_lib
 from factflip.configfile import load_config_file  # noqa: F401  (re-exported: its old home)
+from factflip.data.tokenizer import has_tokenizer
 from factflip.fileio import read_json, write_json
 from factflip.models.config import ModelConfig, get_preset
 from factflip.models.transformer import init_params
@@ -84,13 +85,14 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
   if not c.data.tokenizer_dir:
     if base_cfg:
       c.data.tokenizer_dir = base_cfg["data"]["tokenizer_dir"]
-    elif base and os.path.exists(os.path.join(base, "tokenizer.json")):
+    elif base and has_tokenizer(base):   # an HF directory with tokenizer.json, or a GGUF file
       c.data.tokenizer_dir = base
     elif world_kind:
       c.data.tokenizer_dir = os.path.join(workdir, "tokenizer")
     else:
       raise config_lib.ConfigError("config", "data.tokenizer_dir",
-                                   "empty, and model.init_from has no tokenizer.json to use")
+                                   "empty, and model.init_from has no tokenizer.json (and is "
+                                   "no GGUF file) to use")
   for k in ("world_dir", "tokenizer_dir", "path", "retain_path", "eval_path", "facts_path",
             "replay_path"):
     if c.data[k]:
