@@ -5,10 +5,16 @@ study interval.
 
   python benchmarks/train_step.py [--presets=tiny-2m,tiny-8m,tiny-30m --batch=16 --seq=128]
       [--iters=8 --hf_presets=tiny-2m,tiny-8m --ckpt_every=10,25 --remat=none,full
-       --vocab=1024 --logits_chunk=0,512 --kernels]
+       --vocab=1024 --logits_chunk=0,512 --compute=float32,bfloat16 --kernels]
+  python benchmarks/train_step.py --presets=SmolLM2-135M-Instruct.Q4_1.gguf \
+      --hf_presets=SmolLM2-135M-Instruct.Q4_1.gguf --batch=8 --seq=64 --ckpt_preset=none
 
-Every (remat, logits_chunk) pair is a row; "grad temp MB" is the compiled loss gradient's
-temporaries at peak (XLA's buffer assignment), the memory `model.logits_chunk` saves.
+A "preset" may also be a model path (HF or factflip directory, .gguf file): its architecture
+(random weights of that shape on both sides; a step's time does not depend on the values).
+Every (remat, logits_chunk, compute dtype) triple is a row; bfloat16 compute keeps float32
+parameters on both sides (factflip's model.dtype, torch.autocast on the HF step); "grad temp
+MB" is the compiled loss gradient's temporaries at peak (XLA's buffer assignment), the memory
+`model.logits_chunk` saves.
 
 Prints markdown blocks for benchmarks/RESULTS.md.
 """
@@ -76,6 +82,15 @@ def time_ours(cfg, batch, iters):
   return median_seconds(one, iters), state, step, b
 
 
+def config_of(name: str, **over):
+  """A preset by name, or the architecture of a model path (directory or .gguf)."""
+  from factflip import presets
+  if name in presets():
+    return get_preset(name, **over)
+  from factflip.models.store import model_config
+  return model_config(name).replace(**over)
+
+
 def time_hf(cfg, batch, iters):
   import torch
   import transformers
@@ -95,8 +110,11 @@ def time_hf(cfg, batch, iters):
   inp = torch.tensor(batch["inputs"], dtype=torch.long)
   tgt = torch.tensor(batch["targets"], dtype=torch.long)
 
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
   def step():
-    logits = model(inp).logits
+    with autocast:
+      logits = model(inp).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -214,6 +232,8 @@ def main():
                   help="also time the presets' matmul shapes with XLA and with torch")
   ap.add_argument("--logits_chunk", default="0",
                   help="comma-separated model.logits_chunk values, each timed")
+  ap.add_argument("--compute", default="float32",
+                  help="comma-separated compute dtypes (float32, bfloat16), each timed")
   args = ap.parse_args()
   import torch
   import transformers
@@ -224,27 +244,29 @@ def main():
         f"{datetime.date.today()}; batch {B} x {T}, float32, AdamW + clip 1.0")
   peak = matmul_peak(args.iters)
   print(f"matmul peak (jax 2048^3 f32): {peak:.0f} GFLOP/s")
-  print("| preset | remat | logits_chunk | params | factflip s/step | tokens/s | "
+  print("| preset | remat | logits_chunk | compute | params | factflip s/step | tokens/s | "
         "HF PyTorch s/step | tokens/s | ours/HF | model GFLOP/s | of peak | grad temp MB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   kept = {}
   vocab = {"vocab_size": args.vocab} if args.vocab else {}
   for name in args.presets.split(","):
-    t_hf = None
-    variants = [(r, int(c)) for r in args.remat.split(",") for c in args.logits_chunk.split(",")]
-    for remat, chunk in variants:
-      cfg = get_preset(name, remat=remat, logits_chunk=chunk, **vocab)
+    t_hf = {}
+    variants = [(r, int(c), d) for r in args.remat.split(",")
+                for c in args.logits_chunk.split(",") for d in args.compute.split(",")]
+    for remat, chunk, dtype in variants:
+      cfg = config_of(name, remat=remat, logits_chunk=chunk, dtype=dtype, **vocab)
       batch = batch_of(cfg, B, T)
       t_ours, state, step, b = time_ours(cfg, batch, args.iters)
-      if (remat, chunk) == variants[0]:
+      if (remat, chunk, dtype) == variants[0]:
         kept[name] = (state, step, b)
       gf = model_flops(cfg, B, T) / t_ours / 1e9
       if name in args.hf_presets.split(","):
-        t_hf = t_hf or time_hf(cfg, batch, args.iters)
-        hf = f"{t_hf:.4f} | {B * T / t_hf:,.0f} | {t_hf / t_ours:.2f}x"
+        t_hf[dtype] = t_hf.get(dtype) or time_hf(cfg, batch, args.iters)
+        hf = f"{t_hf[dtype]:.4f} | {B * T / t_hf[dtype]:,.0f} | {t_hf[dtype] / t_ours:.2f}x"
       else:
         hf = "- | - | -"
-      print(f"| {name} | {remat} | {chunk} | {cfg.num_params():,} | {t_ours:.4f} | "
+      label = os.path.basename(name.rstrip("/"))
+      print(f"| {label} | {remat} | {chunk} | {dtype} | {cfg.num_params():,} | {t_ours:.4f} | "
             f"{B * T / t_ours:,.0f} | {hf} | {gf:.0f} | {gf / peak:.0%} | "
             f"{grad_temp_mb(cfg, batch):.0f} |")
     if name != args.ckpt_preset:
@@ -254,7 +276,7 @@ def main():
           "weight-grad torch | XLA/torch |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.presets.split(","):
-      for shape, jf, tf, jw, tw in kernel_table(get_preset(name, **vocab), B * T, args.iters):
+      for shape, jf, tf, jw, tw in kernel_table(config_of(name, **vocab), B * T, args.iters):
         print(f"| {name} | {shape} | {jf:.0f} | {tf:.0f} | {jf / tf:.2f}x | {jw:.0f} | {tw:.0f} "
               f"| {jw / tw:.2f}x |")
   if args.ckpt_preset in kept:

@@ -31,20 +31,27 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
-def study_variants(arg: str | None, path: str) -> dict[str, str | None]:
+def study_variants(arg: str | None, path: str, flags: tuple[str, ...] = ()
+                   ) -> dict[str, str | None]:
   """A study config's variant string -> {name: value or None}: 'smoke,scale=a+b,seeds=0+1,
-  hf=d1+d2,facts=f' (the variants every study config file takes). Bad combinations raise
-  ValueError naming `path` and what was expected."""
+  hf=d1+d2,facts=f' (the variants every study config file takes) and the valueless `flags`
+  this config also takes (`cpu`: a real model sized for a laptop, with hf=). Bad combinations
+  raise ValueError naming `path` and what was expected."""
   out: dict[str, str | None] = {}
+  valueless = ("smoke",) + tuple(flags)
   for part in filter(None, (arg or "").split(",")):
     name, _, value = part.partition("=")
-    if name not in ("smoke", "scale", "seeds", "hf", "facts") or (name == "smoke") == bool(
-        value):
-      raise ValueError(f"{path}: bad variant {part!r}; expected smoke, scale=A+B, seeds=0+1, "
-                       "hf=DIR[+DIR] or facts=FILE, joined by commas")
+    if name not in valueless + ("scale", "seeds", "hf", "facts") or (
+        name in valueless) == bool(value):
+      raise ValueError(f"{path}: bad variant {part!r}; expected "
+                       f"{', '.join(valueless)}, scale=A+B, seeds=0+1, hf=DIR[+DIR] or "
+                       "facts=FILE, joined by commas")
     out[name] = value or None
   if ("hf" in out) != ("facts" in out):
     raise ValueError(f"{path}: hf=DIR and facts=FILE go together")
+  if "cpu" in out and "hf" not in out:
+    raise ValueError(f"{path}: cpu sizes a real model's study for a laptop; give the model "
+                     "and its facts: hf=MODEL,facts=FILE,cpu")
   if "hf" in out and "scale" in out:
     raise ValueError(f"{path}: scale= picks presets, hf= model directories; a scaling study "
                      "over real models lists them in hf=A+B")

@@ -170,3 +170,34 @@ def test_a_config_read_back_from_json_fingerprints_the_same(path):
     assert config_keys(back, [key]) == want, key
     assert fingerprint(config_keys(back, [key])) == fingerprint(want), key
     assert fingerprint(config_keys(c, [key])) == fingerprint(want), key
+
+
+def test_cpu_variant_sizes_a_real_model_and_needs_one():
+  """Papers A's and B's `cpu` variant (a ~100M model on 2 cores): their sizes, and an error
+  without hf=; the studies without one refuse it (a bad variant, not a silently ignored one)."""
+  path = os.path.join(CONFIGS, "studies", "poisoning.py")
+  c = load_config_file(path, "hf=/models/smollm2.gguf,facts=/data/cf.json,cpu")
+  assert (c.sizes, c.facts_limit, c.ratios, c.cpt.data.n_targets, c.probe.n_control) == (
+      ("/models/smollm2.gguf",), 0, (0.0, 0.5, 1.0), 16, 16)
+  assert (c.cpt.steps, c.cpt.checkpoint.every, c.cpt.optim.lr, c.probe.patch_stride) == (
+      16, 8, 3e-4, 3)
+  with pytest.raises(ValueError, match="cpu sizes a real model's study for a laptop; give the "
+                                       "model and its facts: hf=MODEL,facts=FILE,cpu"):
+    load_config_file(path, "cpu")
+  b = load_config_file(os.path.join(CONFIGS, "studies", "new_knowledge.py"),
+                       "hf=/models/smollm2.gguf,facts=/data/eq,cpu")
+  assert (b.relations, b.ood_relations, b.max_facts, b.slick.k_shot, b.slick.n_prompts,
+          b.mixtures.unknown_shares, b.epochs) == (
+      ("P131", "P17", "P36", "P495"), ("P176", "P407"), 24, 4, 2, (0.0, 0.5, 1.0), 8)
+  with pytest.raises(ValueError, match="bad variant 'cpu'"):
+    load_config_file(os.path.join(CONFIGS, "studies", "unlearning.py"),
+                     "hf=/models/a,facts=/data/f.json,cpu")
+
+
+def test_patch_stride_is_checked():
+  from factflip.configfile import ConfigError
+  from factflip.studies.poisoning import validate
+  c = load_config_file(os.path.join(CONFIGS, "studies", "poisoning.py"), "smoke")
+  c.probe.patch_stride = 0
+  with pytest.raises(ConfigError, match=r"config\.probe\.patch_stride: 0; expected >= 1"):
+    validate(c, "poisoning.py")

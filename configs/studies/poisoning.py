@@ -28,11 +28,20 @@ set with --config.KEY=VALUE):
                    first `facts_limit` (a base that knows fewer than cpt.data.n_targets +
                    probe.n_control of them stops the study there, naming the counts);
                    CPT hyper-parameters for billion-parameter models.
+  cpu              with hf=: sized for a ~100M-parameter model on a 2-core laptop, at most
+                   25 minutes (benchmarks/RESULTS.md: SmolLM2-135M-Instruct on CounterFact).
+                   Every record is a candidate (facts_limit 0: such a model knows ~3% of
+                   CounterFact), 16 targets and 16 controls, p in {0, .5, 1}; CPT 16 steps of
+                   8 x 64 tokens at lr 3e-4 (2e-5 moves nothing in 16 steps), checkpoints at
+                   0, 8 and 16 (each probed: ΔLL, the lens at every layer, patching at every
+                   third layer); the monitor every 4 steps.
 
   factflip run --config=configs/studies/poisoning.py:scale=tiny-0.5m+tiny-2m,seeds=0+1 \
       --workdir=workdir/scaling
   factflip run --config=configs/studies/poisoning.py:hf=/models/Qwen2.5-0.5B,facts=\
 /data/counterfact.json --workdir=workdir/qwen --config.cpt.model.dtype=bfloat16
+  factflip run --config=configs/studies/poisoning.py:hf=SmolLM2-135M-Instruct.Q4_1.gguf,\
+facts=counterfact-val.json,cpu --workdir=workdir/smollm2
 """
 
 import os
@@ -75,7 +84,7 @@ LADDER = ("tiny-0.5m", "tiny-2m", "tiny-8m")
 
 
 def get_config(arg=None):
-  variants = study_variants(arg, "configs/studies/poisoning.py")
+  variants = study_variants(arg, "configs/studies/poisoning.py", flags=("cpu",))
   c = base_config()                # every study key, its default and meaning
   c.pretrain = _pretrain()
   c.cpt = _cpt()
@@ -84,6 +93,19 @@ def get_config(arg=None):
     c.cpt.optim.lr = 2e-5          # billion-parameter models: a gentle continual-pretraining lr
     c.cpt.optim.warmup_steps = 10
     c.probe.batch_size = 16
+  if "cpu" in variants:
+    c.facts_limit = 0              # every record a candidate: a 135M model knows ~3%
+    c.ratios = (0.0, 0.5, 1.0)
+    c.cpt.data.n_targets = 16
+    c.probe.n_control = 16
+    c.cpt.steps = 16
+    c.cpt.checkpoint.every = 8     # probed at steps 0, 8 and 16
+    c.cpt.eval_every, c.cpt.log_every = 8, 4
+    c.cpt.data.seq_len, c.cpt.data.batch_size = 64, 8
+    c.cpt.optim.lr = 3e-4          # 2e-5 moves nothing in 16 steps
+    c.cpt.optim.warmup_steps = 2
+    c.cpt.monitor.every = 4
+    c.probe.patch_stride = 3       # patching at every third layer
   if "smoke" in variants:
     c.ratios = (0.0, 1.0)
     c.min_base_accuracy = 0.0      # a few steps cannot teach the world; the gate is still run

@@ -20,39 +20,53 @@ continuation) token ids are those the `hf` backend scores; inputs longer than th
 context are cut from the left as `hf` does; `loglikelihood_rolling` uses lm-eval's windows;
 `generate_until` follows HFLM (EOS added to the stop strings, contexts cut to leave
 `max_gen_toks`, sampling from `seed` when a task asks for it).
+
+`--apply_chat_template` (and `--system_instruction`, `--fewshot_as_multiturn`, a task's
+`gen_prefix`) render each request with the tokenizer's own chat template exactly as `hf` does
+(`HFLM.apply_chat_template`), so both backends score the same strings; with a GGUF file the
+template is the one in its metadata. A tokenizer without a chat template is an error naming the
+model. `enable_thinking` / `chat_template_args` are passed to the template as `hf` passes them.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import jax
+import jinja2
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
 
 from factflip.evals import generation, loglik
+
+log = logging.getLogger(__name__)
 
 
 @register_model("factflip")
 class FactflipLM(TemplateLM):
   """lm-eval model arguments: pretrained, tokenizer, dtype (float32 | bfloat16), batch_size,
-  max_length (default: the model's context), max_gen_toks (256), add_bos_token, seed."""
+  max_length (default: the model's context), max_gen_toks (256), add_bos_token, seed,
+  enable_thinking=False and chat_template_args (a dict, from Python) for the chat template."""
 
   def __init__(self, pretrained: str, tokenizer: str | None = None, dtype: str = "float32",
                batch_size: int | str = 64, max_length: int | None = None,
                max_gen_toks: int = 256, add_bos_token: bool | None = None, seed: int = 0,
+               enable_thinking: bool | None = None, chat_template_args: dict | None = None,
                device: str | None = None, max_batch_size: int | None = None, **unknown):
     super().__init__()
     if unknown:                      # a misspelt model_args key must not pass silently
       raise ValueError(f"factflip model_args: unknown {sorted(unknown)}; expected pretrained, "
                        "tokenizer, dtype, batch_size, max_length, max_gen_toks, "
-                       "add_bos_token, seed")
+                       "add_bos_token, seed, enable_thinking, chat_template_args")
     del device, max_batch_size       # lm-eval passes them; factflip places the model itself
     from factflip import load_model, load_tokenizer
     from factflip.data.tokenizer import model_tokenizer
     self.model = load_model(pretrained, dtype=dtype)
     self.tokenizer = load_tokenizer(tokenizer) if tokenizer else model_tokenizer(pretrained)
+    self.source = f"{pretrained}" + (f" (tokenizer {tokenizer})" if tokenizer else "")
+    self.chat_template_args = _chat_template_args(enable_thinking, chat_template_args)
     self.batch_size = 64 if batch_size in ("auto", None) else int(str(batch_size).split(":")[0])
     self._max_length = int(max_length or self.model.cfg.max_seq_len)
     if self._max_length > self.model.cfg.max_seq_len:
@@ -79,16 +93,50 @@ class FactflipLM(TemplateLM):
     return self._max_length
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
-    if add_special_tokens is None:
-      add_special_tokens = self.add_bos_token
-    if add_special_tokens is None and string.startswith(
-        self.tokenizer.decode(self.prefix_token_id)):
-      add_special_tokens = False
-    kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+    if add_special_tokens is None and has_bos_prefix(    # a chat template's own BOS: not twice
+        string, self.tokenizer.decode(self.prefix_token_id)):
+      flag = False
+    kwargs = {} if flag is None else {"add_special_tokens": flag}
     return self.tokenizer.encode(string, **kwargs)
 
   def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
     return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+  # ---- chat templates (HFLM's) --------------------------------------------------------------
+  @property
+  def tokenizer_name(self) -> str:
+    """Part of lm-eval's request-cache key: the tokenizer's path, else the model's (a GGUF's
+    tokenizer has no path of its own)."""
+    return (self.tokenizer.name_or_path or self.source).replace("/", "__")
+
+  def chat_template(self, chat_template: bool | str = False) -> str | None:
+    if chat_template:
+      self._require_chat_template()
+    return super().chat_template(chat_template)
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """`chat_history` rendered by the tokenizer's chat template, as `HFLM` renders it: a
+    template that rejects the system role is retried without the system messages."""
+    self._require_chat_template()
+    def render(messages):
+      return self.tokenizer.apply_chat_template(
+          messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+          continue_final_message=not add_generation_prompt, **self.chat_template_args)
+    try:
+      return render(chat_history)
+    except jinja2.exceptions.TemplateError:
+      log.warning("%s: the chat template failed; retrying without the system role",
+                  self.source)
+      return render([m for m in chat_history if m["role"] != "system"])
+
+  def _require_chat_template(self) -> None:
+    if not self.tokenizer.chat_template:
+      raise ValueError(f"--apply_chat_template: the tokenizer of {self.source} has no chat "
+                       "template (no chat_template in its tokenizer_config.json / "
+                       "chat_template.jinja, or tokenizer.chat_template in the GGUF file); "
+                       "pass model_args tokenizer=DIR with one, or drop --apply_chat_template")
 
   # ---- requests -----------------------------------------------------------------------------
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
@@ -137,6 +185,19 @@ class FactflipLM(TemplateLM):
         out[i] = t
         self.cache_hook.add_partial("generate_until", requests[i].args, t)
     return out
+
+
+def _chat_template_args(enable_thinking, extra) -> dict:
+  """The keyword arguments HFLM passes to the chat template. Thinking traces (HFLM's
+  `think_end_token`) are not supported: enable_thinking may only turn them off."""
+  if isinstance(enable_thinking, str):
+    enable_thinking = enable_thinking.lower() == "true"
+  if enable_thinking:
+    raise ValueError("factflip model_args: enable_thinking=True (reasoning traces cut at "
+                     "think_end_token) is not supported; use enable_thinking=False or the hf "
+                     "backend")
+  args = dict(extra or {})
+  return args if enable_thinking is None else {**args, "enable_thinking": enable_thinking}
 
 
 class _Tokenizer:

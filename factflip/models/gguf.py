@@ -62,6 +62,9 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
   def unsupported(name, value, expected):
     raise GGUFError(f"{f.path}: {name} is {value!r}; factflip supports {expected}")
 
+  for name in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+    if isinstance(key(name), list):    # per-layer values (e.g. OpenELM, Gemma 3n)
+      unsupported(f"{arch}.{name}", key(name), "one value for every layer")
   L, D = int(key("block_count", required=True)), int(key("embedding_length", required=True))
   H = int(key("attention.head_count", required=True))
   G = int(key("attention.head_count_kv", H))
@@ -72,8 +75,6 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
   if int(key("rope.dimension_count", K)) != K:
     unsupported(f"{arch}.rope.dimension_count", key("rope.dimension_count"),
                 f"rotary embeddings over the whole head ({K})")
-  if isinstance(G, list) or isinstance(key("feed_forward_length"), list):
-    unsupported(f"{arch}.attention.head_count_kv", G, "one value for every layer")
   if not f.has_tensor("token_embd.weight"):
     raise GGUFError(f"{f.path}: no tensor 'token_embd.weight'")
   V = f.shape("token_embd.weight")[0]
@@ -102,11 +103,16 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
       attn_softcap=key("attn_logit_softcapping") if gemma else None,
       final_softcap=key("final_logit_softcapping") if gemma else None,
       post_norms=gemma, embed_scale=gemma,
-      # llama.cpp has no key for it; HF's Gemma 2 (2B, 9B) scales by head_dim**-0.5 as well
-      query_pre_attn_scalar=float(K) if gemma else None,
+      query_pre_attn_scalar=_gemma2_query_scalar(L, D, H, K) if gemma else None,
       bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
       eos_token_ids=() if eos is None else (int(eos),),
       pad_token_id=f.get("tokenizer.ggml.padding_token_id"))
+
+
+def _gemma2_query_scalar(L: int, D: int, H: int, K: int) -> float:
+  """GGUF has no key for Gemma 2's query_pre_attn_scalar; like llama.cpp, by model size: the
+  27B (46 layers) scales scores by (d_model / heads)**-0.5, the 2B and 9B by head_dim**-0.5."""
+  return float(D // H) if L == 46 else float(K)
 
 
 def _rope_scaling(f: GGUFFile, arch: str, kind, factor, theta: float,
@@ -167,7 +173,10 @@ class GGUFTensors:
     return name in self._src
 
   def keys(self) -> list[str]:
-    return list(self._src) + [n for n in self.file.names() if n not in self._hf_of]
+    """The HF names, then the GGUF tensors no HF name maps to (rope_freqs.weight is read into
+    the config, not a parameter)."""
+    return list(self._src) + [n for n in self.file.names()
+                              if n not in self._hf_of and n != "rope_freqs.weight"]
 
   def path_of(self, name: str | None) -> str:
     return self.file.path if name is None else f"{self.file.path} ({self._src[name][0]})"

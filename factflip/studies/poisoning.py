@@ -101,6 +101,7 @@ def base_config():
   c.probe.patch_windows = (1, 2)
   c.probe.patch_groups = ("subject", "last")
   c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
+  c.probe.patch_stride = 1         # patch every n-th layer (0, n, 2n, ...; 1 = all)
   return c
 
 
@@ -143,6 +144,8 @@ def validate(c, source: str = "study") -> None:
   need(len(c.probe.patch_windows) > 0 and min(c.probe.patch_windows) >= 1,
        "probe.patch_windows", f"{list(c.probe.patch_windows)}; expected windows >= 1")
   need(c.probe.patch_every >= 1, "probe.patch_every", f"{c.probe.patch_every}; expected >= 1")
+  need(c.probe.patch_stride >= 1, "probe.patch_stride",
+       f"{c.probe.patch_stride}; expected >= 1")
   need(c.probe.n_control >= 0 and c.probe.batch_size >= 1, "probe",
        "n_control must be >= 0 and batch_size >= 1")
   need(c.cpt.data.kind == "poison", "cpt.data.kind", f"{c.cpt.data.kind!r}; expected 'poison'")
@@ -347,6 +350,7 @@ class Study(platform.Study):
       return pd.DataFrame(patch_items(
           model, base[0], tok, rows, sites=tuple(self.c.probe.patch_sites),
           windows=tuple(self.c.probe.patch_windows), groups=tuple(self.c.probe.patch_groups),
+          layers=range(0, model.cfg.n_layers, self.c.probe.patch_stride),
           devices=self.probe_devices()))
 
     every = self.c.probe.patch_every
@@ -519,4 +523,8 @@ class Study(platform.Study):
       b = head["best_reversal"]
       lines.append(f"best patching reversal: {_rate(b['reversal_rate'])} ({b['site']} window "
                    f"{b['window']} from layer {b['layer']} at {b['position']}, p = {b['p']})")
+      lines.append("  best per site: " + ", ".join(
+          f"{site} {_rate(r['reversal_rate'])} (recovery {r['recovery']:.2f}, window "
+          f"{r['window']} from layer {r['layer']} at {r['position']})"
+          for site, r in head.get("best_reversal_by_site", {}).items()))
     return lines

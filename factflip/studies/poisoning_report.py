@@ -279,9 +279,14 @@ def headline(tables: dict[str, pd.DataFrame], base: dict[str, Any]) -> dict[str,
   if len(patching):
     pf = _final(patching)
     pf = pf[pf.p == pf.p.max()]
-    best = pf.sort_values("reversal_rate", kind="stable").iloc[-1]
-    out["best_reversal"] = {k: (v.item() if hasattr(v, "item") else v)
-                            for k, v in best.items()}
+    def plain(row):
+      return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    out["best_reversal"] = plain(pf.sort_values("reversal_rate", kind="stable").iloc[-1])
+    # per site: a resid_pre patch late in a deep model replaces most of what is left of its
+    # computation, so the blocks' own outputs are read beside it
+    out["best_reversal_by_site"] = {
+        site: plain(g.sort_values("reversal_rate", kind="stable").iloc[-1])
+        for site, g in pf.groupby("site", sort=False)}
   return out
 
 
