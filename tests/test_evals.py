@@ -63,6 +63,31 @@ def test_samples_are_reproducible_from_the_key(lm):
                    key=jax.random.key(0))
 
 
+def test_batches_hold_a_bounded_number_of_tokens(lm, monkeypatch):
+  """Long contexts run in smaller batches: at most MAX_TOKENS continuations x (context + new
+  tokens) per program (one context alone when it is longer), with the same greedy text as a
+  batch per context; short ones keep batch_size."""
+  import factflip.evals.generation as G
+  model, tok, _ = lm
+  assert G._chunks([10] * 5, 4, 100) == [(0, 4), (4, 5)]              # the budget does not bind
+  assert G._chunks([10, 20, 30, 40, 60], 4, 100) == [(0, 3), (3, 4), (4, 5)]
+  assert G._chunks([300], 4, 100) == [(0, 1)]
+  sizes = []
+  generate = G.generate
+  monkeypatch.setattr(G, "generate", lambda m, batch, *a, **kw: (
+      sizes.append((len(set(map(tuple, batch))), max(map(len, batch)))),
+      generate(m, batch, *a, **kw))[1])
+  monkeypatch.setattr(G, "MAX_TOKENS", 64)
+  contexts = ["Alice", "Bob lives in", "Carol", "Dan is", "Question: where does Carol live, "
+              "and why?\nAnswer:", "Question: where was Bob born, and when?\nAnswer:"]
+  bounded = generate_until(model, tok, contexts, max_new_tokens=8, batch_size=8)
+  # (contexts, longest) per program: three of <= 5 tokens (3 x 13 <= 64; a fourth of 9 would
+  # make 4 x 17), then one at a time (2 x 17 already passes with the next, 29 tokens)
+  assert sizes == [(3, 5), (1, 9), (1, 29), (1, 32)]
+  alone = [generate_until(model, tok, [c], max_new_tokens=8)[0] for c in contexts]
+  assert bounded == alone
+
+
 def test_long_contexts_keep_their_tail_with_a_warning(lm):
   model, tok, _ = lm
   long = " ".join(["Alice Smith was born in Oslo."] * 200)

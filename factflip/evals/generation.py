@@ -13,7 +13,10 @@ the tokenizer's EOS to the stop strings) and the budget; the new tokens are
 decoded with special tokens skipped, and the text is cut before the first occurrence of any
 stop string (`until`). Stop strings that are a single token also stop the compiled loop early
 (the cut text is the same). Requests are sorted by length and run in batches padded to a power
-of two, so each (batch, prompt bucket, cache bucket) compiles once.
+of two, so each (batch, prompt bucket, cache bucket) compiles once. A batch holds at most
+`batch_size` continuations and, whatever the model's context, about MAX_TOKENS tokens of them
+(continuations x (context + max_new_tokens), before bucketing): long contexts run in smaller
+batches, so the KV cache stays bounded (one context longer than that runs alone).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from factflip.models.transformer import Transformer
 # samples differ, and SliCK draws each fact's exemplars from the fact's own seed); stages that
 # generate put it among their keys.
 GENERATION_VERSION = 3
+MAX_TOKENS = 1 << 16
 
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
@@ -107,10 +111,11 @@ def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
   F = len(temps)
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   out: list[list[str]] = [[""] * F for _ in prompts]
-  full = max(1, min(max(1, batch_size // F), len(order)))    # contexts per program
-  keys = (jax.random.split(key, -(-len(order) // full)) if key is not None else None)
-  for j, start in enumerate(range(0, len(order), full)):
-    chunk = order[start:start + full]
+  chunks = _chunks([len(prompts[i]) + max_new_tokens for i in order], max(1, batch_size // F),
+                   MAX_TOKENS // F)
+  keys = jax.random.split(key, len(chunks)) if key is not None else None
+  for j, (start, stop) in enumerate(chunks):
+    chunk = order[start:stop]
     batch = [prompts[i] for i in chunk]
     B = 1 << (len(batch) - 1).bit_length()   # batch bucket: a short last chunk runs a small one
     batch += [batch[0]] * (B - len(batch))
@@ -122,4 +127,17 @@ def generate_until(model: Transformer, tokenizer, contexts: Sequence[str],
         row, n = gen.tokens[b * F + s], gen.lengths[b * F + s]
         ids = [int(t) for t in np.asarray(row[:n])]
         out[i][s] = cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), until)
+  return out
+
+
+def _chunks(lengths: Sequence[int], per_program: int, max_tokens: int) -> list[tuple[int, int]]:
+  """[start, stop) of each program's contexts over ascending `lengths` (context + new tokens):
+  `per_program` contexts, fewer where n x the longest would pass `max_tokens` (at least 1)."""
+  out, start = [], 0
+  while start < len(lengths):
+    n = min(per_program, len(lengths) - start)
+    while n > 1 and n * lengths[start + n - 1] > max_tokens:
+      n -= 1
+    out.append((start, start + n))
+    start += n
   return out
