@@ -173,8 +173,9 @@ def test_a_config_read_back_from_json_fingerprints_the_same(path):
 
 
 def test_cpu_variant_sizes_a_real_model_and_needs_one():
-  """Papers A's and B's `cpu` variant (a ~100M model on 2 cores): their sizes, and an error
-  without hf=; the studies without one refuse it (a bad variant, not a silently ignored one)."""
+  """Papers A's, B's and D's `cpu` variant (a ~100M model on 2 cores): their sizes, and an
+  error without hf=; the studies without one refuse it (a bad variant, not a silently ignored
+  one)."""
   path = os.path.join(CONFIGS, "studies", "poisoning.py")
   c = load_config_file(path, "hf=/models/smollm2.gguf,facts=/data/cf.json,cpu")
   assert (c.sizes, c.facts_limit, c.ratios, c.cpt.data.n_targets, c.probe.n_control) == (
@@ -189,9 +190,18 @@ def test_cpu_variant_sizes_a_real_model_and_needs_one():
   assert (b.relations, b.ood_relations, b.max_facts, b.slick.k_shot, b.slick.n_prompts,
           b.mixtures.unknown_shares, b.epochs) == (
       ("P131", "P17", "P36", "P495"), ("P176", "P407"), 24, 4, 2, (0.0, 0.5, 1.0), 8)
+  d = load_config_file(os.path.join(CONFIGS, "studies", "unlearning.py"),
+                       "hf=/models/smollm2.gguf,facts=/data/rwku/Target,cpu")
+  assert (d.sizes, d.facts, d.forget.source, d.forget.n_targets, d.methods, d.dpo_target) == (
+      ("/models/smollm2.gguf",), "/data/rwku/Target", "rwku", 2,
+      ("refusal", "gradient_ascent", "npo", "dpo"), "refusal")
+  assert (d.unlearn.objective.retain_weight, d.unlearn.data.batch_size, d.unlearn.data.seq_len,
+          d.epochs, d.unlearn.optim.lr) == (0.0, 4, 64, 1, 1e-4)
+  assert (d.eval.template, d.eval.max_new_tokens, d.eval.batch_size, d.eval.unseen) == (
+      True, 30, 32, "")                  # the unseen questions come from the command line
   with pytest.raises(ValueError, match="bad variant 'cpu'"):
-    load_config_file(os.path.join(CONFIGS, "studies", "unlearning.py"),
-                     "hf=/models/a,facts=/data/f.json,cpu")
+    load_config_file(os.path.join(CONFIGS, "studies", "suite.py"),
+                     "hf=/models/a,unlearning=/data/rwku/Target,cpu")
 
 
 def test_patch_stride_is_checked():

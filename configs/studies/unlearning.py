@@ -26,6 +26,23 @@ Variants (`--config=configs/studies/unlearning.py:VARIANT[,VARIANT...]`):
                    forget and retain facts are drawn among those the base knows; give the
                    spillover questions with --config.eval.unseen=FILE (facts the model never
                    saw, e.g. a held-out split of made-up entities).
+  cpu              with hf= and facts=RWKU's Target folder: RWKU on a ~100M-parameter instruct
+                   model on a 2-core laptop. NOT yet within 25 minutes: on SmolLM2-135M the
+                   four trainings took 168 s but one evaluation 516 s (five are needed; no key
+                   caps RWKU's probes or MIA passages yet: benchmarks/RESULTS.md).
+                   forget.source rwku with the folder's first 2 targets (the fewest the study
+                   takes; RWKU's 1_Stephen_King and 2_Confucius: 36 of
+                   their 38 level-1/2 forget probes trained on, 95 forget and 112 neighbour
+                   probes and 156 MIA passages of ~31k tokens scored); every method RWKU
+                   allows: refusal, gradient_ascent, npo, dpo towards the refusal (no CFT:
+                   RWKU has no counterfactuals); no retain term (RWKU ships no retain corpus).
+                   One epoch of 9 steps of 4 x 64 tokens at lr 1e-4 (the hf variant's 1e-5 is
+                   too gentle for 9 steps; batch 4 gives 9 updates for the compute of one
+                   pass), so the base and the end of each run are evaluated: RWKU's
+                   instruction in the model's chat template (a GGUF carries it), 30 greedy
+                   tokens, MIA, the unseen questions (give them: --config.eval.unseen=FILE,
+                   e.g. TOFU's forget01.json, 40 questions about made-up authors). No
+                   utility: RWKU has no set of its own.
 
   factflip run --config=configs/studies/unlearning.py:hf=/models/Qwen2.5-0.5B,facts=\
 /data/counterfact.json --workdir=workdir/ul_qwen --config.eval.unseen=/data/unseen.jsonl \
@@ -39,6 +56,8 @@ facts=/data/rwku/Target --config.forget.source=rwku --config.forget.n_targets=10
 --config.methods="('refusal','gradient_ascent','npo','dpo')" --config.dpo_target=refusal \
 --config.eval.unseen=/data/unseen.jsonl --config.unlearn.objective.retain_weight=0 \
 --workdir=workdir/ul_rwku
+  factflip run --config=configs/studies/unlearning.py:hf=SmolLM2-135M-Instruct.Q4_1.gguf,\
+facts=RWKU/Target,cpu --config.eval.unseen=TOFU/forget01.json --workdir=workdir/smollm2-d
 
 On the world the probes are the prompts as the corpus writes them (eval.template = False: a
 tiny base model follows no instruction); with hf= RWKU's instruction wraps every probe.
@@ -65,7 +84,7 @@ def _unlearn(c):
 
 
 def get_config(arg=None):
-  variants = study_variants(arg, "configs/studies/unlearning.py")
+  variants = study_variants(arg, "configs/studies/unlearning.py", flags=("cpu",))
   c = base_config()                # every study key, its default and meaning
   c.pretrain = load_config_file(os.path.join(os.path.dirname(__file__), "..",
                                              "pretrain_tiny.py"), "study")
@@ -81,6 +100,17 @@ def get_config(arg=None):
     c.unlearn.data.batch_size = 8
     c.eval.batch_size = 32
     c.facts_limit = 500
+  if "cpu" in variants:
+    c.forget.source = "rwku"
+    c.forget.n_targets = 2         # the fewest the study takes: 38 level-1/2 forget probes
+    c.methods = ("refusal", "gradient_ascent", "npo", "dpo")   # every method RWKU allows
+    c.dpo_target = "refusal"
+    c.unlearn.objective.retain_weight = 0.0   # RWKU ships no retain corpus
+    c.unlearn.data.batch_size = 4  # 36 of the 38 probes: 9 steps per epoch
+    c.epochs = 1                   # evaluated at the base and the end only
+    c.unlearn.optim.lr = 1e-4      # 1e-5 is too gentle for 9 steps
+    c.unlearn.optim.warmup_steps = 2
+    c.unlearn.log_every = 3
   if "smoke" in variants:
     c.vocab_size = 384
     c.pretrain.data.world_people = 30
