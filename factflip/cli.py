@@ -175,12 +175,15 @@ def _convert() -> None:
   from factflip.data.tokenizer import has_tokenizer
 
   model = load_model(FLAGS.model)
-  (save_hf if FLAGS.to == "hf" else save_model)(model, FLAGS.out)
-  written = "model"
-  if has_tokenizer(FLAGS.model):   # a GGUF's or the directory's own tokenizer goes along
-    load_tokenizer(FLAGS.model).save_pretrained(FLAGS.out)
-    written = "model and tokenizer"
-  print(f"wrote {FLAGS.to} {written} to {FLAGS.out}")
+  # a GGUF's or the directory's own tokenizer goes along
+  tok = load_tokenizer(FLAGS.model) if has_tokenizer(FLAGS.model) else None
+  if FLAGS.to == "hf":
+    save_hf(model, FLAGS.out, tokenizer=tok)
+  else:
+    save_model(model, FLAGS.out)
+    if tok is not None:
+      tok.save_pretrained(FLAGS.out)
+  print(f"wrote {FLAGS.to} model{' and tokenizer' if tok is not None else ''} to {FLAGS.out}")
 
 
 def _world(workdir: str, seed: int, vocab_size: int) -> dict:

@@ -37,7 +37,9 @@ def load_tokenizer(path: str):
   return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
 
 
-# The GGUF special-token keys, as transformers' own GGUF tokenizer reads them.
+# The GGUF special-token keys, as transformers' own GGUF tokenizer reads them (gguf_tokenizer
+# should follow transformers.integrations.gguf.gguf_tokenizer_mapping.get_gguf_tokenizer, which
+# reads the file with torch; keep the two in step).
 _GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
                  "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
 
@@ -47,15 +49,16 @@ def gguf_tokenizer(path: str):
   special tokens, BOS/EOS flags and chat template. transformers' converter builds the backend
   from the fields (as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does, which needs
   torch to read the file; here ggml's `gguf` reader reads it)."""
+  import transformers
   from transformers import PreTrainedTokenizerFast
+
+  from factflip.gguf_io import GGUFError, open_gguf
   try:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
                                                                        convert_gguf_tokenizer)
-  except ImportError:     # transformers 4.x
-    from transformers.integrations.ggml import GGUF_TO_TRANSFORMERS_MAPPING as GGUF_TOKENIZER_MAPPING
-    from transformers.integrations.ggml import convert_gguf_tokenizer
-
-  from factflip.gguf_io import GGUFError, open_gguf
+  except ImportError as e:   # 4.x's converters need torch to read the file and set no BOS rule
+    raise ImportError(f"{path}: a GGUF file's tokenizer needs transformers >= 5 (installed: "
+                      f"{transformers.__version__})") from e
 
   f = open_gguf(path)
   groups = {group: {name: f.get(f"tokenizer.{key}") for key, name in keys.items()
@@ -69,6 +72,9 @@ def gguf_tokenizer(path: str):
     config.setdefault("add_bos_token", True)   # llama.cpp adds BOS to SentencePiece vocabularies
   for name, key in _GGUF_SPECIAL.items():
     token_id = f.get(f"tokenizer.ggml.{key}")
+    if token_id is not None and not 0 <= token_id < len(fields["tokens"]):
+      raise GGUFError(f"{f.path}: tokenizer.ggml.{key} is {token_id}, outside the "
+                      f"{len(fields['tokens'])}-token vocabulary")
     config[name] = fields["tokens"][token_id] if token_id is not None else None
   try:
     backend, extra = convert_gguf_tokenizer(f.require("general.architecture"), fields)
@@ -79,9 +85,12 @@ def gguf_tokenizer(path: str):
 
 
 def has_tokenizer(path: str) -> bool:
-  """Whether `load_tokenizer(path)` can read a tokenizer there (a GGUF file, or a directory
-  with tokenizer.json)."""
-  return is_gguf(path) or os.path.exists(os.path.join(path, "tokenizer.json"))
+  """Whether `load_tokenizer(path)` can read a tokenizer there (a GGUF file with a vocabulary,
+  or a directory with tokenizer.json)."""
+  if is_gguf(path):
+    from factflip.gguf_io import open_gguf
+    return "tokenizer.ggml.tokens" in open_gguf(path)
+  return os.path.exists(os.path.join(path, "tokenizer.json"))
 
 
 def model_tokenizer(path: str):

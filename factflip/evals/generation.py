@@ -33,9 +33,10 @@ from factflip.models.transformer import Transformer
 
 # Bumped when what generate_until or SliCK returns for the same model, contexts and keys changes
 # (2: it stops at the tokenizer's EOS too; 3: a short last chunk runs a smaller batch, so its
-# samples differ, and SliCK draws each fact's exemplars from the fact's own seed); stages that
+# samples differ, and SliCK draws each fact's exemplars from the fact's own seed; 4: batches are
+# bounded by MAX_TOKENS, which regroups long contexts and their sample keys); stages that
 # generate put it among their keys.
-GENERATION_VERSION = 3
+GENERATION_VERSION = 4
 MAX_TOKENS = 1 << 16
 
 

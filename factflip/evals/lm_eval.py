@@ -37,7 +37,7 @@ import jax
 import jinja2
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from factflip.evals import generation, loglik
 
@@ -94,8 +94,8 @@ class FactflipLM(TemplateLM):
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
     flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
-    if add_special_tokens is None and has_bos_prefix(    # a chat template's own BOS: not twice
-        string, self.tokenizer.decode(self.prefix_token_id)):
+    if add_special_tokens is None and string.startswith(  # a chat template's own BOS: not twice
+        self.tokenizer.decode(self.prefix_token_id)):
       flag = False
     kwargs = {} if flag is None else {"add_special_tokens": flag}
     return self.tokenizer.encode(string, **kwargs)

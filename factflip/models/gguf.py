@@ -7,8 +7,10 @@ of `llama` files and the +1 folded into Gemma's norm weights.
 Must not: decode bytes (`factflip.gguf_io`, i.e. ggml's `gguf` package) or place parameters
 (`hf.load_tensors` streams the HF-named view built here, as it streams safetensors).
 
-So a GGUF file loads like an HF checkpoint: each device dequantises only the rows of its own
-slice (a 7B file never needs a full float32 host copy), into the same shape checks.
+So a GGUF file loads like an HF checkpoint, into the same shape checks: each device dequantises
+only the rows (HF's output features) of its own slice, so a 7B file never needs a full float32
+host copy; a slice along the other axis (fsdp over d_model) dequantises its rows whole and
+keeps its columns.
 """
 
 from __future__ import annotations
@@ -83,8 +85,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
                     f"has {V} rows")
   gemma = family == "gemma2"
   theta = float(key("rope.freq_base", 10000.0))
-  rope_scaling = _rope_scaling(f, arch, key("rope.scaling.type"), key("rope.scaling.factor"),
-                               theta, K)
+  rope_scaling = _rope_scaling(f, arch, key("rope.scaling.type"), theta, K)
   types, window = None, None
   if gemma:
     window = int(key("attention.sliding_window", 4096))
@@ -115,7 +116,7 @@ def _gemma2_query_scalar(L: int, D: int, H: int, K: int) -> float:
   return float(D // H) if L == 46 else float(K)
 
 
-def _rope_scaling(f: GGUFFile, arch: str, kind, factor, theta: float,
+def _rope_scaling(f: GGUFFile, arch: str, kind, theta: float,
                   head_dim: int) -> RopeScaling | None:
   """RoPE scaling from `{arch}.rope.scaling.*`, or Llama 3's, which llama.cpp stores as the
   tensor `rope_freqs.weight` (the per-frequency divisors): recognised when it equals Llama 3's
@@ -123,7 +124,7 @@ def _rope_scaling(f: GGUFFile, arch: str, kind, factor, theta: float,
   if kind in (None, "none") and not f.has_tensor("rope_freqs.weight"):
     return None
   if kind == "linear":
-    return RopeScaling("linear", float(factor))
+    return RopeScaling("linear", float(f.require(f"{arch}.rope.scaling.factor")))
   if kind not in (None, "none"):
     raise GGUFError(f"{f.path}: {arch}.rope.scaling.type is {kind!r}; factflip supports "
                     "'none', 'linear' and Llama 3's rope_freqs")
