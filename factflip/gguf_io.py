@@ -51,6 +51,25 @@ def _open(path: str, size: int, mtime_ns: int) -> GGUFFile:
   return GGUFFile(path)
 
 
+@functools.cache
+def dequantisable() -> tuple[str, ...]:
+  """The quantised GGML types this `gguf` package dequantises: those whose one zero block
+  `gguf.quants.dequantize` decodes (its public API; unknown types raise NotImplementedError)."""
+  from gguf import quants
+  from gguf.constants import GGML_QUANT_SIZES
+
+  out = []
+  for qtype, (_, type_size) in GGML_QUANT_SIZES.items():
+    if qtype.name in _PLAIN:
+      continue
+    try:
+      quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except (NotImplementedError, ValueError, AssertionError):
+      continue
+    out.append(qtype.name)
+  return tuple(sorted(out))
+
+
 class GGUFFile:
   """One GGUF file: `get(key)` metadata, `names()`, `shape(name)`, `type_name(name)` and
   `read(name, rows)` tensors (float32, numpy order: [rows, columns] for a matrix)."""
@@ -109,13 +128,11 @@ class GGUFFile:
 
   def check_readable(self, name: str) -> None:
     """GGUFError unless `read` can turn this tensor into floats."""
-    from gguf import quants
-
     t = self._tensor(name)
-    if t.tensor_type.name not in _PLAIN and t.tensor_type not in quants._type_traits:
+    if t.tensor_type.name not in _PLAIN and t.tensor_type.name not in dequantisable():
       raise GGUFError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which "
                       "gguf.quants cannot dequantise; expected F32, F16, BF16 or a quantised "
-                      f"type ({', '.join(sorted(q.name for q in quants._type_traits))})")
+                      f"type ({', '.join(dequantisable())})")
 
   def read(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
     """The tensor as float32 in numpy order, or only `rows` of its first axis (a slice or an

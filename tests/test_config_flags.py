@@ -173,7 +173,7 @@ def test_a_config_read_back_from_json_fingerprints_the_same(path):
 
 
 def test_cpu_variant_sizes_a_real_model_and_needs_one():
-  """Papers A's, B's and D's `cpu` variant (a ~100M model on 2 cores): their sizes, and an
+  """Papers A's, B's, C's and D's `cpu` variant (a ~100M model on 2 cores): their sizes, and an
   error without hf=; the studies without one refuse it (a bad variant, not a silently ignored
   one)."""
   path = os.path.join(CONFIGS, "studies", "poisoning.py")
@@ -196,9 +196,17 @@ def test_cpu_variant_sizes_a_real_model_and_needs_one():
       ("/models/smollm2.gguf",), "/data/rwku/Target", "rwku", 2,
       ("refusal", "gradient_ascent", "npo", "dpo"), "refusal")
   assert (d.unlearn.objective.retain_weight, d.unlearn.data.batch_size, d.unlearn.data.seq_len,
-          d.epochs, d.unlearn.optim.lr) == (0.0, 4, 64, 1, 1e-4)
-  assert (d.eval.template, d.eval.max_new_tokens, d.eval.batch_size, d.eval.unseen) == (
-      True, 30, 32, "")                  # the unseen questions come from the command line
+          d.epochs, d.unlearn.optim.lr, d.forget.template) == (0.0, 4, 96, 1, 1e-4, True)
+  assert (d.eval.template, d.eval.max_new_tokens, d.eval.batch_size, d.eval.unseen,
+          d.eval.utility) == (True, 30, 32, "", "")   # the files come from the command line
+  m = load_config_file(os.path.join(CONFIGS, "studies", "morfi.py"),
+                       "hf=/models/smollm2.gguf,facts=/data/eq,cpu")
+  t = m.sae.train                        # B's cpu mixtures, an SAE on the given text
+  assert (m.relations, m.slick.k_shot, m.epochs, m.mixtures.unknown_shares) == (
+      b.relations, b.slick.k_shot, b.epochs, (0.0, 0.25, 0.5, 0.75, 1.0))
+  assert (t.data.kind, t.data.path, t.steps, t.batch_tokens, t.sae.k,
+          t.sae.normalize_activations) == ("examples", "", 300, 2048, 32,
+                                           "expected_average_only_in")
   with pytest.raises(ValueError, match="bad variant 'cpu'"):
     load_config_file(os.path.join(CONFIGS, "studies", "suite.py"),
                      "hf=/models/a,unlearning=/data/rwku/Target,cpu")

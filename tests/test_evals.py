@@ -112,6 +112,11 @@ def test_normalised_exact_match_f1_and_abstention():
   assert QA.token_f1("", ["Paris"]) == 0.0
   assert [QA.outcome(p, ["Paris"]) for p in ("Paris", "Rome", "I don't know.", "", "Unknown")
           ] == ["right", "wrong", "abstained", "abstained", "abstained"]
+  # an instruct model's refusals abstain; an answer that merely contains the words does not
+  refusals = ("I'm sorry, but I don't have information on that author.",
+              "Unfortunately, I couldn't find any record of him.", "I do not have access to it.")
+  assert all(QA.is_abstention(p) for p in refusals)
+  assert not QA.is_abstention("Paris, I'm sorry to say") and not QA.is_abstention("Sorrento")
   s = QA.qa_summary(["right", "wrong", "abstained", "wrong"])
   assert (s["accuracy"], s["hallucination_rate"], s["abstention_rate"]) == (0.25, 0.5, 0.25)
   assert s["answered_error_rate"] == pytest.approx(2 / 3)
@@ -144,6 +149,26 @@ def test_closed_book_qa_scores_the_greedy_answer(lm):
   assert [r["prediction"] for r in rows] == [p[0].strip() for p in preds]
   assert [r["outcome"] for r in rows] == [QA.outcome(r["prediction"], f.answers)
                                           for r, f in zip(rows, items)]
+
+
+def test_closed_book_qa_asks_an_instruct_model_through_its_chat_template(lm):
+  """chat=True: exemplars as user / assistant turns, the question as the last user turn, the
+  tokenizer's template with the generation prompt (lm-eval's fewshot_as_multiturn); a
+  tokenizer without a template keeps the Q/A prompt."""
+  import copy
+  model, tok, _ = lm
+  chat_tok = copy.copy(tok)
+  chat_tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+  dev = [FactItem(id="d", answers=("Lima",), subject="Carol", relation="born",
+                  question="Where was Carol born?")]
+  item = FactItem(id="a", answers=("Paris",), subject="Alice", relation="born",
+                  question="Where was Alice born?")
+  rows = QA.closed_book_qa(model, chat_tok, [item], dev, k=1, max_new_tokens=4, chat=True)
+  assert rows[0]["prompt"] == ("<user>Where was Carol born?\n<assistant>Lima\n"
+                               "<user>Where was Alice born?\n<assistant>")
+  plain = QA.closed_book_qa(model, tok, [item], dev, k=1, max_new_tokens=4, chat=True)
+  assert plain[0]["prompt"] == QA.few_shot_prompt(item, dev)
 
 
 # ---- multiple choice --------------------------------------------------------------------------

@@ -71,6 +71,20 @@ def test_pairs_match_hf_packed_or_not(lm):
   np.testing.assert_allclose(s.logprob[:3], alone, atol=1e-5)
 
 
+def test_continuations_share_a_row_only_where_it_pays():
+  """Choices shorter than their context share its row (up to SHARE_GROWTH x the context);
+  rolling windows after one BOS token each get a row of their own (packed, they would make one
+  row whose attention grows with the square of all of them)."""
+  ctx = tuple(range(10))
+  mc = [(ctx, (20 + i, 21, 22)) for i in range(30)]                  # 30 choices of 3 tokens
+  windows = [((1,), tuple(range(100 + i, 300 + i))) for i in range(8)]
+  rows = LL._rows(mc + windows, cap=1 << 13)
+  mc_rows = [r for r in rows if r[0] == ctx]
+  assert [len(r[1]) for r in mc_rows] == [15, 15]                       # 10 + 15 x 2 = 40
+  assert all(n <= LL.SHARE_GROWTH * len(ctx) for _, _, n in mc_rows)
+  assert sorted(n for c, _, n in rows if c == (1,)) == [200] * 8       # one row per window
+
+
 def test_lens_of_packed_rows_equals_lens_of_single_rows(lm):
   model, _, _ = lm
   pairs = _pairs(model.cfg.vocab_size)[:6]

@@ -398,10 +398,11 @@ def test_fingerprints_redo_exactly_the_stages_a_change_affects(study, tmp_path):
   c = load_config_file(CONFIG, "smoke")
   assert _plan(c, wd) == ({}, "plan: 7 reuse")
   with pytest.MonkeyPatch.context() as mp:                   # another answer scorer
-    mp.setattr("factflip.studies.poisoning.SCORER_VERSION", 4)
+    from factflip.probes.fact_preference import SCORER_VERSION as v
+    mp.setattr("factflip.studies.poisoning.SCORER_VERSION", v + 1)
     lines = Study(c, wd, log=lambda m: None).plan()
     redo, head = _plan(c, wd)
-  assert "           scorer: 3 -> 4" in lines and head == "plan: 4 reuse, 3 redo" and set(
+  assert f"           scorer: {v} -> {v + 1}" in lines and head == "plan: 4 reuse, 3 redo" and set(
       redo) == {"probe tiny-0.5m seed0 p0.00", "probe tiny-0.5m seed0 p1.00", "results"}
   c.probe.batch_size = 32
   redo, head = _plan(c, wd)

@@ -234,6 +234,7 @@ def test_rerun_reuses_everything_and_an_eval_key_redoes_only_the_evaluations(ul_
     ({"cft_corpora": ("contradictory",)}, None, "cft_corpora"),
     ({"eval.adversarial": ("reverse_query",)}, None, "eval.adversarial"),
     ({"facts": "/some/counterfact.json"}, None, "facts"),
+    ({"eval.utility": "/some/counterfact.json"}, None, "eval.utility: .*expected forget.source"),
 ])
 def test_bad_configs_fail_before_anything_runs(tmp_path, key, value, match):
   from factflip.configfile import ConfigError, load_config_file
@@ -360,6 +361,7 @@ def test_rwku_folder_variant(ul_study, tmp_path):
   on, every level and the neighbours probed with RWKU's instruction, its MIA texts scored);
   counterfactual tuning is refused before anything runs."""
   from factflip.configfile import ConfigError, load_config_file
+  from factflip.data.facts import write_facts_jsonl
   from factflip.data.tokenizer import load_tokenizer
   from factflip.data.world import load_world
   from factflip.evals.mia import auc
@@ -375,10 +377,17 @@ def test_rwku_folder_variant(ul_study, tmp_path):
   unseen = tmp_path / "unseen.jsonl"
   unseen.write_text(json.dumps({"id": "u1", "question": "Who is Zork Blim?",
                                 "answers": ["nobody"]}) + "\n")
+  utility = tmp_path / "utility.jsonl"         # the third person's facts: utility questions
+  asked_about = set(list(dict.fromkeys(f.subject for f in world.facts
+                                      if f.meta.get("exposure_tier") == "high"))[:3])
+  others = [f for f in world.facts if f.subject not in asked_about and f.prompt
+            and not f.meta.get("two_hop")]
+  write_facts_jsonl(str(utility), others[:30])
   variant = f"{CONFIG}:smoke,hf={hf},facts={rwku}"
   flags = ["--config.forget.source=rwku", "--config.forget.n_targets=2",
            f"--config.eval.unseen={unseen}", "--config.unlearn.objective.retain_weight=0",
-           "--config.methods=('refusal','npo')"]
+           "--config.methods=('refusal','npo')", "--config.forget.template=True",
+           f"--config.eval.utility={utility}"]
   wd = str(tmp_path / "wd")
   factflip_run(variant, wd, *flags)
   run = os.path.join(wd, "runs", "tiny-hf", "seed0")
@@ -391,10 +400,23 @@ def test_rwku_folder_variant(ul_study, tmp_path):
   assert len(probes) == n12 + 2 * 2 + 2 * 4 and set(probes.level) == {1, 2, 3}
   assert set(probes.set) == {"forget", "neighbour"}
   assert probes.prompt.str.startswith("Please").all()
+  # forget.template: each probe trained in the prompt it is asked with, then its target
+  asked = dict(zip(probes.item, probes.prompt))
+  with open(os.path.join(run, "sets", "forget_refusal.jsonl")) as f:
+    trained = [json.loads(line) for line in f]
+  assert len(trained) == n12 // 8 * 8
+  for e in trained:
+    (context, _), (answer, _) = e["segments"]
+    assert context == asked[e["fact"]] and answer.strip() == "I don't know."
   mia = pd.read_csv(os.path.join(run, "eval", "base", "mia_000000.csv"))
   assert list(mia.set).count("forget") == 10
+  # eval.utility: 4-way questions on the utility file's facts, their paraphrases held out
+  util = pd.read_csv(os.path.join(run, "eval", "base", "utility_000000.csv"))
+  assert len(util) == 8 and list(mia.set).count("heldout") == sum(
+      bool(f.paraphrases) for f in others[:30] if f.id in set(util["id"]))
   tr = pd.read_csv(os.path.join(wd, "results", "tradeoff.csv"))
-  assert set(tr.run) == {"refusal", "npo"} and tr.utility_acc.isna().all()
+  assert set(tr.run) == {"refusal", "npo"}
+  assert tr[tr.epoch == 0].utility_acc.iloc[0] == pytest.approx(util.acc.mean())
   assert tr[tr.epoch == 0].mia_auc.iloc[0] == pytest.approx(
       auc(mia[mia.set == "forget"].loss, mia[mia.set == "retain"].loss))
   c = load_config_file(CONFIG, f"smoke,hf={hf},facts={rwku}")

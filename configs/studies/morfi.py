@@ -13,10 +13,23 @@ TopK SAE trained on the base's middle-layer resid_post over the world's corpus, 
 test, then the 100%-Unknown model steered) → results. Every key, its default and meaning:
 `base_config` in factflip/studies/morfi.py (paper B's keys, `sae` and `morfi`).
 
-Variants: those of configs/studies/new_knowledge.py (smoke, scale=, seeds=, hf=DIR,facts=DIR).
-With hf= give the SAE of that model's site: --config.sae.path=DIR (SAELens directory, Gemma Scope
-params.npz or Llama Scope directory) and, where the file does not name it,
---config.sae.hook_name=blocks.12.hook_resid_post.
+Variants: those of configs/studies/new_knowledge.py (smoke, scale=, seeds=, hf=DIR,facts=DIR,
+cpu). With hf= give the SAE of that model's site: --config.sae.path=DIR (SAELens directory, Gemma
+Scope params.npz or Llama Scope directory) and, where the file does not name it,
+--config.sae.hook_name=blocks.12.hook_resid_post; or train one on text you give
+(--config.sae.train.data.kind=examples --config.sae.train.data.path=FILE.jsonl).
+  cpu   with hf= (a ~100M-parameter model on 2 cores): B's cpu variant (its relations,
+        SliCK and SFT settings; in B's workdir its SliCK stage is reused) with five mixtures,
+        0 / 25 / 50 / 75 / 100% Unknown (the fewest with which the Mann-Kendall test can reach
+        p < 0.05; B's three cannot), and a TopK SAE (k 32, 8x) trained here on the middle
+        layer's resid_post from 300 steps of 2,048 tokens of the text at
+        --config.sae.train.data.path (benchmarks/sae_text.py writes one from RWKU's passages
+        and EntityQuestions' dev questions), activations scaled to sqrt(d_in) (SAELens's
+        expected_average_only_in: a real model's residual norms). About 36 minutes on
+        SmolLM2-135M (benchmarks/RESULTS.md): over the 25-minute aim.
+
+  factflip run --config=configs/studies/morfi.py:hf=SmolLM2-135M-Instruct.Q4_1.gguf,\
+facts=entityquestions,cpu --config.sae.train.data.path=/tmp/sae_text.jsonl --workdir=workdir/smollm2-c
 """
 
 import os
@@ -43,6 +56,19 @@ def get_config(arg=None):
   t.optim.lr, t.optim.warm_up_steps = 1e-3, 50
   t.data.seq_len, t.data.batch_size = 64, 16
   t.eval.every, t.checkpoint.every, t.log_every = 500, 500, 250
+  if arg and "cpu" in arg.split(","):
+    # five mixtures, the fewest with which the Mann-Kendall test can reach p < 0.05 (with
+    # B's three, 0 / 50 / 100%, its smallest p is 0.30: no latent could be monotonic); a
+    # TopK SAE on a ~100M model's middle layer from ~600k tokens of the given text
+    c.mixtures.unknown_shares = (0.0, 0.25, 0.5, 0.75, 1.0)
+    t.data.kind = "examples"       # --config.sae.train.data.path=FILE.jsonl (records "text")
+    t.data.seq_len, t.data.batch_size = 128, 16
+    t.steps, t.batch_tokens, t.buffer_batches = 300, 2048, 8
+    t.sae.expansion_factor, t.sae.k = 8, 32
+    t.sae.normalize_activations = "expected_average_only_in"   # a real model's large norms
+    t.optim.lr, t.optim.warm_up_steps = 5e-4, 20
+    t.eval.every, t.eval.batches, t.checkpoint.every, t.log_every = 0, 4, 300, 25
+    c.morfi.bootstrap = 200
   if arg and "smoke" in arg.split(","):
     c.mixtures.unknown_shares = (0.0, 0.5, 1.0)
     t.steps, t.batch_tokens, t.buffer_batches = 60, 128, 2

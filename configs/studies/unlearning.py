@@ -27,22 +27,22 @@ Variants (`--config=configs/studies/unlearning.py:VARIANT[,VARIANT...]`):
                    spillover questions with --config.eval.unseen=FILE (facts the model never
                    saw, e.g. a held-out split of made-up entities).
   cpu              with hf= and facts=RWKU's Target folder: RWKU on a ~100M-parameter instruct
-                   model on a 2-core laptop. NOT yet within 25 minutes: on SmolLM2-135M the
-                   four trainings took 168 s but one evaluation 516 s (five are needed; no key
-                   caps RWKU's probes or MIA passages yet: benchmarks/RESULTS.md).
+                   model on a 2-core laptop (SmolLM2-135M: benchmarks/RESULTS.md).
                    forget.source rwku with the folder's first 2 targets (the fewest the study
                    takes; RWKU's 1_Stephen_King and 2_Confucius: 36 of
                    their 38 level-1/2 forget probes trained on, 95 forget and 112 neighbour
                    probes and 156 MIA passages of ~31k tokens scored); every method RWKU
                    allows: refusal, gradient_ascent, npo, dpo towards the refusal (no CFT:
                    RWKU has no counterfactuals); no retain term (RWKU ships no retain corpus).
-                   One epoch of 9 steps of 4 x 64 tokens at lr 1e-4 (the hf variant's 1e-5 is
+                   Each probe is trained in the prompt it is asked with (forget.template:
+                   RWKU's instruction in the model's chat template, which a GGUF carries).
+                   One epoch of 9 steps of 4 x 96 tokens at lr 1e-4 (the hf variant's 1e-5 is
                    too gentle for 9 steps; batch 4 gives 9 updates for the compute of one
-                   pass), so the base and the end of each run are evaluated: RWKU's
-                   instruction in the model's chat template (a GGUF carries it), 30 greedy
-                   tokens, MIA, the unseen questions (give them: --config.eval.unseen=FILE,
-                   e.g. TOFU's forget01.json, 40 questions about made-up authors). No
-                   utility: RWKU has no set of its own.
+                   pass), so the base and the end of each run are evaluated: 30 greedy
+                   tokens, MIA, the unseen questions through the chat template (give them:
+                   --config.eval.unseen=FILE, e.g. TOFU's forget01.json, 40 questions about
+                   made-up authors) and, when given, utility: --config.eval.utility=FILE
+                   (e.g. CounterFact: 40 four-way multiple-choice questions on its facts).
 
   factflip run --config=configs/studies/unlearning.py:hf=/models/Qwen2.5-0.5B,facts=\
 /data/counterfact.json --workdir=workdir/ul_qwen --config.eval.unseen=/data/unseen.jsonl \
@@ -57,7 +57,8 @@ facts=/data/rwku/Target --config.forget.source=rwku --config.forget.n_targets=10
 --config.eval.unseen=/data/unseen.jsonl --config.unlearn.objective.retain_weight=0 \
 --workdir=workdir/ul_rwku
   factflip run --config=configs/studies/unlearning.py:hf=SmolLM2-135M-Instruct.Q4_1.gguf,\
-facts=RWKU/Target,cpu --config.eval.unseen=TOFU/forget01.json --workdir=workdir/smollm2-d
+facts=RWKU/Target,cpu --config.eval.unseen=TOFU/forget01.json \
+--config.eval.utility=counterfact-val.json --workdir=workdir/smollm2-d
 
 On the world the probes are the prompts as the corpus writes them (eval.template = False: a
 tiny base model follows no instruction); with hf= RWKU's instruction wraps every probe.
@@ -111,6 +112,8 @@ def get_config(arg=None):
     c.unlearn.optim.lr = 1e-4      # 1e-5 is too gentle for 9 steps
     c.unlearn.optim.warmup_steps = 2
     c.unlearn.log_every = 3
+    c.forget.template = True       # trained as asked: RWKU's instruction, the chat template
+    c.unlearn.data.seq_len = 96    # SmolLM2's template + instruction + probe: 55-69 tokens
   if "smoke" in variants:
     c.vocab_size = 384
     c.pretrain.data.world_people = 30

@@ -32,7 +32,9 @@ How pairs are computed: identical pairs once; pairs that share a context are pac
 row — the context once, then every continuation but its last token, each attending to the
 context and to its own earlier tokens only (positions restart after the context), so k
 choices of a multiple-choice question cost one context, and one-token continuations cost
-nothing beyond it. Rows without sharing run the plain causal forward.
+nothing beyond it. A continuation shares only when that pays (`_rows`: no longer than its
+context, the row at most SHARE_GROWTH times the context): rolling windows after one BOS token
+each get their own row. Rows without sharing run the plain causal forward.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def _token_logprob(logits_BxAxV, target_BxA):
 # alone), and its [positions, vocabulary] logits exist LOGIT_ELEMENTS floats at a time.
 MAX_TOKENS = 1 << 14
 LOGIT_ELEMENTS = 1 << 25
+SHARE_GROWTH = 4       # a row shared by continuations of one context: at most 4x its length
 
 
 def _read_slots(params, cfg: ModelConfig, h_BxAxD, target_BxA, stats: bool):
@@ -172,23 +175,31 @@ def _score_rows(params, cfg: ModelConfig, tokens_BxT, mask_BxT, pos_BxT, branch_
   return res
 
 def _rows(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]], cap: int):
-  """Pack unique pairs into rows: [(context, [pair index, ...], row length)], continuations of
-  one context together while the row (context + every continuation but its last token) fits
-  in `cap`."""
+  """Pack unique pairs into rows: [(context, [pair index, ...], row length)]. A continuation
+  shares its context's row when sharing pays: it is no longer than the context (it saves at
+  least the tokens it adds), and the row (context + every continuation but its last token)
+  stays within `cap` and SHARE_GROWTH times the context, because a row's attention grows with
+  its square (k rolling windows of m tokens after one BOS token, packed into one row, cost
+  (k·m)² attention against k·m² as k rows). Other continuations get a row of their own."""
   by_ctx: dict[tuple[int, ...], list[int]] = {}
   for i, (ctx, _) in enumerate(pairs):
     by_ctx.setdefault(ctx, []).append(i)
   rows = []
   for ctx, idx in by_ctx.items():
     row, n = [], len(ctx)
+    limit = min(cap, SHARE_GROWTH * len(ctx))
     for i in sorted(idx, key=lambda i: len(pairs[i][1])):
       extra = len(pairs[i][1]) - 1
-      if row and n + extra > cap:
+      if extra >= len(ctx):                    # longer than its context: alone
+        rows.append((ctx, [i], len(ctx) + extra))
+        continue
+      if row and n + extra > limit:
         rows.append((ctx, row, n))
         row, n = [], len(ctx)
       row.append(i)
       n += extra
-    rows.append((ctx, row, n))
+    if row:
+      rows.append((ctx, row, n))
   return rows
 
 

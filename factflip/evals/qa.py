@@ -2,7 +2,7 @@
 prompts from a dev split of the same relation, and abstention ("I don't know") detection.
 
 Owns: `normalize_answer`, `exact_match`, `token_f1`, `is_abstention`, `outcome`, `few_shot_prompt`
-(`with_end`),
+(`with_end`), `chat_prompt`,
 `draw_exemplars`, `closed_book_qa` (generate and score a list of facts) and `qa_summary`.
 Must not: generate by itself (`evals.generation`) or know which study asks.
 
@@ -20,6 +20,10 @@ Definitions:
 - k-shot prompt: k exemplars "Q: <question>\\nA: <answer>\\n\\n" from the dev split of the same
   relation (never the fact itself), then "Q: <question>\\nA:"; the model's answer is its greedy
   (or sampled) continuation up to the first newline.
+- chat (an instruct model, `closed_book_qa(chat=True)` with a tokenizer that has a chat
+  template): each exemplar a user turn (its question) and an assistant turn (its answer), then
+  the question as the user turn, through the model's chat template with the generation prompt
+  (lm-eval's `--apply_chat_template --fewshot_as_multiturn`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,16 @@ from factflip.data.facts import FactItem
 
 ABSTAIN = ("i dont know", "i do not know", "dont know", "unknown", "no answer", "noanswer",
            "i am not sure", "im not sure", "not sure", "i cannot answer", "i cant answer",
-           "cannot answer", "i have no idea", "no idea", "none")
+           "cannot answer", "i have no idea", "no idea", "none",
+           # an instruct model's refusals ("I'm sorry, but I don't have information on ...")
+           "im sorry", "i am sorry", "sorry", "unfortunately", "i dont have", "i do not have",
+           "i couldnt find", "i could not find", "i cannot provide", "i cant provide",
+           "im not aware", "i am not aware", "im unable", "i am unable", "there is no information",
+           "as an ai")
+# Bumped when what closed-book QA returns for the same predictions changes (2: an instruct
+# model's refusals count as abstentions, and `chat` asks through the chat template); stages
+# that score QA outcomes put it among their keys.
+QA_VERSION = 2
 QA_FORMAT = "Q: {question}\nA:"
 EXEMPLAR_FORMAT = "Q: {question}\nA: {answer}\n\n"
 _PUNCT = set(string.punctuation)
@@ -121,19 +134,36 @@ def by_relation(items: Sequence[FactItem]) -> dict[str, list[FactItem]]:
   return out
 
 
+def chat_prompt(tokenizer, item: FactItem, exemplars: Sequence[FactItem] = (),
+                answer_end: str = "") -> str:
+  """The k-shot prompt as a chat: exemplars as user / assistant turns, then the question,
+  through the tokenizer's chat template with the generation prompt."""
+  if not item.question:
+    raise ValueError(f"{item.id}: no question to ask (field 'question')")
+  turns = []
+  for e in exemplars:
+    turns += [{"role": "user", "content": e.question},
+              {"role": "assistant", "content": with_end(e.answers[0], answer_end)}]
+  turns.append({"role": "user", "content": item.question})
+  return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
 def closed_book_qa(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactItem] = (),
                    k: int = 0, seed: int = 0, max_new_tokens: int = 16, batch_size: int = 32,
-                   phrases: Sequence[str] = ABSTAIN) -> list[dict]:
+                   phrases: Sequence[str] = ABSTAIN, chat: bool = False) -> list[dict]:
   """Greedy answers to each item's question (k-shot with exemplars from `dev`, drawn with
   `seed`), cut at the first newline, scored: one row per item with item, relation, prompt,
-  prediction, em, f1, outcome."""
+  prediction, em, f1, outcome. chat=True asks through the tokenizer's chat template
+  (`chat_prompt`) when it has one."""
   from factflip.evals.generation import generate_until
   rng = np.random.default_rng(seed)
   pool = by_relation(dev)
+  chat = chat and bool(getattr(tokenizer, "chat_template", None))
   prompts = []
   for f in items:
     _aliases(f.answers, f"{f.id}: field 'answers'")
-    prompts.append(few_shot_prompt(f, draw_exemplars(f, pool, k, rng) if k else ()))
+    shots = draw_exemplars(f, pool, k, rng) if k else ()
+    prompts.append(chat_prompt(tokenizer, f, shots) if chat else few_shot_prompt(f, shots))
   preds = generate_until(model, tokenizer, prompts, until=("\n",),
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
   rows = []

@@ -82,7 +82,9 @@ def prompt_rows(items: Sequence[FactItem], kinds: Sequence[str] = KINDS,
 # study stage key that scores answers, so a change to what it computes redoes those stages.
 # 2: log-softmax in float32 whatever the parameters' dtype. 3: `preference` scores the true and
 # counterfactual answers of a prompt in one row (the prompt once; ΔLL within ~1e-5 of v2's).
-SCORER_VERSION = 3
+# 4: a continuation shares its context's row only where that pays (`loglik._rows`; sums
+# within ~1e-5 of v3's).
+SCORER_VERSION = 4
 
 
 @functools.lru_cache(maxsize=16)

@@ -394,8 +394,10 @@ class Study(platform.Study):
   @memo
   def stage_eval(self, size: str, seed: int, mixture: str) -> Stage:
     from factflip.evals.generation import GENERATION_VERSION
+    from factflip.evals.qa import QA_VERSION
     return Stage(f"eval {size} seed{seed} {mixture}", self.eval_dir(size, seed, mixture),
-                 self.keys("eval", "probe.dtype", generation=GENERATION_VERSION),
+                 self.keys("eval", "probe.dtype", generation=GENERATION_VERSION,
+                           qa=QA_VERSION),
                  (self.stage_sft(size, seed, mixture).fp, self.stage_mixtures(size, seed).fp))
 
   @memo

@@ -13,7 +13,11 @@ the level-1 and level-2 forget probes of the folder's first `forget.n_targets` t
 example per probe, the first whole number of batches), every probe of theirs (levels 1–3,
 forget and neighbour) is scored with RWKU's instruction, MIA compares their forget_mia and
 retain_mia texts, the retain term reads `forget.retain_path`; RWKU has no counterfactuals
-(no CFT, DPO towards the refusal) and no utility set (utility_acc is NaN).
+(no CFT, DPO towards the refusal) and no utility set: `eval.utility` names a facts file whose
+facts give the multiple-choice utility questions and MIA's held-out texts (without it
+utility_acc is NaN). `forget.template` trains each probe in the prompt it is asked with
+(RWKU's instruction in the model's chat template), and `eval.template` asks the unseen
+questions through the chat template too.
 
 Runs (the `method` axis; `run_names`): `cft_<corpus>` (SFT on counterfactual answers, once per
 corpus in `cft_corpora`: "consistent" = every rendering of a fact states one counterfactual,
@@ -120,6 +124,10 @@ def base_config():
   #                                  first n_targets targets are forgotten (module docstring)
   c.forget.retain_path = ""        # rwku: retain examples (JSONL, any training-example record)
   #                                  for the retain term (RWKU ships no retain corpus)
+  c.forget.template = False        # train each forget example in the prompt its probe asks:
+  #                                  RWKU's instruction of its level in the model's chat
+  #                                  template (`evals.rwku.rwku_prompt`; for instruct models,
+  #                                  with eval.template)
   c.methods = METHODS
   c.cft_corpora = CORPORA          # CFT runs once per counterfactual corpus
   c.dpo_target = "counterfactual"  # dpo: the preferred answer (counterfactual | refusal)
@@ -138,6 +146,9 @@ def base_config():
   c.eval.n_made_up = 20            # world: questions about people who do not exist
   c.eval.unseen = ""               # facts: a facts file of questions the model never saw
   c.eval.n_utility = 40            # multiple-choice questions on non-target facts
+  c.eval.utility = ""              # rwku: a facts file (prompts, answers, relations; e.g.
+  #                                  CounterFact) whose facts give the utility questions and
+  #                                  MIA's held-out texts (RWKU ships no utility set)
   c.eval.mc_choices = 4
   c.conflict = ml_collections.ConfigDict()
   c.conflict.pattern = ".*"        # parameters whose per-example gradients are compared (regex)
@@ -224,6 +235,11 @@ def validate(c, source: str = "study") -> None:
   else:
     need(c.forget.tier in ("high", "medium", "low", "none"), "forget.tier",
          f"{c.forget.tier!r}; expected high, medium, low or none")
+  need(not c.eval.utility or rwku, "eval.utility", f"{c.eval.utility!r} with forget.source "
+       f"{c.forget.source!r}; expected forget.source 'rwku' (otherwise the utility questions "
+       "are the non-target facts of the world or the facts file)")
+  need(not c.eval.utility or os.path.exists(c.eval.utility), "eval.utility",
+       f"{c.eval.utility!r} does not exist; expected a facts file of utility questions")
   need(c.conflict.chunk >= 1, "conflict.chunk", f"{c.conflict.chunk}; expected >= 1")
   try:
     re.compile(c.conflict.pattern)
@@ -371,7 +387,8 @@ class Study(platform.Study):
   @memo
   def eval_sets(self, size: str, seed: int) -> dict[str, Any]:
     """What every checkpoint is evaluated on (a pure function of the source, config and seed):
-    probes, unseen questions, utility questions (none with RWKU), MIA texts, forget facts."""
+    probes, unseen questions, utility questions (RWKU: from eval.utility), MIA texts, forget
+    facts."""
     from factflip.evals.rwku import fact_probes
     forget = self.forget_facts(size, seed)
     rng = np.random.default_rng([seed, 11])
@@ -380,7 +397,13 @@ class Study(platform.Study):
       r = self.rwku()
       mia = [(k, t) for name in r["targets"] for k in ("forget", "retain")
              for t in r["mia"][name][k]]
-      return {"probes": r["probes"], "unseen": unseen, "utility": [], "mia": mia,
+      utility: list = []
+      if self.c.eval.utility:
+        from factflip.data.loaders import load_facts
+        utility, heldout = self._utility([], [
+            f for f in load_facts(self.c.eval.utility) if f.prompt and f.answers], rng)
+        mia += [("heldout", t) for t in heldout]
+      return {"probes": r["probes"], "unseen": unseen, "utility": utility, "mia": mia,
               "forget": forget}
     others = self._others(size, seed)
     probes = fact_probes(forget, others + self.retain_facts(size, seed),
@@ -459,10 +482,13 @@ class Study(platform.Study):
 
   def _eval_keys(self, seed: int) -> dict[str, Any]:
     from factflip.evals.generation import GENERATION_VERSION
+    from factflip.evals.qa import QA_VERSION
     from factflip.probes.fact_preference import SCORER_VERSION
     unseen = file_stamp(self.c.eval.unseen) if self.c.eval.unseen else []
+    utility = file_stamp(self.c.eval.utility) if self.c.eval.utility else []
     return self.keys("eval", "probe.dtype", "forget", seed=seed, unseen_file=unseen,
-                     generation=GENERATION_VERSION, scorer=SCORER_VERSION)
+                     utility_file=utility,
+                     generation=GENERATION_VERSION, scorer=SCORER_VERSION, qa=QA_VERSION)
 
   @memo
   def stage_eval_base(self, size: str, seed: int) -> Stage:
@@ -540,6 +566,8 @@ class Study(platform.Study):
       sets, st = unlearning_sets(forget, retain, UnlearnConfig(
           target=target, consistency=consistency, renders=tuple(self.c.forget.renders),
           seed=seed), candidates=forget + retain + self._others(size, seed))
+      if self.c.forget.template:
+        sets["forget"] = self._as_probed(sets["forget"], forget, size)
       examples[name] = sets["forget"]
       write(name, [{"segments": [list(x) for x in e["segments"]], "fact": e["fact"]}
                    for e in sets["forget"]])
@@ -562,6 +590,21 @@ class Study(platform.Study):
     self.log(f"    forget {len(forget)} facts, retain {len(retain)}; " + ", ".join(
         f"{k}: {v['examples']}" for k, v in stats.items() if isinstance(v, dict)))
     return {"forget": len(forget), "retain": len(retain)}
+
+  def _as_probed(self, examples, forget, size: str) -> list[dict[str, Any]]:
+    """Forget examples with the context their probe asks (`forget.template`): RWKU's
+    instruction of the level (a "prompt" render is level 1, a "question" render level 2, an
+    RWKU probe its own level) in the model's chat template, then "Answer:"."""
+    from factflip.evals.rwku import rwku_prompt
+    tok, by_id = self.tokenizer(size), {f.id: f for f in forget}
+    out = []
+    for e in examples:
+      f = by_id[e["fact"]]
+      level = f.meta.get("level") or (1 if e["render"] == "prompt" else 2)
+      query = f.prompt if e["render"] == "prompt" and f.prompt else f.question
+      context = rwku_prompt(level, query, f.meta.get("type") or "", tok, chat=True)
+      out.append(dict(e, segments=((context, False), *e["segments"][1:])))
+    return out
 
   def set_stats(self, size: str, seed: int) -> dict[str, Any]:
     return read_json(os.path.join(self.sets_dir(size, seed), "stats.json"))
@@ -621,7 +664,7 @@ class Study(platform.Study):
     def unseen(model, step):
       rows = pd.DataFrame(closed_book_qa(model, tok, s["unseen"],
                                          max_new_tokens=e.max_new_tokens,
-                                         batch_size=e.batch_size))
+                                         batch_size=e.batch_size, chat=e.template))
       made_up = np.asarray([bool(f.meta.get("made_up")) for f in s["unseen"]])
       rows["made_up"] = made_up
       rows.loc[made_up, "outcome"] = ["abstained" if is_abstention(p) else "wrong"
@@ -651,7 +694,7 @@ class Study(platform.Study):
     if not all(f.counterfactual for f in s["forget"]):
       fns.pop("cf"), fns.pop("dll")       # nothing to prefer the truth over
     if not s["utility"]:
-      fns.pop("utility")                  # RWKU: no utility set of its own
+      fns.pop("utility")                  # RWKU without eval.utility
     return [CheckpointProbe(name, fn, lambda i, step: step > 0) for name, fn in fns.items()]
 
   def build_eval_base(self, out: str, size: str, seed: int) -> dict[str, Any]:
