@@ -9,7 +9,7 @@ import pytest
 from factflip import get_preset
 from factflip.models.transformer import init_params
 from factflip.probes import gradients as GR
-from factflip.train.objectives import token_logprobs
+from factflip.models.transformer import token_logprobs
 
 CFG = get_preset("tiny-0.5m", vocab_size=64, max_seq_len=32)
 

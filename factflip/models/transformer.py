@@ -472,6 +472,16 @@ def target_logprobs(params: Params, cfg: ModelConfig, h_BxTxD: jax.Array,
   return jax.lax.map(chunk, (h_nxCxD, t_nxC)).reshape(n * C)[:N].reshape(B, T)
 
 
+def token_logprobs(params: Params, cfg: ModelConfig, batch: dict) -> jax.Array:
+  """log p(targets | inputs) per token of a pipeline batch (inputs, targets, positions,
+  segment_ids), float32 [B, T]: packed rows attend within segments; the unembedding by chunks
+  of `cfg.logits_chunk` positions when set. What every training objective and the
+  per-example-gradient probe differentiate."""
+  h_BxTxD = forward(params, cfg, batch["inputs"], positions_BxT=batch["positions"],
+                    segment_ids_BxT=batch["segment_ids"], return_logits=False).residual
+  return target_logprobs(params, cfg, h_BxTxD, batch["targets"])
+
+
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> dict[str, jax.Array]:
   """An empty KV cache: k, v [L, B, S, G, K] and the valid-slot mask [B, S]."""
   dt = jnp.dtype(dtype or cfg.dtype)

@@ -5,7 +5,9 @@ Owns: `prompt_rows` (the prompts of each item by kind, with their true and count
 answers), `score` (many pairs through the evals layer's one
 teacher-forced scorer, `evals.loglik.score_pairs`), `preference`
 (a table of ΔLL per item and prompt kind), `lens_preference` (ΔLL from every layer's residual
-stream), `states`, `flip_rate`, `ambiguity_rate`, `first_flip` and `abruptness`.
+stream), `states`, `flipped`, `flip_rate`, `state_share`, `ambiguity_rate`, `first_flip` and
+`abruptness`: the state rule and the rates built on it, which every study and the training
+monitor call (no copies).
 Must not: train, or know where checkpoints live (callers pass models).
 
 Definitions (written as in SCIENCE.md):
@@ -149,30 +151,40 @@ def states(dll: np.ndarray, tau: float = 0.5) -> np.ndarray:
       np.int8)
 
 
+def flipped(reference_dll: np.ndarray, dll: np.ndarray, tau: float = 0.5) -> np.ndarray:
+  """Per item: correct at the reference and counterfactual now (bool; the arrays broadcast).
+  The one flip rule: the rates below, the studies' tables and the training monitor's rules."""
+  return (states(reference_dll, tau) == CORRECT) & (states(dll, tau) == COUNTERFACTUAL)
+
+
 def flip_rate(reference_dll: np.ndarray, dll: np.ndarray, tau: float = 0.5) -> np.ndarray:
   """Share of items correct at the reference that are counterfactual now, over the last axis.
   dll: [..., items] (e.g. [checkpoints, items] or [checkpoints, layers, items]); the reference
   broadcasts against it (e.g. [items], or [layers, items] for a per-layer reference). NaN
   where no item was correct at the reference. The one definition every table uses."""
   ref = states(reference_dll, tau) == CORRECT
-  now = states(dll, tau) == COUNTERFACTUAL
-  ref = np.broadcast_to(ref, np.broadcast_shapes(ref.shape, now.shape))
+  now = flipped(reference_dll, dll, tau)
+  ref = np.broadcast_to(ref, now.shape)
   n = ref.sum(-1)
   with np.errstate(divide="ignore", invalid="ignore"):
-    return np.where(n > 0, (now & ref).sum(-1) / np.maximum(n, 1), np.nan)
+    return np.where(n > 0, now.sum(-1) / np.maximum(n, 1), np.nan)
+
+
+def state_share(dll: np.ndarray, state: int, tau: float = 0.5) -> np.ndarray:
+  """Share of items in `state` (CORRECT, COUNTERFACTUAL or AMBIGUOUS), over the last axis."""
+  return (states(dll, tau) == state).mean(-1)
 
 
 def ambiguity_rate(dll: np.ndarray, tau: float = 0.5) -> np.ndarray:
   """Share of items ambiguous, over the last axis."""
-  return (states(dll, tau) == AMBIGUOUS).mean(-1)
+  return state_share(dll, AMBIGUOUS, tau)
 
 
 def first_flip(reference_dll: np.ndarray, dll_CxN: np.ndarray, steps: Sequence[int],
                tau: float = 0.5) -> np.ndarray:
   """Per item, the first checkpoint step at which an item correct at the reference is
   counterfactual; −1 if it never flips (or was not correct at the reference)."""
-  ref = states(reference_dll, tau) == CORRECT
-  flipped_CxN = (states(dll_CxN, tau) == COUNTERFACTUAL) & ref[None]
+  flipped_CxN = flipped(np.asarray(reference_dll)[None], dll_CxN, tau)
   any_N = flipped_CxN.any(0)
   first_N = np.asarray(steps)[flipped_CxN.argmax(0)]
   return np.where(any_N, first_N, -1)

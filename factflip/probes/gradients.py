@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip.models.config import ModelConfig
+from factflip.models.transformer import token_logprobs
 
 
 def _path(key_path) -> str:
@@ -55,7 +56,6 @@ def _split(params, paths: tuple[str, ...]):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "paths", "chunk"))
 def _grads(params, cfg: ModelConfig, batch, *, paths: tuple[str, ...], chunk: int):
-  from factflip.train.objectives import token_logprobs
   sub, merge = _split(params, paths)       # differentiate the subset only: the other
   #                                           parameters' gradients are never formed
 

@@ -377,7 +377,8 @@ class Study(platform.Study):
 
   def results(self, out: str | None = None) -> dict[str, pd.DataFrame]:
     """The results tables from the probe rows, written to `out` (default results/)."""
-    from factflip.probes.fact_preference import abruptness, first_flip, flip_rate
+    from factflip.probes.fact_preference import (CORRECT, abruptness, ambiguity_rate,
+                                                 first_flip, flip_rate, flipped, states)
     from factflip.probes.patching import reversal_rate
     tables = {name: [] for name in COLUMNS}
     tau = float(self.c.tau)
@@ -394,15 +395,13 @@ class Study(platform.Study):
       for s, df in frames.items():
         m = df.merge(ref[key + ["dll"] + [c for c in ref if c.startswith("dll_l")]],
                      on=key, suffixes=("", "_base"))
-        base_ok = m.dll_base > tau
-        flipped = base_ok & (m.dll < -tau)
-        m["flipped"] = flipped
+        m["flipped"] = flipped(m.dll_base.values, m.dll.values, tau)
         for (set_, kind), g in m.groupby(["set", "kind"]):
-          n_ok = int((g.dll_base > tau).sum())
+          n_ok = int((states(g.dll_base.values, tau) == CORRECT).sum())
           tables["collateral" if set_ == "control" else "flips"].append({
               "size": size, "seed": seed, "p": p, "step": s, "kind": kind,
               "flip_rate": float(flip_rate(g.dll_base.values, g.dll.values, tau)),
-              "ambiguity_rate": float((g.dll.abs() <= tau).mean()),
+              "ambiguity_rate": float(ambiguity_rate(g.dll.values, tau)),
               "accuracy": float(g.correct.astype(bool).mean()),
               "items": len(g), "correct_at_base": n_ok})
         tgt = m[(m.set == "target") & (m.kind == "prompt")]
@@ -410,7 +409,7 @@ class Study(platform.Study):
           tables["lens"].append({
               "size": size, "seed": seed, "p": p, "step": s, "layer": int(c[5:]),
               "flip_rate": float(flip_rate(tgt[c + "_base"].values, tgt[c].values, tau)),
-              "ambiguity_rate": float((tgt[c].abs() <= tau).mean())})
+              "ambiguity_rate": float(ambiguity_rate(tgt[c].values, tau))})
         pcsv = table_path(d, "patch", s)
         if os.path.exists(pcsv):
           pt = pd.read_csv(pcsv)

@@ -766,6 +766,7 @@ class Study(platform.Study):
     from factflip.evals.counterfact import fluency, summarize
     from factflip.evals.mia import auc
     from factflip.evals.qa import qa_summary
+    from factflip.probes.fact_preference import CORRECT, COUNTERFACTUAL, state_share
     p = self._read(d, "probes", step)
     p["prediction"] = p.prediction.fillna("").astype(str)
     f, n = p[p.set == "forget"], p[p.set == "neighbour"]
@@ -796,8 +797,10 @@ class Study(platform.Study):
     row.update({k.lower(): cfs.get(k, float("nan")) for k in ("ES", "PS", "NS", "S")})
     dl = self._read(d, "dll", step)
     tau = self.c.tau
-    row["forget_correct"] = _mean(dl.dll > tau) if dl is not None else float("nan")
-    row["forget_counterfactual"] = _mean(dl.dll < -tau) if dl is not None else float("nan")
+    row["forget_correct"] = (float(state_share(dl.dll.values, CORRECT, tau))
+                             if dl is not None else float("nan"))
+    row["forget_counterfactual"] = (float(state_share(dl.dll.values, COUNTERFACTUAL, tau))
+                                    if dl is not None else float("nan"))
     return row, probes, {**{k: q[k] for k in ("hallucination_rate", "abstention_rate",
                                               "accuracy")}, "questions": q["n"]}
 

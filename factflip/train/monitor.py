@@ -46,6 +46,7 @@ import numpy as np
 from factflip import distributed
 from factflip.configfile import ConfigError
 from factflip.fileio import DataError, atomic_path
+from factflip.probes.fact_preference import flipped
 
 RULES = ("dll_drop", "lens_sign", "flip")
 SETS = ("watch", "control")
@@ -224,11 +225,11 @@ class Monitor:
       if rule.name == "dll_drop":
         hold_N, val_N, base_N = ref_N - out_N > rule.arg, out_N, ref_N
       elif rule.name == "flip":
-        hold_N, val_N, base_N = (ref_N > rule.arg) & (out_N < -rule.arg), out_N, ref_N
+        hold_N, val_N, base_N = flipped(ref_N, out_N, rule.arg), out_N, ref_N
       else:
         layer = int(rule.arg)
         val_N, base_N = dll_LxN[layer], ref_LxN[layer]
-        hold_N = (base_N > 0) & (val_N < 0)
+        hold_N = flipped(base_N, val_N, 0.0)          # the lens's sign flips (τ = 0)
       if rule.kinds:
         hold_N = hold_N & np.isin(self.kind_N, rule.kinds)
       new_N = hold_N & ~self.fired[i]

@@ -2,12 +2,12 @@
 with, each a small interface (`Objective`): named loss terms, their denominators and weights,
 and what it needs from a frozen reference model.
 
-Owns: `token_logprobs` (teacher-forced log p(target) per token), `example_sums` (per packed
-example), `Objective`, the objectives `lm_objective` (next-token loss over loss_mask:
-pretraining, CPT, and — with answer-only masks from the pipeline — SFT and counterfactual
-tuning), `sft_objective`, `gradient_ascent_objective`, `npo_objective` and `dpo_objective`
-(unlearning, each with an optional retain term),
-and `total` (an objective's loss and terms on one batch).
+Owns: `example_sums` (per packed example sums of `models.transformer.token_logprobs`,
+teacher-forced log p(target) per token), `Objective`, the objectives `lm_objective`
+(next-token loss over loss_mask: pretraining, CPT, and — with answer-only masks from the
+pipeline — SFT and counterfactual tuning), `sft_objective`, `gradient_ascent_objective`,
+`npo_objective` and `dpo_objective` (unlearning, each with an optional retain term), and
+`total` (an objective's loss and terms on one batch).
 Must not: touch optimizers, shardings or files.
 
 An objective's loss is Σ_k weight_k · S_k / C_k over its named terms k, with S_k a
@@ -38,15 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from factflip.models.config import ModelConfig
-from factflip.models.transformer import forward, target_logprobs
-
-
-def token_logprobs(params, cfg: ModelConfig, batch: dict) -> jax.Array:
-  """log p(targets | inputs) per token, float32 [B, T] (packed rows attend within segments;
-  the unembedding by chunks of `cfg.logits_chunk` positions when set)."""
-  h_BxTxD = forward(params, cfg, batch["inputs"], positions_BxT=batch["positions"],
-                    segment_ids_BxT=batch["segment_ids"], return_logits=False).residual
-  return target_logprobs(params, cfg, h_BxTxD, batch["targets"])
+from factflip.models.transformer import token_logprobs
 
 
 def example_sums(values_BxT: jax.Array, mask_BxT: jax.Array, segment_ids_BxT: jax.Array,
