@@ -594,17 +594,49 @@ def main(argv: list[str] | None = None) -> None:
     except app.UsageError as e:
       print(f"factflip run: {e}", file=sys.stderr)
       sys.exit(1)
+  bad = _config_error(argv)
+  if bad:
+    print(f"error: {bad}", file=sys.stderr)
+    sys.exit(2)
   sys.argv = argv           # ml_collections reads --config.KEY overrides from sys.argv
   app.run(_entry, argv=argv)
 
 
+def _config_error(argv: list[str]) -> str | None:
+  """What loading --config=FILE.py[:VARIANT] raises, as one line (a missing file, a bad
+  variant), or None: checked before absl parses the flag, which would print the config's
+  traceback instead."""
+  from factflip.configfile import load_config_file
+
+  value = next((a.split("=", 1)[1] for a in argv[1:]
+                if a.startswith(("--config=", "-config="))), None)
+  if value is None:
+    return None
+  path, _, variant = value.partition(":")
+  if not os.path.isfile(path):
+    return f"{path}: no such config file (--config=FILE.py[:VARIANT])"
+  try:
+    load_config_file(path, variant or None)
+  except ValueError as e:          # ConfigError, a bad variant
+    return str(e)
+  return None
+
+
 def _entry(argv) -> None:
-  """`_main` with a usage error printed as one line (exit 1), not absl's generic usage."""
+  """`_main` with bad input reported one way for every command: a usage error as one line
+  (exit 1); a bad file, record, key or model file (ConfigError, DataError, GGUFError: each
+  names the file, line or key) as one `error:` line (exit 2), not a traceback."""
+  from factflip.configfile import ConfigError
+  from factflip.fileio import DataError
+  from factflip.gguf_io import GGUFError
   try:
     _main(argv)
   except app.UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except (ConfigError, DataError, GGUFError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,33 @@ def test_a_config_override_for_a_command_without_config_is_refused_before_parsin
                                      "--help)\n")
 
 
+@pytest.mark.parametrize("args,code,err", [
+    (["run", "--config=configs/studies/poisoning.py:nonsense", "--workdir=W"], 2,
+     "error: configs/studies/poisoning.py: bad variant 'nonsense'; expected smoke, cpu, "
+     "scale=A+B, seeds=0+1, hf=DIR[+DIR] or facts=FILE, joined by commas\n"),
+    (["run", "--config=configs/studies/nope.py", "--workdir=W"], 2,
+     "error: configs/studies/nope.py: no such config file (--config=FILE.py[:VARIANT])\n"),
+    (["eval", "--model=M", "--facts=BAD", "--out=W"], 2,
+     "error: BAD:2: not valid JSON (Expecting ',' delimiter, column 1)\n"),
+])
+def test_bad_input_is_one_error_line_and_exit_2_for_every_command(args, code, err, tmp_path,
+                                                                   monkeypatch, capsys):
+  """A bad config variant, a missing config file or a malformed facts file: one `error:`
+  line naming the file (and line), exit status 2, no traceback."""
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"id": "a", "prompt": "x"\n')
+  monkeypatch.chdir(ROOT)
+  swap = {"W": str(tmp_path / "wd"), "M": str(tmp_path / "model"), "BAD": str(bad)}
+  args = [f"{k}={swap.get(v, v)}" if v else k for k, _, v in (a.partition("=") for a in args)]
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.main(["factflip", *args])
+  finally:
+    cli.FLAGS.unparse_flags()
+  assert e.value.code == code
+  assert capsys.readouterr().err == err.replace("BAD", str(bad))
+
+
 def test_run_takes_config_overrides_without_a_config_file(monkeypatch, tmp_path):
   """`factflip run --config.KEY=VALUE` overrides the default study config (main() puts the
   default --config in front); the override reaches the study."""
