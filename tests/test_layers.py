@@ -45,7 +45,9 @@ def layer_of(module: str) -> str | None:
 
 def imports(path: str, module: str):
   """(imported module, line) of every absolute `factflip` import in a file, at any depth."""
-  for node in ast.walk(ast.parse(open(path).read(), path)):
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       for a in node.names:
         yield a.name, node.lineno
