@@ -236,29 +236,19 @@ def _train() -> None:
 
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
              FLAGS.process_id)
-  from factflip.configfile import ConfigError
   from factflip.train.loop import train
 
-  source = flags.FLAGS["config"].config_filename
-  try:
-    result = train(FLAGS.config, FLAGS.workdir, source=source)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # a ConfigError is reported by _entry (one error line, exit 2), as for every command
+  result = train(FLAGS.config, FLAGS.workdir, source=flags.FLAGS["config"].config_filename)
   if result.preempted:
     print(f"stopped by SIGTERM at step {result.step} (checkpoint saved); run the same command "
           "again to resume")
 
 
 def _train_sae() -> None:
-  from factflip.configfile import ConfigError
   from factflip.sae.train import train_sae
 
-  try:
-    result = train_sae(FLAGS.config, FLAGS.workdir, source=flags.FLAGS["config"].config_filename)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  result = train_sae(FLAGS.config, FLAGS.workdir, source=flags.FLAGS["config"].config_filename)
   last = result.evals[max(result.evals)] if result.evals else {}
   print(f"SAE at {result.sae_path}: explained variance "
         f"{result.metrics.get('explained_variance', float('nan')):.3f}, L0 "
