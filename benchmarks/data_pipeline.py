@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip import get_preset
-from factflip.data.mixtures import (PoisonConfig, SFTConfig, cpt_source, replay_documents,
-                                    sft_mixture)
+from factflip.data.mixtures import PoisonConfig, cpt_source, replay_documents
 from factflip.data.pipeline import BatchConfig, make_batches
+from factflip.data.sft_mixtures import SFTConfig, sft_mixture
 from factflip.data.tokenizer import train_tokenizer
 from factflip.data.world import WorldConfig, build_world
+from factflip.models import attention
 from factflip.models.transformer import forward, init_params
 
 
@@ -77,7 +78,7 @@ def main():
   @jax.jit
   def step(params, inputs, targets, mask, positions):
     def loss(p):
-      logits = forward(p, mcfg, inputs, mask > 0, positions).logits
+      logits = forward(p, mcfg, inputs, attention.causal(mask > 0, positions)).logits
       lp = jax.nn.log_softmax(logits.astype(jnp.float32))
       nll = -jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]
       return (nll * mask).sum() / mask.sum()

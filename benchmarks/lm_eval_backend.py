@@ -39,7 +39,6 @@ import time
 
 import numpy as np
 
-
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MC_BODY = ('output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'

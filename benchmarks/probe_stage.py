@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from factflip.data.tokenizer import TokenIds
-from factflip.evals.loglik import answer_ids, score_pairs
+from factflip.evals.checkpoints import table_path, table_steps
+from factflip.evals.loglik import score_pairs
+from factflip.evals.requests import answer_ids
 from factflip.probes.fact_preference import prompt_rows, states
-from factflip.studies.checkpoints import table_path, table_steps
 from factflip.studies.poisoning import Study
 
 
@@ -50,8 +51,8 @@ def two_call_preference(model, tok, items, kinds, batch_size):
 
 def old_stage(st, out, size, seed, p):
   """build_probe's work with the two-call preference (same checkpoints, tables, patching)."""
+  from factflip.evals.checkpoints import CheckpointProbe, probe_checkpoints
   from factflip.probes.fact_patching import patch_items
-  from factflip.studies.checkpoints import CheckpointProbe, probe_checkpoints
   tok = st.tokenizer(size)
   targets, controls, two_hop = st.targets(size, seed), st.controls(size, seed), st.two_hop(
       size, seed)

@@ -25,7 +25,8 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--seed", type=int, default=0)
   a = ap.parse_args()
-  from factflip.data.loaders import load_facts, load_rwku_mia
+  from factflip.data.loaders import load_facts
+  from factflip.data.qa_datasets import load_rwku_mia
   from factflip.fileio import atomic_path
   passages = [t for sets in load_rwku_mia(a.rwku).values() for k in ("forget", "retain")
               for t in sets[k]]

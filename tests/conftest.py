@@ -336,3 +336,73 @@ def write_gguf(path, model, qtype="F32", tokenizer=None, arch=None, chat_templat
   w.write_tensors_to_file()
   w.close()
   return str(path)
+
+
+# ---- the training loop's shared run (test_train_loop.py, test_monitor.py) --------------------
+PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        "pretrain_tiny.py")
+
+
+@pytest.fixture(scope="session")
+def world_dirs(small_world, world_tokenizer, tmp_path_factory):
+  """The small world written where a run reads it, and its tokenizer directory."""
+  from factflip.data.world import write_world
+
+  d = str(tmp_path_factory.mktemp("loop_world") / "world")
+  write_world(small_world, d)
+  return d, world_tokenizer.name_or_path
+
+
+def smoke(world_dirs, **over):
+  """configs/pretrain_tiny.py:smoke on the small world: 8 steps of 8 x 32 tokens, checkpoints every 2,
+  evaluation every 4; `over`: keys with __ for dots."""
+  from factflip.configfile import load_config_file
+  c = load_config_file(PRETRAIN, "smoke")
+  c.data.world_dir, c.data.tokenizer_dir = world_dirs
+  c.data.seq_len, c.data.batch_size = 32, 8
+  c.checkpoint.every, c.eval_every, c.steps = 2, 4, 8
+  return set_keys(c, {k.replace("__", "."): v for k, v in over.items()})
+
+
+def params_of(workdir, step=None):
+  import jax
+
+  from factflip.train.checkpoint import load_trained
+  model, s = load_trained(workdir, step)
+  return s, jax.tree.map(np.asarray, model.params())
+
+
+@pytest.fixture(scope="session")
+def full_run(world_dirs, tmp_path_factory):
+  """8 steps in one go (the reference for resume and the files tests)."""
+  from factflip.train.loop import train
+  wd = str(tmp_path_factory.mktemp("full"))
+  return wd, train(smoke(world_dirs), wd, quiet=True)
+
+
+# ---- the scorer against HF transformers (test_loglik.py, test_requests.py) ---------------------
+@pytest.fixture(scope="session")
+def hf_lm_pair(hf_lm):
+  """(factflip model, tokenizer, the HF torch model) of the session's tiny HF model."""
+  from factflip import load_model, load_tokenizer
+  d, torch_model = hf_lm
+  return load_model(d), load_tokenizer(d), torch_model
+
+
+def torch_logp(torch_model, ids):
+  """log-softmax [len(ids), V] (float64) of the HF model over one unpadded sequence."""
+  import torch
+  with torch.no_grad():
+    logits = torch_model(torch.tensor([list(ids)])).logits[0]
+  return torch.log_softmax(logits.double(), -1).numpy()
+
+
+def torch_pair(torch_model, ctx, cont):
+  """(Σ log p, greedy, per-token log p, mean and variance of log p) of cont after ctx."""
+  lp = torch_logp(torch_model, list(ctx) + list(cont)[:-1])
+  rows = lp[len(ctx) - 1:]
+  tok = rows[np.arange(len(cont)), list(cont)]
+  p = np.exp(rows)
+  mu = (p * rows).sum(-1)
+  var = (p * rows ** 2).sum(-1) - mu ** 2
+  return tok.sum(), bool((rows.argmax(-1) == np.asarray(cont)).all()), tok, mu, var

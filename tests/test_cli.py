@@ -20,11 +20,11 @@ def test_run_is_the_study_and_reports_a_wrong_config(smoke_study, tmp_path, caps
   from factflip.configfile import load_config_file
   wd = str(tmp_path / "wd")
   shutil.copytree(smoke_study[0], wd)
-  c = load_config_file(cli._study_config_path(), "smoke")
+  c = load_config_file(cli.run.default_config(), "smoke")
   assert list(c.ratios) == [0.0, 1.0]
   c.min_base_accuracy = 0.99
   with pytest.raises(SystemExit) as e:
-    cli._run(wd, c, "smoke")
+    cli.run.run(wd, c, "smoke")
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert "target facts on the training prompt format" in err and "min_base_accuracy" in err
@@ -44,9 +44,9 @@ def parse(monkeypatch):
 def test_usage_errors(parse):
   with pytest.raises(app.UsageError, match=r"unknown command 'frobnicate'; usage: factflip "
                      r"\{run\|presets\|generate"):
-    cli._main(parse("frobnicate"))
+    cli.dispatch(parse("frobnicate"))
   with pytest.raises(app.UsageError, match="unexpected arguments"):
-    cli._main(parse("run", "extra"))
+    cli.dispatch(parse("run", "extra"))
 
 
 @pytest.mark.parametrize("args,match", [
@@ -67,7 +67,7 @@ def test_a_flag_of_another_command_or_a_missing_one_is_a_usage_error(parse, args
   if args[0] == "train":
     args = (args[0], args[1].replace("configs/", f"{ROOT}/configs/"))
   with pytest.raises(app.UsageError, match=match):
-    cli._main(parse(*args))
+    cli.dispatch(parse(*args))
 
 
 def test_a_config_override_for_a_command_without_config_is_refused_before_parsing(capsys):
@@ -110,7 +110,7 @@ def test_run_takes_config_overrides_without_a_config_file(monkeypatch, tmp_path)
   """`factflip run --config.KEY=VALUE` overrides the default study config (main() puts the
   default --config in front); the override reaches the study."""
   seen = {}
-  monkeypatch.setattr(cli, "_run", lambda *a: seen.update(args=a))
+  monkeypatch.setattr(cli.run, "run", lambda *a: seen.update(args=a))
   monkeypatch.chdir(ROOT)
   try:
     with pytest.raises(SystemExit) as e:
@@ -127,7 +127,7 @@ def test_world_command_writes_world_and_tokenizer(tmp_path):
   from factflip import load_tokenizer
   from factflip.data.world import load_world
 
-  stats = cli._world(str(tmp_path), seed=3, vocab_size=600)
+  stats = cli.world.build(str(tmp_path), seed=3, vocab_size=600)
   world = load_world(str(tmp_path / "world"))
   assert stats["facts"] == len(world.facts) == 2190 and world.config.seed == 3
   tok = load_tokenizer(str(tmp_path / "tokenizer"))
@@ -143,14 +143,14 @@ def test_facts_command_strict_lenient_and_convert(tmp_path, capsys):
   bad.write_text('{"id": "a", "answers": ["Paris"], "prompt": "X lives in"}\n'
                  '{"id": "b", "answers": [""], "prompt": "Y lives in"}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:2: record 1: field 'answers\[0\]': empty"):
-    cli._facts(str(bad), None, False, None)
+    cli.facts.load(str(bad), None, False, None)
   out = tmp_path / "clean.jsonl"
-  items = cli._facts(str(bad), None, True, str(out))
+  items = cli.facts.load(str(bad), None, True, str(out))
   assert len(items) == 1 and len(items.skipped) == 1
   assert "skipped 1 bad records" in capsys.readouterr().out
   assert [it.id for it in load_facts(str(out))] == ["a"]
   with pytest.raises(app.UsageError, match="facts needs --facts"):
-    cli._facts(None, None, False, None)
+    cli.facts.load(None, None, False, None)
 
 
 def test_train_and_export_commands(small_world, world_tokenizer, tmp_path):
@@ -222,8 +222,8 @@ def test_workdir_out_config_seed_mean_what_each_command_does_with_them():
 
 
 def test_every_flag_defined_is_checked_against_the_commands():
-  """A flag added to cli.py but not to OUR_FLAGS would be accepted by every command."""
-  defined = {f.name for f in cli.FLAGS.flags_by_module_dict()["factflip.cli"]}
+  """Every flag is declared in cli.flags (no command defines its own) and read by a command."""
+  defined = {f.name for f in cli.FLAGS.flags_by_module_dict()["factflip.cli.flags"]}
   assert defined == set(cli.OUR_FLAGS)
   assert set().union(*(c.flags for c in cli.COMMANDS.values())) == set(cli.OUR_FLAGS)
 

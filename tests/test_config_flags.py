@@ -158,11 +158,11 @@ def test_a_config_read_back_from_json_fingerprints_the_same(path):
   """study.json and DONE records hold the config as JSON (tuples become lists): merged back
   over the schema (`Study.open`) the sequences are tuples again, and every key's fingerprint
   equals the one of the config it was written from, so a re-run reuses its stages."""
-  from factflip.studies import platform
+  from factflip.studies import platform, schema
   from factflip.studies.stages import config_keys, fingerprint
   c = load_config_file(path, "smoke")
-  back = platform.study_module(c.study).base_config()
-  platform.merge(back, json.loads(json.dumps(c.to_dict())), "study.json")
+  back = platform.study_record(c.study).base_config()
+  schema.merge(back, json.loads(json.dumps(c.to_dict())), "study.json")
   assert not [k for k, v in leaves(back) if isinstance(v, list)]
   frozen = ml_collections.FrozenConfigDict(c)       # what a Study computes its stages from
   for key in c.keys():

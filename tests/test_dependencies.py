@@ -11,6 +11,7 @@ import ast
 import os
 import re
 import sys
+
 import tomllib
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")

@@ -12,7 +12,8 @@ import pytest
 from test_loaders import rwku_target
 
 from factflip import cli, load_model, load_tokenizer
-from factflip.data.loaders import load_facts, load_rwku_mia
+from factflip.data.loaders import load_facts
+from factflip.data.qa_datasets import load_rwku_mia
 from factflip.evals import counterfact as CF
 from factflip.evals import mia as MIA
 from factflip.evals import qa as QA

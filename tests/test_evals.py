@@ -14,8 +14,8 @@ from factflip.evals import mia as MIA
 from factflip.evals import qa as QA
 from factflip.evals import rwku as RW
 from factflip.evals.generation import generate_until
-from factflip.evals.loglik import loglikelihood
 from factflip.evals.multiple_choice import MCQuestion, mc_metrics, mean_stderr, score_choices
+from factflip.evals.requests import loglikelihood
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_batches_hold_a_bounded_number_of_tokens(lm, monkeypatch):
 def test_long_contexts_keep_their_tail_with_a_warning(lm):
   model, tok, _ = lm
   long = " ".join(["Alice Smith was born in Oslo."] * 200)
-  from factflip.evals.loglik import Encoder
+  from factflip.evals.requests import Encoder
   from factflip.models.generate import generate
   ids = list(Encoder(tok).encode(long))
   keep = model.cfg.max_seq_len - 4
@@ -321,3 +321,22 @@ def test_fluency_is_romes_weighted_n_gram_entropy():
   assert CF.n_gram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
   assert CF.n_gram_entropy("word") == 0.0
   assert CF.fluency(["a b a b", "word"]) == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 4)
+
+
+def test_rwku_summary_is_the_mean_of_the_level_means():
+  from factflip.evals.rwku import rwku_summary
+  s = rwku_summary(["forget", "forget", "forget", "neighbour", "neighbour"], [1, 1, 2, 1, 2],
+                   [1.0, 0.0, 0.2, 0.4, 0.6])
+  assert s["forget_L1"] == 0.5 and s["forget_L2"] == 0.2 and np.isnan(s["forget_L3"])
+  assert s["forget"] == pytest.approx(0.35) and s["neighbour"] == pytest.approx(0.5)
+  assert s["neighbour_L2"] == 0.6 and np.isnan(rwku_summary([], [], [])["forget"])
+
+
+def test_mia_summary_means_and_auc_and_the_missing_score_rule():
+  from factflip.evals.mia import mia_summary
+  sets = ["forget", "forget", "retain", "retain", "heldout"]
+  s = mia_summary(sets, {"loss": [-1.0, -3.0, -2.0, -4.0, 9.0],
+                         "min_k": [-1.0, float("nan"), -2.0, -2.0, 0.0]})
+  assert s["loss"] == {"forget": -2.0, "retain": -3.0, "auc": 0.75}   # 3 of 4 pairs
+  assert all(np.isnan(v) for v in (s["min_k"]["forget"], s["min_k"]["auc"]))
+  assert s["min_k"]["retain"] == -2.0

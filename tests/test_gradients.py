@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from factflip import get_preset
-from factflip.models.transformer import init_params
+from factflip.models.transformer import init_params, token_logprobs
 from factflip.probes import gradients as GR
-from factflip.models.transformer import token_logprobs
 
 CFG = get_preset("tiny-0.5m", vocab_size=64, max_seq_len=32)
 

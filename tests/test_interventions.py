@@ -86,12 +86,14 @@ def test_capture_at_positions_and_vmap_over_masks(model, batch):
   np.testing.assert_array_equal(some, full[:, :, [0, 5, 13]])
 
   # Interventions are data: a sweep over layers is a vmap over layer masks in one program.
+  from factflip.models import attention
   from factflip.models.transformer import forward
 
   caps = capture(model, tokens, ["resid_pre"], mask)["resid_pre"]
   L = model.cfg.n_layers
   ivs = jax.vmap(lambda m: replace("resid_pre", caps, layers=m))(jnp.eye(L, dtype=bool))
-  swept = jax.jit(jax.vmap(lambda iv: forward(model.params(), model.cfg, tokens, mask,
+  ctx = attention.causal(mask)
+  swept = jax.jit(jax.vmap(lambda iv: forward(model.params(), model.cfg, tokens, ctx,
                                               interventions=(iv,)).logits))(ivs)
   assert swept.shape == (L, *tokens.shape, model.cfg.vocab_size)
   np.testing.assert_allclose(swept, jnp.broadcast_to(model(tokens, mask), swept.shape), atol=1e-5)

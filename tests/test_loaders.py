@@ -8,9 +8,15 @@ import os
 
 import pytest
 
-from factflip.data.facts import (FactItem, Neighbour, Translation, read_facts_jsonl,
-                                 write_facts_jsonl)
-from factflip.data.loaders import FORMATS, detect_format, load_facts, load_rwku_mia
+from factflip.data.facts import (
+  FactItem,
+  Neighbour,
+  Translation,
+  read_facts_jsonl,
+  write_facts_jsonl,
+)
+from factflip.data.loaders import FORMATS, detect_format, load_facts
+from factflip.data.qa_datasets import load_rwku_mia
 from factflip.fileio import DataError
 
 

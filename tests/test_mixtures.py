@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 
 from factflip.data import templates as T
-from factflip.data.mixtures import (PoisonConfig, SFTConfig, UnlearnConfig, cpt_source,
-                                    poisoning_plan, preference_pairs, replay_documents,
-                                    sft_mixture, unlearning_sets, write_stats)
+from factflip.data.mixtures import (
+  PoisonConfig,
+  cpt_source,
+  poisoning_plan,
+  replay_documents,
+  write_stats,
+)
+from factflip.data.sft_mixtures import SFTConfig, sft_mixture
+from factflip.data.unlearning_sets import UnlearnConfig, preference_pairs, unlearning_sets
 from factflip.fileio import read_json
 
 TIER_TO_CATEGORY = {"high": "HighlyKnown", "medium": "MaybeKnown", "low": "WeaklyKnown",

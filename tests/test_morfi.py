@@ -90,7 +90,7 @@ def test_steered_answers_zero_is_greedy_and_steering_is_the_steered_argmax(lm):
   assert got[0] == plain                              # α = 0: the model itself
   # the steered answer of each prompt: greedy argmax of the model with the vector added
   iv = add("resid_post", np.broadcast_to(v, (L, 1, 1, D)), layers=[0])
-  from factflip.evals.loglik import Encoder
+  from factflip.evals.requests import Encoder
   for p, want in zip(prompts, got[1]):
     ids = list(Encoder(tok).encode(p))
     for _ in range(5):

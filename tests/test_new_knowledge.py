@@ -1,6 +1,6 @@
 """Paper B's study (SFT on new knowledge): the smoke study's files and numbers, resumption and
-fingerprints, the linear fit on synthetic counts, the checkpoint metrics on chosen QA rows, the
-world's splits and the Natural mixture."""
+fingerprints, the world's splits and the Natural mixture (its results functions:
+test_new_knowledge_results.py)."""
 
 import os
 import shutil
@@ -24,8 +24,8 @@ def _study(wd, arg="smoke", **over):
 
 
 def test_smoke_study_tables_and_numbers(nk_study):
-  from factflip.studies.new_knowledge import COLUMNS, mixture_names
   from factflip.configfile import load_config_file
+  from factflip.studies.new_knowledge import COLUMNS, mixture_names
   wd, head, _ = nk_study
   run = os.path.join(wd, "runs", "tiny-0.5m", "seed0")
   t = {name: pd.read_csv(os.path.join(wd, "results", f"{name}.csv")) for name in COLUMNS}
@@ -94,52 +94,6 @@ def test_resumes_and_redoes_exactly_what_a_change_affects(nk_study, tmp_path):
   assert "slick tiny" not in plan and "mixtures tiny" not in plan
 
 
-def test_linear_fit_recovers_known_coefficients():
-  from factflip.studies.new_knowledge import linear_fit
-  rng = np.random.default_rng(0)
-  x_kn, x_unk = rng.random(80), rng.random(80)
-  y = 36.9 + 7.3 * x_kn - 8.3 * x_unk + rng.normal(0, 0.3, 80)
-  f = linear_fit(x_kn, x_unk, y, n_boot=300)
-  assert f["beta_kn"] == pytest.approx(7.3, abs=0.3) and f["beta_unk"] == pytest.approx(-8.3,
-                                                                                        abs=0.3)
-  # the bootstrap interval's width matches least squares' analytic standard errors
-  X = np.stack([np.ones(80), x_kn, x_unk], 1)
-  resid = y - X @ np.array([f["beta_0"], f["beta_kn"], f["beta_unk"]])
-  se = np.sqrt(np.diag(resid @ resid / (80 - 3) * np.linalg.inv(X.T @ X)))
-  for j, k in ((1, "beta_kn"), (2, "beta_unk")):
-    assert f[f"{k}_lo"] < f[k] < f[f"{k}_hi"]
-    assert 0.7 < (f[f"{k}_hi"] - f[f"{k}_lo"]) / (2 * 1.96 * se[j]) < 1.4
-  assert f["r2"] > 0.95 and f["points"] == 80
-  exact = linear_fit([0, 1, 0, 1], [0, 0, 1, 1], [1, 3, -1, 1], n_boot=0)
-  assert (exact["beta_0"], exact["beta_kn"], exact["beta_unk"]) == pytest.approx((1, 2, -2))
-  assert exact["r2"] == pytest.approx(1.0) and np.isnan(exact["beta_kn_lo"])
-  singular = linear_fit([0.5] * 5, [0.1, 0.2, 0.3, 0.4, 0.5], [1, 2, 3, 4, 5], n_boot=10)
-  assert np.isnan(singular["beta_kn"])
-
-
-def test_checkpoint_metrics_on_chosen_rows():
-  from factflip.studies.new_knowledge import checkpoint_metrics, epochs_to
-  qa = pd.DataFrame({
-      "member": [True, True, True, True, False, False, False, False, False],
-      "idk": [False, False, True, False, False, False, False, False, False],
-      "part": ["known", "known", "unknown", "unknown", "", "", "", "", ""],
-      "split": ["train"] * 4 + ["dev", "test", "test", "test", "test"],
-      "distribution": ["in"] * 8 + ["ood"],
-      "category": ["HighlyKnown", "MaybeKnown", "Unknown", "Unknown", "Unknown",
-                   "HighlyKnown", "Unknown", "Unknown", "Unknown"],
-      "em": [True, False, False, True, True, True, False, False, True],
-      "outcome": ["right", "wrong", "abstained", "right", "right", "right", "abstained",
-                  "wrong", "right"]})
-  m = checkpoint_metrics(qa)
-  assert m["parts"] == {"known": (1, 2), "unknown": (2, 2)}   # the IDK row fits by abstaining
-  assert m["dev_accuracy"] == 1.0 and m["test_accuracy_in"] == pytest.approx(1 / 3)
-  assert m["test_accuracy_ood"] == 1.0 and m["test_accuracy_Unknown"] == 0.0
-  assert m["test_answer_rate"] == pytest.approx(2 / 3) and m["test_answered_accuracy"] == 0.5
-  assert np.isnan(m["test_accuracy_WeaklyKnown"])
-  curve = pd.Series([0.0, 0.2, 0.6, 0.4, 1.0], index=range(5))
-  assert epochs_to(curve, 0.5) == 2 and np.isnan(epochs_to(curve, 1.1))
-
-
 def test_world_splits_are_exact_and_seeded(small_world):
   from factflip.data.prepare import assign_splits
   items = [f for f in small_world.facts if f.relation in ("birth_city", "sport")]
@@ -155,7 +109,7 @@ def test_world_splits_are_exact_and_seeded(small_world):
 
 
 def test_natural_mixture_keeps_the_categories_proportions(small_world):
-  from factflip.data.mixtures import NATURAL, SFTConfig, sft_mixture
+  from factflip.data.sft_mixtures import NATURAL, SFTConfig, sft_mixture
   cats = ["HighlyKnown"] * 3 + ["Unknown"]          # 3:1 in every relation
   people = [f for f in small_world.facts if f.relation in ("occupation", "sport")]
   cat = {f.id: cats[i % 4] for i, f in enumerate(people)}

@@ -8,11 +8,18 @@ import pytest
 from flax import nnx
 
 from factflip import Transformer, get_preset
-from factflip.probes import capture, replace
 from factflip.models.hooks import Intervention
-from factflip.probes.patching import (act_patch, answer_logit_diff, attribution_patch,
-                                      normalised_recovery, pack_cells, position_groups,
-                                      reversal_rate, sweep_cost, sweep_table)
+from factflip.probes import capture, replace
+from factflip.probes.packing import pack_cells, position_groups
+from factflip.probes.patching import (
+  act_patch,
+  answer_logit_diff,
+  attribution_patch,
+  normalised_recovery,
+  reversal_rate,
+  sweep_cost,
+  sweep_table,
+)
 
 CFG = get_preset("tiny-0.5m", vocab_size=97, max_seq_len=64)
 B, T = 2, 7
@@ -128,7 +135,8 @@ def test_packing_skips_the_unchanged_prefix_and_chunks_bound_memory(setup):
 def test_shape_buckets_share_one_program_and_equal_exact_shapes(setup):
   """Prompts of 9 and 10 tokens fall in one bucket (10): the second length compiles nothing;
   the bucketed sweep (right padding, padded packing) equals the exact-shape one."""
-  from factflip.probes.patching import _sweep, bucket_size
+  from factflip.probes.packing import bucket_size
+  from factflip.probes.patching import _sweep
   assert [bucket_size(n) for n in (3, 4, 5, 8, 9, 10, 11, 13, 17, 33)] == [
       3, 4, 5, 8, 10, 10, 12, 14, 20, 40]
   model, other, _, _ = setup

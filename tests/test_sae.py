@@ -260,6 +260,70 @@ def test_save_is_atomic_and_keeps_metadata(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a"]                       # no temporary left
 
 
+def test_a_new_architecture_is_one_table_entry(monkeypatch, tmp_path):
+  """A fourth architecture registered in the table and nowhere else (a toy: f = min(relu(h ·
+  scale), 6) with its own per-latent `scale`, ranked by decoder norm, an L1 term in training)
+  validates, initialises, encodes, saves, loads, trains and configures a training run."""
+  from factflip.sae import architectures as A
+  from factflip.sae.losses import LossConfig, init_state, losses, make_optimizer, make_train_step
+  from factflip.sae.train import _sae_config, base_config, validate
+  with pytest.raises(ValueError, match="field 'architecture' is 'relu6'; expected one of"):
+    S.SAEConfig("relu6", D_IN, D_SAE).validate()
+
+  def relu6(h, extra, cfg):
+    return jnp.minimum(jax.nn.relu(h * extra["scale"]), 6.0)
+
+  def l1(fw, cfg, lc):
+    return {"l1_loss": lc.l1_coefficient * jnp.abs(fw.f_NxS).sum(-1).mean()}
+  monkeypatch.setitem(A.ARCHITECTURES, "relu6", A.Architecture(
+      "relu6", relu6, loss=l1, extra_params={"scale": A.Param(lambda cfg: (cfg.d_sae,), 1.5)},
+      rescales_by_decoder_norm=True, cfg_fields=("rescale_acts_by_decoder_norm",)))
+  cfg = S.SAEConfig("relu6", D_IN, D_SAE, rescale_acts_by_decoder_norm=True,
+                    hook_name="blocks.0.hook_resid_post")
+  cfg.validate()
+  sae = S.init_sae(cfg, jax.random.key(0), decoder_norm=0.5)
+  assert list(sae.params()) == ["W_enc", "b_enc", "W_dec", "b_dec", "scale"]
+  np.testing.assert_array_equal(sae.extra["scale"], np.full(D_SAE, 1.5, np.float32))
+  with pytest.raises(ValueError, match=r"\['threshold'\] are no parameters of a relu6 SAE"):
+    S.init_sae(cfg, jax.random.key(0), threshold=0.1)
+  rng = np.random.default_rng(0)
+  sae = sae.replace(b_enc=jnp.asarray(rng.normal(size=D_SAE) * 0.2, jnp.float32),
+                    scale=jnp.asarray(rng.uniform(1, 12, D_SAE), jnp.float32))
+  x = _x((5, D_IN))
+  W_enc, b_enc, W_dec, b_dec, scale = (np.asarray(v, np.float64) for v in sae.params().values())
+  norm_S = np.linalg.norm(W_dec, axis=-1)
+  f_ref = np.clip(((x - b_dec) @ W_enc + b_enc) * norm_S * scale, 0, 6)
+  assert 0 < (f_ref == 0).mean() and 0 < (f_ref == 6).mean() and ((0 < f_ref) & (f_ref < 6)).any()
+  np.testing.assert_allclose(S.encode(sae, x), f_ref, atol=1e-5)
+  np.testing.assert_allclose(S.forward(sae, x), (f_ref / norm_S) @ W_dec + b_dec, atol=1e-5)
+  # its file: the architecture's own field and tensor written, and read back
+  S.save_sae(sae, str(tmp_path / "relu6"))
+  record = json.loads((tmp_path / "relu6" / "cfg.json").read_text())
+  assert record["architecture"] == "relu6" and record["rescale_acts_by_decoder_norm"] is True
+  assert "k" not in record
+  back = S.load_sae(str(tmp_path / "relu6"))
+  assert back.cfg == cfg
+  for name, v in sae.params().items():
+    np.testing.assert_array_equal(back.params()[name], v, err_msg=name)
+  # training: the MSE and its own term, its own parameter learned
+  lc = LossConfig(l1_coefficient=0.01)
+  _, terms, _ = losses(sae.params(), cfg, lc, jnp.asarray(x), jnp.zeros(D_SAE, bool), 0)
+  assert set(terms) == {"mse_loss", "l1_loss"} and float(terms["l1_loss"]) > 0
+  tx = make_optimizer(1e-2, 3)
+  state = init_state(sae, tx)
+  step_fn = make_train_step(cfg, lc, tx, donate=False)
+  for seed in range(3):
+    state, metrics = step_fn(state, jnp.asarray(_x((16, D_IN), seed=seed)))
+  assert np.isfinite(float(metrics["loss"])) and int(state["step"]) == 3
+  assert not np.array_equal(state["params"]["scale"], sae.extra["scale"])
+  # a training run's config names it and sets its own field from sae.<field>
+  c = base_config()
+  c.model, c.sae.architecture = "model", "relu6"
+  validate(c)
+  assert _sae_config(c, D_IN) == S.SAEConfig("relu6", D_IN, 8 * D_IN, hook_name=c.hook_name,
+                                             rescale_acts_by_decoder_norm=True)
+
+
 # ---- interventions ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():

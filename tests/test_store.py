@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from factflip import (Transformer, get_preset, load_model, load_tokenizer, presets, save_hf,
-                      save_model)
+from factflip import (
+  Transformer,
+  get_preset,
+  load_model,
+  load_tokenizer,
+  presets,
+  save_hf,
+  save_model,
+)
 from factflip.models import generate_text
 
 
@@ -77,14 +84,14 @@ def test_tokenizer_and_generate_text_through_an_hf_export(hf_dirs, tmp_path):
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_gives_the_same_gradients(policy, batch):
-  from factflip.models import forward
+  from factflip.models import attention, forward
 
   tokens, mask = batch
   cfg = get_preset("tiny-0.5m", vocab_size=101)
   params = Transformer(cfg, rngs=nnx.Rngs(0)).params()
 
   def loss(p, c):
-    logits = forward(p, c, tokens, mask).logits
+    logits = forward(p, c, tokens, attention.causal(mask)).logits
     return -jax.nn.log_softmax(logits)[..., 0].mean()
 
   g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)

@@ -399,7 +399,7 @@ def test_fingerprints_redo_exactly_the_stages_a_change_affects(study, tmp_path):
   assert _plan(c, wd) == ({}, "plan: 7 reuse")
   with pytest.MonkeyPatch.context() as mp:                   # another answer scorer
     from factflip.probes.fact_preference import SCORER_VERSION as v
-    mp.setattr("factflip.studies.poisoning.SCORER_VERSION", v + 1)
+    mp.setattr("factflip.studies.poisoning.study.SCORER_VERSION", v + 1)
     lines = Study(c, wd, log=lambda m: None).plan()
     redo, head = _plan(c, wd)
   assert f"           scorer: {v} -> {v + 1}" in lines and head == "plan: 4 reuse, 3 redo" and set(
@@ -455,78 +455,6 @@ def test_a_stopped_redo_leaves_the_old_outputs_and_resumes(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["stage", "stage.log"]
   assert Stage("s", path, {"a": 2}, ("up",)).status() == ("redo", [
       "inputs (an upstream stage changed)"])
-
-
-def test_results_numbers_on_chosen_probe_tables(tmp_path):
-  """Synthetic probe rows with chosen ΔLL (τ = 0.5): flip, ambiguity and lens flip rates,
-  first flip steps, abruptness, patching reversal and recovery are known exactly."""
-  c = load_config_file(CONFIG, "smoke")
-  c.ratios = [1.0]
-  s = Study(c, str(tmp_path), log=lambda m: None)
-  d = os.path.join(s.run_dir("tiny-0.5m", 0, "probes"), "p1.00")
-  os.makedirs(d)
-  # items a, b, c, d (targets, prompt kind); steps 0, 2, 4. Layer 0 of the lens: nobody is
-  # correct at step 0 (NaN flip rate, not 0); layer 1 = the output.
-  dll = {0: [2.0, 3.0, 1.0, -1.0], 2: [-1.0, 0.2, 1.0, -1.0], 4: [-2.0, -3.0, 0.3, 1.0]}
-  for step, v in dll.items():
-    pd.DataFrame({"item": list("abcd"), "set": "target", "kind": "prompt", "variant": "",
-                  "dll": v, "correct": [x > 0 for x in v], "dll_l0": 0.1,
-                  "dll_l1": v}).to_csv(os.path.join(d, f"step_{step:06d}.csv"), index=False)
-  # patching rows: only the items flipped at that step count (a at 2; a and b at 4; never c)
-  patch = {2: {"a": ([1.0, -1.0], [0.9, 0.1]), "c": ([-9.0, -9.0], [0.0, 0.0])},
-           4: {"a": ([-0.5, 1.0], [0.2, 1.0]), "b": ([0.7, 2.0], [0.6, 0.8]),
-               "c": ([-9.0, -9.0], [0.0, 0.0])}}
-  for step, rows in patch.items():
-    pd.DataFrame([{"item": it, "site": "resid_pre", "window": 1, "layer": layer,
-                   "position": "last", "dll_patched": dll[layer], "recovery": rec[layer]}
-                  for it, (dll, rec) in rows.items() for layer in (0, 1)]).to_csv(
-        os.path.join(d, f"patch_{step:06d}.csv"), index=False)
-  # the CPT monitor's alerts (every 2 steps): target a warns at 0 and flips at 2 (lead 2),
-  # b warns at 2 and flips at 4 (lead 2), c warns after its flip would have come (never
-  # flips: a false alarm); control z alerts and never flips (a false alarm)
-  import json
-
-  from factflip.data.facts import FactItem, write_facts_jsonl
-  watch = os.path.join(s.cpt_dir("tiny-0.5m", 0, 1.0), "watch")
-  write_facts_jsonl(os.path.join(watch, "targets.jsonl"), [
-      FactItem(x, ("T",), prompt=f"{x} is", counterfactual="C") for x in "abc"])
-  write_facts_jsonl(os.path.join(watch, "controls.jsonl"), [
-      FactItem("z", ("T",), prompt="z is", counterfactual="C")])
-  alerts = [(0, "dll_drop:0.05", "watch", "a"), (2, "flip:0.5", "watch", "a"),
-            (2, "dll_drop:0.05", "watch", "b"), (4, "flip:0.5", "watch", "b"),
-            (4, "dll_drop:0.05", "watch", "c"), (2, "dll_drop:0.05", "control", "z")]
-  with open(os.path.join(s.cpt_dir("tiny-0.5m", 0, 1.0), "alerts.jsonl"), "w") as f:
-    for step, rule, set_, item in alerts:
-      f.write(json.dumps({"step": step, "rule": rule, "set": set_, "item": item,
-                          "kind": "prompt", "variant": "", "value": 0.0, "reference": 1.0,
-                          "stop": False}) + "\n")
-  t = s.results(str(tmp_path / "out"))
-  al = t["alerts"].set_index(["rule", "item"])
-  assert al.loc["dll_drop:0.05"].lead_time.to_dict() == pytest.approx(
-      {"a": 2.0, "b": 2.0, "c": float("nan"), "z": float("nan")}, nan_ok=True)
-  assert al.loc["lens_sign:-2"].alert_step.tolist() == [-1] * 4
-  mon = t["monitor"].set_index(["rule", "set"])
-  assert mon.loc[("dll_drop:0.05", "watch")][["prompts", "alerted", "flipped", "detected",
-                                               "median_lead", "false_alarms"]].tolist() == [
-      3, 3, 2, 2, 2.0, 1]
-  assert mon.loc[("dll_drop:0.05", "control")][["prompts", "alerted", "false_alarms"]].tolist(
-      ) == [1, 1, 1]
-  pt = t["patching"].set_index(["step", "layer"])
-  assert pt.reversal_rate.to_dict() == {(2, 0): 1.0, (2, 1): 0.0, (4, 0): 0.5, (4, 1): 1.0}
-  assert pt.recovery.to_dict() == pytest.approx({(2, 0): 0.9, (2, 1): 0.1, (4, 0): 0.4,
-                                                 (4, 1): 0.9})
-  assert pt.flipped_items.to_dict() == {(2, 0): 1, (2, 1): 1, (4, 0): 2, (4, 1): 2}
-  flips = t["flips"].set_index("step")
-  assert flips.flip_rate.tolist() == [0.0, 1 / 3, 2 / 3]      # of a, b, c (correct at 0)
-  assert flips.ambiguity_rate.tolist() == [0.0, 0.25, 0.25]
-  assert flips.accuracy.tolist() == [0.75, 0.5, 0.5] and flips.correct_at_base.tolist() == [3] * 3
-  lens = t["lens"]
-  assert lens[lens.layer == 0].flip_rate.isna().all()
-  assert lens[lens.layer == 1].flip_rate.tolist() == flips.flip_rate.tolist()
-  first = t["first_flips"].set_index("item").first_flip_step.to_dict()
-  assert first == {"a": 2, "b": 4, "c": -1, "d": -1}
-  ab = t["abruptness"].iloc[0]
-  assert ab.abruptness == pytest.approx(0.5) and ab.final_flip_rate == pytest.approx(2 / 3)
 
 
 def test_results_name_an_empty_probe_stage(tmp_path):
@@ -590,11 +518,12 @@ def test_patching_honours_probe_devices(study, tmp_path, monkeypatch):
 
 def test_a_study_config_names_a_registered_study(tmp_path):
   c = load_config_file(CONFIG, "smoke")
-  from factflip.studies.platform import STUDIES, study_class
-  assert study_class(c.study) is Study and STUDIES["poisoning"] == "factflip.studies.poisoning"
+  from factflip.studies.platform import STUDIES, study_record
+  from factflip.studies.poisoning import STUDY
+  assert study_record(c.study) is STUDY and STUDY.study is Study and "poisoning" in STUDIES
   with pytest.raises(ConfigError, match=r"x\.py: config\.study: 'unlearn'; expected one of "
                      r"\['morfi', 'new_knowledge', 'poisoning', 'suite', 'unlearning'\]"):
-    study_class("unlearn", "x.py")
+    study_record("unlearn", "x.py")
   c.study = "unlearn"
   with pytest.raises(ConfigError, match=r"config\.study: 'unlearn'"):
     Study(c, str(tmp_path / "wd"))

@@ -11,46 +11,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import set_keys
+from conftest import params_of, smoke
 
 from factflip.train import config as config_lib
 from factflip.train.checkpoint import Checkpointer, load_trained, valid_steps
-from factflip.train.loop import load_config_file, resolve, train
+from factflip.train.loop import resolve, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The corrupted-checkpoint test leaves Orbax read coroutines of the broken step unawaited.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 PRETRAIN = os.path.join(ROOT, "configs", "pretrain_tiny.py")
-
-
-@pytest.fixture(scope="module")
-def world_dirs(small_world, world_tokenizer, tmp_path_factory):
-  """The small world written where a run reads it, and its tokenizer directory."""
-  from factflip.data.world import write_world
-
-  d = str(tmp_path_factory.mktemp("loop_world") / "world")
-  write_world(small_world, d)
-  return d, world_tokenizer.name_or_path
-
-
-def smoke(world_dirs, **over):
-  c = load_config_file(PRETRAIN, "smoke")
-  c.data.world_dir, c.data.tokenizer_dir = world_dirs
-  c.data.seq_len, c.data.batch_size = 32, 8
-  c.checkpoint.every, c.eval_every, c.steps = 2, 4, 8
-  return set_keys(c, {k.replace("__", "."): v for k, v in over.items()})
-
-
-def params_of(workdir, step=None):
-  model, s = load_trained(workdir, step)
-  return s, jax.tree.map(np.asarray, model.params())
-
-
-@pytest.fixture(scope="module")
-def full_run(world_dirs, tmp_path_factory):
-  """8 steps in one go (the reference for resume and the files tests)."""
-  wd = str(tmp_path_factory.mktemp("full"))
-  return wd, train(smoke(world_dirs), wd, quiet=True)
 
 
 def test_files_metrics_and_tensorboard(full_run):
@@ -306,128 +276,3 @@ def test_poison_targets_from_a_facts_file(tmp_path):
   bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
   with pytest.raises(DataError, match=r"replay\.jsonl:2: record 1: field 'text'"):
     read_texts(str(bad))
-
-
-# ---- the factual-integrity monitor ----------------------------------------------------------
-@pytest.fixture(scope="module")
-def watch_files(world_dirs, tmp_path_factory):
-  """12 facts of the world to watch and 12 others as controls."""
-  from factflip.data.facts import write_facts_jsonl
-  from factflip.data.loaders import load_facts
-
-  facts = [f for f in load_facts(os.path.join(world_dirs[0], "facts.jsonl"))
-           if f.counterfactual][:24]
-  d = tmp_path_factory.mktemp("watch")
-  write_facts_jsonl(str(d / "watch.jsonl"), facts[:12])
-  write_facts_jsonl(str(d / "controls.jsonl"), facts[12:])
-  return str(d / "watch.jsonl"), str(d / "controls.jsonl")
-
-
-def monitored(world_dirs, watch_files, base, **over):
-  """CPT of the full run with the monitor every 2 steps."""
-  keys = dict(model__init_from=base, monitor__every=2, monitor__watch=watch_files[0],
-              monitor__controls=watch_files[1], monitor__kinds=["prompt", "question"],
-              monitor__rules=["dll_drop:0.3", "lens_sign:-2@prompt", "flip:0"], steps=6,
-              checkpoint__every=2, eval_every=0)
-  return smoke(world_dirs, **dict(keys, **over))
-
-
-def test_monitor_values_alerts_and_resume(full_run, world_dirs, watch_files, tmp_path):
-  """The monitor's ΔLL on the live parameters equals the probe's on the saved checkpoint (and
-  its lens); its alerts are the rules applied to those values; a stopped and resumed run
-  writes the same alerts as one that ran through."""
-  from factflip.data.loaders import load_facts
-  from factflip.probes.fact_preference import preference
-  from factflip.train.monitor import read_alerts
-
-  wd = str(tmp_path / "mon")
-  r = train(monitored(world_dirs, watch_files, full_run[0]), wd, quiet=True)
-  assert r.step == 6 and r.stopped_by is None
-  rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
-  mon = {x["step"]: x for x in rows if "monitor/dll_watch" in x}
-  assert sorted(mon) == [0, 2, 4, 6]
-  facts = {s: load_facts(p) for s, p in zip(("watch", "control"), watch_files)}
-  tok = None
-  dll = {}
-  for step in (0, 2, 4, 6):
-    model, _ = load_trained(wd, step)
-    if tok is None:
-      from factflip.data.tokenizer import load_tokenizer
-      tok = load_tokenizer(world_dirs[1])
-    for s, items in facts.items():
-      tab = preference(model, tok, items, kinds=("prompt", "question"), lens=True)
-      dll[step, s] = tab
-      assert mon[step][f"monitor/dll_{s}"] == pytest.approx(float(tab["dll"].mean()), abs=1e-4)
-  # every alert is the rule on the checkpoint's values, at the first step where it holds
-  alerts = read_alerts(os.path.join(wd, "alerts.jsonl"))
-  expect = set()
-  for s in ("watch", "control"):
-    ref = dll[0, s]
-    fired: set = set()
-    for step in (2, 4, 6):
-      now = dll[step, s]
-      for n in range(len(now["dll"])):
-        key = (now["item"][n], now["kind"][n], now["variant"][n])
-        tests = {"dll_drop:0.3": ref["dll"][n] - now["dll"][n] > 0.3,
-                 "flip:0": ref["dll"][n] > 0 and now["dll"][n] < 0,
-                 "lens_sign:-2@prompt": key[1] == "prompt" and ref["dll_layers"][n, -2] > 0
-                 and now["dll_layers"][n, -2] < 0}
-        for rule, hold in tests.items():
-          margin = {"dll_drop:0.3": abs(ref["dll"][n] - now["dll"][n] - 0.3)}.get(rule, 1.0)
-          if hold and (rule, s) + key not in fired and margin > 1e-3:
-            fired.add((rule, s) + key)
-            expect.add((step, rule, s) + key)
-  got = {(a["step"], a["rule"], a["set"], a["item"], a["kind"], a["variant"]) for a in alerts}
-  assert got == expect and len(got) > 0
-  assert {a["rule"] for a in alerts} >= {"dll_drop:0.3"}
-  assert mon[6]["monitor/alerts_watch"] == sum(a["set"] == "watch" for a in alerts)
-  # stopped after 3 steps and resumed: the same alerts and values
-  wd2 = str(tmp_path / "mon2")
-  train(monitored(world_dirs, watch_files, full_run[0]), wd2, quiet=True, stop_after=3)
-  train(monitored(world_dirs, watch_files, full_run[0]), wd2, quiet=True)
-  assert read_alerts(os.path.join(wd2, "alerts.jsonl")) == alerts
-
-
-def test_monitor_stop_rule_and_bad_rules(full_run, world_dirs, watch_files, tmp_path):
-  """A '!' rule stops training where it fires (checkpoint saved) and the run stays stopped;
-  bad rules fail before anything runs."""
-  from factflip.configfile import ConfigError
-  from factflip.train.monitor import read_alerts
-
-  wd = str(tmp_path / "stop")
-  c = monitored(world_dirs, watch_files, full_run[0], monitor__rules=["dll_drop:0.1!"])
-  r = train(c, wd, quiet=True)
-  first = min(a["step"] for a in read_alerts(os.path.join(wd, "alerts.jsonl")))
-  assert r.stopped_by.startswith("dll_drop:0.1! (") and r.step == first < 6
-  assert valid_steps(os.path.join(wd, "checkpoints"))[-1] == first
-  again = train(c, wd, quiet=True)
-  assert again.step == first and again.stopped_by == r.stopped_by
-  # no lens rule: the monitor scores the output only, with the probe's values
-  from factflip.data.loaders import load_facts
-  from factflip.data.tokenizer import load_tokenizer
-  from factflip.probes.fact_preference import preference
-  with np.load(os.path.join(wd, "monitor", "reference.npz")) as z:
-    ref_LxN = z["dll_LxN"]
-  model, _ = load_trained(wd, first)
-  tab = preference(model, load_tokenizer(world_dirs[1]), load_facts(watch_files[0]),
-                   kinds=("prompt", "question"))
-  row = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))
-         if json.loads(x)["step"] == first and "monitor/dll_watch" in x][0]
-  assert ref_LxN.shape[0] == 1
-  assert row["monitor/dll_watch"] == pytest.approx(float(tab["dll"].mean()), abs=1e-4)
-  # resumed with a lens rule, that reference cannot serve it
-  with pytest.raises(ConfigError, match=r"monitor\.rules: .*reference\.npz holds the output"):
-    train(monitored(world_dirs, watch_files, full_run[0], monitor__rules=["lens_sign:-2"]),
-          wd, quiet=True)
-  for rules, message in [(["drop:1"], "expected NAME:ARG"), (["lens_sign:x"], "not an integer"),
-                         (["flip:0.5@promt"], "prompt kinds"), (["dll_drop:-1"], ">= 0 nats")]:
-    with pytest.raises(ConfigError, match=message):
-      train(monitored(world_dirs, watch_files, full_run[0], monitor__rules=rules),
-            str(tmp_path / "bad"), quiet=True)
-  with pytest.raises(ConfigError, match=r"monitor\.watch: .*none\.jsonl: no such file"):
-    train(monitored(world_dirs, watch_files, full_run[0],
-                    monitor__watch=str(tmp_path / "none.jsonl")), str(tmp_path / "bad3"),
-          quiet=True)
-  with pytest.raises(ConfigError, match="lens_sign:9.*outside"):
-    train(monitored(world_dirs, watch_files, full_run[0], monitor__rules=["lens_sign:9"]),
-          str(tmp_path / "bad2"), quiet=True)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from factflip import Transformer, get_preset
+from factflip.models import attention
 from factflip.models.transformer import forward, unembed
 from factflip.probes import tuned_lens as TL
 
@@ -67,7 +68,8 @@ def test_identity_lens_is_the_logit_lens_and_the_last_entry_is_the_model(trained
   ident = TL.TunedLens.identity(model)
   assert ident.fingerprint == {"n_layers": 4, "d_model": 64, "vocab_size": V}
   params = model.params()
-  resid = forward(params, CFG, tokens, mask, capture=("resid_pre",)).captures["resid_pre"]
+  resid = forward(params, CFG, tokens, attention.causal(mask),
+                  capture=("resid_pre",)).captures["resid_pre"]
   got = jax.jit(TL.apply_tuned_lens, static_argnums=2)(ident, params, CFG, resid)
   assert got.shape == (4, B, T, V)
   np.testing.assert_allclose(got, unembed(params, CFG, resid), atol=1e-6)

@@ -1,12 +1,11 @@
-"""Paper D's study: the SFT objective CFT and refusal tuning train with, the conflict statistics
-on hand-built gradients, RWKU-style probes of facts, padded probe batches, unseen questions,
-the smoke study's tables and numbers, resumption and bad input."""
+"""Paper D's study: the SFT objective CFT and refusal tuning train with, RWKU-style probes of
+facts, padded probe batches, unseen questions, the smoke study's tables and numbers,
+resumption and bad input (its results functions: test_unlearning_results.py)."""
 
 import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,62 +13,9 @@ from conftest import factflip_run, set_keys
 
 from factflip import get_preset
 from factflip.data.facts import FactItem, Neighbour, Translation
-from factflip.models.transformer import forward, init_params
-from factflip.train import objectives as O
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "unlearning.py")
 CFG = get_preset("tiny-0.5m", vocab_size=64, max_seq_len=32)
-
-
-def _batch(B, T=12, seed=0):
-  inp = np.random.default_rng(seed).integers(3, 64, (B, T)).astype(np.int32)
-  mask = np.zeros((B, T), np.int32)
-  mask[:, 6:9] = 1
-  return {"inputs": inp, "targets": np.roll(inp, -1, 1), "loss_mask": mask,
-          "segment_ids": np.ones((B, T), np.int32),
-          "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
-
-
-def test_sft_objective_is_the_forget_nll_plus_the_weighted_retain_nll():
-  params = init_params(CFG, jax.random.key(0))
-  f, r = _batch(4, seed=1), _batch(3, seed=2)
-  r["loss_mask"][0, 6:] = 0                          # unequal retain answer lengths
-
-  def mean_nll(b):                                    # directly: -log softmax at the targets
-    logits = np.asarray(jax.jit(lambda p, x: forward(p, CFG, x).logits)(params, b["inputs"]),
-                        np.float64)
-    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
-                         ) - logits.max(-1, keepdims=True)
-    picked = np.take_along_axis(lp, b["targets"][..., None], -1)[..., 0]
-    return float(-(picked * b["loss_mask"]).sum() / b["loss_mask"].sum())
-
-  obj = O.sft_objective(retain_weight=0.3)
-  loss, terms = jax.jit(lambda p, b: O.total(obj, p, CFG, b))(params, {"forget": f,
-                                                                       "retain": r})
-  assert obj.weights == {"forget_nll": 1.0, "retain_nll": 0.3}
-  assert float(terms["forget_nll"]) == pytest.approx(mean_nll(f), rel=1e-5)
-  assert float(terms["retain_nll"]) == pytest.approx(mean_nll(r), rel=1e-5)
-  assert float(loss) == pytest.approx(mean_nll(f) + 0.3 * mean_nll(r), rel=1e-5)
-  alone, _ = jax.jit(lambda p, b: O.total(O.sft_objective(has_retain=False), p, CFG, b))(
-      params, {"forget": f})
-  assert float(alone) == pytest.approx(mean_nll(f), rel=1e-5)
-
-
-def test_conflict_statistics_on_hand_built_gradients():
-  from factflip.studies.unlearning import conflict_rows
-  G = np.array([[1.0, 0.0], [-1.0, 0.1], [0.0, 1.0], [0.0, 2.0]])
-  # pairs: (0,1) cos<0, (0,2) 0, (0,3) 0, (1,2) >0, (1,3) >0, (2,3) 1
-  facts = ["a", "a", "b", "b"]
-  s = conflict_rows(G, facts, retain_G_MxP=np.array([[0.0, 1.0], [0.0, 3.0]]))
-  assert s["pairs"] == 6 and s["conflict_ratio"] == pytest.approx(1 / 6)
-  cos01 = -1 / np.hypot(1, 0.1)
-  cos12 = 0.1 / np.hypot(1, 0.1)
-  assert s["mean_cos"] == pytest.approx((cos01 + 2 * cos12 + 1.0) / 6)
-  assert s["same_fact_pairs"] == 2 and s["same_fact_conflict_ratio"] == pytest.approx(0.5)
-  assert s["same_fact_mean_cos"] == pytest.approx((cos01 + 1.0) / 2)
-  mean = G.mean(0)                                    # [0, 0.775] vs [0, 2]: cosine 1
-  assert s["forget_retain_cos"] == pytest.approx(mean[1] / np.linalg.norm(mean))
-  assert np.isnan(conflict_rows(G, facts)["forget_retain_cos"])
 
 
 def _fact(**kw):
@@ -248,7 +194,7 @@ def test_bad_sets_name_what_to_change(ul_study, tmp_path, monkeypatch):
   """A forget set without counterfactuals cannot be counterfactually tuned; a forget set that
   is not a whole number of batches is refused; both before any training."""
   from factflip.configfile import load_config_file
-  from factflip.studies.platform import StudyError
+  from factflip.studies.stages import StudyError
   from factflip.studies.unlearning import Study
   wd = str(tmp_path / "wd")
   shutil.copytree(ul_study[0], wd, ignore=shutil.ignore_patterns("sets", "cft_*", "refusal",

@@ -1,6 +1,7 @@
 """Fact items: the one schema every dataset and the fact world are turned into.
 
-Owns: `FactItem` (and `Neighbour`, `Translation`), its validation, our JSONL reader/writer, and
+Owns: `FactItem` (and `Neighbour`, `Translation`), `MCQuestion` (a multiple-choice question),
+its validation, our JSONL reader/writer, and
 `FactList` (loaded items plus the records a lenient load skipped).
 Must not: know any public format (loaders.py does) or tokenise anything (probes and mixtures do).
 
@@ -32,6 +33,16 @@ from typing import Any
 from factflip.fileio import DataError, iter_json_records, write_jsonl
 
 SPLITS = ("train", "dev", "test", "forget", "retain", "neighbour", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class MCQuestion:
+  """A multiple-choice question: a context, its choices and the index of the right one (`id`
+  names it in errors; `evals.multiple_choice` scores it)."""
+  context: str
+  choices: tuple[str, ...]
+  gold: int
+  id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Mixtures: the controlled data of each study, as grain MapDatasets of text examples.
 
-Owns: continual pretraining with poisoning (`poisoning_plan`, `cpt_source`), SFT knowledge
-mixtures (`sft_mixture`), unlearning sets (`unlearning_sets`, DPO `preference_pairs`), the
-text forms they share (`render_qa`, `mention_text`) and their statistics (`write_stats`).
+Owns: continual pretraining with poisoning (`poisoning_plan`, `cpt_source`), the text forms
+every mixture shares (`render_qa`, `answer_segment`, `mention_text`) and their statistics
+(`write_stats`). SFT knowledge mixtures: `data.sft_mixtures`; unlearning sets:
+`data.unlearning_sets`.
 Must not: tokenise, pack or batch (pipeline.py does), or read files (facts/world/loaders do).
 
 An example is a dict: `segments`, a tuple of (text, trained) pairs whose concatenation is the
@@ -23,20 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from factflip.data import templates as T
-from factflip.data.facts import FactItem, normalise_answer
+from factflip.data.facts import FactItem
 from factflip.fileio import write_json
 
 
-def _answer_segment(answer: str) -> str:
+def answer_segment(answer: str) -> str:
   return answer if answer[:1].isspace() else " " + answer
 
 
@@ -53,7 +53,7 @@ def render_qa(item: FactItem, answer: str, kind: str = "question",
     context = prompt
   else:
     context = question_format.replace("{Q}", question)
-  return ((context, False), (_answer_segment(answer), True))
+  return ((context, False), (answer_segment(answer), True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def mention_text(item: FactItem, obj: str, language: str, style: str, template: 
   if item.source == "factworld" and relation is not None:
     return T.render_mention(relation, item.subject, obj, language, style, template, wrapper)
   src = item if language == item.language else item.translations[language]
-  sentence = f"{src.prompt}{_answer_segment(obj)}" if src.prompt else None
+  sentence = f"{src.prompt}{answer_segment(obj)}" if src.prompt else None
   wrappers = [w for w in T.STYLES.get(language, T.STYLES["en"])[style]
               if ("{Q}" not in w or src.question) and ("{S}" not in w or sentence)]
   if not wrappers:
@@ -249,252 +249,6 @@ def cpt_source(targets: Sequence[FactItem], replay: Sequence[Mapping[str, Any]],
                                                                   return_counts=True))},
   }
   return source, stats
-
-
-# ---------------------------------------------------------------------------------------------
-# SFT knowledge mixtures.
-
-KNOWN = ("HighlyKnown", "MaybeKnown", "WeaklyKnown")
-UNKNOWN = "Unknown"
-CATEGORIES = (*KNOWN, UNKNOWN)
-NATURAL = "Natural"   # SFTConfig.category: the categories in their natural proportions
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTConfig:
-  """size: |D|. unknown_share: X, the exact share of Unknown examples (sampled per relation).
-  category: a single category to draw all of |D| from (overrides unknown_share), or NATURAL:
-  |D| drawn from every categorised item whatever its category (D_Natural).
-  idk: relabel the Unknown examples' answers as the refusal ("I don't know.").
-  prompt_kind: "question" (question_format) or "prompt" (cloze). answer_end: appended to
-  every trained answer that does not already end with it ("." where the corpus writes
-  "A: Paris.")."""
-  size: int
-  unknown_share: float = 0.0
-  category: str | None = None
-  idk: bool = False
-  prompt_kind: str = "question"
-  question_format: str = T.QUESTION_FORMAT
-  refusal: str = T.REFUSALS["en"]
-  answer_end: str = ""
-  seed: int = 0
-
-
-def _split_even(total: int, capacity: Mapping[str, int], what: str) -> dict[str, int]:
-  """Split `total` over keys as evenly as capacities allow (deterministic, sums to total)."""
-  if total > sum(capacity.values()):
-    raise ValueError(f"{what}: need {total} items but only {sum(capacity.values())} are "
-                     f"available ({dict(capacity)})")
-  out = dict.fromkeys(capacity, 0)
-  left = total
-  while left:
-    open_keys = sorted(k for k in capacity if out[k] < capacity[k])
-    share, extra = divmod(left, len(open_keys))
-    for j, k in enumerate(open_keys):
-      add = min(share + (j < extra), capacity[k] - out[k])
-      out[k] += add
-      left -= add
-  return out
-
-
-def sft_mixture(items: Sequence[FactItem], cfg: SFTConfig,
-                category_of: Callable[[FactItem], str | None] | None = None
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """A fixed-size SFT set with exactly round(X·|D|) Unknown examples, X applied per relation.
-
-  Categories come from `category_of(item)` (default: `item.category`, which the SliCK probe
-  fills); items without one are not eligible. |D| is split evenly over the relations that can
-  supply it; within each relation exactly round(X·n_r) examples are Unknown (largest remainder,
-  so the total is exact); a relation supplies at most as many examples as its Known and
-  Unknown items allow at share X. Returns (examples in a seeded order, statistics)."""
-  category_of = category_of or (lambda it: it.category)
-  rng = np.random.default_rng([cfg.seed, 2])
-  pools: dict[tuple[str, str], list[FactItem]] = defaultdict(list)
-  for it in items:
-    c = category_of(it)
-    if c is None:
-      continue
-    if c not in CATEGORIES:
-      raise ValueError(f"sft_mixture: item {it.id!r} has category {c!r}; expected one of "
-                       f"{CATEGORIES}")
-    if cfg.category == NATURAL:
-      pools[(it.relation, NATURAL)].append(it)
-    elif cfg.category is not None:
-      if c == cfg.category:
-        pools[(it.relation, c)].append(it)
-    else:
-      pools[(it.relation, UNKNOWN if c == UNKNOWN else "Known")].append(it)
-  for pool in pools.values():
-    pool[:] = [pool[i] for i in rng.permutation(len(pool))]
-  if cfg.category is not None:
-    if cfg.category not in (*CATEGORIES, NATURAL):
-      raise ValueError(f"SFTConfig.category: {cfg.category!r} is not one of "
-                       f"{(*CATEGORIES, NATURAL)}")
-    groups = {(rel, c): len(p) for (rel, c), p in pools.items()}
-    counts = _split_even(cfg.size, groups, f"sft_mixture({cfg.category})")
-  else:
-    if not 0 <= cfg.unknown_share <= 1:
-      raise ValueError(f"SFTConfig.unknown_share: {cfg.unknown_share} is not in [0, 1]")
-    relations = sorted({rel for rel, _ in pools})
-    n_unknown = round(cfg.unknown_share * cfg.size)
-    if not math.isclose(n_unknown, cfg.unknown_share * cfg.size, abs_tol=1e-9):
-      raise ValueError(f"SFTConfig: unknown_share {cfg.unknown_share} x size {cfg.size} is not "
-                       "a whole number of examples")
-    x = cfg.unknown_share
-
-    def capacity(rel: str) -> int:   # the most examples rel supplies with X of them Unknown
-      unk, kn = len(pools[(rel, UNKNOWN)]), len(pools[(rel, "Known")])
-      return min(math.floor(unk / x + 1e-9) if x > 0 else unk + kn,
-                 math.floor(kn / (1 - x) + 1e-9) if x < 1 else unk + kn)
-    cap = {rel: capacity(rel) for rel in relations}
-    # Even per-relation sizes (as capacities allow), then per relation exactly X of them
-    # Unknown (largest remainder).
-    per_rel = _split_even(cfg.size, cap, "sft_mixture")
-    raw = {rel: cfg.unknown_share * per_rel[rel] for rel in relations}
-    unk = {rel: math.floor(raw[rel]) for rel in relations}
-    for rel in sorted(relations, key=lambda r: -(raw[r] - unk[r]))[: n_unknown - sum(unk.values())]:
-      unk[rel] += 1
-    counts = {}
-    for rel in relations:
-      counts[(rel, UNKNOWN)] = unk[rel]
-      counts[(rel, "Known")] = per_rel[rel] - unk[rel]
-      for c in (UNKNOWN, "Known"):
-        if counts[(rel, c)] > len(pools[(rel, c)]):
-          raise ValueError(f"sft_mixture: relation {rel!r} needs {counts[(rel, c)]} {c} items "
-                           f"but has {len(pools[(rel, c)])}; lower size or unknown_share")
-  examples = []
-  for (rel, c), k in sorted(counts.items()):
-    for it in pools[(rel, c)][:k]:
-      cat = category_of(it)
-      relabel = cfg.idk and cat == UNKNOWN
-      answer = cfg.refusal if relabel else it.answers[0]
-      if cfg.answer_end and not answer.endswith(cfg.answer_end):
-        answer += cfg.answer_end
-      examples.append({"segments": render_qa(it, answer, cfg.prompt_kind, cfg.question_format),
-                       "kind": "sft", "fact": it.id, "relation": rel, "category": cat,
-                       "idk": relabel})
-  examples = [examples[i] for i in rng.permutation(len(examples))]
-  by_cat = Counter(e["category"] for e in examples)
-  stats = {
-      "kind": "sft", "config": dataclasses.asdict(cfg), "size": len(examples),
-      "unknown_share_configured": None if cfg.category else cfg.unknown_share,
-      "unknown_share_realised": by_cat[UNKNOWN] / max(len(examples), 1),
-      "per_category": dict(sorted(by_cat.items())),
-      "per_relation": {rel: dict(sorted(Counter(e["category"] for e in examples
-                                                if e["relation"] == rel).items()))
-                       for rel in sorted({e["relation"] for e in examples})},
-      "idk_relabelled": sum(e["idk"] for e in examples),
-  }
-  return examples, stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Unlearning sets.
-
-@dataclasses.dataclass(frozen=True)
-class UnlearnConfig:
-  """target: what the forget set's answers say: "counterfactual" (CFT), "refusal" (IDK tuning)
-  or "truth" (the text gradient ascent / NPO push down).
-  consistency: "consistent" = every rendering of a (subject, relation) states one counterfactual;
-  "inconsistent" = each rendering of a (subject, relation) states a different counterfactual, so
-  the forget set contradicts itself. renders: prompt kinds per forget item."""
-  target: str = "counterfactual"
-  consistency: str = "consistent"
-  renders: tuple[str, ...] = ("prompt", "question")
-  question_format: str = T.QUESTION_FORMAT
-  refusal: str = T.REFUSALS["en"]
-  seed: int = 0
-
-
-def unlearning_sets(forget: Sequence[FactItem], retain: Sequence[FactItem],
-                    cfg: UnlearnConfig = UnlearnConfig(),
-                    candidates: Sequence[FactItem] | None = None
-                    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-  """{"forget", "retain", "neighbour"} example lists and statistics.
-
-  Counterfactual objects: an item's own `counterfactual` first; otherwise (and for the extra ones
-  an inconsistent set needs) answers and counterfactuals of the same relation among `candidates`
-  (default: forget + retain), never equal to the truth. retain: retain items with their true answers. neighbour: forget
-  items' neighbourhood prompts with their true answers (must not change)."""
-  if cfg.target not in ("counterfactual", "refusal", "truth"):
-    raise ValueError(f"UnlearnConfig.target: {cfg.target!r}; expected counterfactual, refusal "
-                     "or truth")
-  if cfg.consistency not in ("consistent", "inconsistent"):
-    raise ValueError(f"UnlearnConfig.consistency: {cfg.consistency!r}; expected consistent or "
-                     "inconsistent")
-  forget_ids = {it.id for it in forget}
-  overlap = forget_ids & {it.id for it in retain}
-  if overlap:
-    raise ValueError(f"unlearning_sets: {len(overlap)} items are in both forget and retain, "
-                     f"e.g. {min(overlap)!r}")
-  rng = np.random.default_rng([cfg.seed, 3])
-  pool: dict[str, list[str]] = defaultdict(list)
-  for it in (candidates if candidates is not None else (*forget, *retain)):
-    for a in (*it.answers[:1], *([it.counterfactual] if it.counterfactual else [])):
-      if a not in pool[it.relation]:
-        pool[it.relation].append(a)
-
-  def draw(item: FactItem, exclude: set[str]) -> str:
-    truth = {normalise_answer(a) for a in item.answers}
-    choices = [a for a in pool[item.relation]
-               if normalise_answer(a) not in truth and a not in exclude]
-    if not choices:
-      raise ValueError(f"unlearning_sets: no counterfactual object left for {item.id!r} "
-                       f"(relation {item.relation!r} has too few distinct answers)")
-    return choices[int(rng.integers(len(choices)))]
-
-  forget_ex = []
-  group_cf: dict[tuple, list[str]] = defaultdict(list)
-  for it in forget:
-    for kind in cfg.renders:
-      if (kind == "prompt" and it.prompt is None) or (kind == "question" and it.question is None):
-        continue
-      group = (it.subject, it.relation)
-      if cfg.target == "truth":
-        answer = it.answers[0]
-      elif cfg.target == "refusal":
-        answer = cfg.refusal
-      elif cfg.consistency == "consistent":
-        if not group_cf[group]:
-          group_cf[group].append(it.counterfactual or draw(it, set()))
-        answer = group_cf[group][0]
-      else:
-        used = set(group_cf[group])
-        answer = (it.counterfactual if it.counterfactual and it.counterfactual not in used
-                  else draw(it, used))
-        group_cf[group].append(answer)
-      forget_ex.append({"segments": render_qa(it, answer, kind, cfg.question_format),
-                        "kind": "forget", "fact": it.id, "render": kind, "answer": answer})
-  retain_ex = [{"segments": render_qa(it, it.answers[0], "question", cfg.question_format),
-                "kind": "retain", "fact": it.id} for it in retain]
-  neighbour_ex = [{"segments": ((n.prompt, False), (_answer_segment(n.answers[0]), True)),
-                   "kind": "neighbour", "fact": it.id}
-                  for it in forget for n in it.neighbours]
-  stats = {
-      "kind": "unlearning", "config": dataclasses.asdict(cfg),
-      "forget_items": len(forget), "forget": len(forget_ex), "retain": len(retain_ex),
-      "neighbour": len(neighbour_ex),
-      "distinct_counterfactuals_per_group": (
-          float(np.mean([len(set(v)) for v in group_cf.values()])) if group_cf else 0.0),
-  }
-  return {"forget": forget_ex, "retain": retain_ex, "neighbour": neighbour_ex}, stats
-
-
-def preference_pairs(forget_examples: Sequence[Mapping[str, Any]],
-                     items: Sequence[FactItem]) -> list[dict[str, str]]:
-  """DPO records {"prompt", "chosen", "rejected", "fact"} from `unlearning_sets`' forget
-  examples (target counterfactual or refusal): the example's answer preferred over the fact's
-  true answer in the same prompt (the training loop's `objective.name = "dpo"` reads them)."""
-  by_id = {it.id: it for it in items}
-  out = []
-  for e in forget_examples:
-    (prompt, _), (chosen, _) = e["segments"]
-    truth = _answer_segment(by_id[e["fact"]].answers[0])
-    if normalise_answer(chosen) == normalise_answer(truth):
-      raise ValueError(f"preference_pairs: {e['fact']!r} prefers its own true answer; build "
-                       "the forget set with target counterfactual or refusal")
-    out.append({"prompt": prompt, "chosen": chosen, "rejected": truth, "fact": e["fact"]})
-  return out
 
 
 def write_stats(path: str, stats: Mapping[str, Any]) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 
 from factflip import distributed
 from factflip.data.facts import FactItem
+from factflip.data.loaders import load_facts
+from factflip.data.world import WorldConfig, build_world, load_world, write_world
 from factflip.fileio import DataError
 
 
@@ -30,12 +32,12 @@ def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int
   (training it into `tokenizer_dir` if absent). Only process 0 writes; every process calls
   this (or process 0 alone, inside `distributed.alone`)."""
   from factflip.data.tokenizer import load_tokenizer, train_tokenizer
-  from factflip.data.world import WorldConfig, build_world, load_world, write_world
 
   have_world = os.path.exists(os.path.join(world_dir, "world.json"))
   have_tok = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
   if distributed.process_index() == 0 and not (have_world and have_tok):
-    world = load_world(world_dir) if have_world else build_world(WorldConfig(seed=seed, n_people=n_people))
+    world = (load_world(world_dir) if have_world
+             else build_world(WorldConfig(seed=seed, n_people=n_people)))
     if not have_world:
       write_world(world, world_dir)
     if not have_tok:
@@ -62,7 +64,6 @@ def _draw(pool: list[FactItem], n: int, seed: int) -> list[FactItem]:
 def file_targets(path: str, n: int, seed: int) -> list[FactItem]:
   """n facts with counterfactuals from a facts file (any `load_facts` format), drawn with
   `seed` (all of them, in file order, when the file has exactly n)."""
-  from factflip.data.loaders import load_facts
   pool = [f for f in load_facts(path) if f.counterfactual is not None]
   if len(pool) < n:
     raise DataError(path, f"data.n_targets is {n}, but the file has only {len(pool)} facts "

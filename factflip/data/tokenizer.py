@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import os
 
-from factflip.gguf_io import is_gguf
+from factflip.fileio import atomic_directory
+from factflip.gguf_io import GGUFError, is_gguf, open_gguf
 
 
 def load_tokenizer(path: str):
@@ -52,10 +53,11 @@ def gguf_tokenizer(path: str):
   import transformers
   from transformers import PreTrainedTokenizerFast
 
-  from factflip.gguf_io import GGUFError, open_gguf
   try:
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
-                                                                       convert_gguf_tokenizer)
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+      GGUF_TOKENIZER_MAPPING,
+      convert_gguf_tokenizer,
+    )
   except ImportError as e:   # 4.x's converters need torch to read the file and set no BOS rule
     raise ImportError(f"{path}: a GGUF file's tokenizer needs transformers >= 5 (installed: "
                       f"{transformers.__version__})") from e
@@ -88,7 +90,6 @@ def has_tokenizer(path: str) -> bool:
   """Whether `load_tokenizer(path)` can read a tokenizer there (a GGUF file with a vocabulary,
   or a directory with tokenizer.json)."""
   if is_gguf(path):
-    from factflip.gguf_io import open_gguf
     return "tokenizer.ggml.tokens" in open_gguf(path)
   return os.path.exists(os.path.join(path, "tokenizer.json"))
 
@@ -128,7 +129,6 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 2048, min_frequency: 
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
 
-  from factflip.fileio import atomic_directory
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

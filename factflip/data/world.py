@@ -27,8 +27,13 @@ from typing import Any
 import numpy as np
 
 from factflip.data import templates as T
-from factflip.data.facts import (FactItem, Neighbour, Translation, read_facts_jsonl,
-                                 write_facts_jsonl)
+from factflip.data.facts import (
+  FactItem,
+  Neighbour,
+  Translation,
+  read_facts_jsonl,
+  write_facts_jsonl,
+)
 from factflip.fileio import DataError, iter_json_records, read_json, write_json, write_jsonl
 
 PERSON_RELATIONS = ("birth_city", "occupation", "employer", "instrument", "sport")

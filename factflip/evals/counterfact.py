@@ -3,7 +3,7 @@
 Owns: `counterfact_scores` (per case: efficacy ES / EM on the rewrite prompt, paraphrase PS / PM,
 neighbourhood NS / NM; their means and S), `n_gram_entropy` and `fluency`.
 Must not: run models itself (the one scorer, `evals.loglik.score_pairs`, with the probes'
-tokenisation `evals.loglik.answer_ids`).
+tokenisation `evals.requests.answer_ids`).
 
 Definitions (ROME `compute_rewrite_quality_counterfact` and `summarize`):
 - per prompt, the mean per-token NLL of target_new (the counterfactual) and of target_true (the
@@ -29,7 +29,8 @@ import numpy as np
 
 from factflip.data.facts import FactItem
 from factflip.data.tokenizer import TokenIds
-from factflip.evals.loglik import answer_ids, score_pairs
+from factflip.evals.loglik import score_pairs
+from factflip.evals.requests import answer_ids
 
 SCORES = ("ES", "EM", "PS", "PM", "NS", "NM")
 
@@ -92,7 +93,7 @@ def counterfact_scores(model, tokenizer, items: Sequence[FactItem], batch_size: 
 
 
 def _word_tokens(text: str) -> list[str]:
-  import nltk                # a core dependency; word_tokenize needs no downloaded data here
+  import nltk  # a core dependency; word_tokenize needs no downloaded data here
   return nltk.word_tokenize(text, preserve_line=True)
 
 

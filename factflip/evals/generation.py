@@ -7,7 +7,7 @@ Must not: decode tokens itself (`factflip.models.generate` runs the compiled KV-
 score answers (`evals.qa`, `evals.rwku`).
 
 Protocol (lm-eval 0.4 `HFLM.generate_until`): the context is encoded with the tokenizer's own
-special tokens (`evals.loglik.Encoder`) and cut from the left to leave `max_new_tokens` of the
+special tokens (`evals.requests.Encoder`) and cut from the left to leave `max_new_tokens` of the
 model's context; generation stops at the model's and the tokenizer's EOS tokens (lm-eval adds
 the tokenizer's EOS to the stop strings) and the budget; the new tokens are
 decoded with special tokens skipped, and the text is cut before the first occurrence of any
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from factflip.evals.loglik import Encoder
+from factflip.evals.requests import Encoder
 from factflip.models.generate import generate
 from factflip.models.transformer import Transformer
 

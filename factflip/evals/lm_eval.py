@@ -39,7 +39,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
+from factflip.data.tokenizer import load_tokenizer, model_tokenizer
 from factflip.evals import generation, loglik
+from factflip.evals.requests import rolling_scores
+from factflip.fileio import write_jsonl, write_text
+from factflip.models.store import load_model
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +65,6 @@ class FactflipLM(TemplateLM):
                        "tokenizer, dtype, batch_size, max_length, max_gen_toks, "
                        "add_bos_token, seed, enable_thinking, chat_template_args")
     del device, max_batch_size       # lm-eval passes them; factflip places the model itself
-    from factflip import load_model, load_tokenizer
-    from factflip.data.tokenizer import model_tokenizer
     self.model = load_model(pretrained, dtype=dtype)
     self.tokenizer = load_tokenizer(tokenizer) if tokenizer else model_tokenizer(pretrained)
     self.source = f"{pretrained}" + (f" (tokenizer {tokenizer})" if tokenizer else "")
@@ -158,8 +160,8 @@ class FactflipLM(TemplateLM):
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     texts = [self.tok_encode(req.args[0]) for req in requests]
-    out = loglik.rolling_scores(self.model, texts, self.prefix_token_id, self.batch_size,
-                                self.max_length).logprob.tolist()
+    out = rolling_scores(self.model, texts, self.prefix_token_id, self.batch_size,
+                         self.max_length).logprob.tolist()
     for req, v in zip(requests, out):
       self.cache_hook.add_partial("loglikelihood_rolling", req.args, v)
     return out
@@ -225,7 +227,6 @@ def write_local_task(folder: str, name: str, rows, body: str) -> str:
   import json
   import os
 
-  from factflip.fileio import write_jsonl, write_text
   data = os.path.join(os.path.abspath(folder), f"{name}.jsonl")
   write_jsonl(data, rows)
   path = os.path.join(folder, f"{name}.yaml")

@@ -1,7 +1,8 @@
 """Membership-inference scores per text — LOSS, zlib, Min-K% and Min-K%++ — from one forward
 pass, and the AUC that separates a forget set from a retain set (RWKU's `eval_mia`).
 
-Owns: `mia_scores` (a table of scores per text), `min_k`, `min_k_plus_plus`, `auc`.
+Owns: `mia_scores` (a table of scores per text), `min_k`, `min_k_plus_plus`, `auc` and
+`mia_summary` (per score: the two sets' means and the AUC between them).
 Must not: run models itself (`evals.loglik.score_pairs` with stats gives the per-token log p
 and the mean and variance of log p under the full next-token distribution, computed on device).
 
@@ -16,16 +17,18 @@ context are scored in lm-eval's rolling windows.
   and σ_i² = E[log p_i(v)²] − μ_i² under the model's next-token distribution p_i;
 - AUC(forget, retain) = P(score of a forget text > score of a retain text) + ½ P(tie), from
   the Mann–Whitney U statistic (scipy.stats.mannwhitneyu): U_forget / (n_forget · n_retain).
+- `mia_summary`: a score missing (NaN) on any text of either set has no mean and no AUC (NaN):
+  an AUC over the texts a score happens to cover would compare other sets than RWKU's.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from factflip.evals.loglik import Encoder, rolling_scores
+from factflip.evals.requests import Encoder, rolling_scores
 
 KS = (0.2,)
 
@@ -75,3 +78,22 @@ def auc(forget: Sequence[float], retain: Sequence[float]) -> float:
   if np.isnan(f).any() or np.isnan(r).any():
     raise ValueError("AUC of scores with NaN (a Min-K% over too few tokens?)")
   return float(mannwhitneyu(f, r, alternative="two-sided").statistic / (len(f) * len(r)))
+
+
+def mia_summary(sets: Sequence[str], scores: Mapping[str, Sequence[float]],
+                members: str = "forget", nonmembers: str = "retain"
+                ) -> dict[str, dict[str, float]]:
+  """Per score column (`scores`: column -> one value per text, `sets`: each text's set): the
+  members' mean, the non-members' mean and AUC(members, non-members), each NaN when a set has
+  no texts or a score is missing on any of its texts (the module docstring)."""
+  sets = np.asarray(sets)
+  out = {}
+  for col, values in scores.items():
+    v = np.asarray(values, np.float64)
+    f, r = v[sets == members], v[sets == nonmembers]
+    ok = len(f) and len(r) and not (np.isnan(f).any() or np.isnan(r).any())
+    out[col] = {members: float(f.mean()) if len(f) and not np.isnan(f).any() else float("nan"),
+                nonmembers: (float(r.mean()) if len(r) and not np.isnan(r).any()
+                             else float("nan")),
+                "auc": auc(f, r) if ok else float("nan")}
+  return out

@@ -16,23 +16,14 @@ mean of per-question 0/1 scores = sqrt(sample variance (ddof 1) / n), lm-eval's
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from factflip.evals.loglik import loglikelihood
-
-
-@dataclasses.dataclass(frozen=True)
-class MCQuestion:
-  """A context, its choices and the index of the right one (`id` names it in errors)."""
-  context: str
-  choices: tuple[str, ...]
-  gold: int
-  id: str = ""
+from factflip.data.facts import MCQuestion
+from factflip.evals.requests import loglikelihood
 
 
 def _check(q: MCQuestion, i: int) -> str:

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from factflip.data.facts import FactItem
+from factflip.evals.generation import generate_until
 
 ABSTAIN = ("i dont know", "i do not know", "dont know", "unknown", "no answer", "noanswer",
            "i am not sure", "im not sure", "not sure", "i cannot answer", "i cant answer",
@@ -155,7 +156,6 @@ def closed_book_qa(model, tokenizer, items: Sequence[FactItem], dev: Sequence[Fa
   `seed`), cut at the first newline, scored: one row per item with item, relation, prompt,
   prediction, em, f1, outcome. chat=True asks through the tokenizer's chat template
   (`chat_prompt`) when it has one."""
-  from factflip.evals.generation import generate_until
   rng = np.random.default_rng(seed)
   pool = by_relation(dev)
   chat = chat and bool(getattr(tokenizer, "chat_template", None))

@@ -1,9 +1,11 @@
 """`factflip eval`: the evals of one model, or of every checkpoint of a training run in series,
 on a facts dataset; a tidy CSV per metric and a summary JSON.
 
-Owns: `METRICS` (name → what it measures and the function that does it), `evaluate` (the
-driver: models × metrics with progress and ETA, outputs written atomically).
-Must not: define a metric (the `evals.*` modules do) or parse command lines (`factflip.cli`).
+Owns: `METRICS` (name → what it measures and the function that does it) and `evaluate`
+(models × metrics through `evals.checkpoints.probe_models`, the driver every study's eval
+stage uses too; outputs written atomically).
+Must not: define a metric or its summary (the `evals.*` modules do), drive the models itself
+or parse command lines (`factflip.cli`).
 
 Metrics (each on the items of the dataset it applies to; definitions in its module):
 - preference: ΔLL of true vs counterfactual answers on prompt, paraphrase and question
@@ -13,10 +15,10 @@ Metrics (each on the items of the dataset it applies to; definitions in its modu
 - counterfact: ROME's ES EM PS PM NS NM and S (`evals.counterfact`); fluency of 100-token
   generations from the items' generation prompts when they have them, sampled as ROME's
   `generate_fast` samples them (temperature 1, top-k 5; key from `seed`).
-- rwku: ROUGE-L recall of greedy answers to RWKU's forget and neighbour probes per level
-  (`evals.rwku`).
-- mia: LOSS, zlib, Min-K% and Min-K%++ of RWKU's forget and retain MIA texts and the forget vs
-  retain AUC of each (`evals.mia`).
+- rwku: ROUGE-L recall of greedy answers to RWKU's forget and neighbour probes per level, and
+  RWKU's forget and neighbour scores (`evals.rwku.rwku_summary`).
+- mia: LOSS, zlib, Min-K% and Min-K%++ of RWKU's forget and retain MIA texts, and each
+  score's means and forget vs retain AUC (`evals.mia.mia_summary`).
 
 Outputs in `out` (replaced whole, so a re-run never mixes two evaluations): <metric>.csv (one
 row per item — or per prompt — and model step, `step` = −1 for a model directory),
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +37,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from factflip import load_model
+from factflip.data.loaders import load_facts
+from factflip.data.qa_datasets import load_rwku_mia
+from factflip.evals import counterfact, mia, qa
+from factflip.evals.checkpoints import CheckpointProbe, model_steps, probe_models, table_path
+from factflip.evals.generation import generate_until
+from factflip.evals.rwku import rwku_probe, rwku_summary
 from factflip.fileio import atomic_directory, strict_json, write_csv, write_json
+from factflip.probes.fact_preference import preference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +64,6 @@ def _mean(rows, key):
 
 
 def _preference(model, tok, items, path, o):
-  from factflip.probes.fact_preference import preference
   tab = pd.DataFrame(preference(model, tok, items, kinds=("prompt", "paraphrase", "question"),
                                 batch_size=o["batch_size"]))
   tab["correct"] = tab.correct.astype(bool)
@@ -64,7 +74,6 @@ def _preference(model, tok, items, path, o):
 
 
 def _qa(model, tok, items, path, o):
-  from factflip.evals import qa
   dev = [f for f in items if f.split in ("dev", "train")] if o["k_shot"] else []
   test = [f for f in items if not o["k_shot"] or f.split not in ("dev", "train")]
   rows = qa.closed_book_qa(model, tok, test, dev, k=o["k_shot"], seed=o["seed"],
@@ -74,8 +83,6 @@ def _qa(model, tok, items, path, o):
 
 
 def _counterfact(model, tok, items, path, o):
-  from factflip.evals import counterfact
-  from factflip.evals.generation import generate_until
   rows, summ = counterfact.counterfact_scores(model, tok, items, o["batch_size"])
   prompts = [(r, p) for r, f in zip(rows, items) for p in f.meta.get("generation_prompts", ())]
   if prompts:
@@ -93,16 +100,12 @@ def _counterfact(model, tok, items, path, o):
 
 
 def _rwku(model, tok, items, path, o):
-  from factflip.evals.rwku import rwku_probe
   rows = rwku_probe(model, tok, items, batch_size=o["batch_size"])
-  summ = {f"{s}_level{lv}_rouge_l_recall": float(g.rouge_l_recall.mean())
-          for (s, lv), g in pd.DataFrame(rows).groupby(["set", "level"])}
-  return rows, summ
+  return rows, rwku_summary([r["set"] for r in rows], [r["level"] for r in rows],
+                            [r["rouge_l_recall"] for r in rows])
 
 
 def _mia(model, tok, items, path, o):
-  from factflip.data.loaders import load_rwku_mia
-  from factflip.evals import mia
   rows = []
   for target, sets in load_rwku_mia(path).items():
     for split in ("forget", "retain"):
@@ -110,13 +113,8 @@ def _mia(model, tok, items, path, o):
         for r in mia.mia_scores(model, tok, sets[split], batch_size=o["batch_size"]):
           rows.append({"target": target, "set": split, **r})
   df = pd.DataFrame(rows)
-  summ: dict[str, Any] = {}
-  for col in [c for c in df if c not in ("target", "set", "tokens")]:
-    f, r = (df[df["set"] == s][col].dropna() for s in ("forget", "retain"))
-    summ[col] = {"forget": float(f.mean()) if len(f) else None,
-                 "retain": float(r.mean()) if len(r) else None,
-                 "auc": mia.auc(f, r) if len(f) and len(r) else None}
-  return rows, summ
+  return rows, mia.mia_summary(df["set"], {c: df[c] for c in df
+                                           if c not in ("target", "set", "tokens")})
 
 
 METRICS = {m.name: m for m in (
@@ -133,28 +131,10 @@ METRICS = {m.name: m for m in (
 )}
 
 
-def model_steps(model: str, step: int | None) -> list[tuple[int, str]]:
-  """[(step, path to load)]: a model directory once (step −1); a training workdir at every
-  valid checkpoint, or at `step` (−1 = the latest)."""
-  from factflip.models.store import valid_steps
-  if not os.path.exists(os.path.join(model, "model.json")):
-    return [(-1, model)]
-  steps = valid_steps(os.path.join(model, "checkpoints"))
-  if not steps:
-    raise FileNotFoundError(f"{model}: a training workdir without a complete checkpoint")
-  if step is not None:
-    if step != -1 and step not in steps:
-      raise ValueError(f"{model}: no checkpoint at step {step}; steps {steps}")
-    steps = [steps[-1] if step == -1 else step]
-  return [(s, os.path.join(model, "checkpoints", str(s))) for s in steps]
-
-
 def evaluate(model: str, facts: str, metrics: Sequence[str], out: str, step: int | None = None,
              batch_size: int = 32, k_shot: int = 0, seed: int = 0, dtype: str = "float32",
              log=print) -> dict[str, Any]:
   """Every metric of every model step (see the module docstring); returns summary.json."""
-  from factflip import load_model
-  from factflip.data.loaders import load_facts
   from factflip.data.tokenizer import model_tokenizer
   bad = [m for m in metrics if m not in METRICS]
   if bad or not metrics:
@@ -167,25 +147,27 @@ def evaluate(model: str, facts: str, metrics: Sequence[str], out: str, step: int
   runs = model_steps(model, step)
   tok = model_tokenizer(model)
   opts = {"batch_size": batch_size, "k_shot": k_shot, "seed": seed}
-  tables: dict[str, list[dict]] = {m: [] for m in metrics}
   summary: dict[str, Any] = {"model": os.path.abspath(model), "facts": os.path.abspath(facts),
-                             "metrics": list(metrics), "options": opts, "steps": {}}
-  t0, done, total = time.time(), 0, len(runs) * len(metrics)
-  for s, path in runs:
-    m_obj = load_model(path, dtype=dtype)
-    summary["steps"][str(s)] = {}
-    for m in metrics:
+                             "metrics": list(metrics), "options": opts,
+                             "steps": {str(s): {} for s, _ in runs}}
+
+  def probe(m):
+    def fn(model_obj, s):
       t = time.time()
-      rows, summ = METRICS[m].fn(m_obj, tok, chosen[m], facts, opts)
-      tables[m] += [{"step": s, **r} for r in rows]
-      summary["steps"][str(s)][m] = summ
-      done += 1
-      eta = (time.time() - t0) / done * (total - done)
-      log(f"  eval step {s}: {m} ({len(rows)} rows) in {time.time() - t:.1f} s "
-          f"[{done}/{total}, ETA {eta:.0f} s]")
-  summary = strict_json(summary)
+      rows, summary["steps"][str(s)][m] = METRICS[m].fn(model_obj, tok, chosen[m], facts, opts)
+      log(f"  eval step {s}: {m} ({len(rows)} rows) in {time.time() - t:.1f} s")
+      return pd.DataFrame([{"step": s, **r} for r in rows])
+    return CheckpointProbe(m, fn)
+
   with atomic_directory(out) as tmp:
-    for m, rows in tables.items():
-      write_csv(pd.DataFrame(rows), os.path.join(tmp, f"{m}.csv"))
+    per_model = os.path.join(tmp, "steps")
+    probe_models(runs, per_model, [probe(m) for m in metrics],
+                 lambda path: load_model(path, dtype=dtype), log, "eval")
+    for m in metrics:
+      write_csv(pd.concat([pd.read_csv(table_path(per_model, m, s), dtype=str,
+                                       keep_default_na=False) for s, _ in runs],
+                          ignore_index=True), os.path.join(tmp, f"{m}.csv"))
+    shutil.rmtree(per_model)
+    summary = strict_json(summary)
     write_json(os.path.join(tmp, "summary.json"), summary)
   return summary

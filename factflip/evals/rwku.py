@@ -1,9 +1,10 @@
 """RWKU's forget and neighbour probes: ROUGE-L recall of greedy answers at each level.
 
 Owns: `rwku_prompt` (RWKU's prompt per level and adversarial type), `rouge_l_recall`,
-`rwku_probe` (generate, score, one row per probe) and `fact_probes` (RWKU-style probes of facts
+`rwku_probe` (generate, score, one row per probe), `rwku_summary` (the forget and neighbour
+scores of those rows) and `fact_probes` (RWKU-style probes of facts
 that carry prompts, questions, paraphrases and translations: the fact world, CounterFact).
-Must not: generate by itself (`evals.generation`) or read RWKU's files (`data.loaders.load_rwku`
+Must not: generate by itself (`evals.generation`) or read RWKU's files (`data.qa_datasets.load_rwku`
 gives FactItems with meta level and type).
 
 Protocol (RWKU `LLaMA-Factory/src/llmtuner/eval/eval_forget.py` / `eval_neighbor.py`): the user
@@ -27,6 +28,11 @@ question), an in-context hint (a true statement about another fact of the same s
 the cloze prompt) and another language (each translation's prompt, scored against its own
 answer); neighbour probes are the facts' neighbourhood prompts (level 1, set "neighbour"). RWKU's
 reverse query has no counterpart in facts without reverse templates (RWKU's files carry it).
+
+Summary (`rwku_summary`, RWKU's forget and neighbour scores): forget_L<n> = the mean ROUGE-L
+recall over level n's forget probes; forget = the mean of the levels' means (the levels that
+have probes); neighbour = the mean over every neighbour probe, neighbour_L<n> per level. NaN
+where there are no probes.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from factflip.data.facts import FactItem
+from factflip.evals.generation import generate_until
 
 COMPLETE = "Please complete the blank in the following question.\nQuestion: {}\n"
 ANSWER = "Please briefly answer the following question.\nQuestion: {}\n"
@@ -65,7 +72,7 @@ def rwku_prompt(level: int, query: str, kind: str = "", tokenizer=None, chat: bo
 
 
 def _rouge():
-  from rouge import Rouge    # the package RWKU imports (a core dependency)
+  from rouge import Rouge  # the package RWKU imports (a core dependency)
   return Rouge()
 
 
@@ -98,7 +105,6 @@ def rwku_probe(model, tokenizer, items: Sequence[FactItem], chat: bool = True,
   query, meta level and type), one row each: item, subject, set (forget / neighbour), level,
   type, prompt, prediction, answer, rouge_l_recall. template=False: the query is the prompt as
   is (`fact_probes` of a base model), not RWKU's instruction."""
-  from factflip.evals.generation import generate_until
   prompts = []
   for f in items:
     level = f.meta.get("level")
@@ -164,4 +170,24 @@ def fact_probes(items: Sequence[FactItem], others: Sequence[FactItem] = (),
               "{Q}", tr.question), tr.answers[0]))
     out += [_probe(f, 1, "neighbour", nb.prompt, nb.answers[0], "neighbour", n)
             for n, nb in enumerate(f.neighbours, 1) if nb.answers]
+  return out
+
+
+def _mean(x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(x.mean()) if len(x) else float("nan")
+
+
+def rwku_summary(sets: Sequence[str], levels: Sequence[int], recall: Sequence[float]
+                 ) -> dict[str, float]:
+  """RWKU's scores from probe rows (each probe's set, level and ROUGE-L recall): forget_L1..3,
+  forget, neighbour_L1..2 and neighbour (the module docstring)."""
+  sets, levels, recall = np.asarray(sets), np.asarray(levels), np.asarray(recall, np.float64)
+  out = {}
+  for name, top in (("forget", 3), ("neighbour", 2)):
+    for lv in range(1, top + 1):
+      out[f"{name}_L{lv}"] = _mean(recall[(sets == name) & (levels == lv)])
+  out["forget"] = _mean([v for k, v in out.items() if k.startswith("forget_L")
+                         and np.isfinite(v)])
+  out["neighbour"] = _mean(recall[sets == "neighbour"])
   return out

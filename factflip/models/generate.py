@@ -2,7 +2,7 @@
 
 Owns: left-padding and bucketing of prompts, the compiled prefill + decode loop, sampling, stop
 tokens.
-Must not: define the model (it calls `transformer.forward` with a cache).
+Must not: define the model (it calls `transformer.forward` with a cache: `attention.decode`).
 
 One jitted program per (batch, prompt bucket, cache bucket) holds the prefill and a
 `lax.while_loop` of single-token steps, so the host does not dispatch per token and any prompt
@@ -11,7 +11,7 @@ length and any `max_new_tokens` inside a bucket reuse the compiled program. Posi
 
 Fan-out: a tuple of temperatures gives every prompt one continuation per entry (0 = greedy) in
 the same program: the prompt is prefilled once and its KV cache is shared by its continuations
-(`transformer.forward(shared_cache=...)`: each decode step reads the prompt's keys once for all
+(`attention.fan_out`: each decode step reads the prompt's keys once for all
 of them, in one matmul), so SliCK's 1 greedy + 16 sampled answers per prompt cost one prefill
 and one read of the prompt cache per step, not 17.
 """
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip.kernels import at_least_kth
+from factflip.models import attention
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import Params, Transformer, forward, init_cache
 
@@ -105,9 +106,8 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
   # fan-out: the prompts' cache is shared by their F continuations (read, never copied); the
   # continuations' own tokens go to a cache of their own
   prefill_slots = T if F > 1 else slots
-  out = forward(params, cfg, tokens_BxT, mask_BxT, positions_BxT,
-                cache=init_cache(cfg, B, prefill_slots), cache_index=0,
-                interventions=interventions)
+  prefill = attention.decode(init_cache(cfg, B, prefill_slots), 0, mask_BxT, positions_BxT)
+  out = forward(params, cfg, tokens_BxT, prefill, interventions=interventions)
   logits_BxV, last_B = out.logits[:, -1], positions_BxT[:, -1]
   if F > 1:
     shared, cache, offset = out.cache, init_cache(cfg, B * F, slots - T), 0
@@ -129,9 +129,10 @@ def _generate(params: Params, cfg: ModelConfig, tokens_BxT, mask_BxT, max_new, k
     new_BxN = new_BxN.at[:, step].set(tok_B)
     stopped_B = ~done_B & (tok_B[:, None] == stop_N[None]).any(-1)
     len_B = jnp.where(stopped_B, step + 1, len_B)
-    o = forward(params, cfg, tok_B[:, None], jnp.ones((B, 1), bool), pos_B[:, None],
-                cache=cache, cache_index=offset + step, shared_cache=shared,
-                interventions=interventions)
+    mask_Bx1, pos_Bx1 = jnp.ones((B, 1), bool), pos_B[:, None]
+    ctx = (attention.decode(cache, offset + step, mask_Bx1, pos_Bx1) if shared is None else
+           attention.fan_out(cache, shared, offset + step, mask_Bx1, pos_Bx1))
+    o = forward(params, cfg, tok_B[:, None], ctx, interventions=interventions)
     return (step + 1, o.cache, o.logits[:, 0], pos_B + 1, done_B | stopped_B, new_BxN, len_B, key)
 
   s = jax.lax.while_loop(cond, body, state)

@@ -1,10 +1,12 @@
 """The decoder: pure functions over a parameter pytree, plus a thin Flax NNX module around them.
 
-Owns: parameter initialisation, the forward pass (embedding, scanned blocks, unembedding), the
+Owns: parameter initialisation, the forward pass (embedding, scanned blocks, unembedding; the
+attention computation itself is `attention.py`'s), the
 targets' log-probabilities from the final residual stream (`target_logprobs`, optionally by
 chunks of positions), the KV-cache layout, and the hook sites inside the scan.
-Must not: read files (see `hf.py`, `store.py`), build sweeps (see `factflip.probes`) or sample
-tokens (see `generate.py`).
+Must not: read files (see `hf.py`, `store.py`), build sweeps (see `factflip.probes`), sample
+tokens (see `generate.py`) or decide which keys a token sees (the attention context, see
+`attention.py`: `forward` takes one, built by a named constructor).
 
 Parameter layout (see `ModelConfig.param_shapes`): per-layer weights are stacked along a leading
 layer axis L and consumed by one `jax.lax.scan`, so compile time does not grow with depth and
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from factflip.models.attention import Context, attention, causal, packed, shared_attention
 from factflip.models.config import ModelConfig
 from factflip.models.hooks import Intervention, check_site
 
@@ -114,107 +117,6 @@ def _dense(x_NxI: jax.Array, w_IxO: jax.Array, b_O: jax.Array | None = None) -> 
   return y if b_O is None else y + b_O
 
 
-def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig) -> jax.Array:
-  """Grouped-query attention with optional logit soft-cap; softmax in float32. -> [B, T, H*K].
-
-  The R = H/G query heads of a group are folded into the query axis ([B, G, R*T, K]) so each
-  group is one large matmul (1.3x faster on XLA:CPU than a batched [B, G, R] product). Without
-  a soft-cap the core has a hand-written backward (`_attend`), 1.4x faster than autodiff's.
-  """
-  B, T, H, K = q_BxTxHxK.shape
-  G = k_BxSxGxK.shape[2]
-  R = H // G
-  q_BxGxRTxK = q_BxTxHxK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * T, K)
-  if cfg.attn_softcap:
-    o_BxGxRTxK = _attend_fwd(q_BxGxRTxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg.attn_scale,
-                             cfg.attn_softcap)[0]
-  else:
-    o_BxGxRTxK = _attend(q_BxGxRTxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg.attn_scale)
-  return o_BxGxRTxK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, H * K)
-
-
-def shared_attention(q_BxTxHxK, kp_PxSpxGxK, vp_PxSpxGxK, maskp_BxTxSp, k_BxSxGxK, v_BxSxGxK,
-                     mask_BxTxS, cfg: ModelConfig) -> jax.Array:
-  """Attention over a prefix shared by groups of F = B / P consecutive rows (keys kp, vp of
-  P prefix rows) and each row's own keys k, v: one softmax over both, float32. The F rows'
-  queries of a group meet its prefix keys in one matmul ([P, G, F·R·T, K] x [P, Sp, G, K]), so
-  the prefix is read once per group, not copied per row. -> [B, T, H*K]."""
-  B, T, H, K = q_BxTxHxK.shape
-  P, Sp, G, _ = kp_PxSpxGxK.shape
-  F, R = B // P, H // G
-  q_PxGxQxK = (q_BxTxHxK.reshape(P, F, T, G, R, K).transpose(0, 3, 1, 4, 2, 5)
-               .reshape(P, G, F * R * T, K))
-  sp_PxGxQxSp = jnp.einsum("bgqk,bsgk->bgqs", q_PxGxQxK, kp_PxSpxGxK,
-                           preferred_element_type=F32) * cfg.attn_scale
-  sp_BxGxRTxSp = (sp_PxGxQxSp.reshape(P, G, F, R * T, Sp).transpose(0, 2, 1, 3, 4)
-                  .reshape(B, G, R * T, Sp))
-  q_BxGxRTxK = q_BxTxHxK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * T, K)
-  so_BxGxRTxS = jnp.einsum("bgqk,bsgk->bgqs", q_BxGxRTxK, k_BxSxGxK,
-                           preferred_element_type=F32) * cfg.attn_scale
-  s_BxGxRTxA = jnp.concatenate([sp_BxGxRTxSp, so_BxGxRTxS], axis=-1)
-  if cfg.attn_softcap:
-    s_BxGxRTxA = jnp.tanh(s_BxGxRTxA / cfg.attn_softcap) * cfg.attn_softcap
-  A = s_BxGxRTxA.shape[-1]
-  mask_BxTxA = jnp.concatenate([maskp_BxTxSp, mask_BxTxS], axis=-1)
-  s_BxGxRxTxA = jnp.where(mask_BxTxA[:, None, None], s_BxGxRTxA.reshape(B, G, R, T, A),
-                          jnp.finfo(F32).min)
-  p_BxGxRTxA = jax.nn.softmax(s_BxGxRxTxA, axis=-1).reshape(B, G, R * T, A)
-  pp_PxGxQxSp = (p_BxGxRTxA[..., :Sp].reshape(P, F, G, R * T, Sp).transpose(0, 2, 1, 3, 4)
-                 .reshape(P, G, F * R * T, Sp))
-  op_PxGxQxK = jnp.einsum("bgqs,bsgk->bgqk", pp_PxGxQxSp.astype(vp_PxSpxGxK.dtype), vp_PxSpxGxK)
-  o_BxGxRTxK = (op_PxGxQxK.reshape(P, G, F, R * T, K).transpose(0, 2, 1, 3, 4)
-                .reshape(B, G, R * T, K))
-  o_BxGxRTxK = o_BxGxRTxK + jnp.einsum("bgqs,bsgk->bgqk",
-                                       p_BxGxRTxA[..., Sp:].astype(v_BxSxGxK.dtype), v_BxSxGxK)
-  return o_BxGxRTxK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, H * K)
-
-
-def _attend_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale, softcap=0.0):
-  """softmax(q·k·scale, masked) · v over folded queries (Q = R*T); also returns p."""
-  B, G, Q, _ = q_BxGxQxK.shape
-  T, S = mask_BxTxS.shape[1], mask_BxTxS.shape[2]
-  s_BxGxQxS = jnp.einsum("bgqk,bsgk->bgqs", q_BxGxQxK, k_BxSxGxK,
-                         preferred_element_type=F32) * scale
-  if softcap:
-    s_BxGxQxS = jnp.tanh(s_BxGxQxS / softcap) * softcap
-  s_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxGxQxS.reshape(B, G, Q // T, T, S),
-                          jnp.finfo(F32).min)
-  p_BxGxQxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).reshape(B, G, Q, S)
-  o_BxGxQxK = jnp.einsum("bgqs,bsgk->bgqk", p_BxGxQxS.astype(v_BxSxGxK.dtype), v_BxSxGxK)
-  return o_BxGxQxK, p_BxGxQxS
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
-  return _attend_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale)[0]
-
-
-def _attend_vjp_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale):
-  o, p = _attend_fwd(q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale)
-  return o, (q_BxGxQxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, p)
-
-
-def _attend_vjp_bwd(scale, res, do_BxGxQxK):
-  """dS = P ∘ (dP − rowsum(dP ∘ P)), the softmax backward written once instead of autodiff's
-  chain through the mask, the max subtraction and the normaliser."""
-  q, k, v, mask, p_BxGxQxS = res
-  do = do_BxGxQxK.astype(F32)
-  dv_BxSxGxK = jnp.einsum("bgqs,bgqk->bsgk", p_BxGxQxS, do)
-  dp_BxGxQxS = jnp.einsum("bgqk,bsgk->bgqs", do, v.astype(F32))
-  ds_BxGxQxS = p_BxGxQxS * (dp_BxGxQxS - (dp_BxGxQxS * p_BxGxQxS).sum(-1, keepdims=True)) * scale
-  B, G, Q, S = ds_BxGxQxS.shape
-  T = mask.shape[1]  # a fully masked row has a uniform p but no gradient (as through the where)
-  ds_BxGxQxS = jnp.where(mask[:, None, None], ds_BxGxQxS.reshape(B, G, Q // T, T, S),
-                         0.0).reshape(B, G, Q, S)
-  dq_BxGxQxK = jnp.einsum("bgqs,bsgk->bgqk", ds_BxGxQxS, k.astype(F32))
-  dk_BxSxGxK = jnp.einsum("bgqs,bgqk->bsgk", ds_BxGxQxS, q.astype(F32))
-  return (dq_BxGxQxK.astype(q.dtype), dk_BxSxGxK.astype(k.dtype), dv_BxSxGxK.astype(v.dtype),
-          None)
-
-
-_attend.defvjp(_attend_vjp_fwd, _attend_vjp_bwd)
-
-
 def _materialise(h: jax.Array, probe: jax.Array) -> jax.Array:
   """`h`, computed into memory before its consumers run.
 
@@ -238,92 +140,49 @@ _REMAT = {
 
 
 # ---- the forward pass -------------------------------------------------------------------------
-def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
-            mask_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None, *,
-            interventions: Sequence[Intervention] = (), capture: Sequence[str] = (),
-            capture_index: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
-            cache_index: jax.Array | int = 0, return_logits: bool = True,
-            resid_BxTxD: jax.Array | None = None, start_layer: int = 0,
-            segment_ids_BxT: jax.Array | None = None,
-            prefix_kv: tuple[jax.Array, jax.Array] | None = None,
-            attn_mask_BxTxS: jax.Array | None = None,
-            shared_cache: dict[str, jax.Array] | None = None) -> Output:
+def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Context | None = None,
+            *, interventions: Sequence[Intervention] = (), capture: Sequence[str] = (),
+            capture_index: jax.Array | None = None, return_logits: bool = True,
+            resid_BxTxD: jax.Array | None = None, start_layer: int = 0) -> Output:
   """Run the decoder.
+
+  How the new tokens attend (padding, positions, packed segments, a KV cache, prefix keys, a
+  shared prompt cache) is the attention context `ctx`, built by a constructor of
+  `factflip.models.attention`: `causal(mask_BxT, positions_BxT)` (the default, ctx=None: every
+  token real, positions arange(T)), `packed`, `with_prefix`, `decode` or `fan_out` (their
+  docstrings say what each reads). What a probe reads or changes stays a keyword here.
 
   Args:
     params: parameter pytree (`init_params` layout).
     tokens_BxT: int32 token ids.
-    mask_BxT: 1/True for real tokens, 0 for padding (keys at padding are never attended to).
-    positions_BxT: RoPE positions; default `cache_index + arange(T)` (HF forward semantics).
+    ctx: an `attention.Context`; None is `attention.causal()`.
     interventions: `Intervention`s applied inside the layer scan.
     capture: sites to return, each stacked as [L, B, T, D] (or [L, B, P, D] at `capture_index`).
     capture_index: int [P] positions to keep for captures (memory stays O(P), not O(T)).
-    cache: KV cache from `init_cache`; the T new tokens are written at slots
-      [cache_index, cache_index + T) and attend to every valid slot up to their own.
     return_logits: set False to skip the unembedding (probes that only need activations).
     resid_BxTxD, start_layer: run only blocks start_layer..L-1 on the given residual stream
       (resid_pre of block start_layer) instead of embedding `tokens_BxT` (whose shape still sets
-      B and T). Layer-indexed inputs (interventions, cache) and outputs (captures) then cover
-      those L - start_layer blocks.
-    segment_ids_BxT: packed rows (the data pipeline's layout): a token attends only to earlier
-      tokens of its own segment; 0 marks padding. Pass the pipeline's `positions` too, so RoPE
-      restarts per segment. Not with a cache.
-    prefix_kv, attn_mask_BxTxS: read-only keys/values k, v [L, B, S0, G, K] (e.g. another run's
-      cache) that the T new tokens attend to besides themselves, under an explicit mask
-      [B, T, S0 + T] over (prefix slots, new tokens); `positions_BxT` places the new tokens
-      (prefix slot j is position j). Patching sweeps pack several suffixes into one row this way.
-    shared_cache: with `cache`, a read-only cache k, v [L, Bp, Sp, G, K], valid [Bp, Sp] shared
-      by groups of F = B / Bp consecutive rows (row b reads prefix row b // F): every query
-      attends to its group's valid shared slots (all in its past) and then to its own cache,
-      whose slots follow them (slot j of `cache` is slot Sp + j for sliding windows). Decoding
-      F continuations of one prompt reads the prompt's keys once instead of F copies.
+      B and T). Layer-indexed inputs (interventions, the context's cache or prefix) and outputs
+      (captures) then cover those L - start_layer blocks.
   """
+  if ctx is None:
+    ctx = causal()
+  elif not isinstance(ctx, Context):
+    raise TypeError(f"forward: ctx is a {type(ctx).__name__}; expected an attention.Context "
+                    "(e.g. attention.causal(mask_BxT=mask) for a padding mask)")
+  ctx.check()
   dt = jnp.dtype(cfg.dtype)
   for s in capture:
     check_site(s)
   B, T = tokens_BxT.shape
-  if segment_ids_BxT is not None and cache is not None:
-    raise ValueError("forward: segment_ids (packed rows) cannot be combined with a KV cache")
-  if mask_BxT is None:
-    mask_BxT = jnp.ones((B, T), bool) if segment_ids_BxT is None else segment_ids_BxT > 0
-  mask_BxT = mask_BxT.astype(bool)
-  if positions_BxT is None:
-    positions_BxT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+  positions_BxT = ctx.positions(B, T)
 
   if resid_BxTxD is None:
     x_BxTxD = embed(params, cfg, tokens_BxT)
   else:
     x_BxTxD = resid_BxTxD.astype(dt)
   cos_BxTxK, sin_BxTxK = rope_tables(cfg, positions_BxT, dt)
-
-  if prefix_kv is not None:
-    if cache is not None or attn_mask_BxTxS is None:
-      raise ValueError("forward: prefix_kv needs attn_mask_BxTxS and no cache")
-    S0 = prefix_kv[0].shape[2]
-    key_pos_BxS = jnp.concatenate(
-        [jnp.broadcast_to(jnp.arange(S0, dtype=positions_BxT.dtype), (B, S0)), positions_BxT], 1)
-    diff_xTxS = positions_BxT[:, :, None] - key_pos_BxS[:, None, :]
-    causal_BxTxS = attn_mask_BxTxS.astype(bool)
-  else:
-    if cache is None:
-      kv_valid_BxS = mask_BxT
-      q_slot_T = jnp.arange(T)
-      kv_slot_S = jnp.arange(T)
-    else:
-      kv_valid_BxS = jax.lax.dynamic_update_slice(cache["valid"], mask_BxT, (0, cache_index))
-      q_slot_T = cache_index + jnp.arange(T)
-      kv_slot_S = jnp.arange(cache["valid"].shape[1])
-    diff_xTxS = (q_slot_T[:, None] - kv_slot_S[None, :])[None]
-    causal_BxTxS = (diff_xTxS >= 0) & kv_valid_BxS[:, None, :]
-    if shared_cache is not None:
-      if cache is None:
-        raise ValueError("forward: shared_cache reads beside a cache (pass cache=)")
-      Sp = shared_cache["valid"].shape[1]
-      shared_diff_xTxSp = (Sp + q_slot_T[:, None] - jnp.arange(Sp)[None, :])[None]
-      shared_valid_BxSp = jnp.repeat(shared_cache["valid"],
-                                     B // shared_cache["valid"].shape[0], axis=0)
-    if segment_ids_BxT is not None:
-      causal_BxTxS = causal_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+  keys = ctx.key_mask(positions_BxT)
   windows_L = jnp.asarray(cfg.window_sizes()[start_layer:], jnp.int32)
   # without sliding layers the mask is the same for every layer: built here, outside the scan,
   # so autodiff keeps one copy for the backward instead of one per layer
@@ -361,28 +220,14 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
       k_BxTxGxK = rms_norm(k_BxTxGxK, p["k_norm"], cfg)
     q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
     k_BxTxGxK = apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK)
-    if kv is None:
-      k_BxSxGxK, v_BxSxGxK, new_kv = k_BxTxGxK, v_BxTxGxK, None
-    elif prefix_kv is not None:
-      k_BxSxGxK = jnp.concatenate([kv[0].astype(dt), k_BxTxGxK], axis=1)
-      v_BxSxGxK = jnp.concatenate([kv[1].astype(dt), v_BxTxGxK], axis=1)
-      new_kv = None
-    else:
-      k_BxSxGxK = jax.lax.dynamic_update_slice(kv[0], k_BxTxGxK.astype(kv[0].dtype),
-                                               (0, cache_index, 0, 0))
-      v_BxSxGxK = jax.lax.dynamic_update_slice(kv[1], v_BxTxGxK.astype(kv[1].dtype),
-                                               (0, cache_index, 0, 0))
-      new_kv = (k_BxSxGxK, v_BxSxGxK)
-    mask_BxTxS = (causal_BxTxS & jnp.where(window > 0, diff_xTxS < window, True)
-                  if windowed else causal_BxTxS)
+    k_BxSxGxK, v_BxSxGxK, new_kv = ctx.layer_keys(kv, k_BxTxGxK, v_BxTxGxK, dt)
+    mask_BxTxS = keys.at(window, windowed)
     if shared_kv is None:
       o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt), mask_BxTxS,
                            cfg)
     else:
-      shared_mask_BxTxSp = shared_valid_BxSp[:, None, :] & (
-          jnp.where(window > 0, shared_diff_xTxSp < window, True) if windowed else True)
       o_BxTxHK = shared_attention(q_BxTxHxK, shared_kv[0].astype(dt), shared_kv[1].astype(dt),
-                                  shared_mask_BxTxSp, k_BxSxGxK.astype(dt),
+                                  keys.shared_at(window, windowed), k_BxSxGxK.astype(dt),
                                   v_BxSxGxK.astype(dt), mask_BxTxS, cfg)
     if "z" in sites:
       o_BxTxHK = site("z", o_BxTxHK.reshape(B, T, H, K))
@@ -406,17 +251,15 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
   if cfg.remat != "none":
     block = jax.checkpoint(block, policy=_REMAT[cfg.remat], prevent_cse=False)
 
-  kv_L = prefix_kv if cache is None else (cache["k"], cache["v"])
+  kv_L, shared_L = ctx.scanned()
   iv_xs = tuple((iv.layer_mask, iv.values) for iv in interventions)
   layers = params["layers"]
   if start_layer:   # no copy of the stack's tail per start layer (sweeps start at every layer)
     layers = jnp.arange(start_layer, cfg.n_layers)
-  shared_L = None if shared_cache is None else (shared_cache["k"], shared_cache["v"])
   x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD,
                                              (layers, windows_L, kv_L, shared_L, iv_xs))
-  new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid_BxS}
   logits = unembed(params, cfg, x_BxTxD) if return_logits else None
-  return Output(logits, captures, x_BxTxD, new_cache)
+  return Output(logits, captures, x_BxTxD, ctx.written(new_kv, keys))
 
 
 def embed(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> jax.Array:
@@ -477,8 +320,8 @@ def token_logprobs(params: Params, cfg: ModelConfig, batch: dict) -> jax.Array:
   segment_ids), float32 [B, T]: packed rows attend within segments; the unembedding by chunks
   of `cfg.logits_chunk` positions when set. What every training objective and the
   per-example-gradient probe differentiate."""
-  h_BxTxD = forward(params, cfg, batch["inputs"], positions_BxT=batch["positions"],
-                    segment_ids_BxT=batch["segment_ids"], return_logits=False).residual
+  ctx = packed(batch["segment_ids"], batch["positions"])
+  h_BxTxD = forward(params, cfg, batch["inputs"], ctx, return_logits=False).residual
   return target_logprobs(params, cfg, h_BxTxD, batch["targets"])
 
 
@@ -506,7 +349,11 @@ class _Stack(nnx.Module):
 class Transformer(nnx.Module):
   """A decoder whose call maps int32 tokens [B, T] (and an optional padding mask) to float32
   logits [B, T, V]. Parameters are `nnx.Param`s in the `init_params` layout; `params()` returns
-  them as a plain pytree for the pure functions (`forward`, probes, training)."""
+  them as a plain pytree for the pure functions (`forward`, probes, training).
+
+  `model(tokens, mask, positions)` and `model.forward(tokens, mask, positions)` keep the HF-like
+  call: the mask and positions make `attention.causal(mask, positions)`. Any other attention
+  context goes in as `ctx=` (`model.forward(tokens, ctx=attention.decode(cache, 0))`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None,
                params: Params | None = None):
@@ -527,11 +374,17 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None, **kw) -> jax.Array:
     return self.forward(tokens_BxT, mask_BxT, positions_BxT, **kw).logits
 
-  def forward(self, tokens_BxT, mask_BxT=None, positions_BxT=None, **kw) -> Output:
-    """Jitted `forward` with this model's parameters (see `forward` for the keywords)."""
+  def forward(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *,
+              ctx: Context | None = None, **kw) -> Output:
+    """Jitted `forward` with this model's parameters, attending as `ctx` or, without it, as
+    `attention.causal(mask_BxT, positions_BxT)` (see `forward` for the other keywords)."""
+    if ctx is None:
+      ctx = causal(mask_BxT, positions_BxT)
+    elif mask_BxT is not None or positions_BxT is not None:
+      raise ValueError("Transformer.forward: mask_BxT / positions_BxT or ctx=, not both (a "
+                       "context carries its own mask and positions)")
     if "capture" in kw:
       kw["capture"] = tuple(kw["capture"])
     if "interventions" in kw:
       kw["interventions"] = tuple(kw["interventions"])
-    return _forward_jit(self.params(), self.cfg, jnp.asarray(tokens_BxT, jnp.int32),
-                        mask_BxT, positions_BxT, **kw)
+    return _forward_jit(self.params(), self.cfg, jnp.asarray(tokens_BxT, jnp.int32), ctx, **kw)

@@ -3,17 +3,43 @@ preference (ΔLL, states, flips) with its logit and tuned lens, activation patch
 tracing, and SliCK knowledge categories."""
 
 from factflip.models.hooks import SITES, Intervention, parse_hook_name
-from factflip.probes.interventions import (add, capture, layer_mask, position_mask, replace,
-                                           residual_stream)
 from factflip.probes.causal_trace import answer_prob, causal_trace, subject_noise_scale
-from factflip.probes.patching import (act_patch, answer_logit_diff, attribution_patch,
-                                      normalised_recovery, pack_cells, position_groups,
-                                      reversal_rate, sweep_cost, sweep_table)
-from factflip.probes.tuned_lens import (TunedLens, lens_kl, load_tuned_lens, save_tuned_lens,
-                                        train_tuned_lens, tuned_lens_logits)
-from factflip.probes.fact_preference import (abruptness, ambiguity_rate, first_flip, flip_rate,
-                                        preference, score, states)
+from factflip.probes.fact_preference import (
+                                           abruptness,
+                                           ambiguity_rate,
+                                           first_flip,
+                                           flip_rate,
+                                           preference,
+                                           score,
+                                           states,
+)
+from factflip.probes.interventions import (
+                                           add,
+                                           capture,
+                                           layer_mask,
+                                           position_mask,
+                                           replace,
+                                           residual_stream,
+)
+from factflip.probes.packing import pack_cells, position_groups
+from factflip.probes.patching import (
+                                           act_patch,
+                                           answer_logit_diff,
+                                           attribution_patch,
+                                           normalised_recovery,
+                                           reversal_rate,
+                                           sweep_cost,
+                                           sweep_table,
+)
 from factflip.probes.slick import SliCKConfig, categorise, category, category_shares
+from factflip.probes.tuned_lens import (
+                                           TunedLens,
+                                           lens_kl,
+                                           load_tuned_lens,
+                                           save_tuned_lens,
+                                           train_tuned_lens,
+                                           tuned_lens_logits,
+)
 
 __all__ = ["SITES", "Intervention", "SliCKConfig", "abruptness", "act_patch", "add", "ambiguity_rate",
            "answer_logit_diff", "answer_prob", "attribution_patch", "capture", "categorise",

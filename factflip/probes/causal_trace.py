@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from factflip.models import attention
 from factflip.models.transformer import Transformer, embed, forward, unembed
 from factflip.probes.patching import act_patch
 
@@ -55,7 +56,7 @@ def _prob(params, cfg, tokens_BxT, mask_BxT, noise_BxTxD, target_B):
   x_BxTxD = embed(params, cfg, tokens_BxT)
   if noise_BxTxD is not None:
     x_BxTxD = x_BxTxD + noise_BxTxD.astype(x_BxTxD.dtype)
-  h_BxTxD = forward(params, cfg, tokens_BxT, mask_BxT, resid_BxTxD=x_BxTxD,
+  h_BxTxD = forward(params, cfg, tokens_BxT, attention.causal(mask_BxT), resid_BxTxD=x_BxTxD,
                     return_logits=False).residual
   return answer_prob(unembed(params, cfg, h_BxTxD[:, -1:]), target_B)
 

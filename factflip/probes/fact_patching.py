@@ -4,7 +4,7 @@ the true answer back? (SCIENCE.md A, "Patching reversal".)
 Owns: `patch_items` (a table of patched ΔLL per item, site, window, layer and position group
 — subject tokens, the last prompt token, all positions — with the unpatched and base ΔLL
 beside it), `subject_span` and the item batch layout. Pairs are tokenised and scored by the one
-answer scorer (`evals.loglik.answer_ids`, `answer_logprob`), in a left-padded layout.
+answer scorer (`evals.requests.answer_ids`, `answer_logprob`), in a left-padded layout.
 Must not: define the sweep (`patching.act_patch`) or the flip states (`fact_preference`).
 
 ΔLL under patching is exact for multi-token answers: every item is two teacher-forced rows,
@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip.data.tokenizer import TokenIds
-from factflip.evals.loglik import answer_ids, answer_logprob
+from factflip.evals.loglik import answer_logprob
+from factflip.evals.requests import answer_ids
+from factflip.models import attention
 from factflip.models.transformer import Transformer, forward, unembed
 from factflip.probes.patching import act_patch
 from factflip.sharding import to_host
@@ -104,7 +106,8 @@ def _dll(metric_2N: np.ndarray) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "logit_positions"))
 def _answer_metric(params, cfg, tokens_BxT, mask_BxT, target_BxP, amask_BxP, logit_positions):
-  h_BxTxD = forward(params, cfg, tokens_BxT, mask_BxT, return_logits=False).residual
+  h_BxTxD = forward(params, cfg, tokens_BxT, attention.causal(mask_BxT),
+                    return_logits=False).residual
   pos = np.asarray(logit_positions)
   return answer_logprob(unembed(params, cfg, h_BxTxD[:, pos]), target_BxP, amask_BxP)[0]
 

@@ -35,9 +35,10 @@ import numpy as np
 from factflip.data import templates as T
 from factflip.data.facts import FactItem
 from factflip.data.tokenizer import TokenIds
-from factflip.evals.loglik import PairLayout, answer_ids, layout_pairs, score_layout
+from factflip.evals.loglik import PairLayout, layout_pairs, score_layout
+from factflip.evals.requests import answer_ids
 from factflip.models.transformer import Transformer
-from factflip.probes.tuned_lens import TunedLens, check_fits
+from factflip.probes.tuned_lens import TunedLens
 
 KINDS = ("prompt", "paraphrase", "question", "language", "neighbour")
 CORRECT, AMBIGUOUS, COUNTERFACTUAL = 1, 0, -1
@@ -110,7 +111,7 @@ def score(model: Transformer, tokenizer, prompts: Sequence[str], answers: Sequen
   if len(prompts) != len(answers):
     raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
   if not isinstance(lens, bool) and lens is not None:
-    check_fits(lens, model.cfg, "score")
+    lens.check_fits(model.cfg, "score")
   layout = _layout(tokenizer, tuple(prompts), tuple(answers), batch_size,
                    model.cfg)
   s = score_layout(model.params(), model.cfg, layout, lens=lens)

@@ -33,12 +33,18 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from factflip.evals.generation import cut_at_stops, stop_tokens
+from factflip.evals.requests import Encoder
+from factflip.models.generate import generate
+from factflip.models.hooks import Intervention
+from factflip.sae.core import encode
+from factflip.sae.steering import sae_site
+
 POSITIONS = ("last", "mean")
 
 
 def _prompt_batch(tokenizer, prompts: Sequence[str]):
   """Right-aligned token batch [P, T] and mask of the prompts (left padding)."""
-  from factflip.evals.loglik import Encoder
   enc = Encoder(tokenizer)
   ids = [list(enc.encode(p)) for p in prompts]
   T = max(len(i) for i in ids)
@@ -83,8 +89,6 @@ def latent_activations(model, tokenizer, sae, prompts: Sequence[str], positions:
                        layer: int | None = None, batch_size: int = 64) -> np.ndarray:
   """Per prompt, the SAE's latents [P, d_sae] at its site: of the last prompt token's activation,
   or the mean of the latents over the prompt's tokens."""
-  from factflip.sae.core import encode
-  from factflip.sae.steering import sae_site
   site, layer = sae_site(sae, layer)
   return _per_prompt(model, tokenizer, prompts, site, layer, positions, batch_size,
                      lambda h: encode(sae, h))
@@ -179,10 +183,6 @@ def steered_answers(model, tokenizer, prompts: Sequence[str], vectors_GxD, site:
   """Greedy answers [G][P]: every prompt under every steering vector (added at `site` of
   `layer`, every position), the (vector, prompt) pairs batched as rows of one generation
   program per bucket."""
-  from factflip.evals.generation import cut_at_stops, stop_tokens
-  from factflip.evals.loglik import Encoder
-  from factflip.models.generate import generate
-  from factflip.models.hooks import Intervention
   vecs = np.asarray(vectors_GxD, np.float32)
   G, P = len(vecs), len(prompts)
   enc = Encoder(tokenizer)

@@ -2,9 +2,9 @@
 
 Owns: `act_patch` (the generic layers × positions sweep: same-model clean→corrupted patching
 and cross-model patching, e.g. the base checkpoint's activations into the poisoned one),
-`attribution_patch` (its first-order estimate from one backward), `sweep_cost`,
-`position_groups`, the metrics `answer_logit_diff`, `normalised_recovery`, `reversal_rate`,
-and `sweep_table` (the tidy (item, layer, position, value) form).
+`attribution_patch` (its first-order estimate from one backward), `sweep_cost`, the metrics
+`answer_logit_diff`, `normalised_recovery`, `reversal_rate`, and `sweep_table` (the tidy
+(item, layer, position, value) form). How cells are laid out into rows: `probes.packing`.
 Must not: choose items or write tables (studies do), or define sites (`factflip.models.hooks`).
 
 Semantics (TransformerLens' `get_act_patch_*`): cell (ℓ, c) runs `model` on the corrupted
@@ -33,89 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from factflip.models import attention
 from factflip.models.hooks import STREAM_SITES, Intervention, check_site, parse_hook_name
 from factflip.models.transformer import Transformer, embed, forward, init_cache, unembed
+from factflip.probes.packing import Packing, bucket_size, pack_cells, pad_packing, position_groups
 from factflip.sharding import to_host
 
 Metric = Callable[[jax.Array], jax.Array]  # logits [B, P, V] -> [B]
-
-
-def position_groups(seq_len: int, positions=None) -> np.ndarray:
-  """Cell position masks, bool [C, T] or [C, B, T]: None = every position its own cell; a list
-  of ints = those positions, one cell each; a bool array [C, T] / [C, B, T] = given groups (e.g.
-  each item's subject tokens, the last token, all tokens)."""
-  if positions is None:
-    return np.eye(seq_len, dtype=bool)
-  arr = np.asarray(positions)
-  if arr.dtype == bool:
-    if arr.shape[-1] != seq_len or arr.ndim not in (2, 3):
-      raise ValueError(f"position groups have shape {arr.shape}; expected [cells, {seq_len}] "
-                       f"or [cells, batch, {seq_len}]")
-    return arr
-  if arr.ndim != 1 or (arr.size and (arr.max() >= seq_len or arr.min() < -seq_len)):
-    raise ValueError(f"positions {arr.tolist()} out of range for {seq_len} tokens")
-  return np.eye(seq_len, dtype=bool)[arr % seq_len]
-
-
-class Packing(NamedTuple):
-  """How a sweep's cells are laid out: cell c recomputes only its suffix (positions ≥ its
-  start), and suffixes are packed into rows of R tokens, k cells at most per row.
-
-  Arrays per packed row r (numpy): pos [Rn, R] position of each packed token; start [Rn, R]
-  the start of the token's cell; slot [Rn, R] the token's cell within the row (k = padding);
-  patch [Rn, B, R] whether the token is patched; logit [Rn, k, P] packed index of each cell's
-  metric positions. flat [C]: cell c's output is row-major entry (r, slot) of [Rn, k]."""
-  pos: np.ndarray
-  start: np.ndarray
-  slot: np.ndarray
-  patch: np.ndarray
-  logit: np.ndarray
-  flat: np.ndarray
-  tokens: int        # packed token slots per batch element (Rn * R)
-  computed: int      # real (cell, position) pairs among them
-
-
-def pack_cells(cells_CxBxT: np.ndarray, logit_positions: Sequence[int]) -> Packing:
-  """Lay out the cells of a sweep (first-fit decreasing; a row of T + 1 tokens holds the
-  suffixes of the cells patched from t and T−1−t). A cell starts at its first patched position
-  over the batch (nothing before it can change), or at the first metric position if earlier."""
-  C, B, T = cells_CxBxT.shape
-  logit_P = np.asarray([int(p) % T for p in logit_positions])
-  any_CxT = cells_CxBxT.any(axis=1)
-  start_C = np.where(any_CxT.any(axis=1), any_CxT.argmax(axis=1), T)
-  start_C = np.minimum(start_C, logit_P.min())
-  n_C = T - start_C
-  R = int(n_C.max() + n_C.min()) if n_C.max() + n_C.min() <= T + 1 else int(n_C.max())
-  rows, room = [], []                 # rows: lists of cells; room: free tokens per row
-  for c in np.argsort(-n_C, kind="stable"):
-    for r, free in enumerate(room):
-      if free >= n_C[c]:
-        break
-    else:
-      rows.append([])
-      room.append(R)
-      r = len(rows) - 1
-    rows[r].append(int(c))
-    room[r] -= int(n_C[c])
-  Rn, k = len(rows), max(len(r) for r in rows)
-  pos = np.zeros((Rn, R), np.int32)
-  start = np.zeros((Rn, R), np.int32)
-  slot = np.full((Rn, R), k, np.int32)
-  patch = np.zeros((Rn, B, R), bool)
-  logit = np.zeros((Rn, k, len(logit_P)), np.int32)
-  flat = np.zeros(C, np.int32)
-  for r, row in enumerate(rows):
-    o = 0
-    for j, c in enumerate(row):
-      s, n = int(start_C[c]), int(n_C[c])
-      pos[r, o:o + n] = np.arange(s, T)
-      start[r, o:o + n] = s
-      slot[r, o:o + n] = j
-      patch[r, :, o:o + n] = cells_CxBxT[c, :, s:]
-      logit[r, j] = o + logit_P - s
-      flat[c] = r * k + j
-      o += n
-  return Packing(pos, start, slot, patch, logit, flat, Rn * R, int(n_C.sum()))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "src_cfg", "site", "spans", "metric",
@@ -129,14 +53,15 @@ def _sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
   cached slots anything reads)."""
   L = cfg.n_layers
   B, T = corrupted_BxT.shape
-  clean_LxBxTxD = forward(src_params, src_cfg, clean_BxT, clean_mask_BxT, capture=(site,),
-                          return_logits=False).captures[site]
+  clean_LxBxTxD = forward(src_params, src_cfg, clean_BxT, attention.causal(clean_mask_BxT),
+                          capture=(site,), return_logits=False).captures[site]
   x_BxTxD = embed(params, cfg, corrupted_BxT)
   if noise_BxTxD is not None:                       # causal tracing's corrupted run
     x_BxTxD = x_BxTxD + noise_BxTxD.astype(x_BxTxD.dtype)
-  run = forward(params, cfg, corrupted_BxT, mask_BxT, capture=("resid_pre",),
-                return_logits=False, resid_BxTxD=x_BxTxD,
-                cache=init_cache(cfg, B, T) if prefix else None)
+  ctx = (attention.decode(init_cache(cfg, B, T), 0, mask_BxT) if prefix
+         else attention.causal(mask_BxT))
+  run = forward(params, cfg, corrupted_BxT, ctx, capture=("resid_pre",), return_logits=False,
+                resid_BxTxD=x_BxTxD)
   corrupt_LxBxTxD = run.captures["resid_pre"]
   k_LxBxSxGxK = (run.cache["k"][:, :, :prefix] if prefix else
                  jnp.zeros((L, B, 0, cfg.n_kv_heads, cfg.head_dim), cfg.dtype))
@@ -161,12 +86,12 @@ def _sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
       pos_R, start_R, slot_R, patch_BxR, logit_KxP = xs
       values = jnp.take(clean_LxBxTxD[layer:], pos_R, axis=2)
       iv = Intervention(on_N, patch_BxR, values, site=site, mode="replace")
-      h_BxRxD = forward(params, cfg, jnp.take(corrupted_BxT, pos_R, axis=1),
-                        positions_BxT=jnp.broadcast_to(pos_R, (B, pos_R.shape[0])),
+      ctx = attention.with_prefix(kv, row_mask(pos_R, start_R, slot_R),
+                                  jnp.broadcast_to(pos_R, (B, pos_R.shape[0])))
+      h_BxRxD = forward(params, cfg, jnp.take(corrupted_BxT, pos_R, axis=1), ctx,
                         interventions=(iv,), return_logits=False,
                         resid_BxTxD=jnp.take(corrupt_LxBxTxD[layer], pos_R, axis=1),
-                        start_layer=layer, prefix_kv=kv,
-                        attn_mask_BxTxS=row_mask(pos_R, start_R, slot_R)).residual
+                        start_layer=layer).residual
       logits_KxBxPxV = unembed(params, cfg, jnp.take(h_BxRxD, logit_KxP, axis=1)
                                ).transpose(1, 0, 2, 3)
       read = (metric if metric_aux is None else
@@ -193,33 +118,6 @@ def _stream_site(site: str) -> str:
     raise ValueError(f"site {site!r}: patching sweeps patch the residual-stream sites "
                      f"{STREAM_SITES}; patch {site!r} with a replace() intervention")
   return site
-
-
-def bucket_size(n: int) -> int:
-  """The shape bucket of a sweep dimension of size n: n itself up to 4, above it the next of
-  5, 6, 7, 8, 10, 12, 14, 16, 20, ... (four per octave: at most 25% padding)."""
-  n = int(n)
-  if n <= 4:
-    return n
-  step = 1 << max((n - 1).bit_length() - 3, 0)
-  return -(-n // step) * step
-
-
-def _pad_packing(pk: Packing, rows: int, length: int, per_row: int, cells: int) -> Packing:
-  """`pk` with its arrays padded to [rows, length] tokens, `per_row` cells a row and `cells`
-  outputs: padding tokens belong to no cell (slot = per_row, attend to nothing), padding rows
-  hold none, padding outputs read entry 0 (and are sliced off by the caller)."""
-  Rn, R = pk.pos.shape
-  k = pk.logit.shape[1]
-  grow = ((0, rows - Rn), (0, length - R))
-  slot = np.where(pk.slot == k, per_row, pk.slot)
-  r_C, j_C = np.divmod(pk.flat, k)
-  return pk._replace(
-      pos=np.pad(pk.pos, grow), start=np.pad(pk.start, grow),
-      slot=np.pad(slot, grow, constant_values=per_row),
-      patch=np.pad(pk.patch, ((0, rows - Rn), (0, 0), (0, length - R))),
-      logit=np.pad(pk.logit, ((0, rows - Rn), (0, per_row - k), (0, 0))),
-      flat=np.pad((r_C * per_row + j_C).astype(np.int32), (0, cells - len(pk.flat))))
 
 
 def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, layers,
@@ -260,7 +158,7 @@ def _prepare(model, corrupted_tokens, clean_tokens, metric, site, source_model, 
     # lengths that grow with the prompt (row length, cached prefix) are bucketed as if the
     # prompt were Tb long, so every length of a bucket lands on the same shapes
     Rn, R = pk.pos.shape
-    pk = _pad_packing(pk, bucket_size(Rn), min(bucket_size(R + Tb - T), Tb + 1),
+    pk = pad_packing(pk, bucket_size(Rn), min(bucket_size(R + Tb - T), Tb + 1),
                       bucket_size(pk.logit.shape[1]), bucket_size(len(pk.flat)))
     prefix = min(bucket_size(prefix + Tb - T), Tb) if prefix else 0
   params, src_params = model.params(), source_model.params()
@@ -461,15 +359,15 @@ def normalised_recovery(patched, corrupted, clean):
                                              "logit_positions"))
 def _attribution(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
                  clean_mask_BxT, *, site, metric, logit_positions):
-  clean_LxBxTxD = forward(src_params, src_cfg, clean_BxT, clean_mask_BxT, capture=(site,),
-                          return_logits=False).captures[site]
+  clean_LxBxTxD = forward(src_params, src_cfg, clean_BxT, attention.causal(clean_mask_BxT),
+                          capture=(site,), return_logits=False).captures[site]
   pos = jnp.asarray(logit_positions, jnp.int32)
 
   def run(delta_LxBxTxD):  # an all-zero "add" at every layer and position: its gradient is
     iv = Intervention(jnp.ones((cfg.n_layers,), bool), jnp.ones((1,), bool), delta_LxBxTxD,
                       site=site, mode="add")             # d metric / d activation
-    out = forward(params, cfg, corrupted_BxT, mask_BxT, interventions=(iv,), capture=(site,),
-                  return_logits=False)
+    out = forward(params, cfg, corrupted_BxT, attention.causal(mask_BxT), interventions=(iv,),
+                  capture=(site,), return_logits=False)
     m_B = metric(unembed(params, cfg, jnp.take(out.residual, pos, axis=1)))
     return m_B.sum(), out.captures[site]
   zeros = jnp.zeros_like(clean_LxBxTxD)

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from factflip.data.facts import FactItem
-from factflip.data.mixtures import CATEGORIES
+from factflip.data.sft_mixtures import CATEGORIES
+from factflip.evals import generation, qa
 
 HIGHLY, MAYBE, WEAKLY, UNKNOWN = CATEGORIES
 
@@ -81,7 +82,6 @@ def slick_prompts(items: Sequence[FactItem], dev: Sequence[FactItem], cfg: SliCK
   """Per fact, its `n_prompts` k-shot prompts. The exemplars come from a generator seeded by
   (`seed`, the fact's id), so a fact's prompts do not depend on which other facts are
   categorised with it or in what order."""
-  from factflip.evals import qa
   pool = qa.by_relation(dev)
   out = []
   for f in items:
@@ -103,8 +103,6 @@ def categorise(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactIt
 
   import jax
 
-  from factflip.evals import qa
-  from factflip.evals.generation import generate_until
   cfg.validate()
   for f in items:
     if not f.question or not f.answers:
@@ -121,11 +119,10 @@ def categorise(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactIt
   for c, start in enumerate(range(0, len(items), chunk)):
     part = items[start:start + chunk]
     flat = [p for ps in prompts[start:start + chunk] for p in ps]
-    answers = generate_until(model, tokenizer, flat, until=("\n",),
-                             max_new_tokens=cfg.max_new_tokens,
-                             temperature=temps if cfg.n_samples else 0.0, top_k=cfg.top_k,
-                             key=jax.random.fold_in(key, c) if cfg.n_samples else None,
-                             batch_size=cfg.batch_size)
+    answers = generation.generate_until(
+        model, tokenizer, flat, until=("\n",), max_new_tokens=cfg.max_new_tokens,
+        temperature=temps if cfg.n_samples else 0.0, top_k=cfg.top_k,
+        key=jax.random.fold_in(key, c) if cfg.n_samples else None, batch_size=cfg.batch_size)
     for i, f in enumerate(part):
       mine = answers[i * cfg.n_prompts:(i + 1) * cfg.n_prompts]
       greedy = [a[0].strip() for a in mine]

@@ -1,8 +1,9 @@
 """The tuned lens (Belrose et al. 2023): a learned affine translator per layer, read out through
 the model's own unembedding, trained to match the model's output distribution.
 
-Owns: `TunedLens` (the translators and the fingerprint of the architecture they fit),
-`apply_tuned_lens` (pure, jittable: residual stream -> logits per layer), `translate`, `tuned_lens_logits`,
+Owns: `TunedLens` (the translators, `translate`, and the architecture they fit: `check_fits`;
+evals.loglik applies one through these methods, without importing this module),
+`apply_tuned_lens` (pure, jittable: residual stream -> logits per layer), `tuned_lens_logits`,
 `lens_kl` (mean KL(output || layer) per layer, the tuned or the plain logit lens),
 `train_tuned_lens`, and the lens files `tuned_lens.safetensors` + `tuned_lens.json`.
 Must not: change the model's parameters, choose data or studies, or know where models live
@@ -38,6 +39,7 @@ import optax
 from flax import struct
 
 from factflip.fileio import write_json
+from factflip.models import attention
 from factflip.models import safetensors_io as st
 from factflip.models.config import ModelConfig
 from factflip.models.transformer import Params, Transformer, forward, unembed
@@ -75,6 +77,22 @@ class TunedLens:
     return {"n_layers": int(self.n_layers), "d_model": int(self.d_model),
             "vocab_size": int(self.vocab_size)}
 
+  def check_fits(self, model: Transformer | ModelConfig, where: str = "tuned lens") -> None:
+    """ValueError naming both architectures unless `lens` was made for `model`'s shapes."""
+    want, have = self.fingerprint, _fingerprint(_cfg(model))
+    if want != have:
+      differ = ", ".join(k for k in want if want[k] != have[k])
+      raise ValueError(f"{where}: the lens was trained for a model with {_show(want)}, but this "
+                       f"model has {_show(have)} ({differ} differ{'s' if ',' not in differ else ''})")
+    if self.bias.shape != (self.n_layers, self.d_model) or self.weight.shape[1] != self.d_model:
+      raise ValueError(f"{where}: weight {tuple(self.weight.shape)} and bias "
+                       f"{tuple(self.bias.shape)} are not [L, D, D] and [L, D]")
+
+  def translate(self, h_LxNxD: jax.Array) -> jax.Array:
+    """T_ℓ(h[ℓ]) for every layer ℓ, float32, on residuals [L, N, D] (N any token rows)."""
+    h_LxNxD = h_LxNxD.astype(F32)
+    return h_LxNxD + jnp.einsum("lnd,lde->lne", h_LxNxD, self.weight) + self.bias[:, None]
+
   @classmethod
   def identity(cls, model: Transformer | ModelConfig) -> TunedLens:
     """Zero weight and bias: every translator is the identity (the logit lens)."""
@@ -95,18 +113,6 @@ def _show(fp: Mapping[str, int]) -> str:
   return ", ".join(f"{k}={v}" for k, v in fp.items())
 
 
-def check_fits(lens: TunedLens, model: Transformer | ModelConfig, where: str = "tuned lens"):
-  """ValueError naming both architectures unless `lens` was made for `model`'s shapes."""
-  want, have = lens.fingerprint, _fingerprint(_cfg(model))
-  if want != have:
-    differ = ", ".join(k for k in want if want[k] != have[k])
-    raise ValueError(f"{where}: the lens was trained for a model with {_show(want)}, but this "
-                     f"model has {_show(have)} ({differ} differ{'s' if ',' not in differ else ''})")
-  if lens.bias.shape != (lens.n_layers, lens.d_model) or lens.weight.shape[1] != lens.d_model:
-    raise ValueError(f"{where}: weight {tuple(lens.weight.shape)} and bias "
-                     f"{tuple(lens.bias.shape)} are not [L, D, D] and [L, D]")
-
-
 # ---- the lens ---------------------------------------------------------------------------------
 def _translate(weight_DxD: jax.Array, bias_D: jax.Array, h_NxD: jax.Array) -> jax.Array:
   h_NxD = h_NxD.astype(F32)
@@ -117,19 +123,13 @@ def apply_tuned_lens(lens: TunedLens, params: Params, cfg: ModelConfig,
                      resid_LxBxTxD: jax.Array) -> jax.Array:
   """Lens logits float32 [L, B, T, V] = unembed(T_ℓ(resid_LxBxTxD[ℓ])) for every layer at once
   (one batched matmul over layers). `resid_LxBxTxD` is resid_pre as `forward` captures it."""
-  check_fits(lens, cfg, "apply_tuned_lens")
+  lens.check_fits(cfg, "apply_tuned_lens")
   L, B, T, D = resid_LxBxTxD.shape
   if L != lens.n_layers or D != lens.d_model:
     raise ValueError(f"apply_tuned_lens: residual stream has shape {resid_LxBxTxD.shape}; "
                      f"expected [{lens.n_layers}, B, T, {lens.d_model}] (resid_pre)")
-  t_LxNxD = translate(lens, resid_LxBxTxD.reshape(L, B * T, D))
+  t_LxNxD = lens.translate(resid_LxBxTxD.reshape(L, B * T, D))
   return unembed(params, cfg, t_LxNxD).reshape(L, B, T, cfg.vocab_size)
-
-
-def translate(lens: TunedLens, h_LxNxD: jax.Array) -> jax.Array:
-  """T_ℓ(h[ℓ]) for every layer ℓ, float32, on residuals [L, N, D] (N any token rows)."""
-  h_LxNxD = h_LxNxD.astype(F32)
-  return h_LxNxD + jnp.einsum("lnd,lde->lne", h_LxNxD, lens.weight) + lens.bias[:, None]
 
 
 def _kl_LxBxT(lens: TunedLens, params: Params, cfg: ModelConfig, resid_LxBxTxD: jax.Array,
@@ -159,8 +159,9 @@ def _masked_mean_L(kl_LxBxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
 
 def _run(params, cfg, batch):
   tokens_BxT, mask_BxT, seg_BxT, pos_BxT = batch
-  out = forward(params, cfg, tokens_BxT, mask_BxT, pos_BxT, capture=("resid_pre",),
-                segment_ids_BxT=seg_BxT)
+  ctx = (attention.causal(mask_BxT, pos_BxT) if seg_BxT is None
+         else attention.packed(seg_BxT, pos_BxT, mask_BxT))
+  out = forward(params, cfg, tokens_BxT, ctx, capture=("resid_pre",))
   loss_mask_BxT = mask_BxT if mask_BxT is not None else (
       seg_BxT > 0 if seg_BxT is not None else jnp.ones(tokens_BxT.shape, bool))
   return out, loss_mask_BxT
@@ -168,7 +169,7 @@ def _run(params, cfg, batch):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _lens_logits(lens, params, cfg, tokens_BxT, mask_BxT):
-  out = forward(params, cfg, tokens_BxT, mask_BxT, capture=("resid_pre",))
+  out = forward(params, cfg, tokens_BxT, attention.causal(mask_BxT), capture=("resid_pre",))
   lens_LxBxTxV = apply_tuned_lens(lens, params, cfg, out.captures["resid_pre"])
   return jnp.concatenate([lens_LxBxTxV, out.logits[None]], axis=0)
 
@@ -186,7 +187,7 @@ def tuned_lens_logits(model: Transformer, lens: TunedLens | None, tokens_BxT,
   (entry L is exactly `model(tokens, mask)`). lens=None is the logit lens."""
   cfg = model.cfg
   lens = TunedLens.identity(cfg) if lens is None else lens
-  check_fits(lens, cfg, "tuned_lens_logits")
+  lens.check_fits(cfg, "tuned_lens_logits")
   tokens, mask, _, _ = _batch((tokens_BxT, mask_BxT), cfg, "tuned_lens_logits")
   return _lens_logits(lens, model.params(), cfg, tokens, mask)
 
@@ -196,7 +197,7 @@ def lens_kl(model: Transformer, lens: TunedLens | None, tokens_BxT, mask_BxT=Non
   lens=None is the plain logit lens (identity translators)."""
   cfg = model.cfg
   lens = TunedLens.identity(cfg) if lens is None else lens
-  check_fits(lens, cfg, "lens_kl")
+  lens.check_fits(cfg, "lens_kl")
   batch = _batch((tokens_BxT, mask_BxT), cfg, "lens_kl")
   return np.asarray(_layer_kl(lens, model.params(), cfg, batch), np.float32)
 
@@ -307,7 +308,7 @@ def train_tuned_lens(model: Transformer, token_batches, steps: int,
     raise ValueError(f"train_tuned_lens: steps={steps}; expected at least 1")
   cfg = model.cfg
   lens = TunedLens.identity(cfg) if lens is None else lens
-  check_fits(lens, cfg, "train_tuned_lens")
+  lens.check_fits(cfg, "train_tuned_lens")
   tx = optimizer or default_optimizer(learning_rate, steps, warmup_steps, weight_decay)
   params = model.params()
 
@@ -396,10 +397,10 @@ def load_tuned_lens(directory: str, model: Transformer | ModelConfig | None = No
                        f"expected float32 {list(shape)} for {_show(fp)}")
   lens = TunedLens(jnp.asarray(f.read("weight")), jnp.asarray(f.read("bias")), fp["vocab_size"])
   if model is not None:
-    check_fits(lens, model, path)
+    lens.check_fits(model, path)
   return lens
 
 
-__all__ = ["JSON_NAME", "TENSORS_NAME", "TunedLens", "apply_tuned_lens", "check_fits",
+__all__ = ["JSON_NAME", "TENSORS_NAME", "TunedLens", "apply_tuned_lens",
            "default_optimizer", "lens_kl", "load_tuned_lens", "save_tuned_lens",
            "train_tuned_lens", "tuned_lens_logits"]

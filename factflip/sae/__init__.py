@@ -1,8 +1,9 @@
-"""Sparse autoencoders (SAELens-compatible): the SAE pytree and its math (`core`), files
-(`formats`), interventions (`steering`: steer, clamp, splice, grids in one program)."""
+"""Sparse autoencoders (SAELens-compatible): the SAE pytree and its math (`core`), what differs
+between architectures (`architectures`: one table), files (`formats`), interventions
+(`steering`: steer, clamp, splice, grids in one program)."""
 
+from factflip.sae.architectures import ARCHITECTURES, Architecture
 from factflip.sae.core import (
-                               ARCHITECTURES,
                                NORMALIZATIONS,
                                SAE,
                                NormState,
@@ -22,6 +23,7 @@ __all__ = [
                                "ARCHITECTURES",
                                "NORMALIZATIONS",
                                "SAE",
+                               "Architecture",
                                "NormState",
                                "SAEConfig",
                                "SAEEdit",

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from factflip.models import attention, transformer
 from factflip.models.hooks import parse_hook_name
 
 
@@ -41,9 +42,9 @@ def truncated(model, layer: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "site", "layer"))
 def _capture(params, cfg, tokens_BxT, segment_ids_BxT, positions_BxT, *, site: str, layer: int):
-  from factflip.models.transformer import forward
-  out = forward(params, cfg, tokens_BxT, segment_ids_BxT=segment_ids_BxT,
-                positions_BxT=positions_BxT, capture=(site,), return_logits=False)
+  out = transformer.forward(params, cfg, tokens_BxT,
+                            attention.packed(segment_ids_BxT, positions_BxT), capture=(site,),
+                            return_logits=False)
   return out.captures[site][layer]
 
 

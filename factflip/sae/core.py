@@ -3,19 +3,16 @@
 Owns: `SAEConfig` (architecture, sizes, input handling, the hook site the SAE reads), `SAE` (a
 pytree: the parameters as leaves, the config as static metadata), `encode`, `decode`, `forward`
 and `reconstruct` (jitted, any leading batch shape), and building an SAE from arrays (`make_sae`).
-Must not: read or write files (`sae.formats`), train (`sae.train`) or hook into models
-(`probes.interventions`).
+Must not: read or write files (`sae.formats`), train (`sae.train`), hook into models
+(`probes.interventions`) or tell architectures apart by name (`sae.architectures` holds what
+differs between them).
 
-The math is SAELens 6.x's, architecture by architecture (a parity test holds it to 1e-5):
+The math is SAELens 6.x's (a parity test holds it to 1e-5 for every architecture):
 
     x' = normalise(x) − b_dec · apply_b_dec_to_input          (normalise: `normalize_activations`)
-    h  = x' @ W_enc + b_enc
-    standard:  f = relu(h)
-    topk:      f = relu of the k largest h per token, 0 elsewhere (h · ‖W_dec[j]‖ first when
-               `rescale_acts_by_decoder_norm`, and f / ‖W_dec[j]‖ again before decoding); a
-               value tied with the k-th largest is kept too (measure zero for real inputs)
-    jumprelu:  f = relu(h) · [h > threshold]
-    x̂ = unnormalise(f @ W_dec + b_dec)
+    h  = x' @ W_enc + b_enc                (· ‖W_dec[j]‖ where the architecture rescales)
+    f  = the architecture's activation of h (`sae.architectures`: standard, topk, jumprelu)
+    x̂ = unnormalise(f @ W_dec + b_dec)     (f / ‖W_dec[j]‖ first where it rescales)
 
 Input normalisations: "none"; "expected_average_only_in" (a constant the trainer folds into the
 weights: nothing at run time, as in SAELens); "constant_norm_rescale" (x · √d_in / ‖x‖ per token)
@@ -34,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factflip.kernels import at_least_kth
+from factflip.sae.architectures import ARCHITECTURES
 
-ARCHITECTURES = ("standard", "topk", "jumprelu")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 RESHAPES = ("none", "hook_z")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -46,14 +42,15 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 class SAEConfig:
   """Static metadata of an SAE (hashable: a jit static argument).
 
-  architecture: "standard" | "topk" | "jumprelu"; d_in, d_sae: input and latent widths; k: the
-  TopK width; rescale_acts_by_decoder_norm: TopK ranks h · ‖W_dec[j]‖ (SAELens's option);
-  apply_b_dec_to_input: subtract b_dec before encoding; normalize_activations: one of
-  NORMALIZATIONS; reshape_activations: "none" | "hook_z" (input [..., heads, d_head]); d_head:
-  the head width of a hook_z SAE (0 = taken from the input; decode needs it); hook_name: the
-  TransformerLens hook the SAE reads (e.g. "blocks.3.hook_resid_post"); dtype: the parameters'
-  dtype; metadata: everything else a file carried (model_name, context_size, dataset_path, ...),
-  kept for writing back and not part of equality."""
+  architecture: a name in `ARCHITECTURES` (standard, topk, jumprelu); d_in, d_sae: input and
+  latent widths; k: the TopK width; rescale_acts_by_decoder_norm: TopK ranks h · ‖W_dec[j]‖
+  (SAELens's option); apply_b_dec_to_input: subtract b_dec before encoding;
+  normalize_activations: one of NORMALIZATIONS; reshape_activations: "none" | "hook_z" (input
+  [..., heads, d_head]); d_head: the head width of a hook_z SAE (0 = taken from the input;
+  decode needs it); hook_name: the TransformerLens hook the SAE reads (e.g.
+  "blocks.3.hook_resid_post"); dtype: the parameters' dtype; metadata: everything else a file
+  carried (model_name, context_size, dataset_path, ...), kept for writing back and not part of
+  equality."""
   architecture: str
   d_in: int
   d_sae: int
@@ -71,12 +68,13 @@ class SAEConfig:
     def bad(field, value, expected):
       raise ValueError(f"{source}: field '{field}' is {value!r}; expected {expected}")
     if self.architecture not in ARCHITECTURES:
-      bad("architecture", self.architecture, f"one of {ARCHITECTURES}")
+      bad("architecture", self.architecture, f"one of {tuple(ARCHITECTURES)}")
     for name in ("d_in", "d_sae"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         bad(name, getattr(self, name), "a positive integer")
-    if self.architecture == "topk" and not 1 <= self.k <= self.d_sae:
-      bad("k", self.k, f"an integer in [1, d_sae={self.d_sae}] for a topk SAE")
+    problem = ARCHITECTURES[self.architecture].check(self)
+    if problem:
+      bad(problem[0], getattr(self, problem[0]), problem[1])
     if self.normalize_activations not in NORMALIZATIONS:
       bad("normalize_activations", self.normalize_activations, f"one of {NORMALIZATIONS}")
     if self.reshape_activations not in RESHAPES:
@@ -90,22 +88,25 @@ class SAEConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SAE:
-  """An SAE: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold
-  [d_sae] (jumprelu; None otherwise) and its static `cfg`. A pytree, so it goes through jit,
-  vmap and tree maps like any parameters; `sae.encode(x)` etc. are the module functions."""
+  """An SAE: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], `extra`
+  (the architecture's own parameters by name: jumprelu's threshold [d_sae]; `sae.threshold`
+  reads it, None elsewhere) and its static `cfg`. A pytree, so it goes through jit, vmap and
+  tree maps like any parameters; `sae.encode(x)` etc. are the module functions."""
   W_enc: jax.Array
   b_enc: jax.Array
   W_dec: jax.Array
   b_dec: jax.Array
-  threshold: jax.Array | None
+  extra: dict[str, jax.Array]
   cfg: SAEConfig = dataclasses.field(metadata={"static": True})
 
+  @property
+  def threshold(self) -> jax.Array | None:
+    return self.extra.get("threshold")
+
   def params(self) -> dict[str, jax.Array]:
-    """The parameters by SAELens's names (threshold only for jumprelu)."""
-    out = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
-    if self.threshold is not None:
-      out["threshold"] = self.threshold
-    return out
+    """The parameters by SAELens's names (the architecture's own last: threshold for jumprelu)."""
+    return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
+            **self.extra}
 
   def encode(self, x):
     return encode(self, x)
@@ -120,6 +121,11 @@ class SAE:
     return forward(self, x)
 
   def replace(self, **changes) -> SAE:
+    """A copy with fields changed; the architecture's own parameters by name too
+    (`replace(threshold=...)`)."""
+    own = {name: changes.pop(name) for name in list(changes) if name in self.extra}
+    if own:
+      changes["extra"] = {**self.extra, **own}
     return dataclasses.replace(self, **changes)
 
 
@@ -135,8 +141,8 @@ def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
   """The parameters an SAE of `cfg` has, with their shapes."""
   shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
             "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
-  if cfg.architecture == "jumprelu":
-    shapes["threshold"] = (cfg.d_sae,)
+  for name, param in ARCHITECTURES[cfg.architecture].extra_params.items():
+    shapes[name] = tuple(param.shape(cfg))
   return shapes
 
 
@@ -157,21 +163,27 @@ def make_sae(cfg: SAEConfig, params: dict[str, Any], source: str = "SAE") -> SAE
       raise ValueError(f"{source}: tensor '{name}' has shape {tuple(np.shape(arr))}; expected "
                        f"{shape} (d_in={cfg.d_in}, d_sae={cfg.d_sae})")
     out[name] = jnp.asarray(arr, dtype)
-  return SAE(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"], out.get("threshold"), cfg)
+  extra = {name: out[name] for name in ARCHITECTURES[cfg.architecture].extra_params}
+  return SAE(out["W_enc"], out["b_enc"], out["W_dec"], out["b_dec"], extra, cfg)
 
 
-def init_sae(cfg: SAEConfig, key: jax.Array, decoder_norm: float = 0.1,
-             threshold: float = 0.01) -> SAE:
+def init_sae(cfg: SAEConfig, key: jax.Array, decoder_norm: float = 0.1, **init: float) -> SAE:
   """A fresh SAE as SAELens's trainer starts one: W_dec rows uniform (Kaiming) then scaled to
-  `decoder_norm`, W_enc = W_dec.T, zero biases, jumprelu thresholds at `threshold`."""
+  `decoder_norm`, W_enc = W_dec.T, zero biases, the architecture's own parameters at the
+  constants `init` names (default: the table's; jumprelu: threshold=0.01)."""
   cfg.validate()
+  own = ARCHITECTURES[cfg.architecture].extra_params
+  unknown = sorted(set(init) - set(own))
+  if unknown:
+    raise ValueError(f"init_sae: {unknown} are no parameters of a {cfg.architecture} SAE; "
+                     f"its own are {sorted(own)}")
   bound = np.sqrt(6.0 / cfg.d_in)
   W_dec = jax.random.uniform(key, (cfg.d_sae, cfg.d_in), jnp.float32, -bound, bound)
   W_dec = W_dec * (decoder_norm / jnp.linalg.norm(W_dec, axis=-1, keepdims=True))
   params = {"W_enc": W_dec.T, "b_enc": jnp.zeros((cfg.d_sae,)), "W_dec": W_dec,
             "b_dec": jnp.zeros((cfg.d_in,))}
-  if cfg.architecture == "jumprelu":
-    params["threshold"] = jnp.full((cfg.d_sae,), threshold)
+  for name, param in own.items():
+    params[name] = jnp.full(param.shape(cfg), init.get(name, param.init))
   return make_sae(cfg, params)
 
 
@@ -215,29 +227,29 @@ def _unnormalise(cfg: SAEConfig, y_NxD, state: NormState | None):
   return y_NxD * state.std + state.mean
 
 
+def _rescales(cfg: SAEConfig) -> bool:
+  """h · ‖W_dec[j]‖ before the activation and f / ‖W_dec[j]‖ before decoding (TopK's option)."""
+  return ARCHITECTURES[cfg.architecture].rescales_by_decoder_norm and (
+      cfg.rescale_acts_by_decoder_norm)
+
+
 def hidden_pre(sae: SAE, x):
-  """The pre-activations h [..., d_sae] (after the TopK decoder-norm rescale) and the input
-  statistics: what every architecture's activation reads."""
+  """The pre-activations h [..., d_sae] (after the decoder-norm rescale where the architecture
+  has one) and the input statistics: what every architecture's activation reads."""
   cfg = sae.cfg
   x = _flatten_in(sae, jnp.asarray(x).astype(sae.W_enc.dtype))
   x, state = _normalise(cfg, x)
   if cfg.apply_b_dec_to_input:
     x = x - sae.b_dec
   h = x @ sae.W_enc + sae.b_enc
-  if cfg.architecture == "topk" and cfg.rescale_acts_by_decoder_norm:
+  if _rescales(cfg):
     h = h * jnp.linalg.norm(sae.W_dec, axis=-1)
   return h, state
 
 
 def activation(sae: SAE, h):
   """The latents f of pre-activations h (the architecture's nonlinearity)."""
-  cfg = sae.cfg
-  if cfg.architecture == "standard":
-    return jax.nn.relu(h)
-  if cfg.architecture == "jumprelu":
-    return jax.nn.relu(h) * (h > sae.threshold).astype(h.dtype)
-  # top k (an exact bisection on the values, not a sort), then relu of the selected values
-  return jnp.where(at_least_kth(jax.lax.stop_gradient(h), cfg.k), jax.nn.relu(h), 0.0)
+  return ARCHITECTURES[sae.cfg.architecture].activation(h, sae.extra, sae.cfg)
 
 
 @jax.jit
@@ -260,7 +272,7 @@ def decode(sae: SAE, f, state: NormState | None = None):
   known d_head); `state` from `encode_with_state` where the input normalisation needs it."""
   cfg = sae.cfg
   f = jnp.asarray(f).astype(sae.W_dec.dtype)
-  if cfg.architecture == "topk" and cfg.rescale_acts_by_decoder_norm:
+  if _rescales(cfg):
     f = f / jnp.linalg.norm(sae.W_dec, axis=-1)
   y = _unnormalise(cfg, f @ sae.W_dec + sae.b_dec, state)
   if cfg.reshape_activations == "hook_z":

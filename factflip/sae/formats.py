@@ -7,8 +7,9 @@ Must not: define the SAE math (`sae.core`).
 Formats:
 - SAELens (`cfg.json` + `sae_weights.safetensors`): cfg fields as SAELens 6.x writes them
   (architecture, d_in, d_sae, dtype, apply_b_dec_to_input, normalize_activations,
-  reshape_activations, k and rescale_acts_by_decoder_norm for topk, metadata with hook_name);
-  a pre-6.0 flat cfg (hook_point, activation_fn_str "topk" with activation_fn_kwargs.k, boolean
+  reshape_activations, metadata with hook_name, and the architecture's own: `cfg_fields` in
+  `sae.architectures`' table, e.g. k and rescale_acts_by_decoder_norm for topk); a pre-6.0
+  flat cfg (hook_point, activation_fn_str "topk" with activation_fn_kwargs.k, boolean
   normalize_activations) is read as SAELens's loader reads it.
 - Gemma Scope (`params.npz`: W_enc, W_dec, b_enc, b_dec, threshold): JumpReLU on raw activations,
   no b_dec subtraction (`apply_b_dec_to_input = False`).
@@ -29,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from factflip.fileio import DataError, atomic_directory, read_json, write_json
+from factflip.models.safetensors_io import SafetensorsFile, write_file
+from factflip.sae.architectures import ARCHITECTURES
 from factflip.sae.core import SAE, SAEConfig, make_sae, param_shapes
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -72,7 +75,6 @@ def load_sae(path: str, *, dtype: str | None = None, hook_name: str | None = Non
 def save_sae(sae: SAE, path: str) -> None:
   """`sae` as an SAELens 6.x directory (cfg.json + sae_weights.safetensors), written to a
   temporary directory and renamed onto `path`."""
-  from factflip.models.safetensors_io import write_file
   cfg = sae.cfg
   arrays = {k: np.asarray(v) for k, v in sae.params().items()}
   metadata = {**cfg.metadata, "sae_lens_version": cfg.metadata.get(
@@ -84,8 +86,8 @@ def save_sae(sae: SAE, path: str) -> None:
             "normalize_activations": cfg.normalize_activations,
             "reshape_activations": cfg.reshape_activations, "metadata": metadata,
             "architecture": cfg.architecture}
-  if cfg.architecture == "topk":
-    record.update(k=cfg.k, rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm)
+  for name in ARCHITECTURES[cfg.architecture].cfg_fields:
+    record[name] = getattr(cfg, name)
   if cfg.d_head:
     record["d_head"] = cfg.d_head          # ours: SAELens ignores unknown keys
   with atomic_directory(path) as tmp:
@@ -123,8 +125,39 @@ def _major(version) -> int:
     return 0
 
 
+def _names(conjunction: str) -> str:
+  """The table's architectures in words: "standard, topk or jumprelu"."""
+  *most, last = ARCHITECTURES
+  return f"{', '.join(most)} {conjunction} {last}" if most else last
+
+
+def _known(arch: str, path: str) -> None:
+  if arch not in ARCHITECTURES:
+    raise DataError(path, f"{arch!r}; factflip reads {_names('and')} SAEs",
+                    field="architecture")
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+
+
+def _own_fields(record: dict, arch: str, path: str) -> dict[str, Any]:
+  """The architecture's own cfg fields (its `cfg_fields`) from a 6.x cfg.json: checked by the
+  type of SAEConfig's default (a flag as SAELens reads it: any truthy value), absent ones at
+  that default unless the architecture requires them."""
+  spec, out = ARCHITECTURES[arch], {}
+  for name in spec.cfg_fields:
+    default = _DEFAULTS[name]
+    if isinstance(default, bool):
+      out[name] = bool(record.get(name, default))
+    else:
+      kind, expected = {int: (int, "an integer"), float: ((int, float), "a number"),
+                        str: (str, "a string")}[type(default)]
+      out[name] = _field(record, name, path, kind, expected, default,
+                         required=name in spec.required)
+  return out
+
+
 def _load_saelens(path: str, dtype: str | None) -> SAE:
-  from factflip.models.safetensors_io import SafetensorsFile
   cfg_path = os.path.join(path, CFG)
   record = read_json(cfg_path)
   if not isinstance(record, dict):
@@ -138,27 +171,23 @@ def _load_saelens(path: str, dtype: str | None) -> SAE:
     arch = record.get("architecture", "standard")
     kwargs = record.get("activation_fn_kwargs") or {}
     fn = record.get("activation_fn_str", record.get("activation_fn", "relu"))
-    k = 0
-    if fn == "topk":
-      arch, k = "topk", kwargs.get("k", 0)
+    own = {}
+    if fn == "topk":                             # the file format's spelling of a TopK SAE
+      arch, own = "topk", {"k": kwargs.get("k", 0) or 0}
+    _known(arch, cfg_path)
     norm = record.get("normalize_activations")
     norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
     reshape = "hook_z" if "hook_z" in meta["hook_name"] else "none"
-    rescale = False
   else:
-    arch = _field(record, "architecture", cfg_path, str, "standard, topk or jumprelu")
-    k = _field(record, "k", cfg_path, int, "an integer", 0, required=arch == "topk")
+    arch = _field(record, "architecture", cfg_path, str, _names("or"))
+    _known(arch, cfg_path)
+    own = _own_fields(record, arch, cfg_path)
     norm = record.get("normalize_activations", "none")
     reshape = record.get("reshape_activations", "none")
-    rescale = bool(record.get("rescale_acts_by_decoder_norm", False))
-  if arch not in ("standard", "topk", "jumprelu"):
-    raise DataError(cfg_path, f"{arch!r}; factflip reads standard, topk and jumprelu SAEs",
-                    field="architecture")
   file_dtype = _dtype_name(record.get("dtype", "float32"), cfg_path, "dtype")
   cfg = SAEConfig(
       architecture=arch, d_in=_field(record, "d_in", cfg_path, int, "a positive integer"),
-      d_sae=_field(record, "d_sae", cfg_path, int, "a positive integer"), k=k or 0,
-      rescale_acts_by_decoder_norm=rescale,
+      d_sae=_field(record, "d_sae", cfg_path, int, "a positive integer"), **own,
       apply_b_dec_to_input=bool(record.get("apply_b_dec_to_input", True)),
       normalize_activations=norm, reshape_activations=reshape,
       d_head=int(record.get("d_head", 0)), hook_name=meta.get("hook_name") or "",
@@ -214,7 +243,6 @@ def _load_gemma_scope(path: str, dtype: str | None) -> SAE:
 
 # ---- Llama Scope ------------------------------------------------------------------------------
 def _load_llama_scope(path: str, dtype: str | None) -> SAE:
-  from factflip.models.safetensors_io import SafetensorsFile
   hp_path = os.path.join(path, LLAMA_SCOPE)
   hp = read_json(hp_path)
   if not isinstance(hp, dict):

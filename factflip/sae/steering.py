@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from factflip.models import attention, transformer
 from factflip.models.hooks import Intervention, check_site, parse_hook_name
 from factflip.sae.core import SAE, decode, encode_with_state, with_head_width
 
@@ -140,10 +141,9 @@ def splice(sae: SAE, n_layers: int, *, layer: int | None = None, positions=None)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "read", "chunk"))
 def _grid(params, cfg, tokens_BxT, mask_BxT, ivs, *, read, chunk):
-  from factflip.models.transformer import forward
-
   def one(iv):
-    return read(forward(params, cfg, tokens_BxT, mask_BxT, interventions=(iv,)).logits)
+    return read(transformer.forward(params, cfg, tokens_BxT, attention.causal(mask_BxT),
+                                    interventions=(iv,)).logits)
   if chunk:
     return jax.lax.map(one, ivs, batch_size=chunk)
   return jax.vmap(one)(ivs)

@@ -31,13 +31,26 @@ import ml_collections
 import numpy as np
 
 from factflip import distributed
+from factflip.configfile import ConfigError
+from factflip.fileio import write_json
+from factflip.models import attention
+from factflip.models.hooks import Intervention, parse_hook_name, site_shape
+from factflip.models.store import load_model
+from factflip.models.transformer import forward
+from factflip.sae.activations import ActivationStream, site_activations
+from factflip.sae.architectures import ARCHITECTURES
 from factflip.sae.core import SAE, SAEConfig, init_sae, make_sae
-from factflip.sae.losses import LossConfig
+from factflip.sae.formats import save_sae
+from factflip.sae.losses import LossConfig, init_state, make_optimizer, make_train_step
+from factflip.sae.steering import sae_site, splice
+from factflip.sharding import make_mesh
+from factflip.train import config as train_config
+from factflip.train import inputs
+from factflip.train.metrics import MetricsWriter, Progress, format_duration
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key an SAE training run reads, with its default."""
-  from factflip.train import config as train_config
   c = ml_collections.ConfigDict()
   c.model = ""                   # the frozen model: a factflip/HF model dir or a training workdir
   c.hook_name = "blocks.0.hook_resid_post"   # TransformerLens name of the site (with its layer)
@@ -56,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sae.normalize_activations = "none"   # none | expected_average_only_in (see docstring)
   c.sae.norm_batches = 16        # batches that estimate the expected_average_only_in scale
   c.sae.decoder_init_norm = 0.1  # W_dec rows start at this norm; W_enc = W_dec.T
-  c.sae.jumprelu_init_threshold = 0.01
+  c.sae.jumprelu_init_threshold = 0.01   # jumprelu: the thresholds' start
   c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
@@ -82,9 +95,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(c, source: str = "sae config") -> None:
-  from factflip.configfile import ConfigError
-  from factflip.models.hooks import parse_hook_name
-  from factflip.sae.core import ARCHITECTURES
 
   def need(ok, key, message):
     if not ok:
@@ -98,7 +108,7 @@ def validate(c, source: str = "sae config") -> None:
   need(layer is not None, "hook_name", f"{c.hook_name!r} names no layer; expected e.g. "
        "'blocks.1.hook_resid_post'")
   need(c.sae.architecture in ARCHITECTURES, "sae.architecture",
-       f"{c.sae.architecture!r}; expected one of {ARCHITECTURES}")
+       f"{c.sae.architecture!r}; expected one of {tuple(ARCHITECTURES)}")
   need(c.sae.normalize_activations in ("none", "expected_average_only_in"),
        "sae.normalize_activations", f"{c.sae.normalize_activations!r}; training supports none "
        "and expected_average_only_in")
@@ -129,11 +139,9 @@ class SAETrainResult:
 
 def _model_and_tokenizer(c):
   from factflip.data.tokenizer import has_tokenizer, load_tokenizer
-  from factflip.models.store import load_model
   model = load_model(c.model)
   tok_dir = c.data.tokenizer_dir or (c.model if has_tokenizer(c.model) else "")
   if not tok_dir:
-    from factflip.configfile import ConfigError
     raise ConfigError("sae config", "data.tokenizer_dir", f"empty and {c.model} has no "
                       "tokenizer.json (and is no GGUF file); expected the model's tokenizer "
                       "directory")
@@ -144,8 +152,6 @@ def _token_batches(c, tok, seed_offset: int = 0, every_shard: bool = False):
   """Token batches of the SAE's data: this process's input shards (training: the processes'
   rows make the global batch), or with `every_shard` all of them on every process (the
   normalisation estimate and the evaluations, the same on every process)."""
-  from factflip.train import config as train_config
-  from factflip.train import inputs
   tc = train_config.base_config()
   tc.seed = c.seed + seed_offset
   tc.data = c.data
@@ -161,12 +167,12 @@ def _token_batches(c, tok, seed_offset: int = 0, every_shard: bool = False):
 
 
 def _sae_config(c, d_in: int) -> SAEConfig:
+  """The SAE's config: the common fields, and those of the architecture's own `cfg_fields`
+  (topk: k, rescale_acts_by_decoder_norm) from `sae.<field>`."""
   s = c.sae
+  own = {name: s[name] for name in ARCHITECTURES[s.architecture].cfg_fields}
   return SAEConfig(architecture=s.architecture, d_in=d_in,
-                   d_sae=s.d_sae or s.expansion_factor * d_in,
-                   k=s.k if s.architecture == "topk" else 0,
-                   rescale_acts_by_decoder_norm=(s.architecture == "topk"
-                                                 and s.rescale_acts_by_decoder_norm),
+                   d_sae=s.d_sae or s.expansion_factor * d_in, **own,
                    apply_b_dec_to_input=s.apply_b_dec_to_input, hook_name=c.hook_name,
                    metadata={"model_name": os.path.abspath(c.model),
                              "context_size": c.data.seq_len,
@@ -183,8 +189,6 @@ def ce_recovered(model, sae: SAE, token_batches, scale: float = 1.0) -> dict[str
   """The next-token loss (mean over the batches' trained targets) of the clean model, with the site
   replaced by the SAE's reconstruction (scaled inputs unscaled), and zero-ablated;
   ce_recovered = (ce_zero − ce_sae) / (ce_zero − ce_clean) (SAELens's ce_loss_score)."""
-  from factflip.models.hooks import Intervention
-  from factflip.sae.steering import sae_site, splice
   site, layer = sae_site(sae)
   L = model.cfg.n_layers
   if scale != 1.0:
@@ -210,9 +214,8 @@ def ce_recovered(model, sae: SAE, token_batches, scale: float = 1.0) -> dict[str
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _ce(params, cfg, inputs_BxT, targets_BxT, segment_ids_BxT, positions_BxT, weight_BxT,
         interventions):
-  from factflip.models.transformer import forward
-  logits = forward(params, cfg, inputs_BxT, segment_ids_BxT=segment_ids_BxT,
-                   positions_BxT=positions_BxT, interventions=interventions).logits
+  logits = forward(params, cfg, inputs_BxT, attention.packed(segment_ids_BxT, positions_BxT),
+                   interventions=interventions).logits
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
   return jnp.where(weight_BxT, nll, 0.0).sum(), weight_BxT.sum()
@@ -234,14 +237,7 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
               stop_after: int | None = None, source: str = "sae config") -> SAETrainResult:
   """Train (or resume) the SAE of `config` in `workdir`; returns what ran. `stop_after`: return
   after that many steps of this invocation (a checkpoint is saved first; tests)."""
-  from factflip.fileio import write_json
-  from factflip.models.hooks import parse_hook_name, site_shape
-  from factflip.sae.activations import ActivationStream, site_activations
-  from factflip.sae.formats import save_sae
-  from factflip.sae.losses import init_state, make_optimizer, make_train_step
-  from factflip.sharding import make_mesh
   from factflip.train.checkpoint import Checkpointer
-  from factflip.train.metrics import MetricsWriter, Progress, format_duration
   t_start = time.time()
   validate(config, source)
   c = config.copy_and_resolve_references()
@@ -274,9 +270,12 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
   x_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
+  arch = ARCHITECTURES[cfg.architecture]
+  init = {name: c.sae[p.train_key] for name, p in arch.extra_params.items() if p.train_key}
+
   def fresh_state(scale):
     sae = init_sae(flat_cfg, jax.random.key(c.seed), decoder_norm=c.sae.decoder_init_norm,
-                   threshold=c.sae.jumprelu_init_threshold)
+                   **init)
     return dict(init_state(sae, tx), scale=jnp.float32(scale))
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.every,
@@ -305,8 +304,8 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
 
   def current_sae(state):
     p = jax.device_get(state["params"])
-    if "threshold" in p:
-      p["threshold"] = np.maximum(p["threshold"], 0.0)
+    if arch.project is not None:                 # as the next step would see them (θ >= 0)
+      p = arch.project(p)
     return make_sae(cfg, {k: np.asarray(v) for k, v in p.items()})
 
   writer = MetricsWriter(workdir, resume_step=start)

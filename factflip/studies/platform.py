@@ -1,12 +1,12 @@
 """The study platform: a study is a list of named stages over cells, run by one driver.
 
-Owns: `StageSpec` (a kind of stage: its name, the cell axes it runs over, how its `Stage` is
-made and how it is built), `Study` (the base every study subclasses: config, workdir, fact
-source, cells, the plan, the driver, model loading for probes, the report), `common_config`
-(the keys every study config has), `check_schema` (a config's study name and keys) and
-`validate_common` (the common keys' checks), `StudyError` and the registry (`STUDIES`, `study_class`).
-Must not: know any study's science (a study module lists its stages and tables) or train,
-probe or plot itself.
+Owns: `StudyRecord` and the registry (`STUDIES`, `study_record`: one record per study package,
+read by the platform, the suite and the command line), `Driven` (what every study object has:
+its frozen config, workdir, log, hosts and record) and `Study` (the base every staged study
+subclasses: fact source, cells, the plan, the driver, model loading for probes, the report).
+Must not: know any study's science (a study package lists its stages and tables) or train,
+probe or plot itself. Stage kinds and the fingerprint rule are `studies.stages`'; the keys
+every config has `studies.schema`'s; where facts and bases come from `studies.sources`'.
 
 A cell is one point of the study's grid as keyword arguments: size × seed × the study's own
 axes (`Study.grid`, e.g. the poisoning ratio p). A `StageSpec` over ("size", "seed", "p")
@@ -30,8 +30,8 @@ and meshes are this process's only). A process waiting longer than `barrier_time
 with an error naming the stage, and a failure on any process stops the waiting ones with its
 message (`distributed.Hosts`).
 
-Registry: a study config names its study (`study = "poisoning"`); `STUDIES` maps that name to
-the module defining `Study` (a subclass of this one), `base_config` and `validate`, imported
+Registry: a study config names its study (`study = "poisoning"`); `STUDIES` lists the study
+packages (`factflip/studies/<name>/`), each exporting one `StudyRecord` as `STUDY`, imported
 only when asked for (`factflip run --config=configs/studies/X.py` loads one study).
 """
 
@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib
-import inspect
 import os
 import shutil
 import tempfile
@@ -49,252 +47,113 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
+import ml_collections
+
+from factflip.configfile import ConfigError
 from factflip.distributed import Hosts, alone
 from factflip.fileio import read_json, write_json
-from factflip.gguf_io import is_gguf
-from factflip.studies.stages import Stage, config_keys, describe_plan
+from factflip.models.store import load_model
+from factflip.sharding import make_mesh
+from factflip.studies.report import write_report
+from factflip.studies.schema import merge, mutable
+from factflip.studies.sources import fact_source
+from factflip.studies.stages import (
+  MAIN,
+  MIRROR,
+  Stage,
+  StageSpec,
+  config_keys,
+  describe_plan,
+  train_stage,
+)
 
-# study name -> the module holding its Study, base_config and validate
-STUDIES = {"poisoning": "factflip.studies.poisoning",
-           "new_knowledge": "factflip.studies.new_knowledge",
-           "morfi": "factflip.studies.morfi",
-           "unlearning": "factflip.studies.unlearning",
-           "suite": "factflip.studies.suite"}
-
-
-class StudyError(RuntimeError):
-  """A study cannot go on as configured (e.g. the base model does not know the targets)."""
-
-
-class Stopped(RuntimeError):
-  """A training stage stopped by SIGTERM with its checkpoint saved (a preemption, or SLURM's
-  signal before the time limit): the study stops there, the stage not DONE; the same command
-  resumes it from that checkpoint."""
-
-
-def train_stage(config, out: str, source: str):
-  """A study's training stage: `train.loop.train` into `out` (every process of a multi-host run
-  calls it: a SHARED stage); Stopped when SIGTERM stopped it, so no DONE is written for it."""
-  from factflip.train.loop import train
-  res = train(config, out, quiet=False, source=source)
-  if res.preempted:
-    raise Stopped(f"{source}: stopped by SIGTERM at step {res.step} (checkpoint saved); run the "
-                  "same command again to resume")
-  return res
-
-
-def study_module(name: str, source: str = "study"):
-  """The module of a registered study; an unknown name is a ConfigError naming the choices."""
-  from factflip.configfile import ConfigError
-  if name not in STUDIES:
-    raise ConfigError(source, "study", f"{name!r}; expected one of {sorted(STUDIES)}")
-  return importlib.import_module(STUDIES[name])
-
-
-def study_class(name: str, source: str = "study") -> type[Study]:
-  return study_module(name, source).Study
-
-
-def common_config():
-  """The keys every study config has: what it is, its models, seeds and facts, and how probed
-  models are loaded (a study's `base_config` starts from this and adds its own)."""
-  import ml_collections
-
-  from factflip.train import config as train_config
-  c = ml_collections.ConfigDict()
-  c.study = ""                     # the registered study this config is for (STUDIES)
-  c.sizes = ("tiny-0.5m",)         # model presets (a scaling study lists several), or with
-  #                                  `facts` set: HF / factflip model directories
-  c.seeds = (0,)                   # pretraining + data seeds
-  c.facts = ""                     # a facts file (any `load_facts` format) instead of the world
-  c.facts_limit = 2000             # facts: score the first n with a counterfactual (0 = all)
-  c.replay = ""                    # facts: replay documents, JSONL {"text"} ("" = true
-  #                                  statements of the facts the study does not use)
-  c.tau = 0.5                      # ΔLL threshold (nats): state correct > τ, counterfactual
-  #                                  < −τ; with `facts`, a base knows a fact when its greedy
-  #                                  answer is right and ΔLL > τ (the fact draw)
-  c.world_seed = 0
-  c.vocab_size = 1024              # the world's tokenizer
-  c.pretrain = train_config.base_config()   # world studies: pretraining of each size
-  c.pretrain.data.kind = "world"
-  c.probe = ml_collections.ConfigDict()
-  c.probe.batch_size = 64
-  c.probe.dtype = "float32"        # parameters of the probed models (bfloat16 halves memory)
-  c.probe.devices = 1              # devices per process a probed model is sharded over
-  #                                  (-1 = all; a multi-host run uses them on every process)
-  c.barrier_timeout_s = 7200.0     # multi-host: how long a process waits for the others at a
-  #                                  stage before it stops with an error naming the stage
-  return c
-
-
-def check_schema(c, schema, study: str, groups: Sequence[str], source: str) -> None:
-  """The config names `study` and holds only `schema`'s keys, at the top level and in each of
-  `groups`: ConfigError naming the source, the key and the keys expected."""
-  from factflip.configfile import ConfigError
-  if c.get("study") != study:
-    raise ConfigError(source, "study", f"{c.get('study')!r}; expected {study!r} (this "
-                      "module's study)")
-  for group in ("", *groups):
-    node, ref = (c, schema) if not group else (c[group], schema[group])
-    for key in node:
-      if key not in ref:
-        raise ConfigError(source, f"{group}.{key}" if group else key,
-                          "unknown key; expected one of " + ", ".join(ref))
-
-
-def validate_common(c, source: str, facts_expected: str) -> None:
-  """Check the keys every study has (`common_config`): the facts file (`facts_expected` says
-  what it should be), sizes (presets, or with `facts` model directories with distinct base
-  names), seeds, probe.dtype and probe.devices; ConfigError naming the source and key."""
-  import jax
-
-  from factflip.configfile import ConfigError
-  from factflip.models.config import presets
-  from factflip.models.store import CONFIG_NAME
-
-  def need(ok, key, message):
-    if not ok:
-      raise ConfigError(source, key, message)
-
-  if c.facts:
-    need(os.path.exists(c.facts), "facts", f"{c.facts!r} does not exist; expected "
-         + facts_expected)
-    for d in c.sizes:
-      need(is_gguf(d) or os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in (
-          "config.json", CONFIG_NAME)), "sizes",
-          f"{d!r}: with `facts` set, sizes are models (an HF directory with config.json + "
-          "safetensors, a factflip model directory, or a .gguf file)")
-    labels = [size_label(d) for d in c.sizes]
-    need(len(set(labels)) == len(labels), "sizes", f"model directories {list(c.sizes)} share "
-         f"base names {labels}; the runs are named by them")
-  else:
-    bad = [s for s in c.sizes if s not in presets()]
-    need(len(c.sizes) > 0 and not bad, "sizes",
-         f"{list(c.sizes)}; expected a non-empty list of {list(presets())}")
-  need(len(c.seeds) > 0 and all(isinstance(k, int) for k in c.seeds), "seeds",
-       f"{list(c.seeds)}; expected a non-empty list of integers")
-  need(c.barrier_timeout_s > 0, "barrier_timeout_s",
-       f"{c.barrier_timeout_s}; expected seconds > 0")
-  need(c.probe.dtype in ("float32", "bfloat16"), "probe.dtype",
-       f"{c.probe.dtype!r}; expected float32 or bfloat16")
-  need(c.probe.devices == -1 or 1 <= c.probe.devices <= jax.local_device_count(),
-       "probe.devices", f"{c.probe.devices}; expected -1 (all) or 1..{jax.local_device_count()} "
-       "local devices")
-
-
-def merge(into, values: dict, source: str, prefix: str = "") -> None:
-  """Set `values` (nested dicts) on the ConfigDict `into`; a key it lacks is a ConfigError."""
-  import ml_collections
-
-  from factflip.configfile import ConfigError
-  for k, v in values.items():
-    if k not in into:
-      raise ConfigError(source, prefix + k, "unknown key")
-    if isinstance(v, dict) and isinstance(into[k], ml_collections.ConfigDict):
-      merge(into[k], v, source, prefix + k + ".")
-    else:
-      into[k] = v
-
-
-def mutable(config):
-  """A mutable, reference-resolved copy of a config subtree (frozen or not): what a stage
-  edits into the training config it runs."""
-  import ml_collections
-  if isinstance(config, ml_collections.FrozenConfigDict):
-    config = config.as_configdict()      # the frozen one's own ConfigDict: never edit it
-  return config.copy_and_resolve_references()
-
-
-def size_label(size: str) -> str:
-  """The name of a model size in paths and tables: the preset, a directory's base name, or a
-  GGUF file's name without .gguf."""
-  name = os.path.basename(os.path.normpath(size))
-  return name[:-len(".gguf")] if name.endswith(".gguf") else name
-
-
-def memo(method):
-  """Cache a Stage-making method per object and arguments (positional or keyword: the same
-  call either way): a stage's fingerprint is computed once per study object, not again for
-  every downstream stage that includes it. Sound because the study's config is frozen."""
-  sig = inspect.signature(method)
-
-  @functools.wraps(method)
-  def wrapper(self, *args, **kw):
-    cache = self.__dict__.setdefault("_memo", {})
-    bound = sig.bind(self, *args, **kw)
-    bound.apply_defaults()
-    key = (method.__name__, tuple(bound.arguments.items())[1:])
-    if key not in cache:
-      cache[key] = method(self, *args, **kw)
-    return cache[key]
-  return wrapper
-
-
-# who computes a stage in a multi-process run (StageSpec.hosts)
-MAIN = "main"        # process 0; the others wait for it
-SHARED = "shared"    # every process, into the stage's directory (a multi-host training job)
-MIRROR = "mirror"    # every process (probes over every process's devices); process 0's files kept
+# the study packages, factflip/studies/<name>/, each exporting its StudyRecord as STUDY
+STUDIES = ("poisoning", "new_knowledge", "morfi", "unlearning", "suite")
 
 
 @dataclasses.dataclass(frozen=True)
-class StageSpec:
-  """A kind of stage. `over`: the cell axes it runs over (() = once per study); `stage(**cell)`
-  -> its Stage; `build(out, **cell)` -> the info for DONE (computes into `out`);
-  `then(**cell)`: after the stage, built or reused (process 0 only); `hosts`: who computes it
-  in a multi-process run (MAIN, SHARED or MIRROR)."""
+class StudyRecord:
+  """What a study package exports as `STUDY`: the one entry the platform, the suite and the
+  command line read.
+
+  `base_config()`: every key the study reads, with its default; `validate(config, source)`:
+  ConfigError naming the source and key; `study`: its class (stages and builds);
+  `headline(study, tables)` and `figures(study, tables, out_dir)`: its report (headline numbers
+  for summary.json, the `report.Figure`s drawn); `summary(head)`: terminal lines;
+  `paper_checks(head)`: rows {finding, measured, reproduced} of its paper's findings beside
+  the headline (the suite's findings table)."""
   name: str
-  over: tuple[str, ...]
-  stage: Callable[..., Stage]
-  build: Callable[..., dict[str, Any] | None]
-  then: Callable[..., Any] | None = None
-  hosts: str = MAIN
+  title: str
+  base_config: Callable[[], Any]
+  validate: Callable[..., None]
+  study: type
+  headline: Callable[..., dict[str, Any]] | None = None
+  figures: Callable[..., list] | None = None
+  summary: Callable[[dict[str, Any]], list[str]] | None = None
+  paper_checks: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
 
 
-class Study:
-  """The base of every study: config, workdir, fact source, cells and the stage driver.
+def study_record(name: str, source: str = "study") -> StudyRecord:
+  """The record of a registered study; an unknown name is a ConfigError naming the choices."""
+  if name not in STUDIES:
+    raise ConfigError(source, "study", f"{name!r}; expected one of {sorted(STUDIES)}")
+  return importlib.import_module(f"factflip.studies.{name}").STUDY
 
-  A subclass sets `name`, `title` and `draw_keys` (which of its config keys size the fact
-  source's draw: `studies.sources`), and defines `grid()` (its own axes), `specs()` (its
-  StageSpecs in run order, after the fact source's; Stage-making methods wrapped in `memo`),
-  `tables()` (its results as DataFrames), `report()` (headline and figures) and `summary()`
-  (terminal lines), and binds its module's `base_config()` (every key it reads, with its
-  default) and `validate(config, source)` (ConfigError naming source and key)."""
+
+class Driven:
+  """What every study object has: its record (by `name`), its config (validated, frozen), its
+  workdir, log and hosts (`distributed.Hosts`)."""
   name = ""
-  title = ""
-  draw_keys: ClassVar[dict[str, str]] = {}
 
   def __init__(self, config, workdir: str, log=print, source: str = "study"):
-    import ml_collections
-
-    from factflip.studies.sources import fact_source
-    self.validate(config, source)
+    self.record.validate(config, source)
     # frozen: every Stage is made (and memoised) from this config, so it must not change
-    # under them; a stage that needs a mutable copy of a subtree takes `mutable(...)`
+    # under them; a stage that needs a mutable copy of a subtree takes `schema.mutable(...)`
     self.c = ml_collections.FrozenConfigDict(config.copy_and_resolve_references())
     self.wd = os.path.abspath(workdir)
     self.log = log
     self.hosts = Hosts(self.c.barrier_timeout_s)
-    self.all_hosts = False              # inside a MIRROR stage of a multi-process run
-    self.source = fact_source(self)
-    self.sizes = self.source.sizes          # label -> preset or model directory
-
-  # ---- the config -------------------------------------------------------------------------
-  @staticmethod
-  def base_config():
-    raise NotImplementedError
-
-  @staticmethod
-  def validate(config, source: str = "study") -> None:
-    raise NotImplementedError
 
   @classmethod
-  def open(cls, workdir: str, log=print) -> Study:
+  def record_of(cls) -> StudyRecord:
+    """Its package's record: by `name`, or for a subclass that is not registered (a variant
+    of a study, as tests make) its nearest registered ancestor's."""
+    return study_record(next((c.name for c in cls.__mro__ if getattr(c, "name", "") in STUDIES),
+                             cls.name))
+
+  @property
+  def record(self) -> StudyRecord:
+    return self.record_of()
+
+  @property
+  def title(self) -> str:
+    return self.record.title
+
+  @classmethod
+  def open(cls, workdir: str, log=print):
     """The study that ran in `workdir` (its study.json over today's defaults, so keys added
     since read as their defaults), to read its runs and models."""
     path = os.path.join(workdir, "study.json")
-    config = cls.base_config()
+    config = cls.record_of().base_config()
     merge(config, read_json(path), path)
     return cls(config, workdir, log=log, source=path)
+
+
+class Study(Driven):
+  """The base of every staged study: fact source, cells, the stage driver, the report.
+
+  A subclass sets `name` (its registry name: config, validation, title and report come from
+  its package's `StudyRecord`) and `draw_keys` (which of its config keys size the fact
+  source's draw: `studies.sources`), and defines `grid()` (its own axes), `specs()` (its
+  StageSpecs in run order, after the fact source's; Stage-making methods wrapped in
+  `stages.memo`) and `tables()` (its results as DataFrames)."""
+  draw_keys: ClassVar[dict[str, str]] = {}
+
+  def __init__(self, config, workdir: str, log=print, source: str = "study"):
+    super().__init__(config, workdir, log, source)
+    self.all_hosts = False              # inside a MIRROR stage of a multi-process run
+    self.source = fact_source(self)
+    self.sizes = self.source.sizes          # label -> preset or model directory
 
   def keys(self, *prefixes: str, **extra) -> dict[str, Any]:
     """The resolved config values under `prefixes` (flattened) plus `extra`: a Stage's keys."""
@@ -365,11 +224,29 @@ class Study:
   def load(self, path: str):
     """A model to probe (a base, a checkpoint step), in `probe.dtype`, its parameters sharded
     (fsdp) over `probe_devices()` when that is more than one device."""
-    from factflip.models.store import load_model
-    from factflip.sharding import make_mesh
     devices = self.probe_devices()
     mesh = make_mesh(1, -1, 1, devices=devices) if len(devices) > 1 else None
     return load_model(path, dtype=self.c.probe.dtype, mesh=mesh)
+
+  # ---- fine-tuning from a base ------------------------------------------------------------
+  def train_epochs(self, config, out: str, size: str, seed: int, per_epoch: int, label: str,
+                   settings: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tuning stage (SFT, unlearning): the training config `config` from the base of
+    (size, seed) for `epochs` epochs of `per_epoch` steps, a checkpoint kept per epoch (the
+    base is epoch 0), with `settings` ({"data.path": ..., dotted keys}) set on it."""
+    c = mutable(config)
+    c.seed = seed
+    c.model.init_from = self.base_path(size, seed)
+    for key, value in settings.items():
+      group, name = key.rsplit(".", 1)
+      c[group][name] = value
+    c.steps = self.c.epochs * per_epoch
+    c.checkpoint.every = per_epoch
+    c.checkpoint.keep = 0
+    if not self.c.facts:
+      c.data.tokenizer_dir = self.source.tok_dir
+    res = train_stage(c, out, label)
+    return {"step": res.step, "seconds": round(res.seconds, 1), "steps_per_epoch": per_epoch}
 
   def base_path(self, size: str, seed: int) -> str:
     return self.source.base_path(size, seed)
@@ -463,12 +340,14 @@ class Study:
     raise NotImplementedError
 
   def report(self, tables: dict[str, Any], out_dir: str) -> tuple[dict[str, Any], list]:
-    """(headline numbers, the `report.Figure`s drawn into out_dir) for report/index.html."""
-    raise NotImplementedError
+    """(headline numbers, the `report.Figure`s drawn into out_dir) for report/index.html: the
+    record's `headline` and `figures`."""
+    return (self.record.headline(self, tables),
+            self.record.figures(self, tables, out_dir))
 
   def summary(self, head: dict[str, Any]) -> list[str]:
     """The terminal summary from the headline (strict JSON: undefined values are None)."""
-    return []
+    return self.record.summary(head) if self.record.summary else []
 
   def figures(self, out_dir: str) -> list[tuple[str, str]]:
     """Every report figure drawn into out_dir from the results: [(title, path)]."""
@@ -485,7 +364,6 @@ class Study:
     return self.hosts.on_main("the report", lambda: self._report(tables, t0))
 
   def _report(self, tables: dict[str, Any], t0: float) -> dict[str, Any]:
-    from factflip.studies.report import write_report
     rdir = os.path.join(self.wd, "report")
     head, figs = self.report(tables, rdir)
     head["timings_s"] = read_json(os.path.join(self.wd, "results", "timings.json"))

@@ -4,7 +4,7 @@ Owns: report/index.html (a study's title, its headline table, its figures with t
 and links to its results tables), report/summary.json (strict JSON), and the helpers a study's
 figures use (`save`, `legend`, `final_rows`, `sizes_of`).
 Must not: compute metrics or know any study's figures (each study module draws its own:
-e.g. `studies.poisoning_report`).
+e.g. `studies.poisoning.report`).
 """
 
 from __future__ import annotations

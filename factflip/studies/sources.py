@@ -42,10 +42,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from factflip.fileio import write_csv
-from factflip.studies import platform
-from factflip.studies.platform import SHARED, StageSpec, StudyError, memo, mutable, size_label
-from factflip.studies.stages import Stage, fingerprint
+from factflip.data.facts import read_facts_jsonl, write_facts_jsonl
+from factflip.data.loaders import load_facts
+from factflip.data.mixtures import mention_text
+from factflip.data.prepare import poison_targets, prepare_world
+from factflip.data.templates import STYLE_NAMES
+from factflip.data.world import load_world
+from factflip.fileio import write_csv, write_jsonl
+from factflip.probes.fact_preference import SCORER_VERSION, preference
+from factflip.studies.schema import mutable, size_label
+from factflip.studies.stages import (
+  SHARED,
+  Stage,
+  StageSpec,
+  StudyError,
+  fingerprint,
+  memo,
+  train_stage,
+)
 
 # draw roles a study may leave out, and what they are then
 _OPTIONAL_ROLES = {"n_control": 0, "replay_weight": 0.0}
@@ -124,7 +138,6 @@ class WorldSource(_Source):
   def build_world(self, out: str) -> dict[str, Any]:
     """The world and its tokenizer into `out` (world/, or world.redo/ when redone: the
     tokenizer is then built beside the old one and moved in just before world/ is swapped)."""
-    from factflip.data.prepare import prepare_world
     tok = self.tok_dir if out == self.world_dir else self.tok_dir + ".redo"
     if tok != self.tok_dir:
       shutil.rmtree(tok, ignore_errors=True)
@@ -144,7 +157,7 @@ class WorldSource(_Source):
     c.seed = seed
     c.model.preset = size
     c.data.world_dir, c.data.tokenizer_dir = self.world_dir, self.tok_dir
-    res = platform.train_stage(c, out, "study.pretrain")
+    res = train_stage(c, out, "study.pretrain")
     return {"step": res.step, "seconds": round(res.seconds, 1)}
 
   # ---- what the stages made -----------------------------------------------------------------
@@ -152,7 +165,6 @@ class WorldSource(_Source):
     """(world, tokenizer) as the world stage wrote them (read once)."""
     if self._world is None:
       from factflip.data.tokenizer import load_tokenizer
-      from factflip.data.world import load_world
       if not os.path.exists(os.path.join(self.world_dir, "world.json")):
         raise StudyError(f"{self.world_dir}: no world yet; the world stage writes it (run the "
                          "study)")
@@ -168,7 +180,6 @@ class WorldSource(_Source):
     return self.world()[1]
 
   def targets(self, size: str, seed: int):
-    from factflip.data.prepare import poison_targets
     if (size, seed) not in self._targets:
       self._targets[size, seed] = poison_targets(self.world()[0], self.draw("n_targets"),
                                                  self.draw("tier"), seed)
@@ -230,7 +241,6 @@ class FileSource(_Source):
   @memo
   def stage_base(self, size: str, seed: int) -> Stage:
     """The base's candidates, targets, controls, replay and held-out files."""
-    from factflip.probes.fact_preference import SCORER_VERSION
     if not self.draws:
       return Stage(f"base {size} seed{seed}", self.run_dir(size, seed, "base"),
                    self.study.keys(model=self.sizes[size], seed=seed), (self.fingerprint(),))
@@ -249,7 +259,6 @@ class FileSource(_Source):
   def items(self, candidates: bool = True):
     """The facts file's items (read once); with `candidates`, those with a counterfactual,
     the first facts_limit of them (what a base is scored on)."""
-    from factflip.data.loaders import load_facts
     if self._facts is None:
       self._facts = list(load_facts(self.c.facts))
     if not candidates:
@@ -265,11 +274,6 @@ class FileSource(_Source):
     return bool(self.study.draw_keys)
 
   def build_base(self, out: str, size: str, seed: int) -> dict[str, int]:
-    from factflip.data.facts import write_facts_jsonl
-    from factflip.data.mixtures import mention_text
-    from factflip.data.templates import STYLE_NAMES
-    from factflip.fileio import write_jsonl
-    from factflip.probes.fact_preference import preference
     if not self.draws:
       return {}
     items = self.items()
@@ -340,7 +344,6 @@ class FileSource(_Source):
     return self._tokenizers[size]
 
   def _read(self, size: str, seed: int, name: str):
-    from factflip.data.facts import read_facts_jsonl
     return list(read_facts_jsonl(os.path.join(self.base_dir(size, seed), name)))
 
   def targets(self, size: str, seed: int):

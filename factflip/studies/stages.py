@@ -5,7 +5,10 @@ config keys it reads and the fingerprints of the stages it consumes), `fingerpri
 `config_keys` (a config's resolved values under some key prefixes, flattened),
 `Stage.status` (reuse / new / resume / redo, with the keys that changed), `Stage.build` (the
 directory to write into; DONE last; a redo replaces the old outputs atomically) and
-`describe_plan`.
+`describe_plan`; `StageSpec` (a kind of stage: the cell axes it runs over, how its Stage is
+made and built, who computes it on many hosts: MAIN, SHARED, MIRROR), `memo` (a study's
+Stage-making methods, once per arguments), `train_stage` (a training stage's run) and the
+driver's errors (`StudyError`, `Stopped`).
 Must not: know any study's stages (studies list their own) or run models.
 
 The fingerprint rule: fingerprint = sha256 of (the stage's own keys and values, the upstream
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from factflip.fileio import read_json, write_json
@@ -191,3 +196,63 @@ def describe_plan(stages: Sequence[Stage]) -> tuple[list[str], dict[str, int]]:
     if len(changed) > 12:
       lines.append(f"           ... and {len(changed) - 12} more keys")
   return lines, counts
+
+
+# ---- kinds of stage, and how a study's driver fails -------------------------------------
+class StudyError(RuntimeError):
+  """A study cannot go on as configured (e.g. the base model does not know the targets)."""
+
+
+class Stopped(RuntimeError):
+  """A training stage stopped by SIGTERM with its checkpoint saved (a preemption, or SLURM's
+  signal before the time limit): the study stops there, the stage not DONE; the same command
+  resumes it from that checkpoint."""
+
+
+def train_stage(config, out: str, source: str):
+  """A study's training stage: `train.loop.train` into `out` (every process of a multi-host run
+  calls it: a SHARED stage); Stopped when SIGTERM stopped it, so no DONE is written for it."""
+  from factflip.train.loop import train
+  res = train(config, out, quiet=False, source=source)
+  if res.preempted:
+    raise Stopped(f"{source}: stopped by SIGTERM at step {res.step} (checkpoint saved); run the "
+                  "same command again to resume")
+  return res
+
+
+def memo(method):
+  """Cache a Stage-making method per object and arguments (positional or keyword: the same
+  call either way): a stage's fingerprint is computed once per study object, not again for
+  every downstream stage that includes it. Sound because the study's config is frozen."""
+  sig = inspect.signature(method)
+
+  @functools.wraps(method)
+  def wrapper(self, *args, **kw):
+    cache = self.__dict__.setdefault("_memo", {})
+    bound = sig.bind(self, *args, **kw)
+    bound.apply_defaults()
+    key = (method.__name__, tuple(bound.arguments.items())[1:])
+    if key not in cache:
+      cache[key] = method(self, *args, **kw)
+    return cache[key]
+  return wrapper
+
+
+# who computes a stage in a multi-process run (StageSpec.hosts)
+MAIN = "main"        # process 0; the others wait for it
+SHARED = "shared"    # every process, into the stage's directory (a multi-host training job)
+MIRROR = "mirror"    # every process (probes over every process's devices); process 0's files kept
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """A kind of stage. `over`: the cell axes it runs over (() = once per study); `stage(**cell)`
+  -> its Stage; `build(out, **cell)` -> the info for DONE (computes into `out`);
+  `then(**cell)`: after the stage, built or reused (process 0 only); `hosts`: who computes it
+  in a multi-process run (MAIN, SHARED or MIRROR)."""
+  name: str
+  over: tuple[str, ...]
+  stage: Callable[..., Stage]
+  build: Callable[..., dict[str, Any] | None]
+  then: Callable[..., Any] | None = None
+  hosts: str = MAIN

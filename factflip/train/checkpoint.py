@@ -28,8 +28,7 @@ import grain
 import orbax.checkpoint as ocp
 
 from factflip import distributed
-from factflip.models.store import (COMMIT_FILE, _warn, load_trained,  # noqa: F401  (re-exported)
-                                   restore_params, valid_steps)
+from factflip.models.store import COMMIT_FILE, _warn, load_trained, restore_params, valid_steps  # noqa: F401  (re-exported)
 from factflip.train.step import TrainState
 
 

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from factflip import distributed
+from factflip.configfile import ConfigError
 from factflip.data import mixtures
+from factflip.data.loaders import load_facts
 from factflip.data.pipeline import FEATURES, make_batches
 from factflip.data.prepare import file_targets, poison_targets, prepare_world  # noqa: F401
 from factflip.fileio import DataError, iter_json_records
@@ -147,7 +149,6 @@ def eval_examples(c, world) -> tuple[str, list[dict[str, Any]]]:
     return "eval_loss", read_examples(c.data.eval_path)
   facts = world.facts if world is not None else None
   if facts is None and c.data.kind == "poison" and c.data.facts_path:
-    from factflip.data.loaders import load_facts
     facts = list(load_facts(c.data.facts_path))
   if facts is not None:
     ex = [{"segments": ((p, False), (" " + f.answers[0], True))}
@@ -157,7 +158,6 @@ def eval_examples(c, world) -> tuple[str, list[dict[str, Any]]]:
       return "heldout_answer_nll", ex
   if c.data.kind == "poison":
     if not c.data.replay_path:
-      from factflip.configfile import ConfigError
       raise ConfigError("config", "data.eval_path", f"empty, and {c.data.facts_path} has no "
                         "paraphrases and there is no replay_path to evaluate on (or set "
                         "eval_every = 0)")

@@ -36,18 +36,22 @@ from factflip.configfile import load_config_file  # noqa: F401  (re-exported: it
 from factflip.data.tokenizer import has_tokenizer
 from factflip.fileio import read_json, write_json
 from factflip.models.config import ModelConfig, get_preset
+from factflip.models.store import load_model
 from factflip.models.transformer import init_params
 from factflip.train import config as config_lib
 from factflip.train import inputs, objectives
+from factflip.train.callbacks import AtEvals, Callback
 from factflip.train.checkpoint import Checkpointer, load_trained, valid_steps
 from factflip.train.metrics import MetricsWriter, Progress, format_duration
 from factflip.train.monitor import Monitor
 from factflip.train.optim import make_optimizer, make_schedule
-from factflip.train.step import (abstract_state, batch_sharding, init_state, make_train_step,
-                                 state_shardings)
-
-# A callback the studies use to probe during training: (step, params) -> scalars to log or None.
-Callback = Callable[[int, Any], dict[str, float] | None]
+from factflip.train.step import (
+  abstract_state,
+  batch_sharding,
+  init_state,
+  make_train_step,
+  state_shardings,
+)
 
 
 @dataclasses.dataclass
@@ -60,7 +64,7 @@ class TrainResult:
   preempted: bool
   seconds: float
   model_config: ModelConfig
-  stopped_by: str | None = None   # the monitor's stop rule that ended the run early
+  stopped_by: str | None = None   # why a callback (the monitor's stop rule) ended the run early
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -141,7 +145,6 @@ def _base_model(c, tok, mesh) -> tuple[ModelConfig, Any]:
     if jax.process_index() == 0:
       print(f"base model: {path} step {step}", flush=True)
   else:
-    from factflip.models.store import load_model
     model = load_model(path, dtype=c.model.param_dtype, mesh=mesh)
   mcfg, params = model.cfg.replace(**over), model.params()
   if mcfg.vocab_size < vocab_size:
@@ -192,14 +195,15 @@ def _tokens(batch) -> int:
                  if path[-1].key == "inputs"))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequence[Callback] = (),
-          source: str = "config", stop_after: int | None = None, quiet: bool = False
-          ) -> TrainResult:
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          callbacks: Sequence[Callback | Callable] = (), source: str = "config",
+          stop_after: int | None = None, quiet: bool = False) -> TrainResult:
   """Run (or resume) the training job `config` in `workdir` until config.steps.
 
-  callbacks run at every evaluation step with the current parameters and may return scalars
-  to log. stop_after: return after that many steps of this invocation (tests; a checkpoint is
-  saved first). Returns what ran; everything else is in the workdir."""
+  callbacks: `Callback`s, or functions (step, params) -> scalars run at every evaluation step
+  (`AtEvals`); with `monitor.every` the factual-integrity monitor is one more. stop_after:
+  return after that many steps of this invocation (tests; a checkpoint is saved first).
+  Returns what ran; everything else is in the workdir."""
   t_start = time.time()
   config_lib.validate(config, source=source, n_devices=jax.device_count(),
                       n_processes=jax.process_count())
@@ -236,7 +240,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
                                    c.data.shards, c.data.eval_batches)
                if c.eval_every and c.data.eval_batches else [])
 
-  monitor = Monitor(c, tok, mcfg, workdir) if c.monitor.every else None
+  callbacks = [cb if isinstance(cb, Callback) else AtEvals(cb, c.eval_every)
+               for cb in callbacks]
+  if c.monitor.every:
+    callbacks.append(Monitor(c, tok, mcfg, workdir))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.every,
                       keep=c.checkpoint.keep, keep_period=c.checkpoint.keep_period,
                       async_save=c.checkpoint.async_save)
@@ -260,11 +267,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
 
   eval_fn = jax.jit(lambda p, b: objectives.lm(p, mcfg, b)[:2])
   writer = MetricsWriter(workdir, resume_step=start)
-  if monitor is not None:
-    monitor.start(start)
-  stopped_by = monitor.stop if monitor is not None else None
-  if monitor is not None and monitor.ref_LxN is None:     # the reference: the starting model
-    writer.write(start, monitor.observe(start, state.params))
+  first = {}
+  for cb in callbacks:
+    first.update(cb.start(start, state.params) or {})
+  if first:
+    writer.write(start, first)
+  stopped_by = next((cb.stop for cb in callbacks if cb.stop), None)
   progress = Progress(start, c.steps)
   preempt = _Preemption()
   last = c.steps if stop_after is None else min(c.steps, start + stop_after)
@@ -274,8 +282,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
   t_last, tok_since = time.perf_counter(), 0
   preempted = False
   if stopped_by:
-    say(f"stopped by the monitor: {stopped_by} (alerts.jsonl); remove the '!' of that rule "
-        "to train on")
+    say(f"stopped by {stopped_by} before any step (a stop rule that fired earlier: remove its "
+        "'!' to train on)")
     last = start
   say(f"training {mcfg.num_params():,} parameters on {jax.device_count()} devices "
       f"(mesh {dict(mesh.shape)}), steps {start} -> {c.steps}, workdir {workdir}")
@@ -318,16 +326,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
           s, n = eval_fn(state.params, _to_global(eb, e_sh))
           prev = ev.get(eval_name, (0.0, 0.0))
           ev[eval_name] = (prev[0] + s, prev[1] + n)
-        for cb in callbacks:
-          ev.update(cb(done, state.params) or {})
-      if monitor is not None and monitor.due(done, c.steps):
-        ev.update(monitor.observe(done, state.params))
+      for cb in callbacks:
+        if cb.due(done, c.steps):
+          ev.update(cb.observe(done, state.params) or {})
       pending.append((done, metrics, ev, _tokens(local) * max(jax.process_count(), 1)))
-      if monitor is not None and monitor.stop:
+      stopped_by = next((cb.stop for cb in callbacks if cb.stop), None)
+      if stopped_by:
         flush(pending.pop())
         ckpt.save(done, state, data, force=True)
-        stopped_by = monitor.stop
-        say(f"stopped by the monitor: {stopped_by} (alerts.jsonl)")
+        say(f"stopped by {stopped_by}")
         break
       if preempt.reached(done):
         flush(pending.pop())
@@ -345,8 +352,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, callbacks: Sequenc
   finally:
     preempt.restore()
     writer.close()
-    if monitor is not None:
-      monitor.close()
+    for cb in callbacks:
+      cb.close()
     ckpt.close()
   end = max(losses) if losses else start
   say(f"done: step {end}, {format_duration(time.time() - t_start)} "

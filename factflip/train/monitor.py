@@ -45,8 +45,13 @@ import numpy as np
 
 from factflip import distributed
 from factflip.configfile import ConfigError
+from factflip.data.loaders import load_facts
+from factflip.data.tokenizer import TokenIds
+from factflip.evals.loglik import layout_pairs, score_layout
+from factflip.evals.requests import answer_ids
 from factflip.fileio import DataError, atomic_path
-from factflip.probes.fact_preference import flipped
+from factflip.probes.fact_preference import KINDS, flipped, prompt_rows
+from factflip.train.callbacks import Callback
 
 RULES = ("dll_drop", "lens_sign", "flip")
 SETS = ("watch", "control")
@@ -63,7 +68,6 @@ class Rule:
 
 def parse_rule(text: str, source: str = "config", key: str = "monitor.rules") -> Rule:
   """A Rule from NAME:ARG[@KIND[+KIND...]][!]; ConfigError naming the rule otherwise."""
-  from factflip.probes.fact_preference import KINDS
   grammar = "NAME:ARG[@KIND[+KIND...]][!] with NAME one of " + ", ".join(RULES)
   body, stop = (text[:-1], True) if text.endswith("!") else (text, False)
   body, _, kinds = body.partition("@")
@@ -98,7 +102,7 @@ def read_alerts(path: str) -> list[dict[str, Any]]:
   return out
 
 
-class Monitor:
+class Monitor(Callback):
   """Built by the training loop from its resolved config (`monitor.*` keys), tokenizer, model
   config and workdir (every check before anything runs), `start(step)` takes up the run;
   `observe(step, params)` scores the watch list, fires the rules and
@@ -106,10 +110,6 @@ class Monitor:
   rule that fired (None while training may go on)."""
 
   def __init__(self, c, tokenizer, cfg, workdir: str):
-    from factflip.data.loaders import load_facts
-    from factflip.data.tokenizer import TokenIds
-    from factflip.evals.loglik import answer_ids, layout_pairs
-    from factflip.probes.fact_preference import prompt_rows
     m = c.monitor
     self.every = int(m.every)
     self.cfg = cfg
@@ -150,9 +150,11 @@ class Monitor:
     self.main = distributed.process_index() == 0
     self.ref_LxN, self.file, self.stop = None, None, None
 
-  def start(self, start_step: int) -> None:
+  def start(self, start_step: int, params) -> dict[str, float] | None:
     """Take up the run at `start_step`: the reference, and the alerts up to that step (later
-    ones, from a run that went further before it stopped, are dropped)."""
+    ones, from a run that went further before it stopped, are dropped). Without a reference
+    yet (a run's first start) the starting model is observed: it becomes the reference, and
+    its scalars are returned for the log."""
     rows = self.rows
     self.ref_LxN = self._read_reference() if start_step > 0 else None
     kept = [a for a in read_alerts(self.alerts_path) if a["step"] <= start_step]
@@ -174,6 +176,7 @@ class Monitor:
           self.stop = self.stop or f"{a['rule']} ({a['set']} {a['item']} {a['kind']}) at step " \
                                    f"{a['step']}"
     self.file = open(self.alerts_path, "a") if self.main else None
+    return self.observe(start_step, params) if self.ref_LxN is None else None
 
   # ---- the reference ----------------------------------------------------------------------
   def _read_reference(self):
@@ -209,7 +212,6 @@ class Monitor:
   def values(self, params) -> np.ndarray:
     """ΔLL of every watched prompt on these parameters: [L + 1, N] by the logit lens at every
     layer boundary (row L = the output) when a rule reads the lens, else [1, N] (the output)."""
-    from factflip.evals.loglik import score_layout
     scores = score_layout(params, self.cfg, self.layout, lens=self.lens)
     lp_LxP = scores.lens if self.lens else scores.logprob[None]
     return (lp_LxP[:, 0::2] - lp_LxP[:, 1::2]).astype(np.float32)
@@ -263,7 +265,6 @@ class Monitor:
 
 def validate(c, source: str, need) -> None:
   """The monitor keys of a training config (`need(ok, key, message)` raises)."""
-  from factflip.probes.fact_preference import KINDS
   m = c.monitor
   need(m.every >= 0, "monitor.every", f"{m.every}; expected >= 0 steps (0 = off)")
   if not m.every:
