@@ -28,6 +28,23 @@ VOCAB = 101
 SEQ = 14  # longer than the sliding window (5) below
 
 
+# Test files that share an expensive session fixture run in one pytest-xdist worker
+# (`-n 2 --dist loadgroup`), so the fixture is built once; every other file is its own group
+# (as --dist loadfile), so its module fixtures are built once too.
+XDIST_GROUPS = {
+    "test_study": "paper_a", "test_cli": "paper_a", "test_eval_run": "paper_a",   # smoke_study
+    "test_new_knowledge": "paper_b", "test_morfi": "paper_b",                      # nk_study
+    "test_train_loop": "train_loop", "test_monitor": "train_loop",                 # full_run
+    "test_loglik": "scorer", "test_requests": "scorer",                            # hf_lm_pair
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+
+
 def make_hf_model(family: str, seed: int = 0):
   """A tiny random HF model of `family` exercising that family's switches."""
   import torch

@@ -84,7 +84,9 @@ def test_two_processes_match_one(world_dirs, tmp_path):
 STUDY = os.path.join(ROOT, "configs", "studies", "poisoning.py")
 # fixed input shards (batches independent of the process count), probes on every device
 SAME = ["--config.pretrain.data.shards=2", "--config.cpt.data.shards=2",
-        "--config.probe.devices=-1"]
+        "--config.probe.devices=-1",
+        # one ratio and two prompt kinds: the comparison is of the same stages, smaller
+        "--config.ratios=(1.0,)", "--config.probe.kinds=('prompt','question')"]
 
 
 def test_two_process_study_writes_the_tables_of_one(tmp_path):
@@ -109,7 +111,7 @@ def test_two_process_study_writes_the_tables_of_one(tmp_path):
   assert not [x for x in lines if x.startswith("[1] ") and "[Gloo]" not in x]  # 0 reports
   tables = sorted(os.path.relpath(os.path.join(d, f), one)
                   for d, _, fs in os.walk(one) for f in fs if f.endswith(".csv"))
-  assert len(tables) >= 15 and "results/flips.csv" in tables
+  assert len(tables) >= 12 and "results/flips.csv" in tables   # 8 results + probe tables
   for rel in tables:
     pd.testing.assert_frame_equal(pd.read_csv(os.path.join(two, rel)),
                                   pd.read_csv(os.path.join(one, rel)), check_exact=True)
