@@ -39,6 +39,7 @@ XDIST_GROUPS = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   for item in items:
     module = item.module.__name__.rsplit(".", 1)[-1]
