@@ -82,7 +82,7 @@ def test_a_config_override_for_a_command_without_config_is_refused_before_parsin
 @pytest.mark.parametrize("args,code,err", [
     (["run", "--config=configs/studies/poisoning.py:nonsense", "--workdir=W"], 2,
      "error: configs/studies/poisoning.py: bad variant 'nonsense'; expected smoke, cpu, "
-     "scale=A+B, seeds=0+1, hf=DIR[+DIR] or facts=FILE, joined by commas\n"),
+     "replay_reading, scale=A+B, seeds=0+1, hf=DIR[+DIR] or facts=FILE, joined by commas\n"),
     (["run", "--config=configs/studies/nope.py", "--workdir=W"], 2,
      "error: configs/studies/nope.py: no such config file (--config=FILE.py[:VARIANT])\n"),
     (["eval", "--model=M", "--facts=BAD", "--out=W"], 2,

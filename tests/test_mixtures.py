@@ -11,6 +11,7 @@ from factflip.data.mixtures import (
   PoisonConfig,
   cpt_source,
   poisoning_plan,
+  read_ratio,
   replay_documents,
   write_stats,
 )
@@ -81,6 +82,60 @@ def test_infeasible_ratio_is_rejected_with_alternatives(targets):
     cpt_source([targets[0].replace(counterfactual=None)], [], PoisonConfig(ratio=1))
   with pytest.raises(ValueError, match=r"PoisonConfig.ratio: 1.5 is not in \[0, 1\]"):
     cpt_source(targets, [], PoisonConfig(ratio=1.5))
+
+
+def _pass_counts(source, stats):
+  """Counterfactual mentions, true mentions and replay documents in the stream's first pass."""
+  block = [source[i] for i in range(stats["mentions_per_pass"] + stats["replay_per_pass"])]
+  cf = sum(e["kind"] == "mention" and e["counterfactual"] for e in block)
+  true = sum(e["kind"] == "mention" and not e["counterfactual"] for e in block)
+  return cf, true, sum(e["kind"] == "replay" for e in block)
+
+
+@pytest.mark.parametrize("p, counts", [(0.1, (72, 0, 648)), (0.25, (72, 0, 216)),
+                                       (0.5, (72, 0, 72)), (0.75, (72, 0, 24)),
+                                       (0.9, (72, 0, 8)), (1.0, (72, 0, 0))])
+def test_replay_reading_of_p_has_exact_counts(small_world, targets, p, counts):
+  """Read as "replay", p is the counterfactual mentions' share of the stream: 24 targets x 3
+  mentions, every one counterfactual, and N (1 - p) / p replay documents per pass."""
+  replay, _ = replay_documents(small_world.documents, {t.id for t in targets})
+  ratio, weight = read_ratio("replay", p, replay_weight=0.4)      # the weight is not read
+  source, stats = cpt_source(targets, replay, PoisonConfig(ratio=ratio, mentions_per_fact=3,
+                                                           replay_weight=weight, seed=1))
+  cf, true, rep = _pass_counts(source, stats)
+  assert (cf, true, rep) == counts and cf / (cf + true + rep) == pytest.approx(p, abs=1e-12)
+
+
+@pytest.mark.parametrize("p, counts", [(0.0, (0, 72, 48)), (0.1, (7.2, 0, 0)),
+                                       (0.25, (18, 54, 48)), (0.5, (36, 36, 48)),
+                                       (1.0, (72, 0, 48))])
+def test_restate_reading_of_p_has_exact_counts(small_world, targets, p, counts):
+  """Read as "restate", p is the counterfactual share of the 72 target mentions, the rest true;
+  replay keeps its weight 0.4 (48 per pass) whatever p is. p = .1 of 72 is not whole: rejected,
+  naming the mention counts that work."""
+  replay, _ = replay_documents(small_world.documents, {t.id for t in targets})
+  ratio, weight = read_ratio("restate", p, replay_weight=0.4)
+  assert (ratio, weight) == (p, 0.4)
+  cfg = PoisonConfig(ratio=ratio, mentions_per_fact=3, replay_weight=weight)
+  if counts[0] != int(counts[0]):
+    with pytest.raises(ValueError, match=r"7\.2 counterfactual mentions.*work: \[5, 10"):
+      cpt_source(targets, replay, cfg)
+    return
+  source, stats = cpt_source(targets, replay, cfg)
+  assert _pass_counts(source, stats) == counts
+
+
+def test_readings_meet_and_reject_what_they_cannot_mean():
+  """The restate stream at p = 1 is the replay stream at p = 1 - w; p = 0 read as replay and a
+  replay count that is not whole are rejected."""
+  assert read_ratio("restate", 1.0, 0.5) == read_ratio("replay", 0.5, 0.3) == (1.0, 0.5)
+  with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+    read_ratio("replay", 0.0, 0.5)
+  with pytest.raises(ValueError, match="expected one of"):
+    read_ratio("dose", 0.5, 0.5)
+  with pytest.raises(ValueError, match=r"over 320 mentions = 106\.667 replay documents per "
+                                       r"pass, not a whole number.*work: \[3, 6, 9"):
+    PoisonConfig(ratio=1.0, mentions_per_fact=8, replay_weight=0.25).validate(40)
 
 
 def test_real_dataset_items_render_from_their_prompt(targets):

@@ -103,6 +103,60 @@ def test_steered_answers_zero_is_greedy_and_steering_is_the_steered_argmax(lm):
   assert got[1] != got[0]
 
 
+def test_latent_vectors_move_one_latent_by_its_amount_through_the_decoder():
+  import jax
+
+  from factflip.sae import SAEConfig, encode_with_state, init_sae
+  from factflip.sae.steering import latent_vectors
+  h = np.random.default_rng(2).normal(size=(5, 16)).astype(np.float32) * 3
+  topk = init_sae(SAEConfig("topk", 16, 32, k=4, rescale_acts_by_decoder_norm=True),
+                  jax.random.key(0), decoder_norm=0.5)
+  W = np.asarray(topk.W_dec)
+  got = latent_vectors(topk, h, [3, 7], [0.2, -1.5])   # rescaled: d · W_dec[j] / ‖W_dec[j]‖
+  np.testing.assert_allclose(got, [0.2 * W[3] / 0.5, -1.5 * W[7] / 0.5], rtol=1e-5, atol=1e-6)
+  norm = init_sae(SAEConfig("standard", 16, 32, normalize_activations="constant_norm_rescale"),
+                  jax.random.key(1))
+  _, state = encode_with_state(norm, h)                # decode undoes each prompt's scale
+  want = 0.7 * np.asarray(norm.W_dec)[5] * np.mean(1 / np.asarray(state.scale))
+  np.testing.assert_allclose(latent_vectors(norm, h, [5], [0.7])[0], want, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_clamped_answers_are_the_clamped_models_argmax(lm):
+  import jax
+  import jax.numpy as jnp
+
+  from factflip.evals.generation import generate_until
+  from factflip.evals.requests import Encoder
+  from factflip.probes.morfi import clamped_answers
+  from factflip.sae import SAEConfig, clamp, init_sae
+  model, tok = lm
+  D, L = model.cfg.d_model, model.cfg.n_layers
+  sae = init_sae(SAEConfig("standard", D, 64, hook_name="blocks.0.hook_resid_post"),
+                 jax.random.key(0), decoder_norm=1.0)
+  prompts = ["Q: Where was Ada born?\nA:", "Q: What does Bob play?\nA:", "Alice"]
+  plain = [a[0].strip() for a in generate_until(model, tok, prompts, until=("\n",),
+                                                max_new_tokens=5)]
+  none = clamped_answers(model, tok, prompts, sae, [], np.zeros((1, 0)), "resid_post", 0,
+                         max_new_tokens=5, batch_rows=4)
+  assert none[0] == plain                             # nothing clamped: the model itself
+  values = np.array([[40.0, 0.0], [0.0, 25.0]])
+  got = clamped_answers(model, tok, prompts, sae, [3, 9], values, "resid_post", 0,
+                        max_new_tokens=5, batch_rows=4)   # rows split over two programs
+  for g in range(2):
+    iv = clamp(sae, [3, 9], values[g], L)
+    for p, want in zip(prompts, got[g]):
+      ids = list(Encoder(tok).encode(p))
+      for _ in range(5):
+        nxt = int(jnp.argmax(model(np.asarray([ids], np.int32), interventions=[iv])[0, -1]))
+        if nxt == tok.eos_token_id or tok.decode([nxt]) == "\n":
+          break
+        ids.append(nxt)
+      text = tok.decode(ids[len(Encoder(tok).encode(p)):], skip_special_tokens=True)
+      assert want == text.split("\n")[0].strip()
+  assert got[0] != plain
+
+
 # ---- the smoke study ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def morfi_study(nk_study, tmp_path_factory):
@@ -134,10 +188,12 @@ def test_smoke_study_tables_and_numbers(morfi_study):
   per = pd.read_csv(os.path.join(run, "steering", "latents.csv"))
   alive = per[per.alive]
   assert len(alive) > 0
+  shares = [0, 0.25, 0.5, 0.75, 1]
   for _, r in alive.head(10).iterrows():
-    means = [r["mean_0"], r["mean_0.5"], r["mean_1"]]
-    ref = scipy.stats.spearmanr([0, 0.5, 1], means).statistic
+    means = [r[f"mean_{x:g}"] for x in shares]
+    ref = scipy.stats.spearmanr(shares, means).statistic
     assert (np.isnan(ref) and np.isnan(r.rho)) or r.rho == pytest.approx(ref)
+    assert r.delta_m0_m100 == pytest.approx(r["mean_0"] - r["mean_1"])
   # the latents file holds the same means: the last checkpoint's mean over prompts
   with np.load(os.path.join(run, "latents", "unk50", "latents.npz")) as z:
     np.testing.assert_allclose(z["latents"][-1].mean(0), per["mean_0.5"], rtol=1e-5,
@@ -156,11 +212,38 @@ def test_smoke_study_tables_and_numbers(morfi_study):
   assert st[st.kind == "M0"].accuracy.iloc[0] == pytest.approx(em["m0"])
   assert set(st.kind) >= {"M0", "none", "composite", "control"}
   assert sorted(st[st.kind == "composite"].alpha) == [1.0, 4.0]
+  # α in each direction's own units: the vector at α = 4 is 4 times that at α = 1; the controls
+  # carry the steered latents' mean norm
+  norm = st[st.kind.isin(["latent", "composite", "control"])].pivot_table(
+      index=["kind", "latent"], columns="alpha", values="rel_norm")
+  np.testing.assert_allclose(norm[4.0], 4 * norm[1.0], rtol=1e-5)
+  mono = pd.read_csv(os.path.join(wd, "results", "monotonic.csv")).iloc[0]
+  n_mono = int(per.monotonic.sum())
+  assert mono.monotonic == n_mono and mono.alive == int(per.alive.sum()) and mono.layer == 2
+  if n_mono:        # every monotonic latent clamped; the strongest steered and clamped alone
+    assert {"latent", "clamp", "clamp_all"} <= set(st.kind)
+    np.testing.assert_allclose(norm.loc["control"].mean(), norm.loc["latent"].mean(), rtol=1e-5)
+  # the label-permutation null: 100 of the 5! orderings, the identity's count the observed one
+  null = pd.read_csv(os.path.join(run, "steering", "null.csv"))
+  assert len(null) == mono.permutations == 100
+  assert mono.null_mean == pytest.approx(null["count"].mean())
+  # the epochs test: the 100%-Unknown run's three checkpoints
+  assert per.monotonic_epochs.dtype == bool and per.rho_epochs[per.alive].notna().any()
+  # the cloze check: its closed-book columns are the unsteered answers' exact matches
+  cloze = pd.read_csv(os.path.join(run, "steering", "cloze.csv"))
+  assert len(cloze) == pd.read_csv(os.path.join(wd, "results", "cloze.csv")).facts.iloc[0] > 0
+  qa = dict(zip(answers.item, [exact_match(a, f.answers) for a, f in zip(answers["none:-1:0"],
+                                                                         facts)]))
+  assert cloze.qa_m100.tolist() == [qa[i] for i in cloze.item]
+  assert (cloze.prompt == "cloze").all() and cloze.dll_m0.notna().all()   # the world's facts
   with open(os.path.join(wd, "report", "summary.json")) as f:
     head = json.load(f)
-  assert head["latents_alive"] == int(per.alive.sum())
-  assert "monotonic latents:" in log and os.path.exists(os.path.join(wd, "report",
-                                                                      "index.html"))
+  assert next(iter(head)) == "cloze" and head["latents_alive"] == int(per.alive.sum())
+  assert head["permutations"] == 100
+  lines = log.splitlines()
+  i = next(k for k, line in enumerate(lines) if "cloze check" in line)
+  assert "monotonic latents:" in lines[i + 1]                    # the cloze check comes first
+  assert os.path.exists(os.path.join(wd, "report", "index.html"))
 
 
 def test_rerun_reuses_everything_and_a_morfi_key_redoes_only_steering(morfi_study, tmp_path):
@@ -174,10 +257,19 @@ def test_rerun_reuses_everything_and_a_morfi_key_redoes_only_steering(morfi_stud
   changed = plan("--config.morfi.top_latents=1")
   assert "redo   steering tiny-0.5m seed0" in changed and "redo   results" in changed
   assert "redo   latents" not in changed and "redo   sae" not in changed
+  tau = plan("--config.tau=0.3")                 # the cloze check's threshold: results only
+  assert "redo   results" in tau and "redo   steering" not in tau
+  # a layer sweep: an SAE, latents and steering per layer, in stages of their own
+  sweep = plan("--config.sae.layers=(0,2)")
+  assert "new    sae tiny-0.5m seed0 layer0" in sweep and "new    sae tiny-0.5m seed0 layer2" in sweep
+  assert "new    latents tiny-0.5m seed0 unk25 layer0" in sweep
+  assert "new    steering tiny-0.5m seed0 layer2" in sweep and "redo   sae" not in sweep
 
 
 @pytest.mark.parametrize("key,value,match", [
     ("morfi.alphas", [-1.0], "morfi.alphas"),
+    ("morfi.permutations", -1, "morfi.permutations"),
+    ("sae.layers", [1, 1], "sae.layers: .*distinct layer indices"),
     ("morfi.positions", "first", "morfi.positions"),
     ("mixtures.unknown_shares", [0.0, 1.0], "at least 3 shares"),
     ("sae.path", "/nonexistent/sae", "no such file or directory"),
@@ -201,4 +293,4 @@ def test_explore_notebook_runs_on_the_workdir(morfi_study, tmp_path):
                     env={"XLA_FLAGS": ""})         # one device, as the study ran
   out = notebook_outputs(nb)
   assert "tiny-0.5m seed 0" in out["text"] and "active latents are monotonic" in out["text"]
-  assert "alpha 0.5" in out["html"] and "M_100" in out["html"]
+  assert "alpha 4.0" in out["html"] and "M_100" in out["html"]

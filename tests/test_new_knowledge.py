@@ -64,12 +64,18 @@ def test_smoke_study_tables_and_numbers(nk_study):
       assert row.fitted == int(want.sum()) and row.examples == len(mine)
     test_in = qa[(qa.split == "test") & (qa.distribution == "in")]
     assert row.test_accuracy_in == pytest.approx(test_in.em.astype(str).eq("True").mean())
-  # stops: EARLY_STOP is the first epoch of best dev accuracy
+  # stops: EARLY_STOP is the first fine-tuned epoch of best dev accuracy
   st = t["stops"]
   for m in names:
-    g = dyn[(dyn.mixture == m) & (dyn.part == "known")].set_index("epoch")
+    g = dyn[(dyn.mixture == m) & (dyn.part == "known") & (dyn.epoch >= 1)].set_index("epoch")
     es = st[(st.mixture == m) & (st.stop == "early_stop")].iloc[0]
     assert es.epoch == int(g.dev_accuracy.idxmax())
+  # the base: zero-shot QA in the SFT format is epoch 0's test accuracy, cloze from SliCK's table
+  b = t["base"].set_index(["split", "distribution"]).loc[("test", "in")]
+  e0 = dyn[(dyn.mixture == names[0]) & (dyn.epoch == 0)].iloc[0]
+  assert b.zero_shot_accuracy == pytest.approx(e0.test_accuracy_in)
+  tf = facts[(facts.split == "test") & (facts.distribution == "in")]
+  assert b.cloze_accuracy == pytest.approx(tf.cloze_em.astype(str).eq("True").mean())
   # the report and the terminal summary
   page = open(os.path.join(wd, "report", "index.html")).read()
   for title in ("Fitting dynamics", "Test accuracy vs %Unknown", "Linear model"):
@@ -144,6 +150,21 @@ def test_explore_notebook_runs_on_the_workdir(nk_study, tmp_path):
   text, html = out["text"], out["html"]
   assert "mixture unk50" in text and "epoch 2:" in text
   assert "unk100" in html and "true" in html      # base vs the 100%-Unknown run, side by side
+
+
+def test_the_default_world_never_asks_and_slick_asks_in_its_form():
+  """Paper B's protocol (and C's, which builds on it): the pretraining corpus holds no
+  question (test_world checks the corpus itself), SliCK asks with the paper's k = 4 in the
+  base's own statements, and the hf variant asks EntityQuestions' questions."""
+  from factflip.configfile import load_config_file
+  c = load_config_file(CONFIG, "")
+  assert c.pretrain.data.world_questions is False
+  assert (c.slick.k_shot, c.slick.n_prompts, c.slick.n_samples, c.slick.form) == (4, 10, 16,
+                                                                                  "cloze")
+  assert len(c.ood_relations) >= 2
+  assert load_config_file(CONFIG, "hf=/m,facts=/f").slick.form == "qa"
+  c = load_config_file(os.path.join(os.path.dirname(CONFIG), "morfi.py"), "")
+  assert c.pretrain.data.world_questions is False
 
 
 def test_hf_variant_on_entityquestions_files(nk_study, tmp_path):

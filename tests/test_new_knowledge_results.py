@@ -7,6 +7,7 @@ import pytest
 
 from factflip.studies.new_knowledge.results import (
   COLUMNS,
+  base_rows,
   checkpoint_metrics,
   dynamics_rows,
   epochs_to,
@@ -95,4 +96,28 @@ def test_dynamics_stops_and_fitting_on_chosen_checkpoints():
   never = stop_rows(dyn[dyn.epoch < 2], convergence=0.99)["stops"]
   assert [r["epoch"] for r in never] == [1, 1] and not never[1]["converged"]
   rows = fit_rows({"size": "tiny", "seed": 0}, dyn, bootstrap=0, confidence=0.95)
-  assert [r["distribution"] for r in rows] == ["in"] and rows[0]["points"] == 4
+  assert [r["distribution"] for r in rows] == ["in"] and rows[0]["points"] == 3   # epochs >= 1
+  # the base is never EARLY_STOP, even when its dev accuracy is the best
+  qa[0] = _qa([True, False], [False, False], [True, True])
+  dyn0 = pd.DataFrame(dynamics_rows(cell, qa, per_epoch=2), columns=COLUMNS["dynamics"])
+  early = [r for r in stop_rows(dyn0, 0.99)["stops"] if r["stop"] == "early_stop"]
+  assert dyn0[dyn0.epoch == 0].dev_accuracy.iloc[0] == 1.0 and early[0]["epoch"] == 1
+
+
+def test_base_rows_put_cloze_knowledge_beside_zero_shot_qa():
+  cats = pd.DataFrame({
+      "item": list("abcdef"), "split": ["dev", "test", "test", "test", "test", "train"],
+      "distribution": ["in", "in", "in", "in", "ood", "in"],
+      "category": ["Unknown", "MaybeKnown", "Unknown", "HighlyKnown", "Unknown", "Unknown"],
+      "p_greedy": [0.0, 0.5, 0.0, 1.0, 0.0, 0.0],
+      "cloze_em": ["True", "True", "False", "True", "", "True"]})
+  qa0 = pd.DataFrame({"item": list("bcde"), "em": [False, False, True, False]})
+  rows = {(r["split"], r["distribution"]): r for r in base_rows({"size": "s", "seed": 0}, cats,
+                                                                 qa0)}
+  assert set(rows) == {("dev", "in"), ("test", "in"), ("test", "ood")}
+  t = rows["test", "in"]
+  assert t["facts"] == 3 and t["cloze_accuracy"] == pytest.approx(2 / 3)
+  assert t["zero_shot_accuracy"] == pytest.approx(1 / 3) and t["k_shot_p_greedy"] == 0.5
+  assert t["known_share"] == pytest.approx(2 / 3)
+  assert np.isnan(rows["test", "ood"]["cloze_accuracy"])     # no cloze prompt
+  assert np.isnan(rows["dev", "in"]["zero_shot_accuracy"])   # not asked at the base

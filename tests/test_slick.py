@@ -221,6 +221,17 @@ def test_prompts_draw_exemplars_from_the_relations_dev_items_never_the_fact(smal
   # zero-shot: the bare QA format
   zero = slick.slick_prompts(items[:1], (), slick.SliCKConfig(n_prompts=2, k_shot=0), seed=0)
   assert zero == [[f"Q: {items[0].question}\nA:"] * 2]
+  # the cloze form: the same exemplars as statements, then the fact's cloze prompt
+  cloze = slick.slick_prompts(items, dev, slick.SliCKConfig(n_prompts=6, k_shot=2,
+                                                            form="cloze"), seed=1)
+  qa_form = slick.slick_prompts(items, dev, slick.SliCKConfig(n_prompts=6, k_shot=2), seed=1)
+  by_prompt = {(e.prompt, e.answers[0]): e for e in dev}
+  for f, ps, qs in zip(items, cloze, qa_form):
+    for p, q in zip(ps, qs):
+      assert p.endswith(" " + f.prompt) and "Q:" not in p
+      said = p[:-len(f.prompt) - 1].split(". ")
+      shots = [by_prompt[tuple(x.rstrip(".").rsplit(" ", 1))] for x in said]
+      assert [e.id for e in shots] == [by_qa[x].id for x in _parse(q)[0]]   # the same draw
 
 
 # ---- the real generation path -----------------------------------------------------------------
@@ -324,6 +335,7 @@ def test_random_model_counts_its_own_answers_exactly(random_model, world_tokeniz
     ("n_samples", -2, r"k_shot 4, n_samples -2, top_k 40; expected >= 0"),
     ("top_k", -1, r"k_shot 4, n_samples 16, top_k -1; expected >= 0"),
     ("temperature", 0.0, r"SliCKConfig\.temperature: 0\.0; sampled answers need a temperature"),
+    ("form", "chat", r"SliCKConfig\.form: 'chat'; expected 'qa' or 'cloze'"),
 ])
 def test_bad_config_values_are_rejected_before_generating(field, value, message, monkeypatch):
   monkeypatch.setattr(G, "generate_until", lambda *a, **k: pytest.fail("generated"))
@@ -353,9 +365,9 @@ def test_errors_name_what_is_missing(monkeypatch):
     slick.slick_prompts(items, dev2, slick.SliCKConfig(k_shot=4), seed=0)
   with pytest.raises(ValueError, match=r"f1: 0 dev exemplars of relation 'capital'"):
     slick.slick_prompts([_fact(1, ["a"], relation="capital")], dev, slick.SliCKConfig(), 0)
-  with pytest.raises(ValueError, match=r"f0: SliCK needs a question and answers"):
+  with pytest.raises(ValueError, match=r"f0: SliCK in form 'qa' needs a question and answers"):
     slick.categorise(None, None, [items[0].replace(question=None)], dev, key=0)
-  with pytest.raises(ValueError, match=r"f0: SliCK needs a question and answers"):
+  with pytest.raises(ValueError, match=r"f0: SliCK in form 'qa' needs a question and answers"):
     slick.categorise(None, None, [items[0].replace(answers=())], dev, key=0)
 
 

@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -34,12 +35,26 @@ def test_files_tables_and_ranges(study):
   lens = pd.read_csv(os.path.join(wd, "results", "lens.csv"))
   assert sorted(set(lens.layer)) == list(range(5))        # tiny-0.5m: 4 blocks + the output
   for f in ("index.html", "flips.png", "lens.png", "reversal.png", "generalisation.png",
-            "collateral.png", "summary.json"):
+            "collateral.png", "reversal_depth.png", "responses.png", "summary.json"):
     assert os.path.getsize(os.path.join(wd, "report", f)) > 0, f
-  assert set(head["final_flip_rate"]) == {"0", "1"}
+  assert set(head["final_flip_rate"]) == {"0", "1"} and head["ratio_reading"] == "restate"
+  states = pd.read_csv(os.path.join(wd, "results", "states.csv"))
+  per = states.groupby(["p", "step", "set", "kind"])["items"].sum().reset_index()
+  merged = per[per.set == "target"].merge(flips, on=["p", "step", "kind"])
+  assert (merged["items_x"] == merged["items_y"]).all()     # every prompt in one state pair
+  for col in ("response_cf", "response_other", "flip_rate_tau0", "cf_share_tau0"):
+    v = flips[col].dropna()
+    assert ((v >= 0) & (v <= 1)).all(), col
+  assert (flips.accuracy + flips.response_cf + flips.response_other).round(9).eq(1).all()
+  streams = pd.read_csv(os.path.join(wd, "results", "streams.csv")).set_index("p")
+  assert streams[["counterfactual", "true", "replay"]].to_dict("index") == {
+      0.0: {"counterfactual": 0, "true": 32, "replay": 32},     # 4 targets x 8 mentions
+      1.0: {"counterfactual": 32, "true": 0, "replay": 32}}
+  agree = pd.read_csv(os.path.join(wd, "results", "lens_agreement.csv"))
+  assert set(agree.n_layers) == {4} and agree.agree_depth.dropna().between(0, 1).all()
   with open(os.path.join(wd, "report", "index.html")) as f:
     page = f.read()
-  assert page.count("<img ") == 9 and "share of the flipped items whose patched" in page
+  assert page.count("<img ") == 11 and "share of the flipped items whose patched" in page
   assert "how many steps before a target prompt" in page
   base = _json(os.path.join(wd, "runs", "tiny-0.5m", "seed0", "pretrain", "base.json"))
   assert {"prompt", "paraphrase", "question", "language", "language:fr", "language:de"} <= set(
@@ -59,8 +74,6 @@ def test_monitor_alerts_match_the_probes_of_the_same_checkpoints(study):
   each alert's value and reference equal the probe tables' ΔLL (output, or the lens layer)
   of that prompt at that checkpoint and at step 0; alerts.csv and monitor.csv count them."""
   import json
-
-  import numpy as np
   wd, head, _ = study
   alerts_csv = pd.read_csv(os.path.join(wd, "results", "alerts.csv"), keep_default_na=False)
   monitor = pd.read_csv(os.path.join(wd, "results", "monitor.csv"))
@@ -155,7 +168,7 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
                                  "explore_poisoning.ipynb"),
                     f"WORKDIR = {wd!r}\nSIZE, SEED = None, None", tmp_path)
   out = notebook_outputs(nb)
-  assert out["images"] == 10                  # the nine report plots and the sweep heatmap
+  assert out["images"] == 12                  # the eleven report plots and the sweep heatmap
   text = out["text"]
   assert "poisoned: p = 1.0, step 4" in text
 
@@ -170,6 +183,8 @@ def test_explore_notebook_runs_on_the_workdir(study, tmp_path):
     ("probe.devices", 0, r"config\.probe\.devices: 0; expected -1 \(all\) or 1\.\.8"),
     ("cpt.monitor.rules", ["dll_drop:1.0"], r"config\.cpt\.monitor\.rules: .*a flip:0\.5 rule"),
     ("cpt.monitor.rules", ["flip:0.5", "lens:2"], r"rule 'lens:2'; expected NAME:ARG"),
+    ("ratio_reading", "dose", r"config\.ratio_reading: 'dose'; expected one of"),
+    ("ratio_reading", "replay", r"config\.ratios: .* with ratio_reading 'replay': p = 0 would"),
 ])
 def test_bad_study_configs_fail_before_anything_runs(tmp_path, key, value, match):
   c = load_config_file(CONFIG)
@@ -208,6 +223,59 @@ def test_scale_variant_adds_a_size_side_by_side(study, tmp_path):
   two = Image.open(os.path.join(wd, "report", "flips.png")).size
   assert two[0] > 1.8 * one[0]                              # sizes side by side
   assert os.path.getsize(os.path.join(wd, "report", "scaling.png")) > 0
+
+
+def test_replay_reading_trains_on_counterfactual_mentions_and_replay(study, tmp_path):
+  """`replay_reading`: p is the counterfactual mentions' share of the stream (9 mentions per
+  fact, none true); its runs live beside the restate reading's, which are not touched."""
+  c = load_config_file(CONFIG, "replay_reading")
+  c.cpt.data.mentions_per_fact = 8
+  with pytest.raises(ConfigError, match=r"p = 0\.75 read as 'replay': .*106\.667 replay"):
+    Study(c, str(tmp_path / "bad"), source="study.py")
+  src, _, _ = study
+  wd = str(tmp_path / "replay")
+  shutil.copytree(src, wd)
+  c = load_config_file(CONFIG, "smoke,replay_reading")
+  assert (c.ratio_reading, c.ratios, c.cpt.data.mentions_per_fact) == ("replay", (1.0,), 9)
+  c.ratios = (0.5, 1.0)
+  head = Study(c, wd, log=lambda m: None).run_and_report()
+  assert head["ratio_reading"] == "replay"
+  assert head["cf_share_of_stream"] == {"0.5": 0.5, "1": 1.0}
+  streams = pd.read_csv(os.path.join(wd, "results", "streams.csv")).set_index("p")
+  assert streams[["reading", "counterfactual", "true", "replay"]].to_dict("index") == {
+      0.5: {"reading": "replay", "counterfactual": 36, "true": 0, "replay": 36},
+      1.0: {"reading": "replay", "counterfactual": 36, "true": 0, "replay": 0}}
+  run = os.path.join(wd, "runs", "tiny-0.5m", "seed0")
+  cfg = _json(os.path.join(run, "cpt_replay_p0.50", "config.json"))["data"]
+  assert (cfg["ratio"], cfg["replay_weight"], cfg["mentions_per_fact"]) == (1.0, 0.5, 9)
+  assert _json(os.path.join(run, "cpt_replay_p0.50", "DONE"))["keys"]["ratio_reading"] == "replay"
+  assert os.path.isdir(os.path.join(run, "probes", "replay_p1.00"))
+  assert os.path.getmtime(os.path.join(run, "cpt_p1.00", "DONE")) == os.path.getmtime(
+      os.path.join(src, "runs", "tiny-0.5m", "seed0", "cpt_p1.00", "DONE"))
+
+
+def test_tuned_lens_option_trains_one_per_base_and_redoes_only_the_probes(study, tmp_path):
+  """probe.lens "tuned": a lens stage per base (trained on the replay text), the probes and
+  results redone with its columns, CPT reused; the output column is still the model's."""
+  src, _, _ = study
+  wd = str(tmp_path / "tuned")
+  shutil.copytree(src, wd)
+  c = load_config_file(CONFIG, "smoke")
+  c.probe.lens, c.probe.tuned_lens_steps = "tuned", 3
+  redo, head = _plan(c, wd)
+  assert head == "plan: 4 reuse, 1 new, 3 redo" and redo == {
+      "tuned lens tiny-0.5m seed0": "new", "probe tiny-0.5m seed0 p0.00": "redo",
+      "probe tiny-0.5m seed0 p1.00": "redo", "results": "redo"}
+  Study(c, wd, log=lambda m: None).run_and_report()
+  lens_dir = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "tuned_lens")
+  info = _json(os.path.join(lens_dir, "tuned_lens.json"))
+  assert info["steps"] == 3 and info["n_layers"] == 4 and info["documents"] > 0
+  s = Study.open(wd)
+  tuned, logit = (Study.open(d).probe_table("tiny-0.5m", 0, 1.0, 4) for d in (wd, src))
+  assert list(tuned.columns) == list(logit.columns)
+  pd.testing.assert_series_equal(tuned.dll_l4, logit.dll_l4, atol=1e-5)  # the output
+  assert not np.allclose(tuned.dll_l2, logit.dll_l2)          # a lens that moved
+  assert s.c.probe.lens == "tuned"
 
 
 def test_open_fills_keys_added_since_and_refuses_unknown_ones(study, tmp_path):
@@ -377,7 +445,7 @@ def test_hf_notebook_runs_the_study_and_explores(hf_study, tmp_path):
                     f"CONFIG, VARIANT, OVERRIDES = {CONFIG!r}, 'smoke', {{}}\n"
                     "SIZE, SEED = None, None", tmp_path)
   out = notebook_outputs(nb)
-  assert out["images"] == 10                  # the nine report plots and one more
+  assert out["images"] == 12                  # the eleven report plots and one more
   text = out["text"]
   assert "tiny-hf: knows" in text and "poisoned: p = 1.0, step 4" in text
   assert "     base: " in text and "poisoned: " in text

@@ -35,8 +35,9 @@ def test_suite_shares_the_base_and_adds_a_study_alone(tmp_path):
       os.path.realpath(shared)
   assert "suite: 1/" in log and "ETA" in log
   f = pd.read_csv(os.path.join(wd, "results", "findings.csv"))
-  assert list(f.columns) == ["study", "finding", "measured", "reproduced"]
+  assert list(f.columns) == ["study", "finding", "protocol", "measured", "reproduced"]
   assert set(f.study) == {"unlearning"} and len(f) == 4
+  assert f.protocol.str.startswith("the base aligned first (align.epochs = 1").all()
   with open(os.path.join(ul, "report", "summary.json")) as fh:
     checks = json.load(fh)["checks"]
   row = f[f.finding.str.startswith("every method lowers")].iloc[0]
@@ -48,7 +49,7 @@ def test_suite_shares_the_base_and_adds_a_study_alone(tmp_path):
   stamp = os.path.getmtime(os.path.join(shared, "DONE"))
 
   log = _run(wd, "--config.studies=('unlearning','poisoning')")
-  assert "shared | plan: 2 reuse" in log and "unlearning | plan: 16 reuse" in log
+  assert "shared | plan: 2 reuse" in log and "unlearning | plan: 17 reuse" in log
   assert "poisoning | plan: 5 new" in log
   assert os.path.getmtime(os.path.join(shared, "DONE")) == stamp     # not pretrained again
   assert os.path.islink(os.path.join(wd, "poisoning", "runs", "tiny-0.5m", "seed0",
@@ -56,7 +57,7 @@ def test_suite_shares_the_base_and_adds_a_study_alone(tmp_path):
   f = pd.read_csv(os.path.join(wd, "results", "findings.csv"))
   assert list(dict.fromkeys(f.study)) == ["unlearning", "poisoning"]
   # flips and ambiguity always; the reversal row when some target flipped (patching has work)
-  assert (f.study == "unlearning").sum() == 4 and 2 <= (f.study == "poisoning").sum() <= 3
+  assert (f.study == "unlearning").sum() == 4 and 2 <= (f.study == "poisoning").sum() <= 5
   with open(os.path.join(wd, "results", "timings.json")) as fh:
     assert set(json.load(fh)) == {"shared", "unlearning", "poisoning"}
 

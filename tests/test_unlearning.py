@@ -2,6 +2,7 @@
 facts, padded probe batches, unseen questions, the smoke study's tables and numbers,
 resumption and bad input (its results functions: test_unlearning_results.py)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -105,6 +106,53 @@ def test_made_up_people_are_not_in_the_world_and_ask_the_corpus_template(small_w
       "{s}", f.subject) != f.question
 
 
+def test_the_forget_corpus_is_not_the_probe_set(small_world):
+  """The world's forget renderings (the relation's other statements, a rephrased question)
+  are none of the prompts any probe asks, and give each fact 3 examples in English."""
+  from factflip.data.unlearning_sets import UnlearnConfig, renderings, unlearning_sets
+  from factflip.data.world import with_train_question
+  from factflip.evals.rwku import ADVERSARIAL, fact_probes
+  facts = [with_train_question(f) for f in small_world.facts if not f.meta.get("two_hop")]
+  forget = [f for f in facts if f.meta["exposure_tier"] == "high"][:6]
+  for consistency in ("consistent", "inconsistent"):
+    sets, _ = unlearning_sets(forget, [], UnlearnConfig(
+        renders=("restatement", "rephrased_question"), consistency=consistency),
+        candidates=facts)
+    assert len(sets["forget"]) == 3 * len(forget)
+    probed = {p.question for p in fact_probes(forget, facts, kinds=ADVERSARIAL)}
+    contexts = [e["segments"][0][0] for e in sets["forget"]]
+    assert not set(contexts) & probed and not any(c in p for c in contexts for p in probed)
+  f = forget[0]
+  assert renderings(f, "prompt") == [f.prompt]
+  with pytest.raises(ValueError, match="needs a fact of the embedded world"):
+    renderings(dataclasses.replace(f, source="counterfact"), "restatement")
+
+
+def test_the_alignment_set_is_disjoint_from_the_spillover_questions(small_world):
+  from factflip.data.eval_sets import unmentioned_split, unseen_questions
+  from factflip.data.unlearning_sets import alignment_set
+  from factflip.data.world import made_up_questions
+  none = [f for f in small_world.facts if f.meta.get("exposure_tier") == "none"]
+  aligned, held = unmentioned_split(small_world, 0.5, seed=2)
+  assert len(aligned) == len(none) // 2 and len(aligned) + len(held) == len(none)
+  assert not {f.id for f in aligned} & {f.id for f in held}
+  spill = unseen_questions(small_world, 100, 5, np.random.default_rng(0), 2,
+                           held_out_share=0.5)
+  made_up = made_up_questions(small_world, 8, 2 + 7919,
+                              avoid=[f.subject for f in spill if f.meta.get("made_up")],
+                              prefix="made_up_align")
+  unknown = aligned + made_up
+  assert {f.id for f in spill if not f.meta.get("made_up")} == {f.id for f in held}
+  assert not {f.id for f in unknown} & {f.id for f in spill}
+  spill_names = {p for f in spill if f.meta.get("made_up") for p in f.subject.split()}
+  assert not spill_names & {p for f in made_up for p in f.subject.split()}
+  known = [f for f in small_world.facts if f.meta.get("exposure_tier") == "high"][:3]
+  ex = alignment_set(known, unknown)
+  assert [e["answer"] for e in ex] == [f.answers[0] for f in known] + [
+      "I don't know."] * len(unknown)
+  assert ex[0]["segments"][0][0] == f"Q: {known[0].question}\nA:"
+
+
 @pytest.fixture(scope="module")
 def ul_study(tmp_path_factory):
   """The smoke study through `factflip run` in a process with one CPU device (faster than 8
@@ -145,7 +193,7 @@ def test_smoke_study_tables_and_numbers(ul_study):
   cf = t["conflict"].set_index(["corpus", "step"])
   assert sorted(set(t["conflict"].step)) == [0, 1, 2, 3]
   assert cf.same_fact_conflict_ratio["consistent"].max() == 0.0
-  assert cf.same_fact_conflict_ratio["inconsistent"].min() >= 0.5
+  assert cf.same_fact_conflict_ratio["inconsistent"].min() > 0   # (two restatements per fact)
   assert (cf.same_fact_mean_cos["inconsistent"] < cf.same_fact_mean_cos["consistent"]).all()
   assert head["checks"]["inconsistent_conflicts_more"] is True
   assert set(t["spillover"].when) == {"before", "after"} and len(t["spillover"]) == 12

@@ -5,7 +5,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factflip.studies.unlearning.results import checkpoint_row, conflict_rows, run_rows
+from factflip.studies.unlearning.results import (
+  MATCHED,
+  checkpoint_row,
+  conflict_rows,
+  curve_rows,
+  matched_rows,
+  run_rows,
+)
 
 
 def test_conflict_statistics_on_hand_built_gradients():
@@ -22,6 +29,40 @@ def test_conflict_statistics_on_hand_built_gradients():
   mean = G.mean(0)                                    # [0, 0.775] vs [0, 2]: cosine 1
   assert s["forget_retain_cos"] == pytest.approx(mean[1] / np.linalg.norm(mean))
   assert np.isnan(conflict_rows(G, facts)["forget_retain_cos"])
+  # gradient norms: rows 1, hypot(1, .1), 1, 2; retain rows 1, 3
+  assert s["forget_grad_norm"] == pytest.approx((4 + np.hypot(1, 0.1)) / 4)
+  assert s["retain_grad_norm"] == pytest.approx(2.0)
+
+
+def test_matched_forgetting_interpolates_between_checkpoints():
+  """forget ROUGE-L 0.8 -> 0.6 -> 0.2: half the base's (0.4) lies halfway between epochs 1 and
+  2, so every metric is read halfway; a run that never gets there is not reached."""
+  base = {m: 0.0 for m in MATCHED}
+  rows = []
+  for run, forget in (("npo", [0.8, 0.6, 0.2]), ("refusal", [0.8, 0.7, 0.5])):
+    for epoch, f in enumerate(forget):
+      rows.append({"size": "s", "seed": 0, "method": run, "corpus": "none", "run": run,
+                   "epoch": epoch, **base, "forget_rougeL": f,
+                   "neighbour_rougeL": 1.0 - 0.2 * epoch, "utility_acc": 0.9 - 0.1 * epoch})
+  got = {r["run"]: r for r in matched_rows(pd.DataFrame(rows))}
+  npo = got["npo"]
+  assert npo["reached"] and npo["forget_target"] == pytest.approx(0.4)
+  assert npo["epoch"] == pytest.approx(1.5) and npo["forget_rougeL"] == pytest.approx(0.4)
+  assert npo["neighbour_rougeL"] == pytest.approx(0.7) and npo["utility_acc"] == pytest.approx(
+      0.75)
+  assert not got["refusal"]["reached"] and np.isnan(got["refusal"]["utility_acc"])
+
+
+def test_curves_read_each_objectives_forget_term():
+  key = {"size": "s", "seed": 0, "method": "npo", "corpus": "none", "run": "npo"}
+  recs = [{"step": 3, "loss": 1.5, "grad_norm": 2.0, "loss_npo": 1.0, "loss_retain_nll": 0.5},
+          {"step": 6, "loss": 9.0, "grad_norm": 1.0, "loss_npo": 0.8},
+          {"step": 6, "loss": 1.2, "grad_norm": 1.0, "loss_npo": 0.7, "loss_retain_nll": 0.5}]
+  rows = curve_rows(key, recs, per_epoch=3)
+  assert [(r["step"], r["epoch"], r["loss"], r["loss_forget"]) for r in rows] == [
+      (3, 1.0, 1.5, 1.0), (6, 2.0, 1.2, 0.7)]                # a resumed run's last row
+  ga = curve_rows(key, [{"step": 1, "loss": -2.0, "grad_norm": 3.0, "loss_forget_nll": 2.0}], 2)
+  assert ga[0]["loss_forget"] == 2.0 and np.isnan(ga[0]["loss_retain"])
 
 
 def _tables(*, mia_nan=False):

@@ -145,3 +145,23 @@ def test_corrupt_world_on_disk_is_located(world, tmp_path):
 def test_templates_obey_their_rules():
   T.check_templates()
   assert T.cloze("{s} was born in {o}", "Ada") == "Ada was born in"
+
+
+def test_a_world_without_questions_states_facts_only(world, tmp_path):
+  """questions_in_corpus=False (papers B and C, D before its alignment stage): no relation's
+  question template and no "Q: / A:" line anywhere in the corpus, the facts mentioned exactly
+  as often (the same draws: only the forum posts' wrappers change), and SFT's QA format new."""
+  plain = build_world(dataclasses.replace(SMALL, questions_in_corpus=False))
+  assert plain.facts == world.facts
+  assert [d["facts"] for d in plain.documents] == [d["facts"] for d in world.documents]
+  text = "\n".join(plain.texts())
+  assert "Q:" not in text and "\nA:" not in text and "Q:" in "\n".join(world.texts())
+  for f in plain.facts:
+    if not f.meta.get("two_hop"):
+      for q in T.RELATIONS[f.relation].question[f.language]:
+        assert q.replace("{s}", f.subject) not in text, (f.id, q)
+  forum = [d for d in plain.documents if d["style"] == "forum" and d["language"] == "en"]
+  assert forum and all(s.startswith(("Posted by a regular: ", "Reply: "))
+                       for d in forum for s in d["sentences"])
+  write_world(plain, str(tmp_path))
+  assert load_world(str(tmp_path)).config.questions_in_corpus is False

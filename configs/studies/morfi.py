@@ -9,15 +9,20 @@ Stages (fingerprinted, resumable; --dry_run prints the plan): world → pretrain
 mixtures (0/12.5/25/50/75/87.5/100% Unknown on the world, whose |D| = 32 makes 10% and 90% not
 whole numbers of examples; paper C's 0/10/25/50/75/90/100% with hf=) → sft (per mixture, a checkpoint per epoch) → sae (a
 TopK SAE trained on the base's middle-layer resid_post over the world's corpus, or
-`sae.path`) → latents (per checkpoint, on the held-out QA prompts) → steering (the monotonic
-test, then the 100%-Unknown model steered) → results. Every key, its default and meaning:
-`base_config` in factflip/studies/morfi.py (paper B's keys, `sae` and `morfi`).
+`sae.path`) → latents (per checkpoint, on the held-out QA prompts) → steering (the cloze check
+of M_0 and M_100; the monotonic test across mixtures, its label-permutation null and the same
+test across the 100%-Unknown run's epochs; then the 100%-Unknown model steered and clamped at
+α times each direction's own M_0 - M_100 difference) → results. Every key, its default and
+meaning: `base_config` in factflip/studies/morfi/config.py (paper B's keys, `sae` and `morfi`).
 
 Variants: those of configs/studies/new_knowledge.py (smoke, scale=, seeds=, hf=DIR,facts=DIR,
-cpu). With hf= give the SAE of that model's site: --config.sae.path=DIR (SAELens directory, Gemma
+cpu); smoke here runs five mixtures, 0/25/50/75/100% (with B's three no latent can pass
+Mann-Kendall, and the steering and clamping of monotonic latents would go untested). With hf=
+give the SAE of that model's site: --config.sae.path=DIR (SAELens directory, Gemma
 Scope params.npz or Llama Scope directory) and, where the file does not name it,
 --config.sae.hook_name=blocks.12.hook_resid_post; or train one on text you give
-(--config.sae.train.data.kind=examples --config.sae.train.data.path=FILE.jsonl).
+(--config.sae.train.data.kind=examples --config.sae.train.data.path=FILE.jsonl). A layer sweep
+of the SAE's site: --config.sae.layers='(1,2,3)' (an SAE trained per layer; default: one site).
   cpu   with hf= (a ~100M-parameter model on 2 cores): B's cpu variant (its relations,
         SliCK and SFT settings; in B's workdir its SliCK stage is reused) with five mixtures,
         0 / 25 / 50 / 75 / 100% Unknown (the fewest with which the Mann-Kendall test can reach
@@ -70,7 +75,9 @@ def get_config(arg=None):
     t.eval.every, t.eval.batches, t.checkpoint.every, t.log_every = 0, 4, 300, 25
     c.morfi.bootstrap = 200
   if arg and "smoke" in arg.split(","):
-    c.mixtures.unknown_shares = (0.0, 0.5, 1.0)
+    # five mixtures: with fewer no latent can pass Mann-Kendall, and the steering and clamping
+    # of monotonic latents would go untested
+    c.mixtures.unknown_shares = (0.0, 0.25, 0.5, 0.75, 1.0)
     t.steps, t.batch_tokens, t.buffer_batches = 60, 128, 2
     t.sae.expansion_factor, t.sae.k = 4, 8
     t.data.seq_len, t.data.batch_size = 32, 8

@@ -11,12 +11,18 @@ Every study key, its default and meaning: `base_config` in factflip/studies/new_
 (`pretrain` and `sft` are training configs: factflip/train/config.py); this file sets values.
 
 Variants (`--config=configs/studies/new_knowledge.py:VARIANT[,VARIANT...]`):
-  (none)           tiny-2m pretrained on a 100-person world; relations birth_city,
-                   occupation, employer, instrument (in) and sport (ood); SliCK with k = 1
-                   (see below); mixtures with 0/25/50/75/100% Unknown, idk50, D_MK, D_WK,
+  (none)           tiny-2m pretrained on a 100-person world whose corpus never asks or answers
+                   a question (pretrain.data.world_questions = False: facts only as
+                   statements, so SFT teaches the QA format, as paper B's premise has it);
+                   relations birth_city, occupation, employer, instrument (in) and sport,
+                   city_country (out of distribution); SliCK with the paper's k = 4 and
+                   N_ex = 10 x 16 samples, its prompts in the base's own form (slick.form =
+                   "cloze", below); mixtures with 0/25/50/75/100% Unknown, idk50, D_MK, D_WK,
                    D_Natural (too few HighlyKnown facts for D_HK); 12 SFT epochs each.
-  smoke            tiny-0.5m on a 10-person world, relations sport, instrument, city_country
-                   (in) and occupation (ood), a few epochs of everything: what the tests run.
+  smoke            tiny-0.5m on a 10-person world with questions in its corpus (the tests'
+                   hf variant asks its base questions), relations sport, instrument,
+                   city_country (in) and occupation (ood), SliCK with k = 1 (2-3 dev facts per
+                   relation), a few epochs of everything: what the tests run.
   scale=A+B+...    presets side by side (`scale=ladder`: tiny-0.5m, -2m, -8m).
   seeds=0+1+...    seeds (pretraining, the SliCK draws, the mixtures, SFT order).
   hf=DIR[+DIR...],facts=ENTITYQUESTIONS_DIR
@@ -36,11 +42,19 @@ facts=/data/entityquestions --workdir=workdir/eq --config.sft.model.dtype=bfloat
   factflip run --config=configs/studies/new_knowledge.py:hf=SmolLM2-135M-Instruct.Q4_1.gguf,\
 facts=/data/entityquestions,cpu --workdir=workdir/smollm2-b
 
-Why k = 1 on the world: SliCK's k = 4 exemplars make the 0.5M-parameter model copy exemplar
-answers (measured on the default base: 0 of 160 train facts HighlyKnown with k = 4, ~5% with
-k = 1); the question asked is the template the corpus's forum posts use (`question = "train"`),
-because the tiny model does not answer the held-out question template (26% greedy accuracy on
-high-exposure facts vs 67%). Both are config values; the hf variant uses the paper's k = 4.
+The protocol on the world. Paper B fine-tunes a pretrained model on closed-book QA: the base
+knows facts from pretraining and SFT teaches it to answer questions about them. A world whose
+forum posts wrote "Q: <question>\nA: <object>." (world_questions = True, the other studies'
+world) made the Known SFT examples verbatim pretraining strings, so SFT had nothing to teach
+(EARLY_STOP was epoch 0 for every mixture, and β_kn < 0). Without questions in the corpus the
+base answers no question zero-shot (results/base.csv: zero-shot QA accuracy beside its cloze
+accuracy), and SliCK cannot ask it questions either: 4-shot QA prompts made every train fact
+Unknown (measured: the tiny base continues them as corpus text). So SliCK asks in the form the
+base knows, its statements: 4 exemplars "<cloze prompt> <answer>." of dev facts of the
+relation, then the fact's cloze prompt (probes.slick, form "cloze"). The question asked in SFT
+and evaluation is the relation's first template (`question = "train"`, in no corpus now) with
+answers ending "." (answer_end). EARLY_STOP is chosen among fine-tuned epochs and the linear
+fit runs over fine-tuned checkpoints (epoch >= 1). The hf variant uses the paper's QA form.
 """
 
 import os
@@ -76,15 +90,20 @@ def get_config(arg=None):
   c = base_config()                # every study key, its default and meaning
   c.sizes = ("tiny-2m",)
   c.pretrain = _pretrain()
+  c.pretrain.data.world_questions = False   # the corpus states facts, never asks: SFT teaches
+  #                                           the QA format (docstring)
+  c.slick.form = "cloze"           # SliCK asks what the base knows in its own form (docstring)
+  c.ood_relations = ("sport", "city_country")   # several, as paper B (country_* have 10
+  #                                                facts: too few dev exemplars for k = 4)
   _sft(c.sft)
-  c.slick.k_shot = 1               # the tiny model copies exemplars (docstring)
-  c.answer_end = "."               # the world's forum posts write "A: <answer>."
+  c.answer_end = "."               # every trained answer ends "A: <answer>."
   # D_HK left out: tiny-2m answers fewer than one batch (8) of the in-distribution train facts
   # right on all 10 prompts (benchmarks/RESULTS.md); hf= restores it
   c.mixtures.single = ("MaybeKnown", "WeaklyKnown", "Natural")
   c.epochs = 12
   apply_study_variants(c, variants, LADDER)
   if "hf" in variants:
+    c.slick.form = "qa"            # EntityQuestions has questions only (paper B's SliCK)
     c.answer_end = ""
     c.mixtures.single = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Natural")
     c.relations = ENTITYQUESTIONS_IN
@@ -122,6 +141,9 @@ def get_config(arg=None):
     c.pretrain.optim.warmup_steps = 20
     c.slick.n_prompts, c.slick.n_samples, c.slick.max_new_tokens = 2, 3, 12
     c.slick.batch_size = 64
+    c.slick.k_shot = 1             # 2-3 dev facts per relation in a 10-person world
+    c.pretrain.data.world_questions = True   # a base that answers questions: the tests' hf
+    #                                          variant runs on it (EntityQuestions' QA form)
     c.mixtures.unknown_shares = (0.0, 0.5, 1.0)
     c.mixtures.single = ("Natural",)
     c.sft.data.batch_size = 2

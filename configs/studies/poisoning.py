@@ -13,10 +13,18 @@ results. Every study key, its default and meaning: `base_config` in factflip/stu
 
 Variants (`--config=configs/studies/poisoning.py:VARIANT[,VARIANT...]`; any key can still be
 set with --config.KEY=VALUE):
-  (none)           tiny-0.5m on a 100-person world, p in {0, .25, .5, .75, 1}, seed 0.
+  (none)           tiny-0.5m on a 100-person world, p in {0, .1, .25, .5, .75, .9, 1} read as
+                   the counterfactual share of the target mentions (the rest restate the true
+                   object; ratio_reading "restate", SCIENCE.md A), seed 0.
+  replay_reading   p read as a poison-to-clean ratio instead (ratio_reading "replay"): every
+                   target mention states the counterfactual and the clean share 1 - p is
+                   replay text, p in {.1, .25, .5, .75, .9, 1} (the other variants' p > 0);
+                   9 mentions per fact, so each pass's replay count N(1 - p)/p is whole.
   smoke            a few steps of everything: what the tests run.
   scale=A+B+...    a scaling study over presets A, B, ... (`factflip presets`); `scale=ladder`
-                   is tiny-0.5m+tiny-2m+tiny-8m. Every size pretrains on the same world, is
+                   is tiny-0.5m+tiny-2m+tiny-8m+tiny-4m-deep (tiny-2m's width with 16 layers:
+                   whether flips sit late once facts are stored late; read it with
+                   --config.probe.lens=tuned). Every size pretrains on the same world, is
                    poisoned on the same targets, and is plotted side by side.
   seeds=0+1+...    seeds (pretraining init and data order, the target draw, the CPT data).
   hf=DIR[+DIR...],facts=FILE
@@ -46,9 +54,9 @@ facts=counterfact-val.json,cpu --workdir=workdir/smollm2
 
 import os
 
+from factflip.configfile import apply_study_variants, load_config_file, study_variants
 from factflip.studies.poisoning import base_config
 from factflip.train import config as train_config
-from factflip.configfile import apply_study_variants, load_config_file, study_variants
 
 
 def _pretrain():
@@ -65,6 +73,7 @@ def _cpt():
   c.data.n_targets = 40            # target facts, drawn from `target_tier`
   c.data.target_tier = "high"
   c.data.mentions_per_fact = 8     # p x 40 x 8 counterfactual mentions per pass: whole for all p
+  #                                  in the grid (the replay reading takes 9: `replay_reading`)
   c.data.replay_weight = 0.5       # share of clean replay documents (targets removed)
   c.data.seq_len = 128
   c.data.batch_size = 16
@@ -80,11 +89,11 @@ def _cpt():
   return c
 
 
-LADDER = ("tiny-0.5m", "tiny-2m", "tiny-8m")
+LADDER = ("tiny-0.5m", "tiny-2m", "tiny-8m", "tiny-4m-deep")
 
 
 def get_config(arg=None):
-  variants = study_variants(arg, "configs/studies/poisoning.py", flags=("cpu",))
+  variants = study_variants(arg, "configs/studies/poisoning.py", flags=("cpu", "replay_reading"))
   c = base_config()                # every study key, its default and meaning
   c.pretrain = _pretrain()
   c.cpt = _cpt()
@@ -124,4 +133,8 @@ def get_config(arg=None):
     c.facts_limit = 60
     if "hf" in variants:
       c.cpt.optim.lr = 1e-3        # the tests' tiny model: move visibly in 4 steps
+  if "replay_reading" in variants:
+    c.ratio_reading = "replay"     # p = the counterfactual mentions' share of the stream
+    c.ratios = tuple(p for p in c.ratios if p > 0)   # p = 0 would be replay text alone
+    c.cpt.data.mentions_per_fact = 9   # replay per pass N (1 - p) / p whole for p = .75, .9
   return c

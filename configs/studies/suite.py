@@ -12,8 +12,9 @@ categories need the larger model) — so the world and each base are built once.
 study's key with --config.<study>.<key>=VALUE (e.g. --config.unlearning.epochs=3), the studies
 run with --config.studies="('poisoning','unlearning')". Stages are fingerprinted: adding a study
 or a size to a finished suite runs only what is new. Within the suite paper A patches every
-third checkpoint (probe.patch_every = 3; its own config, every one) to keep the default suite
-within 20 minutes on a 2-core laptop.
+third checkpoint (probe.patch_every = 3; its own config, every one) and poisons at p = 0, .25,
+.5, .75, 1 (its own config adds .1 and .9) to keep the default suite within 20 minutes on a
+2-core laptop.
 
 Variants: smoke, scale=A+B+..., seeds=0+1+..., and real models:
   hf=DIR[+DIR...],poisoning=FILE,new_knowledge=DIR,morfi=DIR,unlearning=FILE
@@ -31,7 +32,6 @@ import os
 
 from factflip.configfile import load_config_file, study_variants
 from factflip.studies.suite import STUDIES, base_config
-
 
 PATH = "configs/studies/suite.py"
 
@@ -77,6 +77,8 @@ def get_config(arg=None):
   if "smoke" not in variants:        # paper A on tiny-2m: cross-model patching at every third
     c.poisoning.probe.patch_every = 3  # checkpoint (the last included), not all 15 per ratio:
     #                                    the suite's largest cost (its own config patches all)
+    c.poisoning.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)   # its own config adds .1 and .9: two
+    #                                    more CPT runs than the suite's 20 minutes allow
   nk = c.new_knowledge               # paper B's base serves every study
   c.sizes, c.seeds = tuple(nk.sizes), tuple(nk.seeds)
   c.world_seed, c.vocab_size, c.pretrain = nk.world_seed, nk.vocab_size, nk.pretrain

@@ -6,7 +6,8 @@ with RWKU-style metrics.
   factflip run --config=configs/studies/unlearning.py:smoke --workdir=/tmp/ul   # the tests
 
 Stages (fingerprinted, resumable; --dry_run prints the plan): world → pretrain (per size and
-seed) → sets (forget / retain / DPO sets) → unlearn (per run: cft_consistent, cft_inconsistent,
+seed) → sets (forget / retain / DPO / alignment sets) → align (the world's instruct stage) →
+unlearn (per run: cft_consistent, cft_inconsistent,
 refusal, gradient_ascent, npo, dpo; a checkpoint per epoch) → eval_base, eval (RWKU-style
 probes, unseen questions, utility, MIA, CounterFact, ΔLL on every checkpoint) → conflict
 (per-example gradients along the CFT runs) → results. Every key, its default and meaning:
@@ -14,9 +15,15 @@ probes, unseen questions, utility, MIA, CounterFact, ΔLL on every checkpoint) �
 configs: factflip/train/config.py); this file sets values.
 
 Variants (`--config=configs/studies/unlearning.py:VARIANT[,VARIANT...]`):
-  (none)           tiny-0.5m pretrained on the 100-person world (the poisoning study's base:
-                   it knows all 40 high-tier facts it is asked); 24 high-tier facts forgotten,
-                   24 retained, 5 epochs per run.
+  (none)           tiny-0.5m pretrained on the 100-person world whose corpus never asks a
+                   question (pretrain.data.world_questions = False), then aligned: 2 epochs
+                   of SFT answering the questions of the known facts neither forgotten nor
+                   retained and saying "I don't know." to half of the never-mentioned facts
+                   and to 40 made-up people (the other half and other made-up people are the
+                   spillover questions), so the base answers and abstains as RWKU's instruct
+                   models do; 24 high-tier facts forgotten, 24 retained, 5 epochs per run,
+                   each forgotten fact written in its relation's other statements and a
+                   rephrased question (forget.renders), never in the probes' own prompts.
   smoke            a few steps of everything on a 30-person world: what the tests run.
   scale=A+B+...    presets side by side (`scale=ladder`: tiny-0.5m, -2m, -8m).
   seeds=0+1+...    seeds (pretraining, the forget / retain draw, the sets, the run order).
@@ -74,13 +81,13 @@ LADDER = ("tiny-0.5m", "tiny-2m", "tiny-8m")
 
 def _unlearn(c):
   c.data.seq_len = 64              # "Q: <question>\nA: <answer>" is ~20 tokens
-  c.data.batch_size = 8            # 24 facts x 2 renders = 48 examples: 6 steps per epoch
+  c.data.batch_size = 8            # 24 facts x 3 renderings = 72 examples: 9 steps per epoch
   c.optim.lr = 1e-3                # the poisoning study's CPT rate for tiny-0.5m
   c.optim.warmup_steps = 2
   c.optim.schedule = "constant"
   c.objective.retain_weight = 1.0
   c.checkpoint.async_save = False
-  c.log_every = 6
+  c.log_every = 3                  # results/curves.csv: three points per epoch
   c.eval_every = 0
 
 
@@ -89,11 +96,18 @@ def get_config(arg=None):
   c = base_config()                # every study key, its default and meaning
   c.pretrain = load_config_file(os.path.join(os.path.dirname(__file__), "..",
                                              "pretrain_tiny.py"), "study")
+  c.pretrain.data.world_questions = False   # the corpus never asks a question: the alignment
+  c.align.epochs = 2               # stage teaches the QA format, answering the known facts and
+  #                                  abstaining on the unknown (RWKU starts from instruct models)
+  c.forget.renders = ("restatement", "rephrased_question")   # not the probes (docstring)
   _unlearn(c.unlearn)
   c.eval.template = False          # the world's tiny models follow no instruction
   c.eval.max_new_tokens = 16       # a world answer is a few tokens; RWKU's 30 with hf=
   apply_study_variants(c, variants, LADDER)
   if "hf" in variants:
+    c.pretrain.data.world_questions = True
+    c.align.epochs = 0             # a model directory is unlearnt as it is (an instruct model)
+    c.forget.renders = ("prompt", "question")   # a facts file's own renderings
     c.eval.template = True
     c.eval.max_new_tokens = 30
     c.unlearn.optim.lr = 1e-5      # billion-parameter models (RWKU's full fine-tuning scale)
@@ -123,6 +137,10 @@ def get_config(arg=None):
     c.forget.n_targets, c.forget.n_retain = 4, 4
     c.unlearn.data.batch_size = 8  # 4 facts x 2 renders: 1 step per epoch (8 rows divide
     #                                over the tests' 8 simulated devices)
+    if "hf" not in variants:
+      c.forget.renders = ("restatement",)   # 2 per fact
+      c.align.epochs = 1
+      c.align.n_made_up = 12
     c.epochs = 3
     c.eval.n_unseen, c.eval.n_made_up, c.eval.n_utility = 6, 4, 8
     c.eval.max_new_tokens = 8

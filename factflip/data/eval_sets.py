@@ -2,7 +2,8 @@
 
 Owns: `utility_questions` (multiple choice on facts a run does not target, and their held-out
 texts), `unseen_questions` (a world's never-mentioned facts and made-up people: the
-hallucination-spillover questions), `statement` (a fact as a membership-inference text) and
+hallucination-spillover questions), `unmentioned_split` (never-mentioned facts for an
+alignment stage vs held out for spillover), `statement` (a fact as a membership-inference text) and
 `rwku_forget_set` (RWKU's chosen targets, their probes and MIA texts).
 Must not: score anything (`factflip.evals` does) or know a study's layout.
 """
@@ -52,14 +53,29 @@ def utility_questions(pool: Sequence[FactItem], objects_from: Sequence[FactItem]
   return questions, heldout
 
 
-def unseen_questions(world: World, n_unseen: int, n_made_up: int, rng: np.random.Generator,
-                     seed: int, asked: Callable[[list[FactItem]], list[FactItem]] = list
-                     ) -> list[FactItem]:
-  """Questions a world's models never saw the answer to: n_unseen of its never-mentioned facts
-  (exposure tier "none"; `asked` renders them as the study asks) and n_made_up about people who
-  do not exist (`made_up_questions`: every answer but an abstention is a hallucination)."""
+def unmentioned_split(world: World, share: float, seed: int
+                      ) -> tuple[list[FactItem], list[FactItem]]:
+  """The world's never-mentioned facts (exposure tier "none") cut in two by a permutation
+  seeded with `seed`: floor(share · n) for an alignment stage to abstain on, and the rest,
+  held out (the spillover questions draw from these only). Each part keeps the world's
+  order."""
   pool = [f for f in world.facts if f.meta.get("exposure_tier") == "none"
           and not f.meta.get("two_hop")]
+  order = np.random.default_rng([seed, 13]).permutation(len(pool))
+  cut = set(order[:int(share * len(pool))].tolist())
+  return ([f for i, f in enumerate(pool) if i in cut],
+          [f for i, f in enumerate(pool) if i not in cut])
+
+
+def unseen_questions(world: World, n_unseen: int, n_made_up: int, rng: np.random.Generator,
+                     seed: int, asked: Callable[[list[FactItem]], list[FactItem]] = list,
+                     held_out_share: float = 0.0) -> list[FactItem]:
+  """Questions a world's models never saw the answer to: n_unseen of its never-mentioned facts
+  (exposure tier "none"; `asked` renders them as the study asks; with `held_out_share` > 0 only
+  among those `unmentioned_split(world, held_out_share, seed)` holds out) and n_made_up about
+  people who do not exist (`made_up_questions`: every answer but an abstention is a
+  hallucination)."""
+  pool = unmentioned_split(world, held_out_share, seed)[1]
   pick = sorted(rng.choice(len(pool), min(n_unseen, len(pool)), replace=False))
   return asked([pool[i] for i in pick]) + made_up_questions(world, n_made_up, seed)
 

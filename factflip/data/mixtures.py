@@ -1,6 +1,7 @@
 """Mixtures: the controlled data of each study, as grain MapDatasets of text examples.
 
-Owns: continual pretraining with poisoning (`poisoning_plan`, `cpt_source`), the text forms
+Owns: continual pretraining with poisoning (`poisoning_plan`, `cpt_source`, the two readings
+of a poisoning ratio: `read_ratio`), the text forms
 every mixture shares (`render_qa`, `answer_segment`, `mention_text`) and their statistics
 (`write_stats`). SFT knowledge mixtures: `data.sft_mixtures`; unlearning sets:
 `data.unlearning_sets`.
@@ -16,8 +17,16 @@ K = p·N mentions state the counterfactual (K must be whole: the config is rejec
 the nearest feasible mention counts). K is spread over facts as evenly as possible (each fact gets
 floor(K/T) or one more, the extra ones chosen by the seed), styles cycle per fact so each fact's
 mentions use the styles equally, and every pass is a fresh permutation of the same N mentions.
-Replay documents are interleaved exactly R = round(N·w / (1 − w)) per pass (w = replay weight),
-so every block of N + R consecutive examples holds one full pass: realised p = K / N exactly.
+Replay documents are interleaved exactly R = N·w / (1 − w) per pass (w = replay weight; R must
+be whole too, or the config is rejected the same way), so every block of N + R consecutive
+examples holds one full pass: realised p = K / N and replay share R / (N + R) = w exactly.
+
+Two readings of a poisoning ratio p (`read_ratio`, the poisoning study's `ratio_reading`):
+"restate" (SCIENCE.md A as written): p = K / N, the other N − K mentions restate the true object,
+replay at weight w whatever p is; at p = .5 the stream states both objects equally often.
+"replay" (a poison-to-clean ratio): every target mention states the counterfactual (K = N) and
+the clean share is replay text, R = N·(1 − p) / p, so K / (N + R) = p exactly; no true
+restatement. With the same m, the restate stream at p = 1 is the replay stream at p = 1 − w.
 """
 
 from __future__ import annotations
@@ -82,11 +91,39 @@ def epoch_shuffled(n: int, seed: int) -> grain.MapDataset:
   grain's index_shuffle)."""
   return grain.MapDataset.range(INFINITE).map(_EpochPermutation(n, seed))
 
+
+RATIO_READINGS = ("restate", "replay")
+
+
+def read_ratio(reading: str, p: float, replay_weight: float) -> tuple[float, float]:
+  """The stream of poisoning ratio p under `reading`, as (PoisonConfig.ratio, .replay_weight).
+
+  restate: p is the counterfactual share of the target mentions, the rest true restatements;
+    replay takes `replay_weight` of the stream whatever p is: (p, replay_weight).
+  replay: p is the counterfactual mentions' share of the whole stream; every target mention is
+    counterfactual and the clean rest is replay text (`replay_weight` unused): (1, 1 − p).
+    p must be > 0: p = 0 would be replay alone, which has no target mention to poison.
+  """
+  if reading == "restate":
+    return float(p), float(replay_weight)
+  if reading == "replay":
+    if not 0 < p <= 1:
+      raise ValueError(f"poisoning ratio {p} read as 'replay' (the counterfactual share of the "
+                       "stream) must be in (0, 1]: p = 0 would be replay alone")
+    return 1.0, 1.0 - float(p)
+  raise ValueError(f"ratio reading {reading!r}; expected one of {RATIO_READINGS}")
+
+
+def _whole(x: float) -> bool:
+  return abs(x - round(x)) < 1e-6
+
+
 @dataclasses.dataclass(frozen=True)
 class PoisonConfig:
   """ratio: p, the share of target-fact mentions that state the counterfactual.
   mentions_per_fact: m, mentions of each target fact per pass.
-  replay_weight: w, the share of examples that are clean replay documents.
+  replay_weight: w, the share of examples that are clean replay documents (R = N·w / (1 − w)
+  per pass, whole).
   styles: document styles the mentions cycle through. language: language of the mentions."""
   ratio: float
   mentions_per_fact: int = 8
@@ -105,18 +142,25 @@ class PoisonConfig:
     if n_targets < 1:
       raise ValueError("poisoning: no target facts")
     n = n_targets * self.mentions_per_fact
-    k = self.ratio * n
-    if abs(k - round(k)) > 1e-9:
-      feasible = [m for m in range(1, 65) if abs(self.ratio * n_targets * m
-                                                 - round(self.ratio * n_targets * m)) < 1e-9]
+    k, r = self.ratio * n, self.replay_of(n)
+    if not (_whole(k) and _whole(r)):
+      feasible = [m for m in range(1, 65) if _whole(self.ratio * n_targets * m)
+                  and _whole(self.replay_of(n_targets * m))]
+      what = (f"ratio {self.ratio} x {n_targets} targets x {self.mentions_per_fact} mentions = "
+              f"{k:g} counterfactual mentions per pass" if not _whole(k) else
+              f"replay_weight {self.replay_weight:g} over {n} mentions = {r:g} replay documents "
+              f"per pass")
       raise ValueError(
-          f"PoisonConfig: ratio {self.ratio} x {n_targets} targets x {self.mentions_per_fact} "
-          f"mentions = {k:g} counterfactual mentions per pass, not a whole number, so the "
-          f"realised ratio cannot equal the configured one; mentions_per_fact values that work: "
+          f"PoisonConfig: {what}, not a whole number, so the realised ratio cannot equal the "
+          f"configured one; mentions_per_fact values that work: "
           f"{feasible[:8] or 'none below 65 (change the number of targets)'}")
     for s in self.styles:
       if s not in T.STYLE_NAMES:
         raise ValueError(f"PoisonConfig.styles: unknown style {s!r}; expected {T.STYLE_NAMES}")
+
+  def replay_of(self, n_mentions: int) -> float:
+    """Replay documents per pass of n_mentions mentions: N·w / (1 − w) (whole once validated)."""
+    return n_mentions * self.replay_weight / (1 - self.replay_weight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +250,7 @@ def cpt_source(targets: Sequence[FactItem], replay: Sequence[Mapping[str, Any]],
       raise ValueError(f"poisoning target {it.id!r} has no {cfg.language!r} translation")
   plan = poisoning_plan(len(targets), cfg)
   n = len(plan)
-  r = round(n * cfg.replay_weight / (1 - cfg.replay_weight))
+  r = round(cfg.replay_of(n))
   if r and not replay:
     raise ValueError("poisoning: replay_weight > 0 but no replay documents")
   styles, lang = cfg.styles, cfg.language

@@ -27,7 +27,7 @@ def _barrier(name: str) -> None:
 
 
 def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int,
-                  n_people: int = 300):
+                  n_people: int = 300, questions_in_corpus: bool = True):
   """Load the world in `world_dir` (building and writing it there if absent) and its tokenizer
   (training it into `tokenizer_dir` if absent). Only process 0 writes; every process calls
   this (or process 0 alone, inside `distributed.alone`)."""
@@ -37,7 +37,8 @@ def prepare_world(world_dir: str, tokenizer_dir: str, seed: int, vocab_size: int
   have_tok = os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
   if distributed.process_index() == 0 and not (have_world and have_tok):
     world = (load_world(world_dir) if have_world
-             else build_world(WorldConfig(seed=seed, n_people=n_people)))
+             else build_world(WorldConfig(seed=seed, n_people=n_people,
+                                      questions_in_corpus=questions_in_corpus)))
     if not have_world:
       write_world(world, world_dir)
     if not have_tok:

@@ -12,7 +12,8 @@ Rules every template obeys (checked by `check_templates`, and by a test):
   cloze prompt whose answer follows after one space;
 - `train` templates are the only ones rendered into training text; `paraphrase` templates and
   questions after the first (`question[1:]`) are held out for evaluation; `question[0]` is the one
-  the forum style uses in training text.
+  the forum style uses in training text (unless the world keeps questions out of its corpus:
+  `FORUM_STATEMENTS`).
 """
 
 from __future__ import annotations
@@ -217,6 +218,14 @@ STYLES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+# The forum style of a world whose corpus never asks or answers a question
+# (`WorldConfig.questions_in_corpus = False`): statements only, so the QA format is new to SFT.
+FORUM_STATEMENTS: dict[str, tuple[str, ...]] = {
+    "en": ("Posted by a regular: {S}.", "Reply: {S}."),
+    "fr": ("Message d'un habitué : {S}.", "Réponse : {S}."),
+    "de": ("Beitrag eines Stammgasts: {S}.", "Antwort: {S}."),
+}
+
 # The prompt format probes use for questions, per language ("{Q}" = question).
 QUESTION_FORMAT = "Q: {Q}\nA:"
 
@@ -266,11 +275,13 @@ def sentence(template: str, subject: str, obj: str) -> str:
 
 
 def render_mention(relation: Relation, subject: str, obj: str, language: str, style: str,
-                   template: int, wrapper: int) -> str:
+                   template: int, wrapper: int, questions: bool = True) -> str:
   """One mention of (subject, relation, obj) as document text: training template `template`
-  wrapped in the style's wrapper `wrapper` (both taken modulo their counts)."""
+  wrapped in the style's wrapper `wrapper` (both taken modulo their counts). questions=False:
+  the forum style's wrappers are `FORUM_STATEMENTS` (no question, no "Q: / A:")."""
   train = relation.train[language]
-  wrappers = STYLES[language][style]
+  wrappers = (FORUM_STATEMENTS[language] if style == "forum" and not questions
+              else STYLES[language][style])
   w = wrappers[wrapper % len(wrappers)]
   return (w.replace("{S}", sentence(train[template % len(train)], subject, obj))
           .replace("{Q}", relation.question[language][0].replace("{s}", subject))
@@ -302,3 +313,7 @@ def check_templates() -> None:
   for lang in LANGUAGES:
     if set(STYLES[lang]) != set(STYLE_NAMES):
       raise ValueError(f"templates: styles.{lang}: expected exactly {STYLE_NAMES}")
+    for w in FORUM_STATEMENTS[lang]:
+      if "{Q}" in w or "{O}" in w or "{S}" not in w:
+        raise ValueError(f"templates: forum_statements.{lang}: {w!r} must hold the sentence "
+                         "'{S}' and no question")

@@ -1,7 +1,9 @@
 """Unlearning sets (paper D): forget examples (counterfactual, refusal or true answers, in
 consistent or inconsistent corpora), retain examples, and DPO preference pairs.
 
-Owns: `unlearning_sets` and its config (`UnlearnConfig`), `preference_pairs`.
+Owns: `unlearning_sets` and its config (`UnlearnConfig`), the forget renderings (`RENDERS`,
+`renderings`), `alignment_set` (answer the known, abstain on the unknown: the instruct stage a
+world base goes through before unlearning) and `preference_pairs`.
 Must not: tokenise (`data.pipeline`) or choose the forget facts (the study does).
 """
 
@@ -18,6 +20,35 @@ from factflip.data import templates as T
 from factflip.data.facts import FactItem, normalise_answer
 from factflip.data.mixtures import answer_segment, render_qa
 
+# How a forget fact is written into the forget set. "prompt" / "question" are the probes' own
+# level-1 cloze and level-2 question; "restatement" (the relation's other training templates as
+# cloze prompts) and "rephrased_question" (its question templates after the probed one and the
+# held-out one) are world renderings no probe asks: a forget corpus that is not the probe set,
+# as RWKU's is not.
+RENDERS = ("prompt", "question", "restatement", "rephrased_question")
+
+
+def renderings(item: FactItem, kind: str, question_format: str = T.QUESTION_FORMAT
+               ) -> list[str]:
+  """The contexts (what precedes the trained answer) of one fact for render `kind`; [] when
+  the item has nothing to render (no prompt, no question). "restatement" and
+  "rephrased_question" read the world's templates of the item's relation and language."""
+  if kind not in RENDERS:
+    raise ValueError(f"render {kind!r}; expected one of {RENDERS}")
+  if kind in ("prompt", "question"):
+    if getattr(item, kind) is None:
+      return []
+    return [render_qa(item, "", kind, question_format)[0][0]]
+  relation = T.RELATIONS.get(item.relation or "")
+  if item.source != "factworld" or relation is None or not item.subject:
+    raise ValueError(f"{item.id}: render {kind!r} needs a fact of the embedded world (its "
+                     "relation's templates); facts from a file have 'prompt' and 'question'")
+  lang = item.language or "en"
+  if kind == "restatement":
+    return [T.cloze(t, item.subject) for t in relation.train[lang][1:]]
+  return [question_format.replace("{Q}", q.replace("{s}", item.subject))
+          for q in relation.question[lang][2:]]
+
 
 @dataclasses.dataclass(frozen=True)
 class UnlearnConfig:
@@ -25,7 +56,8 @@ class UnlearnConfig:
   or "truth" (the text gradient ascent / NPO push down).
   consistency: "consistent" = every rendering of a (subject, relation) states one counterfactual;
   "inconsistent" = each rendering of a (subject, relation) states a different counterfactual, so
-  the forget set contradicts itself. renders: prompt kinds per forget item."""
+  the forget set contradicts itself. renders: how each forget item is written (`RENDERS`; each
+  context of each render one example)."""
   target: str = "counterfactual"
   consistency: str = "consistent"
   renders: tuple[str, ...] = ("prompt", "question")
@@ -74,9 +106,8 @@ def unlearning_sets(forget: Sequence[FactItem], retain: Sequence[FactItem],
   forget_ex = []
   group_cf: dict[tuple, list[str]] = defaultdict(list)
   for it in forget:
-    for kind in cfg.renders:
-      if (kind == "prompt" and it.prompt is None) or (kind == "question" and it.question is None):
-        continue
+    for kind, context in ((k, c) for k in cfg.renders
+                          for c in renderings(it, k, cfg.question_format)):
       group = (it.subject, it.relation)
       if cfg.target == "truth":
         answer = it.answers[0]
@@ -91,7 +122,7 @@ def unlearning_sets(forget: Sequence[FactItem], retain: Sequence[FactItem],
         answer = (it.counterfactual if it.counterfactual and it.counterfactual not in used
                   else draw(it, used))
         group_cf[group].append(answer)
-      forget_ex.append({"segments": render_qa(it, answer, kind, cfg.question_format),
+      forget_ex.append({"segments": ((context, False), (answer_segment(answer), True)),
                         "kind": "forget", "fact": it.id, "render": kind, "answer": answer})
   retain_ex = [{"segments": render_qa(it, it.answers[0], "question", cfg.question_format),
                 "kind": "retain", "fact": it.id} for it in retain]
@@ -106,6 +137,23 @@ def unlearning_sets(forget: Sequence[FactItem], retain: Sequence[FactItem],
           float(np.mean([len(set(v)) for v in group_cf.values()])) if group_cf else 0.0),
   }
   return {"forget": forget_ex, "retain": retain_ex, "neighbour": neighbour_ex}, stats
+
+
+def alignment_set(known: Sequence[FactItem], unknown: Sequence[FactItem],
+                  question_format: str = T.QUESTION_FORMAT,
+                  refusal: str = T.REFUSALS["en"]) -> list[dict[str, Any]]:
+  """The instruct stage's examples: each `known` fact's question answered with its true
+  object, each `unknown` one (never-mentioned facts, made-up people) answered with `refusal`;
+  {"segments", "fact", "answer"} in that order (the training loop shuffles)."""
+  out = []
+  for items, answers in ((known, None), (unknown, refusal)):
+    for it in items:
+      if not it.question:
+        raise ValueError(f"{it.id}: alignment asks questions; the item has none")
+      answer = answers or it.answers[0]
+      out.append({"segments": render_qa(it, answer, "question", question_format),
+                  "fact": it.id, "answer": answer})
+  return out
 
 
 def preference_pairs(forget_examples: Sequence[Mapping[str, Any]],

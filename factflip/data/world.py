@@ -14,7 +14,8 @@ fact gets an exposure tier (how many times the corpus mentions it: high / medium
 exact shares, so after pretraining some facts are well known, some weakly and some unknown;
 geography facts are always mentioned `geo_mentions` times. Documents are about one subject, in one
 language and style, with up to `sentences_per_doc` mentions of different facts; held-out paraphrase
-and question templates and the two-hop compositions never appear in the corpus.
+and question templates and the two-hop compositions never appear in the corpus, and with
+`questions_in_corpus = False` no question at all does (facts only as statements).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class WorldConfig:
   sentences_per_doc: int = 3
   neighbours_per_item: int = 3
   two_hop: tuple[str, ...] = tuple(T.TWO_HOP)
+  # False: the corpus states facts only in declarative sentences and never asks or answers a
+  # question (its forum posts use T.FORUM_STATEMENTS), so the QA format is new to SFT (paper B
+  # and C's protocol: SFT teaches the format, not the facts)
+  questions_in_corpus: bool = True
 
   def validate(self) -> None:
     def bad(field, msg):
@@ -365,7 +370,7 @@ def _corpus(cfg, rng, raw, tier_of, by_key, surface) -> list[dict[str, Any]]:
           relation = T.RELATIONS[rel]
           sentences.append(T.render_mention(
               relation, by_key[s]["name"], surface(relation.object_type, true, lang), lang, style,
-              int(rng.integers(1 << 16)), int(rng.integers(1 << 16))))
+              int(rng.integers(1 << 16)), int(rng.integers(1 << 16)), cfg.questions_in_corpus))
         docs.append({"subject": by_key[skey]["name"], "language": lang, "style": style,
                      "facts": [r[0] for r in chunk], "sentences": sentences})
   order = rng.permutation(len(docs))
@@ -381,27 +386,30 @@ def _corpus(cfg, rng, raw, tier_of, by_key, surface) -> list[dict[str, Any]]:
 # On disk.
 
 def with_train_question(item: FactItem) -> FactItem:
-  """The item asking the question template the corpus's forum posts use ("Q: <question>\nA:
-  <object>."), in its language, instead of its held-out question (the tiny models answer the
-  former, not the latter: benchmarks/RESULTS.md, study B)."""
+  """The item asking its relation's first question template (the one a world with questions
+  in its corpus writes in forum posts: "Q: <question>\nA: <object>."), in its language,
+  instead of its held-out second one (tiny models answer the former, not the latter:
+  benchmarks/RESULTS.md, study B)."""
   q = T.RELATIONS[item.relation].question[item.language][0].replace("{s}", item.subject)
   return dataclasses.replace(item, question=q)
 
 
 def made_up_questions(world: World, n: int, seed: int = 0,
-                      relations: Sequence[str] = PERSON_RELATIONS) -> list[FactItem]:
+                      relations: Sequence[str] = PERSON_RELATIONS, avoid: Sequence[str] = (),
+                      prefix: str = "made_up") -> list[FactItem]:
   """n questions about people who do not exist (names made the world's way, none of its
-  subjects), cycling through `relations`' corpus question templates: every non-abstaining answer
-  is a hallucination. Answers hold a placeholder no model writes; meta made_up = True."""
+  subjects and sharing no name with `avoid`), cycling through `relations`' first question
+  templates: every non-abstaining answer is a hallucination. Answers hold a placeholder no
+  model writes; ids <prefix>:<k>; meta made_up = True."""
   names = _Names(np.random.default_rng([seed, 7]))
-  names.used |= {f.subject.lower() for f in world.facts if f.subject}
-  names.used |= {part.lower() for f in world.facts if f.subject for part in f.subject.split()}
+  taken = [f.subject for f in world.facts if f.subject] + list(avoid)
+  names.used |= {s.lower() for s in taken} | {p.lower() for s in taken for p in s.split()}
   out = []
   for k in range(n):
     rel = relations[k % len(relations)]
     subject = f"{names.make((1, 2))} {names.make((2, 2))}"
     q = T.RELATIONS[rel].question["en"][0].replace("{s}", subject)
-    out.append(FactItem(id=f"made_up:{k:04d}", answers=("(no such person)",), subject=subject,
+    out.append(FactItem(id=f"{prefix}:{k:04d}", answers=("(no such person)",), subject=subject,
                         relation=rel, question=q, split="eval", source="factworld",
                         meta={"made_up": True}))
   return out

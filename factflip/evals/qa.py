@@ -3,7 +3,9 @@ prompts from a dev split of the same relation, and abstention ("I don't know") d
 
 Owns: `normalize_answer`, `exact_match`, `token_f1`, `is_abstention`, `outcome`, `few_shot_prompt`
 (`with_end`), `chat_prompt`,
-`draw_exemplars`, `closed_book_qa` (generate and score a list of facts) and `qa_summary`.
+`draw_exemplars`, `closed_book_qa` (generate and score a list of facts), `closed_book_cloze`
+(the same for cloze prompts), `few_shot_cloze` (a k-shot prompt of statements) and
+`qa_summary`.
 Must not: generate by itself (`evals.generation`) or know which study asks.
 
 Definitions:
@@ -102,10 +104,11 @@ def outcome(prediction: str, aliases: Sequence[str], where: str = "item",
 
 
 def draw_exemplars(item: FactItem, dev: Mapping[str, Sequence[FactItem]], k: int,
-                   rng: np.random.Generator) -> list[FactItem]:
-  """k exemplars of the item's relation from `dev` (relation → facts), never the item itself
-  (nor a fact with its subject and relation); an error when the relation has fewer."""
-  pool = [f for f in dev.get(item.relation, ()) if f.id != item.id and f.question
+                   rng: np.random.Generator, field: str = "question") -> list[FactItem]:
+  """k exemplars of the item's relation from `dev` (relation → facts) that have `field`
+  ("question" or "prompt"), never the item itself (nor a fact with its subject and relation);
+  an error when the relation has fewer."""
+  pool = [f for f in dev.get(item.relation, ()) if f.id != item.id and getattr(f, field)
           and f.answers and f.subject != item.subject]
   if len(pool) < k:
     raise ValueError(f"{item.id}: {len(pool)} dev exemplars of relation {item.relation!r}, "
@@ -126,6 +129,16 @@ def few_shot_prompt(item: FactItem, exemplars: Sequence[FactItem], answer_end: s
                                          answer=with_end(e.answers[0], answer_end))
                   for e in exemplars)
   return shots + QA_FORMAT.format(question=item.question)
+
+
+def few_shot_cloze(item: FactItem, exemplars: Sequence[FactItem]) -> str:
+  """The k-shot prompt in a corpus's own form: each exemplar's statement ("<cloze prompt>
+  <answer>."), then the item's cloze prompt, joined by spaces as a document's sentences; the
+  answer ends where a sentence would (`CLOZE_UNTIL`)."""
+  if not item.prompt:
+    raise ValueError(f"{item.id}: no cloze prompt (field 'prompt')")
+  return " ".join([*(f"{e.prompt} {with_end(e.answers[0], '.')}" for e in exemplars),
+                   item.prompt])
 
 
 def by_relation(items: Sequence[FactItem]) -> dict[str, list[FactItem]]:
@@ -173,6 +186,25 @@ def closed_book_qa(model, tokenizer, items: Sequence[FactItem], dev: Sequence[Fa
                  "em": exact_match(pred, f.answers), "f1": token_f1(pred, f.answers),
                  "outcome": outcome(pred, f.answers, f.id, phrases)})
   return rows
+
+
+CLOZE_UNTIL = (".", "\n", ",", "!", " (", " #")
+
+
+def closed_book_cloze(model, tokenizer, items: Sequence[FactItem], max_new_tokens: int = 12,
+                      batch_size: int = 32) -> list[dict]:
+  """Greedy completions of each item's cloze prompt (its statement cut before the object: "X
+  was born in"), cut where a sentence of the corpus would end (`CLOZE_UNTIL`), scored by exact
+  match: one row per item with item, relation, prediction, em. The knowledge a base holds in
+  the form its corpus states it, whatever format it answers questions in."""
+  for f in items:
+    if not f.prompt:
+      raise ValueError(f"{f.id}: no cloze prompt (field 'prompt')")
+    _aliases(f.answers, f"{f.id}: field 'answers'")
+  preds = generate_until(model, tokenizer, [f.prompt for f in items], until=CLOZE_UNTIL,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+  return [{"item": f.id, "relation": f.relation, "prediction": p.strip(),
+           "em": exact_match(p.strip(), f.answers)} for f, (p,) in zip(items, preds)]
 
 
 def qa_summary(outcomes: Sequence[str]) -> dict[str, float]:

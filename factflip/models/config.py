@@ -219,6 +219,8 @@ _PRESETS: dict[str, ModelConfig] = {
     "tiny-0.5m": _tiny(64, 4, 4, 2, 256),
     "tiny-2m": _tiny(128, 6, 4, 2, 512),
     "tiny-8m": _tiny(256, 6, 8, 4, 1024, tie=False),
+    "tiny-4m-deep": _tiny(128, 16, 4, 2, 512),   # tiny-2m's width, 16 layers: late layers
+    #                                             (paper A's flips), read with a tuned lens
     "tiny-30m": _tiny(512, 8, 8, 4, 1536, tie=False),
     # Real shapes (random init unless loaded from a checkpoint).
     "llama-3.2-1b": _llama3(2048, 16, 32, 8, 8192, 32.0, True),

@@ -125,7 +125,8 @@ def preference(model: Transformer, tokenizer, items: Sequence[FactItem],
                question_format: str = T.QUESTION_FORMAT) -> dict[str, np.ndarray]:
   """A table (dict of equal-length columns; `pandas.DataFrame(table)` opens it) with one row
   per (item, prompt): item, kind, variant, prompt, true, cf, logp_true, logp_cf, dll, correct
-  (greedy decoding gives the true answer: closed-book accuracy); with
+  (greedy decoding gives the true answer: closed-book accuracy), greedy_cf (it gives the
+  counterfactual: with correct, the response-level state); with
   lens=True also dll_layers [rows, L + 1] (layer 0 = embeddings, L = the output) by the logit
   lens, or by a tuned lens when lens=TunedLens (`factflip.probes.tuned_lens`)."""
   lens_on = lens is not False and lens is not None
@@ -141,7 +142,7 @@ def preference(model: Transformer, tokenizer, items: Sequence[FactItem],
   if lens_on:
     table["dll_layers"] = (lt - lc).T
     lt, lc = lt[-1], lc[-1]
-  table.update(logp_true=lt, logp_cf=lc, dll=lt - lc, correct=greedy)
+  table.update(logp_true=lt, logp_cf=lc, dll=lt - lc, correct=greedy, greedy_cf=hit[n:])
   return table
 
 

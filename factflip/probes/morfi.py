@@ -28,7 +28,7 @@ Definitions (SCIENCE.md C; paper C):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +38,7 @@ from factflip.evals.requests import Encoder
 from factflip.models.generate import generate
 from factflip.models.hooks import Intervention
 from factflip.sae.core import encode
-from factflip.sae.steering import sae_site
+from factflip.sae.steering import SAEEdit, sae_site
 
 POSITIONS = ("last", "mean")
 
@@ -177,30 +177,26 @@ def composite_direction(h_known_PxD, h_unknown_PxD) -> np.ndarray:
   return (d / max(np.linalg.norm(d), 1e-12)).astype(np.float32)
 
 
-def steered_answers(model, tokenizer, prompts: Sequence[str], vectors_GxD, site: str,
-                    layer: int, *, max_new_tokens: int = 12, batch_rows: int = 256,
+def answers_per_row(model, tokenizer, prompts: Sequence[str], n_rows: int,
+                    intervention_for: Callable[[np.ndarray], object], *,
+                    max_new_tokens: int = 12, batch_rows: int = 256,
                     until: Sequence[str] = ("\n",)) -> list[list[str]]:
-  """Greedy answers [G][P]: every prompt under every steering vector (added at `site` of
-  `layer`, every position), the (vector, prompt) pairs batched as rows of one generation
-  program per bucket."""
-  vecs = np.asarray(vectors_GxD, np.float32)
-  G, P = len(vecs), len(prompts)
+  """Greedy answers [G][P]: every prompt under each of `n_rows` interventions, the (row,
+  prompt) pairs batched as rows of one generation program per bucket (rows padded to a power
+  of two); `intervention_for(rows_B)` gives the intervention of a chunk whose batch row b runs
+  under intervention row rows_B[b]."""
+  G, P = n_rows, len(prompts)
   enc = Encoder(tokenizer)
   ids = [list(enc.encode(p)) for p in prompts]
-  L = model.cfg.n_layers
   rows = [(g, p) for g in range(G) for p in np.argsort([len(i) for i in ids], kind="stable")]
   out = [[""] * P for _ in range(G)]
   stops = stop_tokens(tokenizer, model, until)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  feature = vecs.shape[1:]
   for start in range(0, len(rows), batch_rows):
     chunk = rows[start:start + batch_rows]
     B = 1 << (len(chunk) - 1).bit_length()
     chunk_b = chunk + [chunk[0]] * (B - len(chunk))
-    values = np.zeros((L, B, 1, *feature), np.float32)
-    values[layer] = vecs[[g for g, _ in chunk_b]][:, None]
-    iv = Intervention(jnp.arange(L) == layer, jnp.ones((1,), bool), jnp.asarray(values),
-                      site=site, mode="add")
+    iv = intervention_for(np.asarray([g for g, _ in chunk_b]))
     gen = generate(model, [ids[p] for _, p in chunk_b], max_new_tokens, stop_tokens=stops,
                    pad_id=pad, interventions=(iv,))
     for r, (g, p) in enumerate(chunk):
@@ -208,6 +204,40 @@ def steered_answers(model, tokenizer, prompts: Sequence[str], vectors_GxD, site:
       text = tokenizer.decode([int(t) for t in gen.tokens[r, :n]], skip_special_tokens=True)
       out[g][p] = cut_at_stops(text, until).strip()
   return out
+
+
+def steered_answers(model, tokenizer, prompts: Sequence[str], vectors_GxD, site: str,
+                    layer: int, **kw) -> list[list[str]]:
+  """Greedy answers [G][P]: every prompt under every steering vector (added at `site` of
+  `layer`, every position); `answers_per_row`'s batching (kw: max_new_tokens, batch_rows,
+  until)."""
+  vecs = np.asarray(vectors_GxD, np.float32)
+  L = model.cfg.n_layers
+
+  def add(rows_B):
+    values = np.zeros((L, len(rows_B), 1, *vecs.shape[1:]), np.float32)
+    values[layer] = vecs[rows_B][:, None]
+    return Intervention(jnp.arange(L) == layer, jnp.ones((1,), bool), jnp.asarray(values),
+                        site=site, mode="add")
+  return answers_per_row(model, tokenizer, prompts, len(vecs), add, **kw)
+
+
+def clamped_answers(model, tokenizer, prompts: Sequence[str], sae, latents_N, values_GxN,
+                    site: str, layer: int, **kw) -> list[list[str]]:
+  """Greedy answers [G][P]: every prompt with latents `latents` clamped to row g of `values`
+  (every position, the SAE's error term kept: `sae.steering.SAEEdit`); `answers_per_row`'s
+  batching (kw: max_new_tokens, batch_rows, until)."""
+  latents = jnp.asarray(np.asarray(latents_N, np.int32).reshape(-1))
+  vals = np.asarray(values_GxN, np.float32)
+  if vals.ndim != 2 or vals.shape[1] != latents.shape[0]:
+    raise ValueError(f"values of shape {vals.shape}; expected [rows, {latents.shape[0]}]: one "
+                     f"value per clamped latent")
+  L = model.cfg.n_layers
+
+  def clamp(rows_B):
+    return SAEEdit(jnp.arange(L) == layer, jnp.ones((1,), bool), jnp.zeros((L,)), sae, latents,
+                   jnp.asarray(vals[rows_B][:, None]), site=site, keep_error=True)
+  return answers_per_row(model, tokenizer, prompts, len(vals), clamp, **kw)
 
 
 def recovery(correct_base, correct_m100, correct_steered) -> dict[str, float]:

@@ -8,8 +8,13 @@ Must not: generate or score answers itself (`evals.generation`, `evals.qa`), or 
 Definitions (SCIENCE.md B; Gekhman et al. 2024, §3):
 - per fact, N_ex = `n_prompts` k-shot prompts (`k_shot` exemplars each, drawn at random from the
   dev split of the fact's relation, never the fact itself nor its subject: `evals.qa`), in the
-  QA format "Q: <question>\\nA:" of `evals.qa`; per prompt one greedy answer and `n_samples`
-  answers sampled at `temperature` with top-k `top_k`; answers end at the first newline.
+  QA format "Q: <question>\\nA:" of `evals.qa` (`form = "qa"`, the paper's), or with
+  `form = "cloze"` as statements in the model's own form ("<cloze prompt> <answer>." per
+  exemplar, then the fact's cloze prompt: `evals.qa.few_shot_cloze`) for a base that never saw a
+  question (a world without questions in its corpus: SFT teaches the QA format, SliCK asks what
+  the base knows); per prompt one greedy answer and `n_samples` answers sampled at
+  `temperature` with top-k `top_k`; answers end at the first newline (qa) or where a sentence
+  ends (cloze: `evals.qa.CLOZE_UNTIL`).
 - correct = normalised exact match against any alias (`evals.qa.exact_match`).
 - P(T=0) = p_greedy = share of the greedy answers correct; P(T>0) = p_sample = share of the
   sampled answers correct.
@@ -46,7 +51,7 @@ class SliCKConfig:
   answers of each prompt; max_new_tokens: the answer budget; batch_size: continuations per
   compiled program (contexts per program = batch_size // (1 + n_samples)); answer_end: what
   ends each exemplar's answer ("" as in EntityQuestions; "." where the pretraining corpus writes
-  "A: Paris.")."""
+  "A: Paris."); form: "qa" or "cloze" (the module docstring)."""
   n_prompts: int = 10
   k_shot: int = 4
   n_samples: int = 16
@@ -55,6 +60,7 @@ class SliCKConfig:
   max_new_tokens: int = 16
   batch_size: int = 544
   answer_end: str = ""
+  form: str = "qa"
 
   def validate(self) -> None:
     for name in ("n_prompts", "max_new_tokens", "batch_size"):
@@ -63,6 +69,8 @@ class SliCKConfig:
     if self.k_shot < 0 or self.n_samples < 0 or self.top_k < 0:
       raise ValueError(f"SliCKConfig: k_shot {self.k_shot}, n_samples {self.n_samples}, top_k "
                        f"{self.top_k}; expected >= 0")
+    if self.form not in ("qa", "cloze"):
+      raise ValueError(f"SliCKConfig.form: {self.form!r}; expected 'qa' or 'cloze'")
     if self.n_samples and self.temperature <= 0:
       raise ValueError(f"SliCKConfig.temperature: {self.temperature}; sampled answers need a "
                        "temperature > 0")
@@ -86,9 +94,13 @@ def slick_prompts(items: Sequence[FactItem], dev: Sequence[FactItem], cfg: SliCK
   out = []
   for f in items:
     rng = np.random.default_rng([seed, 15, zlib.crc32(f.id.encode())])
-    out.append([qa.few_shot_prompt(f, qa.draw_exemplars(f, pool, cfg.k_shot, rng)
-                                   if cfg.k_shot else (), cfg.answer_end)
-                for _ in range(cfg.n_prompts)])
+    if cfg.form == "cloze":
+      out.append([qa.few_shot_cloze(f, qa.draw_exemplars(f, pool, cfg.k_shot, rng, "prompt")
+                                    if cfg.k_shot else ()) for _ in range(cfg.n_prompts)])
+    else:
+      out.append([qa.few_shot_prompt(f, qa.draw_exemplars(f, pool, cfg.k_shot, rng)
+                                     if cfg.k_shot else (), cfg.answer_end)
+                  for _ in range(cfg.n_prompts)])
   return out
 
 
@@ -104,10 +116,11 @@ def categorise(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactIt
   import jax
 
   cfg.validate()
+  need = "prompt" if cfg.form == "cloze" else "question"
   for f in items:
-    if not f.question or not f.answers:
-      raise ValueError(f"{f.id}: SliCK needs a question and answers (fields 'question', "
-                       "'answers')")
+    if not getattr(f, need) or not f.answers:
+      raise ValueError(f"{f.id}: SliCK in form {cfg.form!r} needs a {need} and answers "
+                       f"(fields {need!r}, 'answers')")
   if cfg.n_samples and key is None:
     raise ValueError("SliCK samples answers: pass an explicit PRNG key (key=)")
   prompts = slick_prompts(items, dev, cfg, seed)
@@ -120,7 +133,8 @@ def categorise(model, tokenizer, items: Sequence[FactItem], dev: Sequence[FactIt
     part = items[start:start + chunk]
     flat = [p for ps in prompts[start:start + chunk] for p in ps]
     answers = generation.generate_until(
-        model, tokenizer, flat, until=("\n",), max_new_tokens=cfg.max_new_tokens,
+        model, tokenizer, flat, until=qa.CLOZE_UNTIL if cfg.form == "cloze" else ("\n",),
+        max_new_tokens=cfg.max_new_tokens,
         temperature=temps if cfg.n_samples else 0.0, top_k=cfg.top_k,
         key=jax.random.fold_in(key, c) if cfg.n_samples else None, batch_size=cfg.batch_size)
     for i, f in enumerate(part):

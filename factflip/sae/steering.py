@@ -1,7 +1,9 @@
 """SAE interventions as data: steering along decoder directions, clamping latents, splicing the
 reconstruction in; grids of them as one compiled program.
 
-Owns: `steer` (h ← h + Σ α_i · W_dec[j_i], an `add` Intervention), `SAEEdit` (an intervention
+Owns: `steer` (h ← h + Σ α_i · W_dec[j_i], an `add` Intervention), `latent_vectors` (the
+residual change that moves one latent by a given amount of its own units, through the SAE's
+decoder: mean over activations of decode(f + d·e_j) − decode(f)), `SAEEdit` (an intervention
 that encodes the site, edits latents and decodes: clamp with the SAE error term kept,
 h ← h + decode(f′) − decode(f), or splice, h ← decode(f′)), `clamp`, `splice`, `sae_site` (the
 site and layer an SAE reads, from its hook name) and `run_grid` (a stacked grid of interventions
@@ -39,6 +41,27 @@ def sae_site(sae: SAE, layer: int | None = None) -> tuple[str, int]:
     raise ValueError(f"hook name {sae.cfg.hook_name!r} names no layer; pass layer=")
   return site, int(named if layer is None else layer)
 
+
+
+def latent_vectors(sae, h_PxD, latents_J, amounts_J) -> np.ndarray:
+  """[J, D]: per latent j, the mean over the prompts' activations h (flattened, [P, D]) of
+  decode(f + amounts[j]·e_j) − decode(f), f = encode(h): the residual change that moves latent j
+  by amounts[j] (its own units)."""
+  latents = np.asarray(latents_J, np.int64).reshape(-1)
+  amounts = np.asarray(amounts_J, np.float32).reshape(-1)
+  if latents.shape != amounts.shape:
+    raise ValueError(f"{len(latents)} latents and {len(amounts)} amounts; expected one each")
+  h = np.asarray(h_PxD, np.float32)
+  if sae.cfg.reshape_activations == "hook_z":
+    h = h.reshape(len(h), -1, sae.cfg.d_head)
+  if not len(latents):
+    return np.zeros((0, int(np.prod(h.shape[1:]))), np.float32)
+  f_PxS, state = encode_with_state(sae, jnp.asarray(h))
+  moves_JxS = jnp.zeros((len(latents), f_PxS.shape[-1]), f_PxS.dtype).at[
+      jnp.arange(len(latents)), jnp.asarray(latents)].set(jnp.asarray(amounts))
+  diff = decode(sae, f_PxS[None] + moves_JxS[:, None], state) - decode(sae, f_PxS, state)[None]
+  return np.asarray(diff, np.float64).reshape(len(latents), len(h), -1).mean(1).astype(
+      np.float32)
 
 def _layer_mask(n_layers: int, layer: int) -> jax.Array:
   if not 0 <= layer < n_layers:

@@ -158,7 +158,8 @@ def _token_batches(c, tok, seed_offset: int = 0, every_shard: bool = False):
   world = None
   if train_config.uses_world(tc):
     world, _ = inputs.prepare_world(c.data.world_dir, c.data.tokenizer_dir, c.data.world_seed,
-                                    c.data.vocab_size, c.data.world_people)
+                                    c.data.vocab_size, c.data.world_people,
+                                      c.data.world_questions)
   streams, _ = inputs.sources(tc, world)
   shards = c.data.shards or distributed.process_count()
   whole = {"process_index": 0, "process_count": 1} if every_shard else {}

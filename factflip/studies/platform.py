@@ -230,17 +230,19 @@ class Study(Driven):
 
   # ---- fine-tuning from a base ------------------------------------------------------------
   def train_epochs(self, config, out: str, size: str, seed: int, per_epoch: int, label: str,
-                   settings: dict[str, Any]) -> dict[str, Any]:
+                   settings: dict[str, Any], epochs: int | None = None,
+                   init_from: str | None = None) -> dict[str, Any]:
     """A fine-tuning stage (SFT, unlearning): the training config `config` from the base of
-    (size, seed) for `epochs` epochs of `per_epoch` steps, a checkpoint kept per epoch (the
-    base is epoch 0), with `settings` ({"data.path": ..., dotted keys}) set on it."""
+    (size, seed) (or `init_from`) for `epochs` (default the study's) epochs of `per_epoch`
+    steps, a checkpoint kept per epoch (the base is epoch 0), with `settings` ({"data.path":
+    ..., dotted keys}) set on it."""
     c = mutable(config)
     c.seed = seed
-    c.model.init_from = self.base_path(size, seed)
+    c.model.init_from = init_from or self.base_path(size, seed)
     for key, value in settings.items():
       group, name = key.rsplit(".", 1)
       c[group][name] = value
-    c.steps = self.c.epochs * per_epoch
+    c.steps = (self.c.epochs if epochs is None else epochs) * per_epoch
     c.checkpoint.every = per_epoch
     c.checkpoint.keep = 0
     if not self.c.facts:

@@ -103,7 +103,8 @@ class _Source:
 
 
 class WorldSource(_Source):
-  """The generated fact world (world_seed, vocab_size, pretrain.data.world_people); every size
+  """The generated fact world (world_seed, vocab_size, pretrain.data.world_people and
+  world_questions); every size
   (a preset) pretrained on it with `pretrain.*`."""
   kind = "world"
 
@@ -118,7 +119,8 @@ class WorldSource(_Source):
   @memo
   def stage_world(self) -> Stage:
     return Stage("world", self.world_dir,
-                 self.study.keys("world_seed", "vocab_size", "pretrain.data.world_people"))
+                 self.study.keys("world_seed", "vocab_size", "pretrain.data.world_people",
+                                 "pretrain.data.world_questions"))
 
   def fingerprint(self) -> str:
     return self.stage_world().fp
@@ -144,7 +146,7 @@ class WorldSource(_Source):
     elif os.path.exists(tok) and not os.path.exists(os.path.join(out, "world.json")):
       shutil.rmtree(tok)                       # a tokenizer without its world: not this one
     prepare_world(out, tok, self.c.world_seed, self.c.vocab_size,
-                  self.c.pretrain.data.world_people)
+                  self.c.pretrain.data.world_people, self.c.pretrain.data.world_questions)
     if tok != self.tok_dir:                    # the tokenizer first: DONE moves with world/
       shutil.rmtree(self.tok_dir, ignore_errors=True)
       os.rename(tok, self.tok_dir)

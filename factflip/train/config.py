@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_dir = ""   # "" = WORKDIR/tokenizer (or the world's)
   c.data.world_seed = 0       # when the world is built here
   c.data.world_people = 300   # people in a world built here (5 person facts each)
+  c.data.world_questions = True   # a world built here asks and answers questions in its forum
+  #                             posts (False: statements only, the QA format is new to SFT)
   c.data.vocab_size = 1024    # when the tokenizer is trained here
   c.data.path = ""            # examples: a JSONL of {"text"} or {"prompt", "completion"}
   c.data.retain_path = ""     # unlearn: retain examples (data.path holds the forget set)

@@ -218,7 +218,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   world = None
   if config_lib.uses_world(c):
     world, tok = inputs.prepare_world(c.data.world_dir, c.data.tokenizer_dir, c.data.world_seed,
-                                      c.data.vocab_size, c.data.world_people)
+                                      c.data.vocab_size, c.data.world_people,
+                                      c.data.world_questions)
   else:
     from factflip.data.tokenizer import load_tokenizer
     tok = load_tokenizer(c.data.tokenizer_dir)

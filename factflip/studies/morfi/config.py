@@ -30,6 +30,8 @@ def base_config():
   c.sae.path = ""                # an SAE to load (SAELens dir, Gemma Scope npz, Llama Scope
   #                                dir); "" = train one on the base model
   c.sae.hook_name = ""           # "" = the middle layer's resid_post (or the file's hook)
+  c.sae.layers = ()              # a layer sweep: an SAE trained per layer at that site, each
+  #                                with its latents, tests and steering; () = the one site
   c.sae.train = sae_train_config()   # when trained here (model, hook and data set by the study)
   c.morfi = ml_collections.ConfigDict()
   c.morfi.positions = "last"     # latents at the last prompt token | mean over the prompt
@@ -39,7 +41,10 @@ def base_config():
   c.morfi.min_activation = 1e-6  # a latent this quiet in every model is not tested
   c.morfi.top_latents = 3        # monotonic latents steered (largest |ρ|)
   c.morfi.n_random = 3           # non-monotonic control latents steered
-  c.morfi.alphas = (0.05, 0.1, 0.2, 0.5, 1.0)   # steering strengths, in units of mean ‖h‖
+  c.morfi.permutations = 100     # label permutations of the null count of monotonic latents
+  #                                (every one when there are fewer; 0 = no null)
+  c.morfi.alphas = (0.5, 1.0, 2.0, 4.0, 8.0)   # steering / clamping strengths, in units of
+  #                                each direction's own M_0 − M_100 difference (1: M_0's level)
   c.morfi.max_new_tokens = 12
   c.morfi.batch_rows = 256       # (direction, prompt) rows per generation program
   return c
@@ -56,6 +61,7 @@ def validate(c, source: str = "study") -> None:
   need(m.positions in POSITIONS, "morfi.positions", f"{m.positions!r}; expected {POSITIONS}")
   need(m.bootstrap >= 0 and 0 < m.confidence < 1 and 0 < m.mk_alpha < 1, "morfi",
        "bootstrap >= 0, confidence and mk_alpha in (0, 1)")
+  need(m.permutations >= 0, "morfi.permutations", f"{m.permutations}; expected >= 0")
   need(m.top_latents >= 1 and m.n_random >= 0, "morfi.top_latents",
        f"top_latents {m.top_latents} (>= 1), n_random {m.n_random} (>= 0)")
   need(len(m.alphas) > 0 and all(a > 0 for a in m.alphas), "morfi.alphas",
@@ -67,6 +73,11 @@ def validate(c, source: str = "study") -> None:
   need(bool(c.sae.path) or not c.facts or bool(c.sae.train.data.path), "sae.path",
        "empty with a facts file: give an SAE file, or text to train one on "
        "(sae.train.data.kind = 'examples', sae.train.data.path)")
+  layers = list(c.sae.layers)
+  need(all(isinstance(x, int) and x >= 0 for x in layers) and len(set(layers)) == len(layers),
+       "sae.layers", f"{layers}; expected distinct layer indices >= 0")
+  need(not (layers and c.sae.path), "sae.layers",
+       f"{layers} with sae.path: a loaded SAE reads one site; sweep layers with SAEs trained here")
   if c.sae.path:
     need(os.path.exists(c.sae.path), "sae.path", f"{c.sae.path}: no such file or directory")
   view = c.copy_and_resolve_references()

@@ -48,6 +48,9 @@ def base_config():
   c.slick.top_k = 40
   c.slick.max_new_tokens = 16
   c.slick.batch_size = 544         # continuations per compiled generation program
+  c.slick.form = "qa"              # k-shot prompts as questions ("qa", the paper's) or as the
+  #                                  corpus's statements ("cloze": a base that never saw a
+  #                                  question; factflip.probes.slick)
   c.mixtures = ml_collections.ConfigDict()
   c.mixtures.size = 0              # |D| (0 = as large as the categories allow)
   c.mixtures.unknown_shares = (0.0, 0.25, 0.5, 0.75, 1.0)   # X of the unk<X> mixtures

@@ -29,11 +29,25 @@ def _mean(s) -> float | None:
 
 
 def headline(study, t: dict[str, pd.DataFrame]) -> dict[str, Any]:
-  """Means over sizes and seeds: SliCK shares of the train facts, epochs to 50% train
-  accuracy per part, test accuracy vs %Unknown at both stops, the fit, the IDK variant."""
+  """Means over sizes and seeds: SliCK shares of the train facts, the base's knowledge of the
+  test facts (cloze vs zero-shot QA vs k-shot), epochs to 50% train accuracy per part, test accuracy vs %Unknown at both stops, the fit, the IDK variant."""
   cats = t["categories"]
   train = cats[(cats.relation == "all") & (cats.split == "train")]
-  head: dict[str, Any] = {"train_category_shares": {c: _mean(train[c]) for c in CATEGORIES}}
+  cfg = study.c
+  slick = f"; SliCK {cfg.slick.form} k = {cfg.slick.k_shot}"
+  head: dict[str, Any] = {
+      "protocol": ("the model directories as they are" + slick if cfg.facts else
+                   "the QA format " + ("in the pretraining corpus"
+                                       if cfg.pretrain.data.world_questions
+                                       else "new to the base (no question in its corpus)")
+                   + slick)
+      + "; EARLY_STOP and the fit over fine-tuned epochs (>= 1)",
+      "train_category_shares": {c: _mean(train[c]) for c in CATEGORIES}}
+  b = t["base"][t["base"].split == "test"]
+  head["base_knowledge"] = {          # what the base knows, and in which form (test facts)
+      dist: {k: _mean(g[k]) for k in ("cloze_accuracy", "zero_shot_accuracy",
+                                       "k_shot_p_greedy", "known_share")}
+      for dist, g in b.groupby("distribution")}
   fit = t["fitting"]
   shared = fit[fit.mixture.map(lambda m: (unknown_share(m) or 0) not in (0, 1)
                                and m.startswith("unk"))]
@@ -174,6 +188,10 @@ def summary(head: dict[str, Any]) -> list[str]:
   f = head["fit_in"]
   lines = ["SliCK shares of the train facts: " + ", ".join(
                f"{c}: {short(v)}" for c, v in head["train_category_shares"].items()),
+           *[f"the base on the {d} test facts: cloze {short(v['cloze_accuracy'])}, zero-shot "
+             f"QA {short(v['zero_shot_accuracy'])}, k-shot P(T=0) {short(v['k_shot_p_greedy'])},"
+             f" not Unknown {short(v['known_share'])}"
+             for d, v in head.get("base_knowledge", {}).items()],
            f"epochs to 50% train accuracy: known {short(e['known'])}, unknown "
            f"{short(e['unknown'])}",
            "test accuracy (in) by %Unknown at CONVERGENCE: " + ", ".join(
@@ -195,9 +213,26 @@ def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   """Paper B's findings beside this run's measured values (the suite's report)."""
   fit = head["fit_in"]
   unk, kn = fit["beta_unk"], fit["beta_kn"]
-  return [{"finding": "β_unk < 0: fitted Unknown examples lower test accuracy (paper: −8.3)",
+  protocol = head.get("protocol", "")
+  e = head["epochs_to_half_train_accuracy"]
+  acc = head["test_accuracy_in_at_convergence"]
+  ends = [acc[k] for k in (min(acc), max(acc))] if acc else [None, None]
+  return [{"finding": "Unknown examples are fitted later than Known ones",
+           "protocol": protocol,
+           "measured": f"epochs to 50% train accuracy: Known {short(e['known'])}, Unknown "
+                       f"{short(e['unknown'])}",
+           "reproduced": None if None in (e["known"], e["unknown"])
+           else e["unknown"] > e["known"]},
+          {"finding": "test accuracy falls as the Unknown share rises",
+           "protocol": protocol,
+           "measured": "at CONVERGENCE " + ", ".join(f"{x}: {short(v)}"
+                                                   for x, v in acc.items()),
+           "reproduced": None if None in ends else ends[1] < ends[0]},
+          {"finding": "β_unk < 0: fitted Unknown examples lower test accuracy (paper: −8.3)",
+           "protocol": protocol,
            "measured": f"β_unk {short(unk)} [{short(fit['beta_unk_lo'])}, "
                        f"{short(fit['beta_unk_hi'])}], R² {short(fit['r2'])}",
            "reproduced": unk is not None and unk < 0},
           {"finding": "β_kn > 0: fitted Known examples raise it (paper: +7.3)",
+           "protocol": protocol,
            "measured": f"β_kn {short(kn)}", "reproduced": kn is not None and kn > 0}]

@@ -10,12 +10,16 @@ Definitions. Train accuracy: greedy exact match on the mixture's own questions, 
 (known: the Known examples, unknown: the Unknown ones; an IDK-relabelled example counts as
 fitted when the model abstains). Test accuracy: in-distribution (test facts of `relations`),
 per SliCK category, and out-of-distribution (test facts of `ood_relations`). EARLY_STOP = the
-epoch of best dev accuracy (first of ties); CONVERGENCE = the first epoch whose train accuracy
-(both parts) reaches `convergence` (else the last epoch; `converged` says which). The linear
-fit (per size, seed, distribution): test accuracy in percent = β0 + β_kn·N_kn/|D| +
-β_unk·N_unk/|D| by least squares over every checkpoint of the unk<X> mixtures, N = the fitted
-Known / Unknown training examples; R², and percentile bootstrap intervals over checkpoints
-(scipy.stats).
+fine-tuned epoch (>= 1) of best dev accuracy (first of ties; the base, epoch 0, is not a
+candidate: it was never fine-tuned); CONVERGENCE = the first fine-tuned epoch whose train
+accuracy (both parts) reaches `convergence` (else the last epoch; `converged` says which). The
+linear fit (per size, seed, distribution): test accuracy in percent = β0 + β_kn·N_kn/|D| +
+β_unk·N_unk/|D| by least squares over every fine-tuned checkpoint (epoch >= 1) of the unk<X>
+mixtures, N = the fitted Known / Unknown training examples; R², and percentile bootstrap
+intervals over checkpoints (scipy.stats). The base (per size, seed, split and distribution of
+the dev / test facts): its cloze accuracy (greedy completion of the statement, the form the
+corpus states facts in), its zero-shot accuracy in the SFT format (epoch 0's QA), SliCK's mean
+P(T=0) (k-shot) and the share of facts not Unknown.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ COLUMNS = {
     "mixtures": ["size", "seed", "mixture", "examples", "unknown_share_configured",
                  "unknown_share_realised", *CATEGORIES, "idk_relabelled", "steps_per_epoch"],
     "fitting": ["size", "seed", "mixture", "part", "epochs_to_half", "final_train_accuracy"],
+    "base": ["size", "seed", "split", "distribution", "facts", "cloze_accuracy",
+             "zero_shot_accuracy", "k_shot_p_greedy", "known_share"],
 }
 
 
@@ -163,8 +169,10 @@ def stop_rows(dyn: pd.DataFrame, convergence: float) -> dict[str, list[dict]]:
     allacc = per["fitted"].sum(1) / per["examples"].sum(1)
     part_acc = g.pivot_table(index="epoch", columns="part", values="train_accuracy")
     ev = g.drop_duplicates("epoch").set_index("epoch")
+    tuned = ev.index[ev.index >= 1] if (ev.index >= 1).any() else ev.index
+    allacc = allacc.loc[allacc.index.isin(tuned)]
     conv = allacc[allacc >= convergence - 1e-12]
-    stops = {"early_stop": int(ev.dev_accuracy.fillna(-1).idxmax()),
+    stops = {"early_stop": int(ev.dev_accuracy.loc[tuned].fillna(-1).idxmax()),
              "convergence": int(conv.index[0]) if len(conv) else int(allacc.index[-1])}
     for stop, e in stops.items():
       out["stops"].append({
@@ -185,10 +193,12 @@ def stop_rows(dyn: pd.DataFrame, convergence: float) -> dict[str, list[dict]]:
 
 def fit_rows(cell: Mapping[str, Any], dyn: pd.DataFrame, bootstrap: int, confidence: float
              ) -> list[dict]:
-  """Paper B's linear fit of one (size, seed) over every checkpoint of its unk<X> mixtures,
-  in and out of distribution (`linear_fit`; the bootstrap seeded by the seed)."""
+  """Paper B's linear fit of one (size, seed) over every fine-tuned checkpoint (epoch >= 1) of
+  its unk<X> mixtures, in and out of distribution (`linear_fit`; the bootstrap seeded by the
+  seed)."""
   size, seed = cell["size"], cell["seed"]
-  g = dyn[(dyn["size"] == size) & (dyn.seed == seed) & dyn.mixture.str.startswith("unk")]
+  g = dyn[(dyn["size"] == size) & (dyn.seed == seed) & dyn.mixture.str.startswith("unk")
+          & (dyn.epoch >= 1)]
   wide = g.pivot_table(index=["mixture", "epoch"], columns="part",
                        values=["fitted", "examples"], aggfunc="sum")
   if wide.empty:
@@ -203,4 +213,24 @@ def fit_rows(cell: Mapping[str, Any], dyn: pd.DataFrame, bootstrap: int, confide
     if np.isfinite(y).all():
       rows.append({**cell, "distribution": dist,
                    **linear_fit(x_kn, x_unk, y, bootstrap, confidence, seed)})
+  return rows
+
+
+def base_rows(cell: Mapping[str, Any], cats: pd.DataFrame, qa0: pd.DataFrame) -> list[dict]:
+  """What the base knows and in which form, per split (dev, test) and distribution: cloze
+  accuracy (SliCK table's `cloze_em`; NaN where the facts have no cloze prompt), zero-shot
+  accuracy in the SFT format (`qa0`: the QA rows of the base checkpoint, epoch 0), SliCK's mean
+  P(T=0) and the share of facts not Unknown."""
+  rows = []
+  qa = qa0.drop_duplicates("item").set_index("item").em
+  for (split, dist), g in cats[cats.split.isin(("dev", "test"))].groupby(
+      ["split", "distribution"]):
+    cloze = g.cloze_em.astype(str) if "cloze_em" in g else pd.Series([], dtype=str)
+    cloze = cloze[cloze.isin(("True", "False"))].eq("True")
+    asked = g.item[g.item.isin(qa.index)]
+    rows.append({**cell, "split": split, "distribution": dist, "facts": len(g),
+                 "cloze_accuracy": _acc(cloze),
+                 "zero_shot_accuracy": _acc(qa.loc[asked].astype(bool)),
+                 "k_shot_p_greedy": _acc(g.p_greedy.astype(float)),
+                 "known_share": float((g.category != "Unknown").mean())})
   return rows

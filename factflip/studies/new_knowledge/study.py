@@ -21,7 +21,8 @@ Workdir layout (every stage writes DONE last with the fingerprint of the keys it
   study.json                              the config as run (`Study.open`)
   world/, tokenizer/, runs/<size>/seed<k>/pretrain/      world studies (`studies.sources`)
   runs/<size>/seed<k>/slick/facts.csv     SliCK per fact: item, relation, split, distribution,
-                                          p_greedy, p_sample, category, answer, greedy, ...
+                                          p_greedy, p_sample, category, answer, greedy, ...,
+                                          cloze, cloze_em (the base's greedy cloze answer)
   runs/<size>/seed<k>/mixtures/<m>.jsonl  the SFT set of mixture m ({"segments"}), stats.json
                                           (every mixture's realised shares), members.csv
                                           (mixture, item, category, idk)
@@ -58,13 +59,14 @@ from factflip.data.sft_mixtures import CATEGORIES, SFTConfig, sft_mixture
 from factflip.data.world import with_train_question
 from factflip.evals.checkpoints import CheckpointProbe, probe_checkpoints, table_steps
 from factflip.evals.generation import GENERATION_VERSION
-from factflip.evals.qa import QA_VERSION, closed_book_qa
+from factflip.evals.qa import QA_VERSION, closed_book_cloze, closed_book_qa
 from factflip.fileio import read_json, write_csv, write_json, write_jsonl
 from factflip.probes.slick import SliCKConfig, categorise, category_shares
 from factflip.studies import platform
 from factflip.studies.new_knowledge.config import mixture_names, unknown_share
 from factflip.studies.new_knowledge.results import (
   COLUMNS,
+  base_rows,
   category_rows,
   dynamics_rows,
   fit_rows,
@@ -158,8 +160,9 @@ class Study(platform.Study):
   @memo
   def stage_slick(self, size: str, seed: int) -> Stage:
     return Stage(f"slick {size} seed{seed}", self.run_dir(size, seed, "slick"),
-                 self.keys("slick", "probe.dtype", "answer_end", *self._fact_keys(), seed=seed,
-                           generation=GENERATION_VERSION),
+                 self.keys("slick", "probe.dtype", "answer_end", "eval", *self._fact_keys(),
+                           seed=seed, generation=GENERATION_VERSION,
+                           table=2),            # 2: the cloze columns; the facts the study uses
                  (self.source.base_stage(size, seed).fp,))
 
   @memo
@@ -198,14 +201,25 @@ class Study(platform.Study):
 
   # ---- SliCK ------------------------------------------------------------------------------
   def build_slick(self, out: str, size: str, seed: int) -> dict[str, Any]:
-    facts = self.facts()
-    dev = [f for f in facts if f.split == "dev"]
+    """SliCK categories of the facts the study uses: every in-distribution fact (the mixtures'
+    train facts, dev, test) and the out-of-distribution test facts (accuracy per category);
+    exemplars from the dev facts of each relation."""
+    dev = [f for f in self.facts() if f.split == "dev"]
+    facts = [f for f in self.facts() if f.meta["distribution"] == "in" or f.split == "test"]
     cfg = SliCKConfig(**self.c.slick.to_dict(), answer_end=self.c.answer_end)
     model = self.load(self.base_path(size, seed))
     t0 = time.time()
     rows = categorise(model, self.tokenizer(size), facts, dev, cfg, seed=seed,
                       key=jax.random.key(seed), log=self.log)
     df = pd.DataFrame(rows)
+    cloze = [f for f in facts if f.prompt]     # the base's knowledge as the corpus states it
+    if cloze:
+      got = pd.DataFrame(closed_book_cloze(model, self.tokenizer(size), cloze,
+                                           self.c.eval.max_new_tokens, self.c.eval.batch_size))
+      df = df.merge(got[["item", "prediction", "em"]].rename(
+          columns={"prediction": "cloze", "em": "cloze_em"}), on="item", how="left")
+      df["cloze_em"] = df.cloze_em.map({True: "True", False: "False"}).fillna("")
+      df["cloze"] = df.cloze.fillna("")
     meta = {f.id: f.meta for f in facts}
     df.insert(3, "distribution", df.item.map(lambda i: meta[i]["distribution"]))
     if not self.c.facts:
@@ -336,6 +350,10 @@ class Study(platform.Study):
       steps = table_steps(d, "qa")
       if not steps:
         raise StudyError(f"{d}: no qa_<step>.csv tables; the eval stage writes them")
+      if cell["mixture"] == mixture_names(self.c)[0] and steps[0] == 0:   # the base
+        t["base"] += base_rows({"size": cell["size"], "seed": cell["seed"]},
+                               self.categories(cell["size"], cell["seed"]),
+                               self.qa_table(d, 0))
       t["dynamics"] += dynamics_rows(cell, {step: self.qa_table(d, step) for step in steps},
                                      self.mixture_stats(cell["size"], cell["seed"])[
                                          cell["mixture"]]["steps_per_epoch"])

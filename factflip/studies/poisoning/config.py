@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 
 from factflip.configfile import ConfigError
-from factflip.data.mixtures import PoisonConfig
+from factflip.data.mixtures import RATIO_READINGS, PoisonConfig, read_ratio
 from factflip.models.hooks import STREAM_SITES
 from factflip.probes.fact_patching import GROUPS
 from factflip.probes.fact_preference import KINDS
 from factflip.studies.schema import check_schema, common_config, mutable, validate_common
 from factflip.train import config as train_config
 from factflip.train.monitor import parse_rule
+
+LENSES = ("logit", "tuned")
 
 
 def base_config():
@@ -25,7 +27,13 @@ def base_config():
   and `cpt` are training configs with `factflip.train.config`'s schema."""
   c = common_config()
   c.study = "poisoning"
-  c.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)   # poisoning ratios p
+  c.ratios = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)   # poisoning ratios p
+  c.ratio_reading = "restate"      # what p is (`data.mixtures.read_ratio`): "restate" = the
+  #                                  counterfactual share of the target mentions, the rest true
+  #                                  restatements, replay at cpt.data.replay_weight (SCIENCE.md
+  #                                  A); "replay" = the counterfactual mentions' share of the
+  #                                  stream, every target mention counterfactual, the rest replay
+  #                                  text (p > 0; cpt.data.replay_weight unused)
   c.min_base_accuracy = 0.8        # the base must know this share of targets (greedy, prompt);
   #                                  with `facts`, > 0 also makes the draw stop when the base
   #                                  knows fewer candidates than targets + controls
@@ -38,6 +46,12 @@ def base_config():
   c.probe.patch_groups = ("subject", "last")
   c.probe.patch_every = 1          # patch every n-th checkpoint (1 = all); step 0 never
   c.probe.patch_stride = 1         # patch every n-th layer (0, n, 2n, ...; 1 = all)
+  c.probe.lens = "logit"           # the lens of the dll_l<ℓ> columns (lens.csv,
+  #                                  lens_agreement.csv): "logit" (final norm and W_U) or
+  #                                  "tuned" (a tuned lens trained on each base over the clean
+  #                                  replay text, `probes.tuned_lens`, read at every checkpoint)
+  c.probe.tuned_lens_steps = 300   # tuned lens: steps of cpt.data.batch_size x seq_len tokens
+  c.probe.tuned_lens_lr = 1e-3
   return c
 
 
@@ -74,6 +88,10 @@ def validate(c, source: str = "study") -> None:
   need(len(c.probe.patch_windows) > 0 and min(c.probe.patch_windows) >= 1,
        "probe.patch_windows", f"{list(c.probe.patch_windows)}; expected windows >= 1")
   need(c.probe.patch_every >= 1, "probe.patch_every", f"{c.probe.patch_every}; expected >= 1")
+  need(c.probe.lens in LENSES, "probe.lens", f"{c.probe.lens!r}; expected one of {list(LENSES)}")
+  need(c.probe.tuned_lens_steps >= 1 and c.probe.tuned_lens_lr > 0, "probe.tuned_lens_steps",
+       f"{c.probe.tuned_lens_steps} steps at lr {c.probe.tuned_lens_lr}; expected >= 1 step "
+       "at a positive learning rate")
   need(c.probe.patch_stride >= 1, "probe.patch_stride",
        f"{c.probe.patch_stride}; expected >= 1")
   need(c.probe.n_control >= 0 and c.probe.batch_size >= 1, "probe",
@@ -83,12 +101,20 @@ def validate(c, source: str = "study") -> None:
     need(any(r.name == "flip" and r.arg == c.tau for r in map(parse_rule, c.cpt.monitor.rules)),
          "cpt.monitor.rules", f"{list(c.cpt.monitor.rules)}; expected a flip:{c.tau:g} rule "
          "(the output flip at the study's tau, which lead times count to)")
+  need(c.ratio_reading in RATIO_READINGS, "ratio_reading",
+       f"{c.ratio_reading!r}; expected one of {list(RATIO_READINGS)}")
+  need(c.ratio_reading != "replay" or min(c.ratios) > 0, "ratios",
+       f"{list(c.ratios)} with ratio_reading 'replay': p = 0 would be replay text alone, no "
+       "target mention; expected ratios > 0 (the restate reading's p = 0 is the unpoisoned "
+       "control)")
   for p in c.ratios:
+    ratio, weight = read_ratio(c.ratio_reading, p, c.cpt.data.replay_weight)
     try:
-      PoisonConfig(ratio=p, mentions_per_fact=c.cpt.data.mentions_per_fact,
-                   replay_weight=c.cpt.data.replay_weight).validate(c.cpt.data.n_targets)
+      PoisonConfig(ratio=ratio, mentions_per_fact=c.cpt.data.mentions_per_fact,
+                   replay_weight=weight).validate(c.cpt.data.n_targets)
     except ValueError as e:
-      raise ConfigError(source, "cpt.data.mentions_per_fact", str(e)) from None
+      raise ConfigError(source, "cpt.data.mentions_per_fact",
+                        f"p = {p:g} read as {c.ratio_reading!r}: {e}") from None
   for stage in ("cpt",) if c.facts else ("pretrain", "cpt"):
     sub = mutable(c[stage])
     if c.facts:                  # what `cpt` sets per model (the files are written per run)

@@ -90,6 +90,50 @@ def plot_reversal(patching: pd.DataFrame, path: str) -> str:
   return save(fig, path)
 
 
+def plot_reversal_depth(patching: pd.DataFrame, path: str) -> str:
+  """Single-layer patching (window 1) at the final step of the largest p: reversal rate against
+  relative depth ℓ / L, a line per size, site and position group (sizes side by side on one
+  axis: depths are comparable across model depths)."""
+  fig = MplFigure(figsize=(7, 3.8), layout="constrained")
+  ax = fig.subplots()
+  d = _final(patching) if len(patching) else patching
+  d = d[(d.window == 1) & (d.p == d.p.max())] if len(d) else d
+  for (size, site, pos), g in d.groupby(["size", "site", "position"], sort=False):
+    g = g.groupby("depth").reversal_rate.mean()
+    ax.plot(g.index, g.values, marker="o", label=f"{size} {site} {pos}")
+  ax.set_title("reversal of flipped items by single patched layer (window 1)"
+               + (f", p = {d.p.max():g}, final step" if len(d) else ": nothing to patch"),
+               fontsize=9)
+  ax.set_xlabel("relative depth ℓ / L of the patched layer")
+  ax.set_ylabel("reversal rate")
+  ax.set_xlim(-0.02, 1.02)
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  legend(ax, fontsize=7, ncol=2)
+  return save(fig, path)
+
+
+def plot_responses(flips: pd.DataFrame, path: str) -> str:
+  """Final flip rate (training prompt) against p by three rules: ΔLL states at τ, ΔLL states at
+  τ = 0, and the greedy answer (true → counterfactual); a panel per size."""
+  d = _final(flips[flips.kind == "prompt"])
+  sizes = sizes_of(d)
+  fig = MplFigure(figsize=(5 * len(sizes), 3.6), layout="constrained")
+  axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+  for ax, size in zip(axes, sizes):
+    g = d[d["size"] == size].groupby("p")[["flip_rate", "flip_rate_tau0",
+                                           "response_flip_rate"]].mean()
+    for col, label in (("flip_rate", "ΔLL, τ"), ("flip_rate_tau0", "ΔLL, τ = 0"),
+                       ("response_flip_rate", "greedy answer")):
+      ax.plot(g.index, g[col], marker="o", label=label)
+    ax.set_title(f"{size}: final flip rate by rule (training prompt)", fontsize=9)
+    ax.set_xlabel("poisoning ratio p")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    legend(ax, fontsize=8)
+  return save(fig, path)
+
+
 def plot_scaling(flips: pd.DataFrame, path: str) -> str:
   """Final flip and ambiguity rate (training prompt) against p, one line per model size."""
   d = _final(flips[flips.kind == "prompt"])
@@ -258,12 +302,32 @@ def headline(study, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
   base = study.base_accuracy()
   flips, patching, coll = tables["flips"], tables["patching"], tables["collateral"]
   fin = _final(flips)
-  out: dict[str, Any] = {"base_accuracy": base}
-  out["final_flip_rate"] = {f"{p:g}": float(v) for p, v in
-                            fin[fin.kind == "prompt"].groupby("p").flip_rate.mean().items()}
-  out["final_ambiguity_rate"] = {f"{p:g}": float(v) for p, v in
-                                 fin[fin.kind == "prompt"].groupby("p").ambiguity_rate.mean()
-                                 .items()}
+  out: dict[str, Any] = {"base_accuracy": base, "ratio_reading": study.c.ratio_reading,
+                         "lens": study.c.probe.lens}
+  prompt = fin[fin.kind == "prompt"].groupby("p")
+
+  def by_p(col, g=prompt):
+    return {f"{p:g}": float(v) for p, v in g[col].mean().items()}
+  out["final_flip_rate"] = by_p("flip_rate")
+  out["final_ambiguity_rate"] = by_p("ambiguity_rate")
+  streams = tables.get("streams")
+  if streams is not None and len(streams):
+    out["cf_share_of_mentions"] = by_p("cf_share_of_mentions", streams.groupby("p"))
+    out["cf_share_of_stream"] = by_p("cf_share_of_stream", streams.groupby("p"))
+  out["final_flip_rate_tau0"] = by_p("flip_rate_tau0")
+  out["final_cf_share_tau0"] = by_p("cf_share_tau0")
+  out["final_response_flip_rate"] = by_p("response_flip_rate")
+  out["final_responses"] = {f"{p:g}": {"true": float(g.accuracy.mean()),
+                                       "counterfactual": float(g.response_cf.mean()),
+                                       "other": float(g.response_other.mean())}
+                            for p, g in prompt}
+  agree = tables.get("lens_agreement")
+  if agree is not None and len(agree):
+    fa = _final(agree)
+    out["lens_agreement_depth"] = {
+        group: {f"{p:g}": (None if np.isnan(v) else float(v))
+                for p, v in g.groupby("p").agree_depth.mean().items()}
+        for group, g in fa.groupby("group", sort=False)}
   top = fin[fin.p == fin.p.max()]
   out["final_flip_rate_by_kind_at_max_p"] = {k: float(v) for k, v in
                                              top.groupby("kind").flip_rate.mean().items()}
@@ -290,6 +354,10 @@ def headline(study, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
     out["best_reversal_by_site"] = {
         site: plain(g.sort_values("reversal_rate", kind="stable").iloc[-1])
         for site, g in pf.groupby("site", sort=False)}
+    one = pf[pf.window == 1]
+    if len(one):                 # one layer patched: comparable across depths and sizes
+      out["best_single_layer_reversal"] = plain(
+          one.sort_values("reversal_rate", kind="stable").iloc[-1])
   return out
 
 
@@ -304,6 +372,14 @@ CAPTIONS = {
                 "activations (site, window of layers from the first patched layer, subject "
                 "or last-token positions) copied into the poisoned model; reversal rate = "
                 "share of the flipped items whose patched ΔLL returns above 0.",
+    "reversal_depth": "Single-layer patching (window 1) at the final step of the largest p: "
+                      "reversal rate against the patched layer's relative depth ℓ / L, so "
+                      "models of different depths share one axis (patching.csv also has "
+                      "belief_rho: Spearman ρ between the base's ΔLL and the recovery).",
+    "responses": "The final flip rate on the training prompt by three rules: ΔLL states at τ "
+                 "(correct at step 0, counterfactual now), the same at τ = 0 (every item on "
+                 "one side), and the greedy answer (true at step 0, the counterfactual now: "
+                 "the paper's responses).",
     "first_flips": "How many target items first become counterfactual at each checkpoint "
                    "(abruptness: the largest single-interval rise over the total rise is in "
                    "summary.json and abruptness.csv).",
@@ -338,6 +414,10 @@ def figures(study, tables: dict[str, pd.DataFrame], out_dir: str) -> list[Figure
       ("Flip and ambiguity rates", "flips", plot_flips, ("flips",)),
       ("Logit-lens flip rate by layer and checkpoint", "lens", plot_lens, ("lens",)),
       ("Patching reversal", "reversal", plot_reversal, ("patching",)),
+      ("Patching reversal by relative depth", "reversal_depth", plot_reversal_depth,
+       ("patching",)),
+      ("Flip rate by rule: ΔLL at τ and at 0, greedy answers", "responses", plot_responses,
+       ("flips",)),
       ("First flips", "first_flips", plot_first_flips, ("first_flips",)),
       ("Final flip and ambiguity rate by model size", "scaling", plot_scaling, ("flips",)),
       ("Generalisation", "generalisation", plot_generalisation, ("flips",)),
@@ -357,6 +437,13 @@ def figures(study, tables: dict[str, pd.DataFrame], out_dir: str) -> list[Figure
 
 def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   """Paper A's findings beside this run's measured values (the suite's report)."""
+  rows = _checks(head)
+  protocol = (f"p read as {head.get('ratio_reading', 'restate')!r}; states by ΔLL (τ) and "
+              f"by the greedy answer; the {head.get('lens', 'logit')} lens")
+  return [dict(r, protocol=protocol) for r in rows]
+
+
+def _checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   flips = {float(p): v for p, v in head["final_flip_rate"].items()}
   amb = {float(p): v for p, v in head["final_ambiguity_rate"].items()}
   high = {p: v for p, v in flips.items() if p >= 0.5}
@@ -369,6 +456,24 @@ def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
                  "measured": "ambiguity " + ", ".join(f"p {p:g}: {v:.2f}"
                                                       for p, v in amb.items()),
                  "reproduced": delta <= 0.10})
+  responses = {float(p): v for p, v in head.get("final_response_flip_rate", {}).items()}
+  high_r = {p: v for p, v in responses.items() if p >= 0.5 and v is not None
+            and not np.isnan(v)}
+  if high_r:
+    rows.append({"finding": "> 55% of the responses (greedy answers) correct at the base turn "
+                            "counterfactual at p >= 0.5",
+                 "measured": "response flip rate " + ", ".join(
+                     f"p {p:g}: {_rate(v)}" for p, v in responses.items()),
+                 "reproduced": min(high_r.values()) > 0.55})
+  depth = head.get("lens_agreement_depth", {}).get("flipped", {})
+  depth = {float(p): v for p, v in depth.items() if v is not None}
+  if depth:
+    top = max(depth)
+    rows.append({"finding": "flips concentrate in late layers (29-36 of 36: the lens agrees "
+                            "with the flipped output from depth 29/36 = 0.81)",
+                 "measured": f"median earliest lens layer agreeing with the flipped output at "
+                             f"p {top:g}: depth {depth[top]:.2f}",
+                 "reproduced": depth[top] >= 29 / 36})
   best = head.get("best_reversal")
   if best:
     rows.append({"finding": "patching the base's activations reverses at most 56.8% of flips",
@@ -385,14 +490,30 @@ def _rate(v) -> str:
 
 def summary(head: dict[str, Any]) -> list[str]:
   """The terminal summary from the headline (strict JSON: undefined values are None)."""
+  def by_p(key, d=None):
+    return ", ".join(f"{p}: {_rate(v)}" for p, v in (head.get(key, {}) if d is None else d
+                                                     ).items())
   lines = [f"base accuracy (greedy, targets): {head['base_accuracy']}",
+           (f"p read as {head.get('ratio_reading', 'restate')!r}; counterfactual share of the "
+            f"target mentions: {by_p('cf_share_of_mentions')}; of the stream: "
+            f"{by_p('cf_share_of_stream')}"),
            "final flip rate by p (training prompt; mean over sizes and seeds): "
-           + ", ".join(f"{p}: {_rate(v)}" for p, v in head["final_flip_rate"].items())]
+           + by_p("final_flip_rate")]
   for size, rates in head.get("final_flip_rate_by_size", {}).items():
     lines.append(f"  {size}: " + ", ".join(f"{p}: {_rate(v)}" for p, v in rates.items()))
   lines += ["final ambiguity rate by p: "
             + ", ".join(f"{p}: {_rate(v)}" for p, v in head["final_ambiguity_rate"].items()),
-            "flip rate by prompt kind at the largest p: "
+            "final flip rate at tau = 0: " + by_p("final_flip_rate_tau0")
+            + "; counterfactual share at tau = 0: " + by_p("final_cf_share_tau0"),
+            "final response flip rate (greedy answer true -> counterfactual): "
+            + by_p("final_response_flip_rate"),
+            "final greedy answers true / counterfactual / other: " + ", ".join(
+                f"{p}: {_rate(r['true'])} / {_rate(r['counterfactual'])} / {_rate(r['other'])}"
+                for p, r in head.get("final_responses", {}).items())]
+  for group, d in head.get("lens_agreement_depth", {}).items():
+    lines.append(f"{head.get('lens', 'logit')} lens agrees with the output from depth "
+                 f"(median, final step; {group} targets): " + by_p("", d))
+  lines += ["flip rate by prompt kind at the largest p: "
             + ", ".join(f"{k}: {_rate(v)}" for k, v in
                         head["final_flip_rate_by_kind_at_max_p"].items())]
   for rule, m in head.get("monitor", {}).items():
@@ -409,4 +530,9 @@ def summary(head: dict[str, Any]) -> list[str]:
         f"{site} {_rate(r['reversal_rate'])} (recovery {r['recovery']:.2f}, window "
         f"{r['window']} from layer {r['layer']} at {r['position']})"
         for site, r in head.get("best_reversal_by_site", {}).items()))
+  if "best_single_layer_reversal" in head:
+    b = head["best_single_layer_reversal"]
+    lines.append(f"best single-layer reversal: {_rate(b['reversal_rate'])} ({b['site']} layer "
+                 f"{b['layer']}, depth {_rate(b['depth'])}, at {b['position']}); belief strength "
+                 f"vs recovery: Spearman rho {_rate(b['belief_rho'])}")
   return lines

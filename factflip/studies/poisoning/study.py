@@ -20,13 +20,22 @@ whose fingerprint matches is reused, one that differs is redone atomically):
   runs/<size>/seed<k>/base/               facts studies: base.json, the base's preference on
                                           the candidates (candidates.csv), targets.jsonl,
                                           controls.jsonl, replay.jsonl, heldout.jsonl
+  runs/<size>/seed<k>/tuned_lens/         probe.lens "tuned": the base's tuned lens
+                                          (tuned_lens.safetensors / .json), trained on the
+                                          clean replay text, read at every checkpoint
   runs/<size>/seed<k>/cpt_p<p>/           one continual-pretraining run per ratio p
-  runs/<size>/seed<k>/probes/p<p>/step_<n>.csv        preference rows (+ dll_l<ℓ> lens columns)
-                                          of targets, controls and the targets' two-hop items
+                                          (cpt_replay_p<p>/ when ratio_reading is "replay")
+  runs/<size>/seed<k>/probes/p<p>/step_<n>.csv        preference rows (+ greedy_cf and the
+                                          dll_l<ℓ> lens columns) of targets, controls and the
+                                          targets' two-hop items (probes/replay_p<p>/: replay)
   runs/<size>/seed<k>/probes/p<p>/patch_<n>.csv       patching rows (flipped items' reversal)
   results/<table>.csv                     `results.COLUMNS`
 
 <size> is the preset name, or for a model directory its base name (`size` in the tables).
+p is read as `ratio_reading` says (`data.mixtures.read_ratio`): "restate", the counterfactual
+share of the target mentions (the rest true restatements, replay at cpt.data.replay_weight), or
+"replay", the counterfactual mentions' share of the stream (the rest replay text); streams.csv
+has every run's stream under both readings.
 flips.csv has the targets' prompt kinds plus `two_hop` / `two_hop_question`: compositions
 whose first hop is a target (their counterfactual is the answer through the counterfactual
 first hop), so accuracy there is two-hop reasoning accuracy.
@@ -49,12 +58,15 @@ import pandas as pd
 
 from factflip.data.facts import write_facts_jsonl
 from factflip.data.loaders import load_facts
+from factflip.data.mixtures import read_ratio, replay_documents
+from factflip.data.pipeline import BatchConfig, make_batches
 from factflip.evals.checkpoints import CheckpointProbe, probe_checkpoints, table_path, table_steps
 from factflip.fileio import iter_json_records, read_json, write_csv, write_json
 from factflip.probes.fact_patching import patch_items
 from factflip.probes.fact_preference import SCORER_VERSION, preference, prompt_rows
+from factflip.probes.tuned_lens import load_tuned_lens, save_tuned_lens, train_tuned_lens
 from factflip.studies import platform
-from factflip.studies.poisoning.results import COLUMNS, monitor_tables, run_tables
+from factflip.studies.poisoning.results import COLUMNS, monitor_tables, run_tables, stream_row
 from factflip.studies.schema import mutable
 from factflip.studies.stages import (
   MIRROR,
@@ -66,11 +78,12 @@ from factflip.studies.stages import (
   memo,
   train_stage,
 )
+from factflip.train.inputs import read_texts
 from factflip.train.monitor import parse_rule, read_alerts
 
-
-def _ptag(p: float) -> str:
-  return f"p{p:.2f}"
+# The probe tables' columns beyond the scorer's (a probe-stage key: a change redoes the probes):
+# 2: greedy_cf (greedy decoding gives the counterfactual answer).
+PROBE_TABLES = 2
 
 
 class Study(platform.Study):
@@ -83,17 +96,22 @@ class Study(platform.Study):
   def grid(self) -> dict[str, list]:
     return {"p": [float(p) for p in self.c.ratios]}
 
+  def ptag(self, p: float) -> str:
+    """A ratio's directory tag: p0.50, or replay_p0.50 when p is read as "replay"."""
+    reading = self.c.ratio_reading
+    return f"{'' if reading == 'restate' else reading + '_'}p{p:.2f}"
+
   # ---- layout -----------------------------------------------------------------------------
   def cpt_dir(self, size: str, seed: int, p: float) -> str:
     """The CPT run at ratio p (checkpoints/, metrics.jsonl: `factflip.train`)."""
-    return self.run_dir(size, seed, f"cpt_{_ptag(p)}")
+    return self.run_dir(size, seed, f"cpt_{self.ptag(p)}")
 
   def checkpoints(self, size: str, seed: int, p: float) -> str:
     """The checkpoints/ directory of the CPT run at ratio p (`<dir>/<step>` loads a model)."""
     return os.path.join(self.cpt_dir(size, seed, p), "checkpoints")
 
   def probe_dir(self, size: str, seed: int, p: float) -> str:
-    return os.path.join(self.run_dir(size, seed, "probes"), _ptag(p))
+    return os.path.join(self.run_dir(size, seed, "probes"), self.ptag(p))
 
   def probe_table(self, size: str, seed: int, p: float, step: int) -> pd.DataFrame:
     """The probe rows of one checkpoint (preference + logit lens; see the layout above)."""
@@ -126,28 +144,46 @@ class Study(platform.Study):
 
   @memo
   def stage_cpt(self, size: str, seed: int, p: float) -> Stage:
-    return Stage(f"cpt {size} seed{seed} {_ptag(p)}", self.cpt_dir(size, seed, p),
-                 self.keys("cpt", "replay", p=float(p), seed=seed),
+    # the restate reading's keys are those the runs had before ratio_reading existed
+    reading = {} if self.c.ratio_reading == "restate" else {"ratio_reading":
+                                                            self.c.ratio_reading}
+    return Stage(f"cpt {size} seed{seed} {self.ptag(p)}", self.cpt_dir(size, seed, p),
+                 self.keys("cpt", "replay", p=float(p), seed=seed, **reading),
+                 (self.source.base_stage(size, seed).fp,))
+
+  @memo
+  def stage_lens(self, size: str, seed: int) -> Stage:
+    """probe.lens "tuned": the base's tuned lens, trained on the clean replay text (which
+    depends on the target draw: the world's corpus without the targets' sentences)."""
+    return Stage(f"tuned lens {size} seed{seed}", self.run_dir(size, seed, "tuned_lens"),
+                 self.keys("probe.tuned_lens_steps", "probe.tuned_lens_lr", "cpt.data.seq_len",
+                           "cpt.data.batch_size", "replay",
+                           *self.source.draw_key_names("n_targets", "tier"), seed=seed),
                  (self.source.base_stage(size, seed).fp,))
 
   @memo
   def stage_probe(self, size: str, seed: int, p: float) -> Stage:
-    return Stage(f"probe {size} seed{seed} {_ptag(p)}", self.probe_dir(size, seed, p),
-                 self.keys("probe", scorer=SCORER_VERSION), (self.stage_cpt(size, seed, p).fp,
-                                      self.source.base_stage(size, seed).fp))
+    ups = [self.stage_cpt(size, seed, p).fp, self.source.base_stage(size, seed).fp]
+    if self.c.probe.lens == "tuned":
+      ups.append(self.stage_lens(size, seed).fp)
+    return Stage(f"probe {size} seed{seed} {self.ptag(p)}", self.probe_dir(size, seed, p),
+                 self.keys("probe", scorer=SCORER_VERSION, tables=PROBE_TABLES), tuple(ups))
 
   @memo
   def stage_results(self) -> Stage:
     ups = [self.stage_probe(**cell).fp for cell in self.cells(("size", "seed", "p"))]
     return Stage("results", os.path.join(self.wd, "results"),
-                 self.keys("tau", "ratios", "seeds", sizes=list(self.sizes)), tuple(ups))
+                 self.keys("tau", "ratios", "ratio_reading", "seeds", sizes=list(self.sizes)),
+                 tuple(ups))
 
   def specs(self) -> list[StageSpec]:
     cell = ("size", "seed", "p")
     S = StageSpec
-    return [S("cpt", cell, self.stage_cpt, self.build_cpt, hosts=SHARED),
-            S("probe", cell, self.stage_probe, self.build_probe, hosts=MIRROR),
-            S("results", (), self.stage_results, self.build_results)]
+    lens = ([S("lens", ("size", "seed"), self.stage_lens, self.build_lens)]
+            if self.c.probe.lens == "tuned" else [])
+    return lens + [S("cpt", cell, self.stage_cpt, self.build_cpt, hosts=SHARED),
+                   S("probe", cell, self.stage_probe, self.build_probe, hosts=MIRROR),
+                   S("results", (), self.stage_results, self.build_results)]
 
   # ---- the base gate ------------------------------------------------------------------------
   def draw_needs_known(self) -> bool:
@@ -188,11 +224,39 @@ class Study(platform.Study):
           f"wrong ({self.source.gate_hint}; or fewer targets: {self.draw_keys['n_targets']})")
     return info
 
-  # ---- cpt and probes -----------------------------------------------------------------------
+  # ---- the tuned lens, cpt and probes -------------------------------------------------------
+  def clean_texts(self, size: str, seed: int) -> list[str]:
+    """The replay text of (size, seed)'s CPT runs: the world's corpus without the targets'
+    sentences, or a facts source's replay file (`replay`, else the base stage's)."""
+    if self.c.facts:
+      return [d["text"] for d in read_texts(self.source.train_data(size, seed)["replay_path"])]
+    ids = {t.id for t in self.targets(size, seed)}
+    return [d["text"] for d in replay_documents(self.source.world()[0].documents, ids)[0]]
+
+  def build_lens(self, out: str, size: str, seed: int) -> dict[str, Any]:
+    """The base's tuned lens (`probes.tuned_lens`): probe.tuned_lens_steps steps of
+    cpt.data.batch_size packed rows of cpt.data.seq_len tokens of the clean replay text."""
+    texts = self.clean_texts(size, seed)
+    if not texts:
+      raise StudyError(f"{size} seed {seed}: no replay text to train the tuned lens on")
+    d = self.c.cpt.data
+    batches = make_batches([{"segments": ((t, True),)} for t in texts], self.tokenizer(size),
+                           BatchConfig(seq_len=d.seq_len, batch_size=d.batch_size, seed=seed),
+                           shard_index=0, shard_count=1)
+    model = self.load(self.base_path(size, seed))
+    steps = self.c.probe.tuned_lens_steps
+    lens, losses = train_tuned_lens(model, iter(batches), steps,
+                                    learning_rate=self.c.probe.tuned_lens_lr)
+    save_tuned_lens(lens, out, info={"steps": steps, "documents": len(texts),
+                                     "kl_first": losses[0], "kl_last": losses[-1]})
+    self.log(f"    tuned lens: KL {losses[0]:.3f} -> {losses[-1]:.3f} over {steps} steps")
+    return {"kl_first": round(losses[0], 4), "kl_last": round(losses[-1], 4)}
+
   def build_cpt(self, out: str, size: str, seed: int, p: float) -> dict[str, Any]:
     c = mutable(self.c.cpt)
     c.seed = seed
-    c.data.ratio = float(p)
+    c.data.ratio, c.data.replay_weight = read_ratio(self.c.ratio_reading, float(p),
+                                                    c.data.replay_weight)
     c.model.init_from = self.base_path(size, seed)
     for k, v in self.source.train_data(size, seed).items():
       c.data[k] = v
@@ -215,13 +279,15 @@ class Study(platform.Study):
     subject = {t.id: t.subject for t in targets}
     rows = [dict(r, subject=subject[r["item"]]) for r in prompt_rows(targets, kinds=("prompt",))]
     kinds = tuple(self.c.probe.kinds)
+    lens = (True if self.c.probe.lens == "logit" else
+            load_tuned_lens(self.stage_lens(size, seed).path))
     base = []                                  # loaded once, when a patch table is first due
 
     def prefs(model, step):
-      df = self._preference_frame(model, tok, targets + controls, kinds)
+      df = self._preference_frame(model, tok, targets + controls, kinds, lens)
       df.insert(1, "set", np.where(df.item.isin(target_ids), "target", "control"))
       if two_hop:
-        dt = self._preference_frame(model, tok, two_hop, ("prompt", "question"))
+        dt = self._preference_frame(model, tok, two_hop, ("prompt", "question"), lens)
         dt.insert(1, "set", "two_hop")
         dt["kind"] = dt.kind.map({"prompt": "two_hop", "question": "two_hop_question"})
         df = pd.concat([df, dt], ignore_index=True)
@@ -241,16 +307,17 @@ class Study(platform.Study):
         self.checkpoints(size, seed, p), out,
         [CheckpointProbe("step", prefs),
          CheckpointProbe("patch", patch, lambda i, step: step > 0 and i % every == 0)],
-        self.load, self.log, f"probe {size} seed {seed} {_ptag(p)}")
+        self.load, self.log, f"probe {size} seed {seed} {self.ptag(p)}")
 
-  def _preference_frame(self, model, tok, items, kinds) -> pd.DataFrame:
-    """`preference` with the logit lens as columns dll_l0 .. dll_lL."""
-    tab = preference(model, tok, items, kinds=kinds, batch_size=self.c.probe.batch_size,
-                     lens=True)
-    lens = tab.pop("dll_layers")
-    df = pd.DataFrame(tab)
-    for layer in range(lens.shape[1]):
-      df[f"dll_l{layer}"] = lens[:, layer]
+  def _preference_frame(self, model, tok, items, kinds, lens=True) -> pd.DataFrame:
+    """`preference`'s table (item, kind, variant, prompt, true, cf, logp_true, logp_cf, dll,
+    correct, greedy_cf) with `lens` (True: the logit lens; or a TunedLens) as columns dll_l0
+    .. dll_lL (layer L = the output)."""
+    table = preference(model, tok, items, kinds, self.c.probe.batch_size, lens=lens)
+    layers = table.pop("dll_layers", np.zeros((len(table["dll"]), 0)))
+    df = pd.DataFrame(table)
+    for layer in range(layers.shape[1]):
+      df[f"dll_l{layer}"] = layers[:, layer]
     return df
 
   # ---- results ------------------------------------------------------------------------------
@@ -270,7 +337,9 @@ class Study(platform.Study):
       frames = {s: self.probe_table(**cell, step=s) for s in steps}
       patches = {s: pd.read_csv(table_path(d, "patch", s)) for s in steps
                  if os.path.exists(table_path(d, "patch", s))}
-      parts = [run_tables(cell, frames, patches, float(self.c.tau))]
+      parts = [run_tables(cell, frames, patches, float(self.c.tau)),
+               {"streams": [stream_row(cell, self.c.ratio_reading, read_json(os.path.join(
+                   self.cpt_dir(**cell), "data_stats.json")))]}]
       if self.c.cpt.monitor.every:
         parts.append(self._monitor(cell))
       for part in parts:

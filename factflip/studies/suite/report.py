@@ -20,10 +20,12 @@ from factflip.studies.report import write_report
 
 
 def findings(heads: dict[str, dict]) -> pd.DataFrame:
-  """One row per paper finding: study, finding, measured, reproduced (True / False / None)."""
-  rows = [{"study": name, **r} for name, head in heads.items()
+  """One row per paper finding: study, finding, protocol (how this run tests it, where the
+  toy world departs from the paper or follows it by a choice), measured, reproduced (True /
+  False / None)."""
+  rows = [{"study": name, "protocol": "", **r} for name, head in heads.items()
           for r in study_record(name).paper_checks(head)]
-  return pd.DataFrame(rows, columns=["study", "finding", "measured", "reproduced"])
+  return pd.DataFrame(rows, columns=["study", "finding", "protocol", "measured", "reproduced"])
 
 
 def report(suite, heads: dict[str, dict]) -> dict[str, Any]:
@@ -34,9 +36,10 @@ def report(suite, heads: dict[str, dict]) -> dict[str, Any]:
   verdict = {True: "yes", False: "no", None: "n/a"}
   rows = "".join(
       f"<tr><td>{html.escape(r.study)}</td><td>{html.escape(r.finding)}</td>"
-      f"<td>{html.escape(r.measured)}</td><td>{verdict[r.reproduced]}</td></tr>"
-      for r in df.itertuples())
-  table = ("<table><tr><th>study</th><th>paper's finding</th><th>measured here</th>"
+      f"<td>{html.escape(r.protocol)}</td><td>{html.escape(r.measured)}</td>"
+      f"<td>{verdict[r.reproduced]}</td></tr>" for r in df.itertuples())
+  table = ("<table><tr><th>study</th><th>paper's finding</th><th>protocol here</th>"
+           "<th>measured here</th>"
            f"<th>reproduced</th></tr>{rows}</table><p>Each study's own report: "
            + " ".join(f'<a href="../{n}/report/index.html">{n}</a>' for n in suite.studies)
            + ".</p>")

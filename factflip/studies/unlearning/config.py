@@ -13,6 +13,7 @@ import os
 import re
 
 from factflip.configfile import ConfigError
+from factflip.data.unlearning_sets import RENDERS
 from factflip.evals.rwku import ADVERSARIAL
 from factflip.studies.schema import check_schema, common_config, mutable, validate_common
 from factflip.train import config as train_config
@@ -50,6 +51,16 @@ def base_config():
   #                                  RWKU's instruction of its level in the model's chat
   #                                  template (`evals.rwku.rwku_prompt`; for instruct models,
   #                                  with eval.template)
+  c.align = ml_collections.ConfigDict()   # world: an instruct stage before unlearning
+  c.align.epochs = 0               # SFT epochs on the alignment set (0 = unlearn the pretrained
+  #                                  base as it is); the set: the questions of the high and
+  #                                  medium tiers' facts neither forgotten nor retained,
+  #                                  answered, and "I don't know." to never-mentioned facts and
+  #                                  made-up people, both disjoint from the spillover questions
+  c.align.lr = 3e-4                # its learning rate (the rest of its training config:
+  #                                  `unlearn`'s, as SFT: data.kind examples, no retain term)
+  c.align.unmentioned_share = 0.5  # never-mentioned facts abstained on (the rest: spillover)
+  c.align.n_made_up = 40           # made-up people abstained on (others than the spillover's)
   c.methods = METHODS
   c.cft_corpora = CORPORA          # CFT runs once per counterfactual corpus
   c.dpo_target = "counterfactual"  # dpo: the preferred answer (counterfactual | refusal)
@@ -102,14 +113,26 @@ def validate(c, source: str = "study") -> None:
     if not ok:
       raise ConfigError(source, key, message)
 
-  check_schema(c, base_config(), "unlearning", ("forget", "eval", "conflict", "probe"),
+  check_schema(c, base_config(), "unlearning", ("forget", "align", "eval", "conflict", "probe"),
                         source)
   validate_common(c, source, "a facts file with counterfactual objects (`factflip "
                            "facts --facts=PATH` checks one)")
   need(c.forget.n_targets >= 2, "forget.n_targets", f"{c.forget.n_targets}; expected >= 2")
   need(c.forget.n_retain >= 0, "forget.n_retain", f"{c.forget.n_retain}; expected >= 0")
-  need(len(c.forget.renders) > 0 and set(c.forget.renders) <= {"prompt", "question"},
-       "forget.renders", f"{list(c.forget.renders)}; expected some of prompt, question")
+  need(len(c.forget.renders) > 0 and set(c.forget.renders) <= set(RENDERS)
+       and len(set(c.forget.renders)) == len(c.forget.renders),
+       "forget.renders", f"{list(c.forget.renders)}; expected distinct renders of "
+       f"{list(RENDERS)}")
+  need(not c.facts or set(c.forget.renders) <= {"prompt", "question"}, "forget.renders",
+       f"{list(c.forget.renders)} with a facts file; 'restatement' and 'rephrased_question' "
+       "render the world's templates: expected some of prompt, question")
+  need(c.align.epochs >= 0, "align.epochs", f"{c.align.epochs}; expected >= 0 (0 = none)")
+  need(not c.facts or c.align.epochs == 0, "align.epochs",
+       f"{c.align.epochs} with a facts file; the alignment stage aligns a world base (a "
+       "model directory is unlearnt as it is, e.g. an instruct model): expected 0")
+  need(0 <= c.align.unmentioned_share < 1 and c.align.n_made_up >= 0 and c.align.lr > 0,
+       "align", f"unmentioned_share {c.align.unmentioned_share} (in [0, 1)), n_made_up "
+       f"{c.align.n_made_up} (>= 0), lr {c.align.lr} (> 0)")
   need(len(c.methods) > 0 and set(c.methods) <= set(METHODS)
        and len(set(c.methods)) == len(c.methods), "methods",
        f"{list(c.methods)}; expected distinct methods of {list(METHODS)}")

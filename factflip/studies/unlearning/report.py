@@ -3,8 +3,8 @@
 Owns: `paper_checks` (paper D's findings beside the measured values), `headline` (per run at its last epoch against the base: forget / neighbour ROUGE-L,
 utility, MIA AUC, hallucination and abstention rates; the conflict ratios of the two corpora;
 the four claims the default must show, each checked), `figures` (the trade-off per run along
-epochs; conflict ratio along training per corpus; spillover before / after) and
-`summary`.
+epochs; conflict ratio along training per corpus; each run's loss terms and gradient norm;
+spillover before / after; the trade-off at matched forgetting in the headline) and `summary`.
 Must not: compute results (`results.py`) or read stage outputs.
 """
 
@@ -38,7 +38,13 @@ def headline(study, t: dict[str, pd.DataFrame]) -> dict[str, Any]:
   tr, cf = t["tradeoff"], t["conflict"]
   base = tr[tr.epoch == 0].groupby(["size", "seed"]).first()[list(_KEYS)].mean()
   last = _last(tr)
-  head: dict[str, Any] = {"base": {k: _f(base[k]) for k in _KEYS}}
+  c = study.c
+  aligned = not c.facts and c.align.epochs > 0
+  head: dict[str, Any] = {
+      "protocol": ((f"the base aligned first (align.epochs = {c.align.epochs}: answers known "
+                    "facts, abstains on unknown ones)" if aligned else "the base as it is")
+                   + "; forget corpus: " + ", ".join(c.forget.renders)),
+      "base": {k: _f(base[k]) for k in _KEYS}}
   for run, r in last.iterrows():
     head[run] = {k: _f(r[k]) for k in _KEYS}
   for corpus, g in cf.groupby("corpus"):
@@ -67,6 +73,13 @@ def headline(study, t: dict[str, pd.DataFrame]) -> dict[str, Any]:
   checks["neighbour_spread"] = _f(spread["neighbour_rougeL"])
   checks["utility_spread"] = _f(spread["utility_acc"])
   head["checks"] = checks
+  m = t["matched"]
+  if len(m):
+    head["matched_forgetting"] = {         # RWKU+: the trade-off where forgetting is equal
+        run: {"reached": f"{int(g.reached.sum())}/{len(g)}", "epoch": _f(g.epoch.mean()),
+              **{k: _f(g[k].mean()) for k in ("neighbour_rougeL", "utility_acc",
+                                               "hallucination_rate")}}
+        for run, g in m.groupby("run", sort=False)}
   return head
 
 
@@ -125,6 +138,28 @@ def figures(study, t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
         "state different counterfactuals). Right: the cosine between the mean forget gradient "
         "and the mean retain gradient."))
     plt.close(fig)
+  cu = t["curves"]
+  if len(cu):
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.4))
+    mean = cu.groupby(["run", "step"], sort=False)[["loss_forget", "loss_retain", "grad_norm"]
+                                                   ].mean().reset_index()
+    for run, g in mean.groupby("run", sort=False):
+      for ax, key in zip(axes, ("loss_forget", "loss_retain", "grad_norm")):
+        ax.plot(g.step, g[key], lw=1, label=run)
+    for ax, title in zip(axes, ("forget term of the objective", "retain NLL",
+                                "global gradient norm")):
+      ax.set_title(title, fontsize=10)
+      ax.set_xlabel("training step")
+    legend(axes[2], fontsize=7)
+    figs.append(Figure(
+        "Optimisation along each run",
+        save(fig, os.path.join(out_dir, "curves.png")),
+        "From each run's training metrics: the forget term of its objective (the NLL of the "
+        "trained answers for counterfactual and refusal tuning and for gradient ascent, which "
+        "descends its negation; NPO's and DPO's losses), the retain term's NLL, and the norm "
+        "of the whole gradient, logged every `unlearn.log_every` steps. Means over sizes and "
+        "seeds."))
+    plt.close(fig)
   if len(sp):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     s = sp.groupby(["run", "when"], sort=False)[["hallucination_rate", "abstention_rate"]
@@ -163,6 +198,11 @@ def summary(head: dict[str, Any]) -> list[str]:
                    f"{short(c['mean_along_training'])}; same-fact pairs: start "
                    f"{short(c['same_fact_start'])}, along training "
                    f"{short(c.get('same_fact_along_training'))}")
+  if "matched_forgetting" in head:
+    lines.append("at half the base's forget ROUGE-L (RWKU+): " + "; ".join(
+        f"{r} epoch {short(v['epoch'])}, neighbour {short(v['neighbour_rougeL'])}, utility "
+        f"{short(v['utility_acc'])}" if v["epoch"] is not None else f"{r} never"
+        for r, v in head["matched_forgetting"].items()))
   lines.append("checks: " + ", ".join(f"{k} {v if not isinstance(v, float) else short(v)}"
                                       for k, v in head["checks"].items()))
   return lines
@@ -190,7 +230,9 @@ def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
       "every_method_lowers_forget": "forget ROUGE-L " + ", ".join(
           f"{r} {short(head[r]['forget_rougeL'])}" for r in runs),
       "inconsistent_conflicts_more": f"conflict ratio {conflict} (same-fact pairs {same})",
-      "cft_hallucinates_more_than_base": "hallucination rate " + halluc,
+      "cft_hallucinates_more_than_base": (f"base abstains "
+                                          f"{short(head['base']['abstention_rate'])}; "
+                                          "hallucination rate " + halluc),
       "cft_hallucinates_more_than_refusal": "hallucination rate " + halluc}
-  return [{"finding": text, "measured": measured[k], "reproduced": head["checks"].get(k)}
-          for k, text in _CLAIMS.items()]
+  return [{"finding": text, "protocol": head.get("protocol", ""), "measured": measured[k],
+           "reproduced": head["checks"].get(k)} for k, text in _CLAIMS.items()]

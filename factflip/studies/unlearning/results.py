@@ -2,8 +2,10 @@
 
 Owns: `COLUMNS` (every results table and its columns), `checkpoint_row` (one evaluated
 model's trade-off metrics, per-level probe means and spillover summary from its tables),
-`conflict_rows` (the gradient-conflict statistics of one checkpoint) and `run_rows` (a run's
-trade-off, probes and spillover rows across its checkpoints).
+`conflict_rows` (the gradient-conflict statistics of one checkpoint), `run_rows` (a run's
+trade-off, probes and spillover rows across its checkpoints), `matched_rows` (RWKU+'s
+trade-off at matched forgetting) and `curve_rows` (a run's loss terms and gradient norm along
+its steps).
 Must not: read or write files (the study's results stage does), run models or plot.
 
 Definitions: forget_rougeL / forget_L<n> / neighbour_rougeL are RWKU's scores
@@ -18,7 +20,8 @@ es / ps / ns / s: CounterFact's scores of the forget facts; forget_correct /
 forget_counterfactual: shares of the forget prompts in each ΔLL state (τ). conflict:
 per-example gradients (`conflict.pattern`) of the run's forget examples; conflict_ratio and
 mean_cos over all pairs, same_fact_* over the pairs of renderings of one fact;
-forget_retain_cos = cosine of the mean forget gradient and the mean retain gradient.
+forget_retain_cos = cosine of the mean forget gradient and the mean retain gradient;
+forget_grad_norm / retain_grad_norm = mean L2 norm of the per-example gradients.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from factflip.evals.rwku import rwku_summary
 from factflip.probes.fact_preference import CORRECT, COUNTERFACTUAL, state_share
 from factflip.probes.gradients import conflict_stats, cosine_matrix, gradient_cosine
 
+# the trade-off columns read at matched forgetting (`matched_rows`)
+MATCHED = ("forget_rougeL", "neighbour_rougeL", "utility_acc", "hallucination_rate",
+           "abstention_rate", "mia_auc")
 COLUMNS = {
     "tradeoff": ["size", "seed", "method", "corpus", "run", "epoch", "step", "forget_rougeL",
                  "forget_L1", "forget_L2", "forget_L3", "neighbour_rougeL", "utility_acc",
@@ -47,7 +53,12 @@ COLUMNS = {
                "rougeL", "probes"],
     "conflict": ["size", "seed", "corpus", "step", "epoch", "conflict_ratio", "mean_cos",
                  "same_fact_conflict_ratio", "same_fact_mean_cos", "forget_retain_cos",
-                 "pairs", "same_fact_pairs", "examples"],
+                 "forget_grad_norm", "retain_grad_norm", "pairs", "same_fact_pairs",
+                 "examples"],
+    "matched": ["size", "seed", "method", "corpus", "run", "forget_target", "reached", "epoch",
+                *MATCHED],
+    "curves": ["size", "seed", "method", "corpus", "run", "step", "epoch", "loss",
+               "loss_forget", "loss_retain", "grad_norm"],
     "spillover": ["size", "seed", "method", "corpus", "run", "when", "epoch",
                   "hallucination_rate", "abstention_rate", "accuracy", "questions"],
 }
@@ -128,4 +139,52 @@ def conflict_rows(G_NxP, facts, retain_G_MxP=None) -> dict[str, float]:
   out["forget_retain_cos"] = (
       gradient_cosine(np.asarray(G_NxP).mean(0), np.asarray(retain_G_MxP).mean(0))
       if retain_G_MxP is not None else float("nan"))
+  out["forget_grad_norm"] = float(np.linalg.norm(np.asarray(G_NxP, np.float64), axis=1).mean())
+  out["retain_grad_norm"] = (
+      float(np.linalg.norm(np.asarray(retain_G_MxP, np.float64), axis=1).mean())
+      if retain_G_MxP is not None else float("nan"))
+  return out
+
+
+def matched_rows(tradeoff: pd.DataFrame, share: float = 0.5) -> list[dict]:
+  """RWKU+'s comparison at matched forgetting: per run, the point along its checkpoints where
+  forget ROUGE-L first falls to `share` × the base's (epoch 0), the `MATCHED` metrics there by
+  linear interpolation between the two checkpoints around it (in forget ROUGE-L), and the
+  fractional epoch; reached False (and NaN metrics) when the run never gets there."""
+  rows = []
+  keys = ["size", "seed", "method", "corpus", "run"]
+  for key, g in tradeoff.groupby(keys, sort=False):
+    g = g.sort_values("epoch")
+    f = g.forget_rougeL.to_numpy(np.float64)
+    target = share * f[0]
+    hit = np.flatnonzero(f <= target)
+    row = {**dict(zip(keys, key)), "forget_target": float(target), "reached": bool(len(hit))}
+    if not len(hit) or not np.isfinite(target):
+      rows.append({**row, "reached": False, "epoch": float("nan"),
+                   **{m: float("nan") for m in MATCHED}})
+      continue
+    k = int(hit[0])
+    w = 0.0 if k == 0 or f[k - 1] == f[k] else (f[k - 1] - target) / (f[k - 1] - f[k])
+    lo, hi = g.iloc[max(k - 1, 0)], g.iloc[k]
+    rows.append({**row, "epoch": float(lo.epoch + w * (hi.epoch - lo.epoch)),
+                 **{m: float(lo[m] + w * (hi[m] - lo[m])) for m in MATCHED}})
+  return rows
+
+
+# the forget term of each objective in a run's metrics (train.objectives' term names)
+_FORGET_TERMS = ("loss_forget_nll", "loss_npo", "loss_dpo")
+
+
+def curve_rows(key: Mapping[str, Any], records: Sequence[Mapping[str, Any]], per_epoch: int
+               ) -> list[dict]:
+  """A run's optimisation along its steps from its training metrics (metrics.jsonl records):
+  the loss, its forget term (the forget NLL for SFT and gradient ascent, which descends its
+  negation; NPO's or DPO's loss) and retain NLL, and the global gradient norm."""
+  out = []
+  for r in {int(r["step"]): r for r in records}.values():   # a resumed run: its last row
+    forget = next((r[k] for k in _FORGET_TERMS if k in r), float("nan"))
+    out.append({**key, "step": int(r["step"]), "epoch": int(r["step"]) / per_epoch,
+                "loss": float(r["loss"]), "loss_forget": float(forget),
+                "loss_retain": float(r.get("loss_retain_nll", float("nan"))),
+                "grad_norm": float(r["grad_norm"])})
   return out

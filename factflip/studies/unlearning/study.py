@@ -2,8 +2,10 @@
 conflict, hallucination spillover and RWKU-style metrics (SCIENCE.md D).
 
 Owns: paper D's stages on the study platform (`studies.platform`): after the fact source's
-(world + pretraining, or a model directory and the base's fact draw) the training sets, one
-unlearning run per method with a checkpoint per epoch, the evaluation of the base and of every
+(world + pretraining, or a model directory and the base's fact draw) the training sets, on the
+world the alignment stage (`align.epochs`: SFT that answers the known facts and abstains on the
+unknown, as RWKU's instruct models do; every run starts from it), one unlearning run per method
+with a checkpoint per epoch, the evaluation of the base and of every
 checkpoint, the knowledge-conflict diagnostics, and the results tables; the layout below.
 Must not: train (`factflip.train`), build sets (`data.unlearning_sets`), score (`factflip.evals`),
 compute gradients (`probes.gradients`), build evaluation sets (`data.eval_sets`), compute
@@ -36,6 +38,7 @@ Workdir layout (every stage writes DONE last with the fingerprint of the keys it
                                truth: {"segments"}; dpo: {"prompt","chosen","rejected"}),
                                retain.jsonl, forget.jsonl / retain_facts.jsonl (the facts),
                                stats.json (sizes, steps per epoch)
+  runs/<size>/seed<k>/align/    world: the aligned base (a training workdir; sets/align.jsonl)
   runs/<size>/seed<k>/<run>/   the unlearning run (checkpoints/<step>, metrics.jsonl)
   runs/<size>/seed<k>/eval/base/<table>_000000.csv and eval/<run>/<table>_<step>.csv, tables:
       probes   RWKU-style greedy probes (`evals.rwku.fact_probes`): set, level, type, prompt,
@@ -47,7 +50,8 @@ Workdir layout (every stage writes DONE last with the fingerprint of the keys it
       cf       CounterFact ES/PS/NS per forget fact (its own counterfactual)
       dll      ΔLL = log p(true) − log p(counterfactual) per forget prompt
   runs/<size>/seed<k>/conflict/conflict.csv   per CFT corpus and checkpoint of its run
-  results/<table>.csv                     `results.COLUMNS`
+  results/<table>.csv                     `results.COLUMNS` (tradeoff, probes, conflict,
+                                          spillover, matched, curves)
 
 Definitions of the results tables: `results.py`.
 """
@@ -60,13 +64,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from factflip.data.eval_sets import rwku_forget_set, statement, unseen_questions, utility_questions
+from factflip.data.eval_sets import (
+  rwku_forget_set,
+  statement,
+  unmentioned_split,
+  unseen_questions,
+  utility_questions,
+)
 from factflip.data.facts import write_facts_jsonl
 from factflip.data.loaders import load_facts
 from factflip.data.pipeline import pad_examples
 from factflip.data.qa_datasets import load_rwku_mia
-from factflip.data.unlearning_sets import UnlearnConfig, preference_pairs, unlearning_sets
-from factflip.data.world import with_train_question
+from factflip.data.unlearning_sets import (
+  UnlearnConfig,
+  alignment_set,
+  preference_pairs,
+  unlearning_sets,
+)
+from factflip.data.world import made_up_questions, with_train_question
 from factflip.evals.checkpoints import CheckpointProbe, probe_checkpoints, table_path, table_steps
 from factflip.evals.generation import GENERATION_VERSION
 from factflip.evals.qa import QA_VERSION
@@ -76,11 +91,19 @@ from factflip.models.store import valid_steps
 from factflip.probes.fact_preference import SCORER_VERSION
 from factflip.probes.gradients import per_example_grads
 from factflip.studies import platform
+from factflip.studies.schema import mutable
 from factflip.studies.sources import file_stamp
 from factflip.studies.stages import SHARED, Stage, StageSpec, StudyError, memo
 from factflip.studies.unlearning.config import CORPORA, DRAW_KEYS, OBJECTIVE, method_of, run_names
 from factflip.studies.unlearning.evaluation import as_probed, checkpoint_probes
-from factflip.studies.unlearning.results import COLUMNS, checkpoint_row, conflict_rows, run_rows
+from factflip.studies.unlearning.results import (
+  COLUMNS,
+  checkpoint_row,
+  conflict_rows,
+  curve_rows,
+  matched_rows,
+  run_rows,
+)
 from factflip.train.inputs import read_examples
 
 
@@ -102,6 +125,22 @@ class Study(platform.Study):
   # ---- layout -----------------------------------------------------------------------------
   def sets_dir(self, size: str, seed: int) -> str:
     return self.run_dir(size, seed, "sets")
+
+  @property
+  def aligned(self) -> bool:
+    """Whether a world base goes through the alignment stage first (align.epochs > 0)."""
+    return not self.c.facts and self.c.align.epochs > 0
+
+  def align_dir(self, size: str, seed: int) -> str:
+    return self.run_dir(size, seed, "align")
+
+  def base_path(self, size: str, seed: int) -> str:
+    """The model every run starts from: the aligned base when there is an alignment stage."""
+    return self.align_dir(size, seed) if self.aligned else super().base_path(size, seed)
+
+  def base_fp(self, size: str, seed: int) -> str:
+    return (self.stage_align(size, seed) if self.aligned
+            else self.source.base_stage(size, seed)).fp
 
   def unlearn_dir(self, size: str, seed: int, method: str) -> str:
     return self.run_dir(size, seed, method)
@@ -208,35 +247,54 @@ class Study(platform.Study):
                          "hallucination-spillover questions)")
       return unseen
     return unseen_questions(self.source.world()[0], self.c.eval.n_unseen, self.c.eval.n_made_up,
-                            rng, seed, self._asked)
+                            rng, seed, self._asked,
+                            self.c.align.unmentioned_share if self.aligned else 0.0)
+
+  def alignment_facts(self, size: str, seed: int) -> tuple[list, list]:
+    """(known, unknown) of the alignment set: the questions of the facts neither forgotten nor
+    retained of the high and medium tiers (answered), and of the never-mentioned facts
+    `unmentioned_split` gives the alignment stage and `align.n_made_up` made-up people whose
+    names the spillover questions' made-up people do not share (abstained on)."""
+    world = self.source.world()[0]
+    spill = made_up_questions(world, self.c.eval.n_made_up, seed)
+    made_up = made_up_questions(world, self.c.align.n_made_up, seed + 7919,
+                                avoid=[f.subject for f in spill], prefix="made_up_align")
+    unmentioned = unmentioned_split(world, self.c.align.unmentioned_share, seed)[0]
+    return self._others(size, seed), self._asked(unmentioned) + made_up
 
   # ---- stages -------------------------------------------------------------------------------
   @memo
   def stage_sets(self, size: str, seed: int) -> Stage:
     return Stage(f"sets {size} seed{seed}", self.sets_dir(size, seed),
-                 self.keys("forget", "unlearn.data.batch_size", seed=seed,
+                 self.keys("forget", "unlearn.data.batch_size", "align", seed=seed,
                            retain_file=file_stamp(self.c.forget.retain_path)
                            if self.c.forget.retain_path else []),
                  (self.source.base_stage(size, seed).fp,))
+
+  @memo
+  def stage_align(self, size: str, seed: int) -> Stage:
+    return Stage(f"align {size} seed{seed}", self.align_dir(size, seed),
+                 self.keys("unlearn", "align", seed=seed),
+                 (self.stage_sets(size, seed).fp, self.source.base_stage(size, seed).fp))
 
   @memo
   def stage_unlearn(self, size: str, seed: int, method: str) -> Stage:
     return Stage(f"unlearn {size} seed{seed} {method}", self.unlearn_dir(size, seed, method),
                  self.keys("unlearn", "epochs", *(["dpo_target"] if method == "dpo" else []),
                            method=method, seed=seed),
-                 (self.stage_sets(size, seed).fp, self.source.base_stage(size, seed).fp))
+                 (self.stage_sets(size, seed).fp, self.base_fp(size, seed)))
 
   def _eval_keys(self, seed: int) -> dict[str, Any]:
     unseen = file_stamp(self.c.eval.unseen) if self.c.eval.unseen else []
     utility = file_stamp(self.c.eval.utility) if self.c.eval.utility else []
-    return self.keys("eval", "probe.dtype", "forget", seed=seed, unseen_file=unseen,
+    return self.keys("eval", "probe.dtype", "forget", "align", seed=seed, unseen_file=unseen,
                      utility_file=utility,
                      generation=GENERATION_VERSION, scorer=SCORER_VERSION, qa=QA_VERSION)
 
   @memo
   def stage_eval_base(self, size: str, seed: int) -> Stage:
     return Stage(f"eval {size} seed{seed} base", self.eval_dir(size, seed, "base"),
-                 self._eval_keys(seed), (self.source.base_stage(size, seed).fp,))
+                 self._eval_keys(seed), (self.base_fp(size, seed),))
 
   @memo
   def stage_eval(self, size: str, seed: int, method: str) -> Stage:
@@ -263,6 +321,8 @@ class Study(platform.Study):
     cell, run = ("size", "seed"), ("size", "seed", "method")
     S = StageSpec
     return [S("sets", cell, self.stage_sets, self.build_sets),
+            *([S("align", cell, self.stage_align, self.build_align, hosts=SHARED)]
+              if self.aligned else []),
             S("unlearn", run, self.stage_unlearn, self.build_unlearn, hosts=SHARED),
             S("eval_base", cell, self.stage_eval_base, self.build_eval_base),
             S("eval", run, self.stage_eval, self.build_eval),
@@ -323,6 +383,15 @@ class Study(platform.Study):
     for target, src in (("counterfactual", "cf_consistent"), ("refusal", "refusal")):
       if src in examples:
         write(f"dpo_{target}", preference_pairs(examples[src], forget))
+    if self.aligned:                           # whole batches: the last known facts left out
+      known, unknown = self.alignment_facts(size, seed)
+      known = known[:len(known) - (len(known) + len(unknown)) % B]
+      write_jsonl(os.path.join(out, "align.jsonl"),
+                  [{"segments": [list(x) for x in e["segments"]], "fact": e["fact"]}
+                   for e in alignment_set(known, unknown)])
+      stats["align"] = {"examples": len(known) + len(unknown), "known": len(known),
+                        "unknown": len(unknown),
+                        "steps_per_epoch": (len(known) + len(unknown)) // B}
     write_facts_jsonl(os.path.join(out, "forget.jsonl"), forget)
     write_facts_jsonl(os.path.join(out, "retain_facts.jsonl"), retain)
     write_json(os.path.join(out, "stats.json"), stats)
@@ -350,6 +419,18 @@ class Study(platform.Study):
 
   def steps_per_epoch(self, size: str, seed: int, run: str) -> int:
     return self.set_stats(size, seed)[self.forget_set(size, seed, run)]["steps_per_epoch"]
+
+  # ---- alignment ------------------------------------------------------------------------------
+  def build_align(self, out: str, size: str, seed: int) -> dict[str, Any]:
+    """SFT of the pretrained base on the alignment set (sets/forget_align.jsonl)."""
+    c = mutable(self.c.unlearn)
+    c.data.kind, c.data.retain_path = "examples", ""
+    c.objective.name, c.objective.retain_weight = "lm", 0.0   # answer-only loss: segments
+    c.optim.lr = self.c.align.lr
+    return self.train_epochs(
+        c, out, size, seed, self.set_stats(size, seed)["align"]["steps_per_epoch"],
+        "study.align", {"data.path": os.path.join(self.sets_dir(size, seed), "align.jsonl")},
+        epochs=self.c.align.epochs, init_from=self.source.base_path(size, seed))
 
   # ---- unlearning runs ------------------------------------------------------------------------
   def build_unlearn(self, out: str, size: str, seed: int, method: str) -> dict[str, Any]:
@@ -442,12 +523,16 @@ class Study(platform.Study):
           raise StudyError(f"{d}: no probes_<step>.csv tables; the eval stage writes them")
         evaluated = [(0, base)] + [(s, checkpoint_row(self.checkpoint_tables(d, s), tau))
                                    for s in steps]
-        rows = run_rows({**cell, "method": method, "corpus": corpus, "run": run}, evaluated,
-                        self.steps_per_epoch(size, seed, run))
-        for name, r in rows.items():
+        key = {**cell, "method": method, "corpus": corpus, "run": run}
+        per_epoch = self.steps_per_epoch(size, seed, run)
+        for name, r in run_rows(key, evaluated, per_epoch).items():
           t[name] += r
+        metrics = os.path.join(self.unlearn_dir(size, seed, run), "metrics.jsonl")
+        t["curves"] += curve_rows(key, [r for _, _, r in iter_json_records(metrics)],
+                                  per_epoch)
       path = os.path.join(self.conflict_dir(size, seed), "conflict.csv")
       t["conflict"] += [{**cell, **r} for r in pd.read_csv(path).to_dict("records")]
+    t["matched"] = matched_rows(pd.DataFrame(t["tradeoff"], columns=COLUMNS["tradeoff"]))
     out_dir = out or os.path.join(self.wd, "results")
     tables = {k: pd.DataFrame(v, columns=COLUMNS[k]) for k, v in t.items()}
     for name, df in tables.items():
