@@ -186,11 +186,6 @@ def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   facts whose answer it lost), then the monotonic latents (reproduced when more than the label-
   permutation null's 95th percentile, or more than 0 without a null), then single-latent
   steering or clamping."""
-  rows = _checks(head)
-  return [dict(r, protocol=head.get("protocol", "")) for r in rows]
-
-
-def _checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   c = head["cloze"]
   b = head["best_single"]
   d = None if b["delta_accuracy"] is None else 100 * b["delta_accuracy"]

@@ -213,26 +213,21 @@ def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   """Paper B's findings beside this run's measured values (the suite's report)."""
   fit = head["fit_in"]
   unk, kn = fit["beta_unk"], fit["beta_kn"]
-  protocol = head.get("protocol", "")
   e = head["epochs_to_half_train_accuracy"]
   acc = head["test_accuracy_in_at_convergence"]
   ends = [acc[k] for k in (min(acc), max(acc))] if acc else [None, None]
   return [{"finding": "Unknown examples are fitted later than Known ones",
-           "protocol": protocol,
            "measured": f"epochs to 50% train accuracy: Known {short(e['known'])}, Unknown "
                        f"{short(e['unknown'])}",
            "reproduced": None if None in (e["known"], e["unknown"])
            else e["unknown"] > e["known"]},
           {"finding": "test accuracy falls as the Unknown share rises",
-           "protocol": protocol,
            "measured": "at CONVERGENCE " + ", ".join(f"{x}: {short(v)}"
                                                    for x, v in acc.items()),
            "reproduced": None if None in ends else ends[1] < ends[0]},
           {"finding": "β_unk < 0: fitted Unknown examples lower test accuracy (paper: −8.3)",
-           "protocol": protocol,
            "measured": f"β_unk {short(unk)} [{short(fit['beta_unk_lo'])}, "
                        f"{short(fit['beta_unk_hi'])}], R² {short(fit['r2'])}",
            "reproduced": unk is not None and unk < 0},
           {"finding": "β_kn > 0: fitted Known examples raise it (paper: +7.3)",
-           "protocol": protocol,
            "measured": f"β_kn {short(kn)}", "reproduced": kn is not None and kn > 0}]

@@ -303,7 +303,9 @@ def headline(study, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
   flips, patching, coll = tables["flips"], tables["patching"], tables["collateral"]
   fin = _final(flips)
   out: dict[str, Any] = {"base_accuracy": base, "ratio_reading": study.c.ratio_reading,
-                         "lens": study.c.probe.lens}
+                         "lens": study.c.probe.lens,
+                         "protocol": f"p read as {study.c.ratio_reading!r}; states by ΔLL (τ) "
+                                     f"and by the greedy answer; the {study.c.probe.lens} lens"}
   prompt = fin[fin.kind == "prompt"].groupby("p")
 
   def by_p(col, g=prompt):
@@ -437,13 +439,6 @@ def figures(study, tables: dict[str, pd.DataFrame], out_dir: str) -> list[Figure
 
 def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   """Paper A's findings beside this run's measured values (the suite's report)."""
-  rows = _checks(head)
-  protocol = (f"p read as {head.get('ratio_reading', 'restate')!r}; states by ΔLL (τ) and "
-              f"by the greedy answer; the {head.get('lens', 'logit')} lens")
-  return [dict(r, protocol=protocol) for r in rows]
-
-
-def _checks(head: dict[str, Any]) -> list[dict[str, Any]]:
   flips = {float(p): v for p, v in head["final_flip_rate"].items()}
   amb = {float(p): v for p, v in head["final_ambiguity_rate"].items()}
   high = {p: v for p, v in flips.items() if p >= 0.5}

@@ -20,11 +20,11 @@ from factflip.studies.report import write_report
 
 
 def findings(heads: dict[str, dict]) -> pd.DataFrame:
-  """One row per paper finding: study, finding, protocol (how this run tests it, where the
-  toy world departs from the paper or follows it by a choice), measured, reproduced (True /
-  False / None)."""
-  rows = [{"study": name, "protocol": "", **r} for name, head in heads.items()
-          for r in study_record(name).paper_checks(head)]
+  """One row per paper finding: study, finding, protocol (the study headline's "protocol": how
+  this run tests the paper, where the toy world departs from it or follows it by a choice),
+  measured, reproduced (True / False / None)."""
+  rows = [{"study": name, "protocol": head.get("protocol", ""), **r}
+          for name, head in heads.items() for r in study_record(name).paper_checks(head)]
   return pd.DataFrame(rows, columns=["study", "finding", "protocol", "measured", "reproduced"])
 
 

@@ -234,5 +234,5 @@ def paper_checks(head: dict[str, Any]) -> list[dict[str, Any]]:
                                           f"{short(head['base']['abstention_rate'])}; "
                                           "hallucination rate " + halluc),
       "cft_hallucinates_more_than_refusal": "hallucination rate " + halluc}
-  return [{"finding": text, "protocol": head.get("protocol", ""), "measured": measured[k],
-           "reproduced": head["checks"].get(k)} for k, text in _CLAIMS.items()]
+  return [{"finding": text, "measured": measured[k], "reproduced": head["checks"].get(k)}
+          for k, text in _CLAIMS.items()]
