@@ -11,10 +11,17 @@ world_seed, vocab_size and pretrain (paper B's: tiny-2m on the 100-person world,
 categories need the larger model) — so the world and each base are built once. Override a
 study's key with --config.<study>.<key>=VALUE (e.g. --config.unlearning.epochs=3), the studies
 run with --config.studies="('poisoning','unlearning')". Stages are fingerprinted: adding a study
-or a size to a finished suite runs only what is new. Within the suite paper A patches every
-third checkpoint (probe.patch_every = 3; its own config, every one) and poisons at p = 0, .25,
-.5, .75, 1 (its own config adds .1 and .9) to keep the default suite within 20 minutes on a
-2-core laptop.
+or a size to a finished suite runs only what is new. Within the suite two studies run lighter
+than their own configs, to keep the default suite within 20 minutes on a 2-core laptop
+(docs/studies/suite.md has each part's seconds):
+  paper A  poisons at p = 0, .5, .75, 1 (its findings read p >= .5; its own config adds .1,
+           .25 and .9), patches every third checkpoint (probe.patch_every = 3; its own, every
+           one) with single-layer windows only (probe.patch_windows = (1,); its own adds
+           two-layer ones), and runs the monitor every 4 steps, at the checkpoints
+           (cpt.monitor.every; its own, every 2);
+  paper B  fine-tunes the unk<X> mixtures and D_MK (mixtures.single; its own config adds D_WK,
+           D_Natural and the idk50 variant, which no finding reads);
+  paper C  trains its SAE for 1000 steps (sae.train.steps; its own, 1500).
 
 Variants: smoke, scale=A+B+..., seeds=0+1+..., and real models:
   hf=DIR[+DIR...],poisoning=FILE,new_knowledge=DIR,morfi=DIR,unlearning=FILE
@@ -74,11 +81,16 @@ def get_config(arg=None):
     first = c[c.studies[0]]
     c.sizes, c.seeds = tuple(first.sizes), tuple(first.seeds)
     return c
-  if "smoke" not in variants:        # paper A on tiny-2m: cross-model patching at every third
-    c.poisoning.probe.patch_every = 3  # checkpoint (the last included), not all 15 per ratio:
-    #                                    the suite's largest cost (its own config patches all)
-    c.poisoning.ratios = (0.0, 0.25, 0.5, 0.75, 1.0)   # its own config adds .1 and .9: two
-    #                                    more CPT runs than the suite's 20 minutes allow
+  if "smoke" not in variants:        # within the suite's 20 minutes on 2 cores (the docstring)
+    a = c.poisoning
+    a.probe.patch_every = 3          # patching at every third checkpoint (the last included)
+    a.probe.patch_windows = (1,)     # single-layer windows only (the depth-comparable ones)
+    a.cpt.monitor.every = 4          # the monitor at the checkpoints' cadence
+    a.ratios = (0.0, 0.5, 0.75, 1.0)   # A's findings read p >= .5 (and p = 0 beside them)
+    b = c.new_knowledge              # the mixtures B's findings read (unk<X>, the linear fit)
+    b.mixtures.single = ("MaybeKnown",)   # and D_MK, paper B's best; no D_WK, D_Natural, idk50
+    b.mixtures.idk_shares = ()
+    c.morfi.sae.train.steps = 1000   # explained variance 0.930 at 1000 steps, 0.938 at 1500
   nk = c.new_knowledge               # paper B's base serves every study
   c.sizes, c.seeds = tuple(nk.sizes), tuple(nk.seeds)
   c.world_seed, c.vocab_size, c.pretrain = nk.world_seed, nk.vocab_size, nk.pretrain
