@@ -45,8 +45,13 @@ _LAYER_AXES = {
     "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
     "w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
+    "attn_norm_bias": ("layers", "norm"), "mlp_norm_bias": ("layers", "norm"),
+    "post_attn_norm_bias": ("layers", "norm"), "post_mlp_norm_bias": ("layers", "norm"),
+    "bo": ("layers", "norm"), "b_up": ("layers", "mlp"), "b_down": ("layers", "norm"),
 }
-_TOP_AXES = {"embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("norm",)}
+_FULL_QK_NORM = {"q_norm": ("layers", "q_heads"), "k_norm": ("layers", "kv_heads")}
+_TOP_AXES = {"embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("norm",),
+             "final_norm_bias": ("norm",)}
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
@@ -88,7 +93,8 @@ def param_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
   """Same tree as `cfg.param_shapes()`, with a tuple of logical axis names at each leaf."""
   shapes = cfg.param_shapes()
   out = {k: _TOP_AXES[k] for k in shapes if k != "layers"}
-  out["layers"] = {k: _LAYER_AXES[k] for k in shapes["layers"]}
+  axes = {**_LAYER_AXES, **(_FULL_QK_NORM if cfg.qk_norm_full else {})}
+  out["layers"] = {k: axes[k] for k in shapes["layers"]}
   return out
 
 

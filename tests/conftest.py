@@ -23,7 +23,8 @@ import pytest
 
 STUDY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies",
                             "poisoning.py")
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "olmo2", "phi3",
+            "gpt_neox")
 VOCAB = 101
 SEQ = 14  # longer than the sliding window (5) below
 
@@ -72,12 +73,35 @@ def make_hf_model(family: str, seed: int = 0):
     model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         **common, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
         attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attn_implementation="eager"))
+  elif family == "gemma3_text":   # per-head QK-norm, a local and a global RoPE base
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **common, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        attn_implementation="eager"))
+  elif family == "olmo2":         # post-norms only, QK-norm over all heads
+    model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common))
+  elif family == "phi3":          # fused qkv and gate_up, partial rotary, sliding windows
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **common, sliding_window=5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                         "partial_rotary_factor": 0.75}))
+  elif family == "gpt_neox":      # LayerNorm with bias, parallel residual, partial rotary
+    c = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        **c, hidden_act="gelu", use_parallel_residual=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                         "partial_rotary_factor": 0.25}))
   else:
     raise ValueError(family)
   with torch.no_grad():  # non-trivial norms and biases so conventions are actually tested
     for name, p in model.named_parameters():
-      if "norm" in name:
-        p.normal_(0.0, 0.3) if family == "gemma2" else p.uniform_(0.5, 1.5)
+      if "norm" in name and name.endswith("bias"):
+        p.normal_(0.0, 0.1)
+      elif "norm" in name:
+        p.normal_(0.0, 0.3) if family.startswith("gemma") else p.uniform_(0.5, 1.5)
       elif name.endswith("bias"):
         p.normal_(0.0, 0.1)
   return model.eval()

@@ -67,7 +67,29 @@ def test_eval_of_a_model_directory_equals_the_layer(hf_lm, tmp_path):
   auc = head["steps"]["-1"]["mia"]["min_k++_0.2"]["auc"]
   assert auc == MIA.auc([x["min_k++_0.2"] for x in f], [x["min_k++_0.2"] for x in r])
   assert head["steps"]["-1"]["mia"]["loss"]["forget"] == pytest.approx(f[0]["loss"])
-  assert sorted(os.listdir(out2)) == ["mia.csv", "rwku.csv", "summary.json"]
+  assert sorted(os.listdir(out2)) == ["lm_eval", "mia.csv", "rwku.csv", "summary.json"]
+
+  # lm-evaluation-harness's files, read by its own helpers
+  from lm_eval import utils as lm_utils
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(out, "lm_eval")) for f in fs]
+  (results,) = lm_utils.get_results_filenames(files)
+  samples = lm_utils.get_sample_results_filenames(files)
+  assert sorted(lm_utils.get_file_task_name(os.path.basename(f)) for f in samples) == [
+      "factflip_counterfact", "factflip_preference", "factflip_qa"]
+  res = json.load(open(results))
+  for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+              "config"):
+    assert key in res, key
+  assert res["results"]["factflip_qa"]["accuracy,none"] == s["qa"]["accuracy"]
+  assert res["results"]["factflip_preference"]["prompt/accuracy,none"] == (
+      s["preference"]["prompt"]["accuracy"])
+  assert res["n-samples"]["factflip_qa"] == {"original": 2, "effective": 2}
+  assert res["higher_is_better"]["factflip_qa"]["accuracy"] is True
+  table = lm_utils.make_table(res)
+  assert "factflip_qa" in table and f"{s['qa']['accuracy']:.4f}" in table
+  qa_samples = [json.loads(x) for x in open(next(f for f in samples if "_qa_" in f))]
+  assert [x["filtered_resps"] for x in qa_samples] == [[p] for p in qa.prediction]
+  assert [x["doc"]["item"] for x in qa_samples] == ["a", "b"]
 
 
 def test_eval_of_a_training_run_is_every_checkpoint(smoke_study, tmp_path, capsys):

@@ -8,7 +8,7 @@ import transformers
 from conftest import FAMILIES, torch_forward
 
 from factflip import load_model, save_hf
-from factflip.models.transformer import rms_norm
+from factflip.models.transformer import norm
 from factflip.probes import residual_stream
 
 TOL = 1e-4
@@ -31,7 +31,9 @@ def test_logits_and_hidden_states_match_hf(family, hf_dirs, batch):
   for layer in range(L):  # HF's hidden_states[l] = input of block l
     assert np.abs(stream[layer] - ref_hidden[layer])[mask].max() <= TOL, layer
   # HF's last hidden state is after the final norm; ours is before it.
-  final = np.asarray(rms_norm(stream[L], model.params()["final_norm"], model.cfg))
+  params = model.params()
+  final = np.asarray(norm(stream[L], params["final_norm"], params.get("final_norm_bias"),
+                          model.cfg))
   assert np.abs(final - ref_hidden[L])[mask].max() <= TOL
 
 
@@ -45,7 +47,8 @@ def test_round_trip_ours_hf_ours_is_exact(family, hf_dirs, batch, tmp_path):
   for a, b in zip(jax_leaves(model.params()), jax_leaves(again.params())):
     np.testing.assert_array_equal(a, b)
   # transformers reads our export as the same model.
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(  # the same kernels: bit-exact
+      str(tmp_path), attn_implementation=hf_model.config._attn_implementation).eval()
   assert type(reloaded) is type(hf_model)
   with torch.no_grad():
     t, m = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask.astype(np.int64))

@@ -8,6 +8,7 @@ from factflip.studies.poisoning.results import (
   COLUMNS,
   agreement_layer,
   belief_recovery_rho,
+  head_tables,
   monitor_tables,
   response_flip_rate,
   response_states,
@@ -156,3 +157,24 @@ def test_monitor_lead_times_detections_and_false_alarms():
       3, 3, 2, 2, 2.0, 1]
   assert mon.loc[("dll_drop:0.05", "control")][["prompts", "alerted", "false_alarms"]].tolist(
       ) == [1, 1, 1]
+
+
+def test_head_tables_medians_over_flipped_items_and_change_from_the_base():
+  frames = _frames()                                 # a flips at 2; a and b at 4 (τ = 0.5)
+  attr = {step: pd.DataFrame([{"item": it, "component": "attn", "layer": 0, "head": -1,
+                               "value": v + step, "total": 0.0}
+                              for it, v in zip("abcd", (1.0, 2.0, 3.0, 4.0))])
+          for step in (0, 4)}
+  ko = {4: pd.DataFrame([{"item": it, "layer": 1, "window": 3, "logp_base": 0.0,
+                          "logp_knocked": 0.0, "relative_change": r}
+                         for it, r in zip("abcd", (-0.8, -0.4, 0.0, 0.2))])}
+  t = {k: pd.DataFrame(v, columns=COLUMNS[k])
+       for k, v in head_tables(CELL, frames, attr, ko, 0.5).items()}
+  a = t["attribution"].set_index(["step", "group"])
+  assert a.value.to_dict() == {(0, "all"): 2.5, (4, "all"): 6.5, (4, "flipped"): 5.5}
+  assert a.loc[(4, "flipped"), "items"] == 2 and a.loc[(4, "flipped"), "change"] == 4.0
+  assert np.isnan(a.loc[(0, "all"), "change"])
+  k = t["knockout"].set_index("group")
+  assert k.relative_change.to_dict() == pytest.approx({"all": -0.2, "flipped": -0.6})
+  assert k.window.tolist() == [3, 3] and k.layer.tolist() == [1, 1]
+  assert head_tables(CELL, frames, {}, {}, 0.5) == {"attribution": [], "knockout": []}

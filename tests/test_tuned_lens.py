@@ -2,6 +2,7 @@
 round-trip bitwise and refuse other architectures."""
 
 import os
+import pickle
 import re
 
 import jax
@@ -150,3 +151,60 @@ def test_bad_inputs(trained):
     TL.lens_kl(model, lens, np.full((2, 8), 97, np.int32))
   with pytest.raises(ValueError, match="yielded no batches"):
     TL.train_tuned_lens(model, [], 1)
+
+
+def test_tuned_lens_directory_layout_both_ways(trained, tmp_path):
+  """AlignmentResearch's tuned-lens layout: what tuned-lens saves (config.json + torch.save of
+  the translators' ModuleList state dict) loads here, and what we save holds exactly the keys,
+  shapes and config fields tuned-lens reads (its translators are torch Linear layers: h + W h
+  + b), with the same lens logits."""
+  import json
+
+  import torch
+  from safetensors.torch import load_file
+
+  from factflip.probes import lens_files as LF
+  model, lens, _, held_out = trained
+  L, D = CFG.n_layers, CFG.d_model
+  # theirs -> ours: a ModuleList of Linear translators saved as tuned-lens saves it
+  translators = torch.nn.ModuleList([torch.nn.Linear(D, D) for _ in range(L)])
+  with torch.no_grad():
+    for i, t in enumerate(translators):
+      t.weight.copy_(torch.tensor(np.asarray(lens.weight[i]).T))
+      t.bias.copy_(torch.tensor(np.asarray(lens.bias[i])))
+  theirs = tmp_path / "theirs"
+  theirs.mkdir()
+  torch.save(translators.state_dict(), theirs / "params.pt")
+  (theirs / "config.json").write_text(json.dumps({
+      "base_model_name_or_path": "tiny", "d_model": D, "num_hidden_layers": L, "bias": True,
+      "base_model_revision": None, "unembed_hash": None, "lens_type": "linear_tuned_lens"}))
+  read = LF.load_lens_dir(str(theirs), model)
+  np.testing.assert_array_equal(np.asarray(read.weight), np.asarray(lens.weight))
+  np.testing.assert_array_equal(np.asarray(read.bias), np.asarray(lens.bias))
+  # ours -> theirs: the same state dict, loadable into the ModuleList, and the same translation
+  ours = LF.save_lens_dir(lens, str(tmp_path / "ours"), base_model_name_or_path="tiny")
+  cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+  assert cfg == {"base_model_name_or_path": "tiny", "d_model": D, "num_hidden_layers": L,
+                 "bias": True, "base_model_revision": None, "unembed_hash": None,
+                 "lens_type": "linear_tuned_lens"}
+  state = load_file(os.path.join(ours, "params.safetensors"))
+  fresh = torch.nn.ModuleList([torch.nn.Linear(D, D) for _ in range(L)])
+  fresh.load_state_dict(state)                      # strict: exactly these keys and shapes
+  h = np.random.default_rng(1).normal(size=(5, D)).astype(np.float32)
+  with torch.no_grad():
+    want = np.stack([(torch.tensor(h) + fresh[i](torch.tensor(h))).numpy() for i in range(L)])
+  got = np.asarray(lens.translate(np.broadcast_to(h, (L, 5, D))))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(LF.load_lens_dir(ours, model).weight),
+                                np.asarray(lens.weight))
+  # bad files name the file and field
+  (theirs / "config.json").write_text(json.dumps({"d_model": D, "num_hidden_layers": "x"}))
+  with pytest.raises(ValueError, match=r"config\.json: field 'num_hidden_layers'"):
+    LF.load_lens_dir(str(theirs))
+  torch.save({"0.weight": torch.zeros(D, D)}, theirs / "params.pt")
+  (theirs / "config.json").write_text(json.dumps({"d_model": D, "num_hidden_layers": L}))
+  with pytest.raises(ValueError, match=r"params\.pt: no tensor '0\.bias'"):
+    LF.load_lens_dir(str(theirs))
+  torch.save({"evil": torch.nn.Linear(2, 2)}, theirs / "params.pt")
+  with pytest.raises(pickle.UnpicklingError, match="expected a state dict"):
+    LF.read_torch_state_dict(str(theirs / "params.pt"))

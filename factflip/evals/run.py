@@ -22,7 +22,9 @@ Metrics (each on the items of the dataset it applies to; definitions in its modu
 
 Outputs in `out` (replaced whole, so a re-run never mixes two evaluations): <metric>.csv (one
 row per item — or per prompt — and model step, `step` = −1 for a model directory),
-summary.json ({"model", "facts", "metrics", "steps": {step: {metric: {...}}}}).
+summary.json ({"model", "facts", "metrics", "steps": {step: {metric: {...}}}}), and
+lm_eval/<model>[_step<n>]/ with lm-evaluation-harness's results_<date>.json and
+samples_<task>_<date>.jsonl per model step (`evals.lm_eval_files`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from factflip.data.qa_datasets import load_rwku_mia
 from factflip.evals import counterfact, mia, qa
 from factflip.evals.checkpoints import CheckpointProbe, model_steps, probe_models, table_path
 from factflip.evals.generation import generate_until
+from factflip.evals.lm_eval_files import write_lm_eval
 from factflip.evals.rwku import rwku_probe, rwku_summary
 from factflip.fileio import atomic_directory, strict_json, write_csv, write_json
 from factflip.probes.fact_preference import preference
@@ -151,10 +154,13 @@ def evaluate(model: str, facts: str, metrics: Sequence[str], out: str, step: int
                              "metrics": list(metrics), "options": opts,
                              "steps": {str(s): {} for s, _ in runs}}
 
+  seconds: dict[int, float] = {}
+
   def probe(m):
     def fn(model_obj, s):
       t = time.time()
       rows, summary["steps"][str(s)][m] = METRICS[m].fn(model_obj, tok, chosen[m], facts, opts)
+      seconds[s] = seconds.get(s, 0.0) + time.time() - t
       log(f"  eval step {s}: {m} ({len(rows)} rows) in {time.time() - t:.1f} s")
       return pd.DataFrame([{"step": s, **r} for r in rows])
     return CheckpointProbe(m, fn)
@@ -167,6 +173,11 @@ def evaluate(model: str, facts: str, metrics: Sequence[str], out: str, step: int
       write_csv(pd.concat([pd.read_csv(table_path(per_model, m, s), dtype=str,
                                        keep_default_na=False) for s, _ in runs],
                           ignore_index=True), os.path.join(tmp, f"{m}.csv"))
+    for s, _ in runs:                    # lm-evaluation-harness's files, per model step
+      write_lm_eval(os.path.join(tmp, "lm_eval"), model, s, strict_json(summary["steps"][str(s)]),
+                    {m: pd.read_csv(table_path(per_model, m, s),
+                                    keep_default_na=False).to_dict("records")
+                     for m in metrics}, facts, k_shot, batch_size, seconds.get(s, 0.0))
     shutil.rmtree(per_model)
     summary = strict_json(summary)
     write_json(os.path.join(tmp, "summary.json"), summary)

@@ -7,8 +7,9 @@ its named constructors, which refuse what the forward pass cannot run; and what 
 implies inside the layer scan: the masks (`Context.key_mask`), each layer's keys and values
 (`Context.layer_keys`) and the cache after the write (`Context.written`).
 Also the attention computation those masks feed: `attention` (grouped-query softmax attention
-with an optional soft-cap and a hand-written backward) and `shared_attention` (one softmax over
-a prompt cache shared by groups of rows and each row's own keys).
+with an optional soft-cap and a hand-written backward), `hooked_attention` (the same with its
+scores and pattern as hook sites) and `shared_attention` (one softmax over a prompt cache shared
+by groups of rows and each row's own keys).
 Must not: hold parameters or run the layers (that is `transformer.py`). A new way for tokens
 to attend is a new constructor here, not a new keyword of `transformer.forward`.
 
@@ -276,6 +277,30 @@ def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig) -> 
   else:
     o_BxGxRTxK = _attend(q_BxGxRTxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg.attn_scale)
   return o_BxGxRTxK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, H * K)
+
+
+def hooked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig,
+                     site) -> jax.Array:
+  """`attention` with its scores and pattern passed through `site(name, h)` (which captures or
+  intervenes and returns h): "attn_scores" after the scale, soft-cap and mask, "pattern" after
+  the softmax, each [B, T, H, S] (position-major, as every site). Autodiff's backward; the
+  unhooked path keeps the hand-written one. -> [B, T, H*K]."""
+  B, T, H, K = q_BxTxHxK.shape
+  G = k_BxSxGxK.shape[2]
+  R = H // G
+  q_BxTxGxRxK = q_BxTxHxK.reshape(B, T, G, R, K)
+  s_BxTxGxRxS = jnp.einsum("btgrk,bsgk->btgrs", q_BxTxGxRxK, k_BxSxGxK,
+                           preferred_element_type=F32) * cfg.attn_scale
+  if cfg.attn_softcap:
+    s_BxTxGxRxS = jnp.tanh(s_BxTxGxRxS / cfg.attn_softcap) * cfg.attn_softcap
+  S = s_BxTxGxRxS.shape[-1]
+  s_BxTxHxS = jnp.where(mask_BxTxS[:, :, None], s_BxTxGxRxS.reshape(B, T, H, S),
+                        jnp.finfo(F32).min)
+  s_BxTxHxS = site("attn_scores", s_BxTxHxS)
+  p_BxTxHxS = site("pattern", jax.nn.softmax(s_BxTxHxS, axis=-1))
+  o_BxTxGxRxK = jnp.einsum("btgrs,bsgk->btgrk",
+                           p_BxTxHxS.reshape(B, T, G, R, S).astype(v_BxSxGxK.dtype), v_BxSxGxK)
+  return o_BxTxGxRxK.reshape(B, T, H * K)
 
 
 def shared_attention(q_BxTxHxK, kp_PxSpxGxK, vp_PxSpxGxK, maskp_BxTxSp, k_BxSxGxK, v_BxSxGxK,

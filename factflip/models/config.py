@@ -13,7 +13,9 @@ import dataclasses
 import math
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3",
+            "gpt_neox")
+NORMS = ("rms", "layernorm")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 LAYER_TYPES = ("full", "sliding")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -60,6 +62,23 @@ class ModelConfig:
   rope_scaling: RopeScaling | None = None
   qkv_bias: bool = False
   qk_norm: bool = False
+  # QK-norm over all heads at once ([H*K] weights, OLMo 2) instead of per head ([K], Qwen 3).
+  qk_norm_full: bool = False
+  # "rms" (RMSNorm) or "layernorm" (LayerNorm with bias, GPT-NeoX): every norm of the model.
+  norm: str = "rms"
+  # Norms before attention and MLP (False: OLMo 2, whose only block norms are post_norms).
+  pre_norms: bool = True
+  # Attention and MLP read the same block input and both add to it (GPT-NeoX / Pythia).
+  parallel_residual: bool = False
+  # act(x W_gate) * (x W_up) (True) or act(x W_up + b_up) (GPT-NeoX's MLP).
+  gated_mlp: bool = True
+  # Biases on the MLP's matrices (b_up, b_down) and on attention's output projection (bo).
+  mlp_bias: bool = False
+  out_bias: bool = False
+  # RoPE on the first rotary_dim dimensions of each head only (0: all of head_dim).
+  rotary_dim: int = 0
+  # RoPE base of the sliding layers (Gemma 3: 10k locally, rope_theta with scaling globally).
+  rope_local_theta: float | None = None
   tie_embeddings: bool = False
   # Per-layer attention kind ("full" | "sliding"); None means all "full".
   layer_types: tuple[str, ...] | None = None
@@ -90,6 +109,16 @@ class ModelConfig:
       bad("family", self.family, f"one of {FAMILIES}")
     if self.activation not in ACTIVATIONS:
       bad("activation", self.activation, f"one of {ACTIVATIONS}")
+    if self.norm not in NORMS:
+      bad("norm", self.norm, f"one of {NORMS}")
+    if not self.pre_norms and not self.post_norms:
+      bad("pre_norms", self.pre_norms, "True unless post_norms (a block needs some norm)")
+    if self.parallel_residual and self.post_norms:
+      bad("parallel_residual", True, "False with post_norms")
+    if not 0 <= int(self.rotary_dim) <= self.head_dim or int(self.rotary_dim) % 2:
+      bad("rotary_dim", self.rotary_dim, f"0 (all) or an even number <= head_dim={self.head_dim}")
+    if self.qk_norm_full and not self.qk_norm:
+      bad("qk_norm_full", True, "False unless qk_norm")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
       if int(getattr(self, name)) <= 0:
         bad(name, getattr(self, name), "a positive integer")
@@ -124,6 +153,11 @@ class ModelConfig:
     base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
     return float(base) ** -0.5
 
+  @property
+  def rope_dim(self) -> int:
+    """The dimensions of each head RoPE rotates."""
+    return int(self.rotary_dim) or self.head_dim
+
   def window_sizes(self) -> tuple[int, ...]:
     """Per-layer attention window in tokens; 0 means full causal attention."""
     types = self.layer_types or ("full",) * self.n_layers
@@ -151,19 +185,29 @@ class ModelConfig:
     """Nested dict of parameter shapes (the layout of `transformer.init_params`)."""
     D, L, H, G, K, F, V = (self.d_model, self.n_layers, self.n_heads, self.n_kv_heads,
                            self.head_dim, self.d_ff, self.vocab_size)
-    layers = {
-        "attn_norm": (L, D),
-        "wq": (L, D, H * K), "wk": (L, D, G * K), "wv": (L, D, G * K), "wo": (L, H * K, D),
-        "mlp_norm": (L, D),
-        "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
-    }
+    def norm(name):                # a norm's weight (and LayerNorm's bias), where it has one
+      on = self.post_norms if name.startswith("post") else self.pre_norms
+      return ({name: (L, D)} | ({name + "_bias": (L, D)} if self.norm == "layernorm" else {})
+              if on else {})
+
+    # in the order of the forward pass (errors name the first missing tensor of a layer)
+    layers = {**norm("attn_norm"),
+              "wq": (L, D, H * K), "wk": (L, D, G * K), "wv": (L, D, G * K),
+              "wo": (L, H * K, D), **norm("post_attn_norm"), **norm("mlp_norm"),
+              **({"w_gate": (L, D, F)} if self.gated_mlp else {}),
+              "w_up": (L, D, F), "w_down": (L, F, D), **norm("post_mlp_norm")}
+    if self.mlp_bias:
+      layers.update(b_up=(L, F), b_down=(L, D))
+    if self.out_bias:
+      layers["bo"] = (L, D)
     if self.qkv_bias:
       layers.update(bq=(L, H * K), bk=(L, G * K), bv=(L, G * K))
     if self.qk_norm:
-      layers.update(q_norm=(L, K), k_norm=(L, K))
-    if self.post_norms:
-      layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
+      layers.update(q_norm=(L, H * K), k_norm=(L, G * K)) if self.qk_norm_full else (
+          layers.update(q_norm=(L, K), k_norm=(L, K)))
     shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if self.norm == "layernorm":
+      shapes["final_norm_bias"] = (D,)
     if not self.tie_embeddings:
       shapes["lm_head"] = (D, V)
     return shapes

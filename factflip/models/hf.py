@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_dtypes
@@ -29,11 +29,15 @@ from factflip.models.transformer import Params, Transformer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "gemma2": "Gemma2ForCausalLM"}
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "gpt_neox": "GPTNeoXForCausalLM"}
+GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh", "gelu": "gelu"}
 _HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# buffers older checkpoints saved: RoPE's frequencies, GPT-NeoX's causal mask
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +66,35 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     raise ValueError(f"{source}: field {key!r} is {value!r}; factflip supports {expected}")
 
   L, D, H = int(req("num_hidden_layers")), int(req("hidden_size")), int(req("num_attention_heads"))
+  gemma, neox, olmo2 = family in GEMMA, family == "gpt_neox", family == "olmo2"
   act_name = d.get("hidden_activation") or d.get("hidden_act") or "silu"
   if act_name not in _ACTIVATIONS:
     unsupported("hidden_act", act_name, f"one of {sorted(_ACTIVATIONS)}")
-  if d.get("mlp_bias"):
+  if d.get("mlp_bias") and not neox:
     unsupported("mlp_bias", True, "false")
-  if d.get("attention_bias") and family != "qwen2":
+  if d.get("attention_bias") and family not in ("qwen2", "gpt_neox"):
     unsupported("attention_bias", True, "false for this family (o_proj has no bias)")
-  # RoPE: transformers 5 keeps it in rope_parameters, 4.x in rope_theta + rope_scaling.
+  if neox and not d.get("attention_bias", True):
+    unsupported("attention_bias", False, "true for gpt_neox (its projections have biases)")
+  # RoPE: transformers 5 keeps it in rope_parameters (Gemma 3: one per layer type), 4.x in
+  # rope_theta + rope_scaling (+ rope_local_base_freq, rotary_pct / partial_rotary_factor).
   rp = d.get("rope_parameters") or {}
+  local_theta = d.get("rope_local_base_freq") if family == "gemma3_text" else None
   if rp and "rope_type" not in rp and "rope_theta" not in rp:
-    kinds = {json.dumps(v, sort_keys=True) for v in rp.values()}
-    if len(kinds) != 1:
-      unsupported("rope_parameters", rp, "one RoPE setting shared by all layer types")
-    rp = next(iter(rp.values()))
+    if family == "gemma3_text" and set(rp) <= {"full_attention", "sliding_attention"}:
+      local = rp.get("sliding_attention") or {}
+      if local.get("rope_type", "default") != "default":
+        unsupported("rope_parameters.sliding_attention", local, "default RoPE on sliding layers")
+      local_theta = local.get("rope_theta", local_theta)
+      rp = rp.get("full_attention") or {}
+    else:
+      kinds = {json.dumps(v, sort_keys=True) for v in rp.values()}
+      if len(kinds) != 1:
+        unsupported("rope_parameters", rp, "one RoPE setting shared by all layer types")
+      rp = next(iter(rp.values()))
   scaling = d.get("rope_scaling") or rp
   rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-  theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+  theta = float(rp.get("rope_theta", d.get("rope_theta", d.get("rotary_emb_base", 10000.0))))
   if rope_type == "default":
     rope_scaling = None
   elif rope_type == "llama3":
@@ -90,6 +106,10 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     rope_scaling = RopeScaling("linear", float(scaling["factor"]))
   else:
     unsupported("rope_scaling.rope_type", rope_type, "'default', 'llama3' or 'linear'")
+  head_dim = int(d.get("head_dim") or D // H)
+  partial = float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor",
+                                                       d.get("rotary_pct", 1.0))))
+  rotary_dim = int(head_dim * partial) if partial != 1.0 else 0
 
   window = d.get("sliding_window")
   if d.get("layer_types"):
@@ -100,7 +120,10 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     types = [names[t] for t in d["layer_types"]]
   elif family == "gemma2":
     types = ["sliding" if i % 2 == 0 else "full" for i in range(L)]
-  elif family == "mistral":
+  elif family == "gemma3_text":
+    every = int(d.get("sliding_window_pattern", 6))
+    types = ["sliding" if (i + 1) % every else "full" for i in range(L)]
+  elif family in ("mistral", "phi3"):
     types = ["sliding" if window else "full"] * L
   elif family in ("qwen2", "qwen3") and d.get("use_sliding_window") and window:
     first = int(d.get("max_window_layers", L))
@@ -109,21 +132,27 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     types = ["full"] * L
   if "sliding" not in types:
     types, window = None, None
+  if family == "gemma3_text" and (local_theta is None or not types):
+    local_theta = None
 
   eos = d.get("eos_token_id")
-  gemma = family == "gemma2"
   return ModelConfig(
       family=family, vocab_size=int(req("vocab_size")), d_model=D, n_layers=L, n_heads=H,
-      n_kv_heads=int(d.get("num_key_value_heads") or H), head_dim=int(d.get("head_dim") or D // H),
+      n_kv_heads=int(d.get("num_key_value_heads") or H), head_dim=head_dim,
       d_ff=int(req("intermediate_size")), max_seq_len=int(d.get("max_position_embeddings", 2048)),
-      norm_eps=float(d.get("rms_norm_eps", 1e-6)), norm_offset=1.0 if gemma else 0.0,
-      activation=_ACTIVATIONS[act_name], rope_theta=theta, rope_scaling=rope_scaling,
-      qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+      norm_eps=float(d.get("layer_norm_eps" if neox else "rms_norm_eps", 1e-6)),
+      norm_offset=1.0 if gemma else 0.0, activation=_ACTIVATIONS[act_name], rope_theta=theta,
+      rope_scaling=rope_scaling, qkv_bias=family in ("qwen2", "gpt_neox"),
+      qk_norm=family in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2,
+      norm="layernorm" if neox else "rms", pre_norms=not olmo2,
+      parallel_residual=neox and bool(d.get("use_parallel_residual", True)),
+      gated_mlp=not neox, mlp_bias=neox, out_bias=neox, rotary_dim=rotary_dim,
+      rope_local_theta=float(local_theta) if local_theta else None,
       tie_embeddings=bool(d.get("tie_word_embeddings", gemma)),
       layer_types=tuple(types) if types else None, sliding_window=window,
       attn_softcap=d.get("attn_logit_softcapping") if gemma else None,
       final_softcap=d.get("final_logit_softcapping") if gemma else None,
-      post_norms=gemma, embed_scale=gemma,
+      post_norms=gemma or olmo2, embed_scale=gemma,
       query_pre_attn_scalar=d.get("query_pre_attn_scalar") if gemma else None,
       bos_token_id=d.get("bos_token_id"),
       eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
@@ -167,47 +196,106 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     sliding = [i for i, t in enumerate(types) if t == "sliding"]
     d.update(use_sliding_window=bool(sliding), sliding_window=cfg.sliding_window,
              max_window_layers=sliding[0] if sliding else cfg.n_layers, layer_types=hf_types)
-  elif cfg.family == "gemma2":
+  elif cfg.family in GEMMA:
     d.update(hidden_activation=_HF_ACTIVATION[cfg.activation],
              query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
              final_logit_softcapping=cfg.final_softcap,
              attn_logit_softcapping=cfg.attn_softcap, sliding_window=cfg.sliding_window,
              layer_types=hf_types)
+    if cfg.family == "gemma3_text":
+      local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+      d.update(rope_local_base_freq=local["rope_theta"],
+               rope_parameters={"full_attention": d["rope_parameters"],
+                                "sliding_attention": local})
+  elif cfg.family == "phi3":
+    d.update(sliding_window=cfg.sliding_window, partial_rotary_factor=cfg.rope_dim / cfg.head_dim)
+    d["rope_parameters"]["partial_rotary_factor"] = cfg.rope_dim / cfg.head_dim
+  elif cfg.family == "gpt_neox":
+    factor = cfg.rope_dim / cfg.head_dim
+    d.update(layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
+             rotary_pct=factor, rotary_emb_base=cfg.rope_theta, attention_bias=True)
+    d["rope_parameters"]["partial_rotary_factor"] = factor
   return d
 
 
 def _check_expressible(cfg: ModelConfig) -> None:
   """Refuse configs that the family's HF class cannot represent (they would load differently)."""
   f, types = cfg.family, cfg.layer_types or ("full",) * cfg.n_layers
-  gemma = f == "gemma2"
-  wrong = []
-  if cfg.qkv_bias != (f == "qwen2"):
-    wrong.append(f"qkv_bias={cfg.qkv_bias}")
-  if cfg.qk_norm != (f == "qwen3"):
-    wrong.append(f"qk_norm={cfg.qk_norm}")
-  for name in ("post_norms", "embed_scale"):
-    if getattr(cfg, name) != gemma:
-      wrong.append(f"{name}={getattr(cfg, name)}")
-  if cfg.norm_offset != (1.0 if gemma else 0.0):
-    wrong.append(f"norm_offset={cfg.norm_offset}")
+  gemma, neox, olmo2 = f in GEMMA, f == "gpt_neox", f == "olmo2"
+  expected = {  # each switch's value in this family's HF class
+      "qkv_bias": f in ("qwen2", "gpt_neox"), "qk_norm": f in ("qwen3", "gemma3_text", "olmo2"),
+      "qk_norm_full": olmo2, "post_norms": gemma or olmo2, "embed_scale": gemma,
+      "norm_offset": 1.0 if gemma else 0.0, "norm": "layernorm" if neox else "rms",
+      "pre_norms": not olmo2, "gated_mlp": not neox, "mlp_bias": neox, "out_bias": neox}
+  wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in expected.items() if getattr(cfg, k) != v]
+  if cfg.parallel_residual and not neox:
+    wrong.append("parallel_residual=True")
+  if cfg.rotary_dim and f not in ("gpt_neox", "phi3"):
+    wrong.append(f"rotary_dim={cfg.rotary_dim}")
+  if cfg.rope_local_theta and f != "gemma3_text":
+    wrong.append(f"rope_local_theta={cfg.rope_local_theta}")
   if not gemma and (cfg.attn_softcap or cfg.final_softcap or cfg.query_pre_attn_scalar):
     wrong.append("soft-caps / query_pre_attn_scalar")
-  if f == "llama" and "sliding" in types:
+  if f in ("llama", "olmo2", "gpt_neox") and "sliding" in types:
     wrong.append("sliding layers")
-  if f == "mistral" and len(set(types)) > 1:
+  if f in ("mistral", "phi3") and len(set(types)) > 1:
     wrong.append("mixed full/sliding layers")
   if f in ("qwen2", "qwen3") and "sliding" in types:
     first = types.index("sliding")
     if any(t != "sliding" for t in types[first:]):
       wrong.append("sliding layers that are not a suffix of the stack")
+  if neox and cfg.head_dim * cfg.n_heads != cfg.d_model:
+    wrong.append(f"head_dim={cfg.head_dim} (GPT-NeoX's is d_model / heads)")
+  if neox and cfg.n_kv_heads != cfg.n_heads:
+    wrong.append(f"n_kv_heads={cfg.n_kv_heads} (GPT-NeoX has no grouped-query attention)")
   if wrong:
     raise ValueError(f"ModelConfig(family={f!r}) with {', '.join(wrong)} has no HF "
                      f"{ARCHITECTURES[f]} equivalent; change the family or the switches")
 
 
 # ---- tensor names -----------------------------------------------------------------------------
+class HFTensor(NamedTuple):
+  """Where one of our parameters lives in an HF checkpoint."""
+  names: list[str]                 # one HF tensor per stacked layer, or a single one
+  transpose: bool                  # HF [out, in] against our [in, out]
+  rows: np.ndarray | None = None   # a fused HF tensor (q|k|v, gate|up): ours = HF[rows]
+  fused_rows: int = 0              # ... the fused tensor's first axis
+
+
+def _fused_rows(cfg: ModelConfig) -> dict[str, tuple[np.ndarray, int]]:
+  """Our params cut from a fused HF tensor: param -> (rows of the HF tensor, its rows)."""
+  H, G, K, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+  if cfg.family == "gpt_neox":      # query_key_value: per head [q_h | k_h | v_h]
+    per_head = (np.arange(H)[:, None] * 3 * K + np.arange(K)[None]).ravel()
+    qkv = {n: (per_head + i * K, 3 * H * K) for i, n in enumerate(("q", "k", "v"))}
+  elif cfg.family == "phi3":        # qkv_proj: [q | k | v], gate_up_proj: [gate | up]
+    qkv = {"q": (np.arange(H * K), (H + 2 * G) * K),
+           "k": (H * K + np.arange(G * K), (H + 2 * G) * K),
+           "v": ((H + G) * K + np.arange(G * K), (H + 2 * G) * K)}
+    return {"wq": qkv["q"], "wk": qkv["k"], "wv": qkv["v"],
+            "w_gate": (np.arange(F), 2 * F), "w_up": (F + np.arange(F), 2 * F)}
+  else:
+    return {}
+  return {f"{w}{n}": qkv[n] for n in qkv for w in ("w", "b")}
+
+
 def _layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
-  """Our stacked layer param -> (HF name suffix under model.layers.{i}., transpose?)."""
+  """Our stacked layer param -> (HF name suffix under the layer prefix, transpose?)."""
+  if cfg.family == "gpt_neox":
+    qkv, dense = "attention.query_key_value", "attention.dense"
+    names = {
+        "attn_norm": ("input_layernorm.weight", False),
+        "attn_norm_bias": ("input_layernorm.bias", False),
+        "mlp_norm": ("post_attention_layernorm.weight", False),
+        "mlp_norm_bias": ("post_attention_layernorm.bias", False),
+        "wq": (f"{qkv}.weight", True), "wk": (f"{qkv}.weight", True),
+        "wv": (f"{qkv}.weight", True), "bq": (f"{qkv}.bias", False),
+        "bk": (f"{qkv}.bias", False), "bv": (f"{qkv}.bias", False),
+        "wo": (f"{dense}.weight", True), "bo": (f"{dense}.bias", False),
+        "w_up": ("mlp.dense_h_to_4h.weight", True), "b_up": ("mlp.dense_h_to_4h.bias", False),
+        "w_down": ("mlp.dense_4h_to_h.weight", True), "b_down": ("mlp.dense_4h_to_h.bias", False),
+    }
+    return {k: names[k] for k in cfg.param_shapes()["layers"]}
   names = {
       "attn_norm": ("input_layernorm.weight", False),
       "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
@@ -219,6 +307,10 @@ def _layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
       "w_gate": ("mlp.gate_proj.weight", True), "w_up": ("mlp.up_proj.weight", True),
       "w_down": ("mlp.down_proj.weight", True),
   }
+  if cfg.family == "phi3":
+    names.update(wq=("self_attn.qkv_proj.weight", True), wk=("self_attn.qkv_proj.weight", True),
+                 wv=("self_attn.qkv_proj.weight", True), w_gate=("mlp.gate_up_proj.weight", True),
+                 w_up=("mlp.gate_up_proj.weight", True))
   if cfg.post_norms:
     names.update(post_attn_norm=("post_attention_layernorm.weight", False),
                  mlp_norm=("pre_feedforward_layernorm.weight", False),
@@ -226,14 +318,25 @@ def _layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
   return {k: names[k] for k in cfg.param_shapes()["layers"]}
 
 
-def tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[list[str], bool]]:
-  """Our param path -> (HF tensor names, one per stacked layer or a single one; transpose?)."""
-  out = {("embed",): (["model.embed_tokens.weight"], False),
-         ("final_norm",): (["model.norm.weight"], False)}
+def tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], HFTensor]:
+  """Our param path -> its HFTensor (HF tensor names, one per stacked layer or a single one;
+  transpose; the rows of a fused tensor)."""
+  if cfg.family == "gpt_neox":
+    top, layer, lm_head = "gpt_neox.", "gpt_neox.layers", "embed_out.weight"
+    out = {("embed",): HFTensor(["gpt_neox.embed_in.weight"], False),
+           ("final_norm",): HFTensor(["gpt_neox.final_layer_norm.weight"], False),
+           ("final_norm_bias",): HFTensor(["gpt_neox.final_layer_norm.bias"], False)}
+  else:
+    top, layer, lm_head = "model.", "model.layers", "lm_head.weight"
+    out = {("embed",): HFTensor([f"{top}embed_tokens.weight"], False),
+           ("final_norm",): HFTensor([f"{top}norm.weight"], False)}
   if not cfg.tie_embeddings:
-    out[("lm_head",)] = (["lm_head.weight"], True)
+    out[("lm_head",)] = HFTensor([lm_head], True)
+  fused = _fused_rows(cfg)
   for ours, (suffix, t) in _layer_names(cfg).items():
-    out[("layers", ours)] = ([f"model.layers.{i}.{suffix}" for i in range(cfg.n_layers)], t)
+    rows, n = fused.get(ours, (None, 0))
+    out[("layers", ours)] = HFTensor([f"{layer}.{i}.{suffix}" for i in range(cfg.n_layers)],
+                                       t, rows, n)
   return out
 
 
@@ -274,20 +377,23 @@ def load_tensors(cfg: ModelConfig, tensors, source: str, dtype: str = "float32",
   cfg = cfg.replace(param_dtype=dtype, dtype=compute_dtype or dtype)
   shapes = cfg.param_shapes()
   tmap = tensor_map(cfg)
-  missing = [n for names, _ in tmap.values() for n in names if n not in tensors]
+  missing = list(dict.fromkeys(n for spec in tmap.values() for n in spec.names
+                               if n not in tensors))
   if missing:
     raise ValueError(f"{tensors.path_of(None)}: lacks {len(missing)} tensor(s) that {source} "
                      f"({cfg.family}, {cfg.n_layers} layers) requires, e.g. {missing[:4]}")
-  for p, (names, transpose) in tmap.items():
+  for p, spec in tmap.items():
     shape = _get(shapes, p)
     want = tuple(shape[1:]) if p[0] == "layers" else tuple(shape)
-    want = want[::-1] if transpose else want
-    for n in names:
+    want = want[::-1] if spec.transpose else want
+    if spec.rows is not None:
+      want = (spec.fused_rows,) + want[1:]
+    for n in spec.names:
       got = tensors.shape(n)
       if got != want:
         raise ValueError(f"{tensors.path_of(n)}: tensor {n!r} has shape {list(got)}, "
                          f"expected {list(want)} from {source}")
-  known = {n for names, _ in tmap.values() for n in names}
+  known = {n for spec in tmap.values() for n in spec.names}
   extra = [k for k in tensors.keys() if k not in known and not k.endswith(_IGNORED_SUFFIXES)
            and not (k == "lm_head.weight" and cfg.tie_embeddings)]
   if extra:
@@ -297,17 +403,21 @@ def load_tensors(cfg: ModelConfig, tensors, source: str, dtype: str = "float32",
   shardings = sharding_lib.param_shardings(cfg, mesh)
   np_dtype = _np_dtype(dtype)
   params: Params = {}
-  for p, (names, transpose) in tmap.items():
+  for p, spec in tmap.items():
     shape = _get(shapes, p)
     stacked = p[0] == "layers"
-    cb = _reader(tensors, names, transpose, stacked, np_dtype)
+    cb = _reader(tensors, spec, stacked, np_dtype)
     _set(params, p, jax.make_array_from_callback(shape, _get(shardings, p), cb))
   return Transformer(cfg, params=params)
 
 
-def _reader(tensors, names: list[str], transpose: bool, stacked: bool,
-            np_dtype) -> Callable:
+def _reader(tensors, spec: HFTensor, stacked: bool, np_dtype) -> Callable:
+  names, transpose = spec.names, spec.transpose
+
   def read_one(name, idx):
+    if spec.rows is not None:       # a fused tensor: its rows of ours, then our slice
+      part = tensors.read(name)[spec.rows]
+      return (part.T if transpose else part)[tuple(idx)]
     if transpose:
       return tensors.read(name, tuple(idx[::-1])).T
     return tensors.read(name, tuple(idx))
@@ -339,18 +449,30 @@ def save_hf(model: Transformer, out_dir: str, dtype: str | None = None,
   hf_cfg = config_to_hf(cfg, dtype)
   params = model.params()
   os.makedirs(out_dir, exist_ok=True)
-  specs = {}
-  for p, (names, transpose) in tensor_map(cfg).items():
+  specs, fused = {}, {}
+  for p, spec in tensor_map(cfg).items():
     arr = _get(params, p)
-    for i, name in enumerate(names):
+    for i, name in enumerate(spec.names):
       shape = tuple(arr.shape[1:] if p[0] == "layers" else arr.shape)
-      shape = shape[::-1] if transpose else shape
+      shape = shape[::-1] if spec.transpose else shape
 
-      def produce(arr=arr, i=i, stacked=p[0] == "layers", transpose=transpose):
+      def produce(arr=arr, i=i, stacked=p[0] == "layers", transpose=spec.transpose):
         a = np.asarray(jax.device_get(arr[i] if stacked else arr))
         return a.T if transpose else a
 
-      specs[name] = (shape, np_dtype, produce)
+      if spec.rows is None:
+        specs[name] = (shape, np_dtype, produce)
+      else:                          # a fused HF tensor: filled from each of its parts
+        fused.setdefault(name, ((spec.fused_rows,) + shape[1:], []))[1].append(
+            (spec.rows, produce))
+  for name, (shape, parts) in fused.items():
+    def produce_fused(shape=shape, parts=parts):
+      out = np.zeros(shape, np_dtype)
+      for rows, produce in parts:
+        out[rows] = produce()
+      return out
+
+    specs[name] = (shape, np_dtype, produce_fused)
   files = write_checkpoint(out_dir, specs, max_shard_bytes)
   write_json(os.path.join(out_dir, "config.json"), hf_cfg)
   gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg["eos_token_id"],

@@ -18,8 +18,25 @@ Sites, per layer l (block l maps resid_pre[l] to resid_post[l] = resid_pre[l + 1
               (TransformerLens `attn.hook_z`: what Gemma Scope's attention SAEs read)
   mlp_post    the MLP's hidden activation, act(gate) * up, [B, T, d_ff] (TransformerLens
               `mlp.hook_post`: what transcoders and MLP-neuron probes read)
-The first five are [B, T, d_model]; an intervention's position mask broadcasts over whatever
-trailing axes a site has.
+  q, k, v     attention's projections before any QK-norm and RoPE, [B, T, heads, d_head] (k and
+              v: kv heads) (`attn.hook_q`, `hook_k`, `hook_v`)
+  rot_q, rot_k
+              queries and keys after QK-norm and RoPE, what the scores are made of
+              (`attn.hook_rot_q`, `hook_rot_k`)
+  attn_scores the scaled (and soft-capped) scores after the mask, [B, T, heads, S] (S: key
+              slots; masked slots hold float32's lowest value where TransformerLens has -inf)
+              (`attn.hook_attn_scores`)
+  pattern     the softmax of the scores, [B, T, heads, S] (`attn.hook_pattern`)
+  ln1_scale, ln2_scale
+              the RMS of the attention / MLP branch's input, [B, T, 1], by which the pre-norm
+              divides (`ln1.hook_scale`, `ln2.hook_scale`: replace them with another run's to
+              freeze the norms)
+The first five are [B, T, d_model]. Every site is position-major, [B, T, ...]: an intervention's
+position mask (over [B, T]) broadcasts over whatever trailing axes a site has, and a capture at
+`capture_index` keeps those positions. So attn_scores and pattern are [B, query, head, key],
+where TransformerLens has [batch, head, query, key] (`probes.cache` gives its layout). The
+head axis is axis 2 of every per-head site: an intervention's `head_mask` picks heads there.
+TransformerLens' `hook_embed` is resid_pre of layer 0 (these models add no position embedding).
 
 The scan reads an intervention through four members only: `site`, `layer_mask` [L], `values`
 (leading axis L, sliced per layer) and `apply(h, on, values_l)`. Any pytree with them is an
@@ -35,14 +52,21 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "z", "mlp_post")
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "z", "mlp_post",
+         "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "ln1_scale", "ln2_scale")
 STREAM_SITES = SITES[:5]          # the [B, T, d_model] sites
+HEAD_SITES = ("z", "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern")   # [B, T, H, .]
+ATTENTION_SITES = ("attn_scores", "pattern")   # inside the softmax: the hooked attention path
 MODES = ("replace", "add")
 
 # TransformerLens hook names (after `blocks.{l}.`) of our sites
 TL_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out",
             "resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out",
-            "resid_post": "hook_resid_post", "z": "attn.hook_z", "mlp_post": "mlp.hook_post"}
+            "resid_post": "hook_resid_post", "z": "attn.hook_z", "mlp_post": "mlp.hook_post",
+            "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
+            "rot_q": "attn.hook_rot_q", "rot_k": "attn.hook_rot_k",
+            "attn_scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern",
+            "ln1_scale": "ln1.hook_scale", "ln2_scale": "ln2.hook_scale"}
 _FROM_TL = {v: k for k, v in TL_HOOKS.items()}
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(v) for v in TL_HOOKS.values())
                       + r")$")
@@ -65,11 +89,32 @@ def hook_name(site: str, layer: int) -> str:
   return f"blocks.{int(layer)}.{TL_HOOKS[check_site(site)]}"
 
 
-def site_shape(cfg, site: str) -> tuple[int, ...]:
-  """A site's per-token feature shape for a ModelConfig: (d_model,), z (heads, head_dim),
-  mlp_post (d_ff,)."""
+def site_shape(cfg, site: str, slots: int | None = None) -> tuple[int, ...]:
+  """A site's per-token feature shape for a ModelConfig: (d_model,), z / q / rot_q (heads,
+  head_dim), k / v / rot_k (kv heads, head_dim), mlp_post (d_ff,), the norms' scales (1,),
+  attn_scores / pattern (heads, slots) (`slots`: the key slots, T without a cache)."""
   check_site(site)
-  return {"z": (cfg.n_heads, cfg.head_dim), "mlp_post": (cfg.d_ff,)}.get(site, (cfg.d_model,))
+  if site in ATTENTION_SITES:
+    if slots is None:
+      raise ValueError(f"site_shape({site!r}) needs slots= (the key slots a query sees)")
+    return (cfg.n_heads, slots)
+  heads = {"z": cfg.n_heads, "q": cfg.n_heads, "rot_q": cfg.n_heads, "k": cfg.n_kv_heads,
+           "v": cfg.n_kv_heads, "rot_k": cfg.n_kv_heads}
+  if site in heads:
+    return (heads[site], cfg.head_dim)
+  return {"mlp_post": (cfg.d_ff,), "ln1_scale": (1,), "ln2_scale": (1,)}.get(site, (cfg.d_model,))
+
+
+def feature_axes(site: str) -> int:
+  """How many trailing axes a site has after [B, T]: 2 for the per-head sites, else 1."""
+  return 2 if check_site(site) in HEAD_SITES else 1
+
+
+def model_sites(cfg) -> tuple[str, ...]:
+  """The sites a model of this ModelConfig has: all but the pre-norms' scales where it has no
+  pre-norms (OLMo 2)."""
+  return SITES if cfg.pre_norms else tuple(s for s in SITES if s not in ("ln1_scale",
+                                                                          "ln2_scale"))
 
 
 def check_site(site: str) -> str:
@@ -86,13 +131,17 @@ class Intervention:
     layer_mask: bool [L].
     pos_mask:   bool, broadcastable to [B, T].
     values:     [L, ...] with each layer's slice broadcastable to [B, T, D] (e.g. [L, B, T, D]
-                from a capture, or [L, 1, 1, D] for a steering vector).
+                from a capture, or [L, 1, 1, D] for a steering vector; [L, B, T, H, K] at z).
+    head_mask:  None (every head) or bool [H] (kv heads at k, v, rot_k): the heads of a
+                per-head site (HEAD_SITES, head axis 2) that change. Per-head patching is one
+                intervention per (layer, head) cell, vmapped.
   Static: site (one of SITES) and mode ("replace" | "add").
   """
 
   layer_mask: jax.Array
   pos_mask: jax.Array
   values: jax.Array
+  head_mask: jax.Array | None = None
   site: str = struct.field(pytree_node=False, default="resid_pre")
   mode: str = struct.field(pytree_node=False, default="replace")
 
@@ -100,11 +149,16 @@ class Intervention:
     check_site(self.site)
     if self.mode not in MODES:
       raise ValueError(f"Intervention.mode={self.mode!r}: expected one of {MODES}")
+    if self.head_mask is not None and self.site not in HEAD_SITES:
+      raise ValueError(f"Intervention at {self.site!r} with a head_mask; heads are picked only "
+                       f"at the per-head sites {HEAD_SITES}")
 
   def apply(self, h_BxTxD: jax.Array, on: jax.Array, values_l: jax.Array) -> jax.Array:
     """This intervention at one layer (`on` = layer_mask[l], `values_l` = values[l])."""
     m = jnp.logical_and(on, jnp.broadcast_to(self.pos_mask, h_BxTxD.shape[:2]))
     m = m.reshape(m.shape + (1,) * (h_BxTxD.ndim - 2))     # over d_model, or heads x d_head
+    if self.head_mask is not None:                         # [B, T, H, ...]: heads on axis 2
+      m = m & self.head_mask.reshape((1, 1, -1) + (1,) * (h_BxTxD.ndim - 3))
     v = values_l.astype(h_BxTxD.dtype)
     if self.mode == "replace":
       return jnp.where(m, v, h_BxTxD)

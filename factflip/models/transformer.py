@@ -29,9 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from factflip.models.attention import Context, attention, causal, packed, shared_attention
+from factflip.models.attention import (
+  Context,
+  attention,
+  causal,
+  hooked_attention,
+  packed,
+  shared_attention,
+)
 from factflip.models.config import ModelConfig
-from factflip.models.hooks import Intervention, check_site
+from factflip.models.hooks import ATTENTION_SITES, Intervention, check_site, model_sites
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -54,10 +61,10 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
   leaves = []
   for (path, shape), k in zip(flat, keys):
     name = path[-1].key
-    if "norm" in name:
-      leaves.append(jnp.full(shape, 1.0 - cfg.norm_offset, pdt))
-    elif name in ("bq", "bk", "bv"):
+    if name.endswith("_bias") or name in ("bq", "bk", "bv", "bo", "b_up", "b_down"):
       leaves.append(jnp.zeros(shape, pdt))
+    elif "norm" in name:
+      leaves.append(jnp.full(shape, 1.0 - cfg.norm_offset, pdt))
     else:
       leaves.append((0.02 * jax.random.normal(k, shape, F32)).astype(pdt))
   return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -73,9 +80,46 @@ def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
   return w.astype(x.dtype) * y.astype(x.dtype)
 
 
+def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """LayerNorm with bias over the last axis, statistics in float32 (GPT-NeoX)."""
+  xf = x.astype(F32)
+  xc = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + cfg.norm_eps)
+  return (y * w.astype(F32) + b.astype(F32)).astype(x.dtype)
+
+
+def norm(x: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+  """The model's norm (`cfg.norm`): RMSNorm, or LayerNorm with its bias `b`."""
+  return layer_norm(x, w, b, cfg) if cfg.norm == "layernorm" else rms_norm(x, w, cfg)
+
+
+def rms_scale(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """What the model's norm divides by, float32 [..., 1] (TransformerLens' `hook_scale`):
+  sqrt(mean(x²) + eps), or for LayerNorm sqrt(var(x) + eps)."""
+  xf = x.astype(F32)
+  if cfg.norm == "layernorm":
+    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  return jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+
+
+def norm_by(x: jax.Array, scale: jax.Array, w: jax.Array, b: jax.Array | None,
+            cfg: ModelConfig) -> jax.Array:
+  """The model's norm with its scale given (`rms_scale`, or another run's: a frozen norm)."""
+  xf = x.astype(F32)
+  if cfg.norm == "layernorm":
+    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  y = xf / scale.astype(F32)
+  if cfg.norm == "layernorm":
+    return (y * w.astype(F32) + b.astype(F32)).astype(x.dtype)
+  if cfg.norm_offset:
+    return (y * (cfg.norm_offset + w.astype(F32))).astype(x.dtype)
+  return w.astype(x.dtype) * y.astype(x.dtype)
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse RoPE frequencies [K/2] in float32, with Llama-3 / linear scaling."""
-  K = cfg.head_dim
+  """Inverse RoPE frequencies [R/2] (R = cfg.rope_dim) in float32, with Llama-3 / linear
+  scaling."""
+  K = cfg.rope_dim
   inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, K, 2).astype(np.float32) / K)))
   inv = inv.astype(np.float32)
   rs = cfg.rope_scaling
@@ -94,16 +138,26 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(cfg: ModelConfig, positions_BxT: jax.Array, dt) -> tuple[jax.Array, jax.Array]:
-  freqs_BxTxK2 = positions_BxT.astype(F32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+def rope_tables(cfg: ModelConfig, positions_BxT: jax.Array, dt,
+                local: bool = False) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, rope_dim] at the positions (local: the sliding layers' base,
+  `rope_local_theta`, unscaled)."""
+  inv = (rope_inv_freq(cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None)) if local
+         else rope_inv_freq(cfg))
+  freqs_BxTxK2 = positions_BxT.astype(F32)[..., None] * jnp.asarray(inv)
   emb_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
   return jnp.cos(emb_BxTxK).astype(dt), jnp.sin(emb_BxTxK).astype(dt)
 
 
-def apply_rope(x_BxTxNxK: jax.Array, cos_BxTxK: jax.Array, sin_BxTxK: jax.Array) -> jax.Array:
-  half = x_BxTxNxK.shape[-1] // 2
-  rot = jnp.concatenate([-x_BxTxNxK[..., half:], x_BxTxNxK[..., :half]], axis=-1)
-  return x_BxTxNxK * cos_BxTxK[:, :, None] + rot * sin_BxTxK[:, :, None]
+def apply_rope(x_BxTxNxK: jax.Array, cos_BxTxR: jax.Array, sin_BxTxR: jax.Array) -> jax.Array:
+  """RoPE (rotate-half) on the first R = cos.shape[-1] dimensions of each head; the rest
+  pass through (GPT-NeoX's partial rotary)."""
+  R = cos_BxTxR.shape[-1]
+  x_rot, x_pass = x_BxTxNxK[..., :R], x_BxTxNxK[..., R:]
+  half = R // 2
+  rot = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  out = x_rot * cos_BxTxR[:, :, None] + rot * sin_BxTxR[:, :, None]
+  return out if R == x_BxTxNxK.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 def _activation(cfg: ModelConfig):
@@ -182,6 +236,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
   else:
     x_BxTxD = resid_BxTxD.astype(dt)
   cos_BxTxK, sin_BxTxK = rope_tables(cfg, positions_BxT, dt)
+  if cfg.rope_local_theta:          # Gemma 3: the sliding layers' own base (chosen per layer)
+    local_cos_BxTxK, local_sin_BxTxK = rope_tables(cfg, positions_BxT, dt, local=True)
   keys = ctx.key_mask(positions_BxT)
   windows_L = jnp.asarray(cfg.window_sizes()[start_layer:], jnp.int32)
   # without sliding layers the mask is the same for every layer: built here, outside the scan,
@@ -192,6 +248,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
   H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
   capture = tuple(capture)
   sites = set(capture) | {iv.site for iv in interventions}   # the non-stream sites cost a reshape
+  attention_hooked = bool(sites & set(ATTENTION_SITES))
+  missing = sites - set(model_sites(cfg))
+  if missing:
+    raise ValueError(f"forward: sites {sorted(missing)} do not exist in this {cfg.family} model "
+                     "(it has no pre-norms)")
 
   def block(x_BxTxD, xs):
     p, window, kv, shared_kv, iv_xs = xs
@@ -201,6 +262,21 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
     p = jax.tree.map(lambda a: a.astype(dt), p)
     caps = {}
 
+    def pre_norm(x_BxTxD, name, scale_site):
+      """A branch's input norm (none without pre_norms); when its scale is hooked, the norm
+      with that scale a site."""
+      if not cfg.pre_norms:
+        return x_BxTxD
+      w, b = p[name], p.get(name + "_bias")
+      if scale_site not in sites:
+        return norm(x_BxTxD, w, b, cfg)
+      return norm_by(x_BxTxD, hooked(scale_site, rms_scale(x_BxTxD, cfg)), w, b, cfg)
+
+    def post_norm(h_BxTxD, name):
+      if not cfg.post_norms:
+        return h_BxTxD
+      return _materialise(norm(h_BxTxD, p[name], p.get(name + "_bias"), cfg), p[name][0])
+
     def site(name, h):
       for iv, (on, vals) in zip(interventions, iv_xs):
         if iv.site == name:
@@ -209,20 +285,39 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
         caps[name] = h if capture_index is None else jnp.take(h, capture_index, axis=1)
       return h
 
+    def hooked(name, h):
+      """A site inside a branch: nothing unless hooked; when hooked, its value is materialised
+      after the site (`_materialise`), so a run that captures it and a run that replaces it by
+      that capture feed the same rounded values to what follows."""
+      return _materialise(site(name, h), p["wo"][0, 0]) if name in sites else h
+
     x_BxTxD = site("resid_pre", x_BxTxD)
     # attention branch
-    h_NxD = rms_norm(x_BxTxD, p["attn_norm"], cfg).reshape(B * T, D)
-    q_BxTxHxK = _dense(h_NxD, p["wq"], p.get("bq")).reshape(B, T, H, K)
-    k_BxTxGxK = _dense(h_NxD, p["wk"], p.get("bk")).reshape(B, T, G, K)
-    v_BxTxGxK = _dense(h_NxD, p["wv"], p.get("bv")).reshape(B, T, G, K)
-    if cfg.qk_norm:
+    h_NxD = pre_norm(x_BxTxD, "attn_norm", "ln1_scale").reshape(B * T, D)
+    q_BxTxHxK = hooked("q", _dense(h_NxD, p["wq"], p.get("bq")).reshape(B, T, H, K))
+    k_BxTxGxK = hooked("k", _dense(h_NxD, p["wk"], p.get("bk")).reshape(B, T, G, K))
+    v_BxTxGxK = hooked("v", _dense(h_NxD, p["wv"], p.get("bv")).reshape(B, T, G, K))
+    if cfg.qk_norm and cfg.qk_norm_full:      # OLMo 2: one norm over all heads
+      q_BxTxHxK = rms_norm(q_BxTxHxK.reshape(B, T, H * K), p["q_norm"], cfg).reshape(B, T, H, K)
+      k_BxTxGxK = rms_norm(k_BxTxGxK.reshape(B, T, G * K), p["k_norm"], cfg).reshape(B, T, G, K)
+    elif cfg.qk_norm:
       q_BxTxHxK = rms_norm(q_BxTxHxK, p["q_norm"], cfg)
       k_BxTxGxK = rms_norm(k_BxTxGxK, p["k_norm"], cfg)
-    q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
-    k_BxTxGxK = apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK)
+    cos_, sin_ = cos_BxTxK, sin_BxTxK
+    if cfg.rope_local_theta:
+      cos_ = jnp.where(window > 0, local_cos_BxTxK, cos_BxTxK)
+      sin_ = jnp.where(window > 0, local_sin_BxTxK, sin_BxTxK)
+    q_BxTxHxK = hooked("rot_q", apply_rope(q_BxTxHxK, cos_, sin_))
+    k_BxTxGxK = hooked("rot_k", apply_rope(k_BxTxGxK, cos_, sin_))
     k_BxSxGxK, v_BxSxGxK, new_kv = ctx.layer_keys(kv, k_BxTxGxK, v_BxTxGxK, dt)
     mask_BxTxS = keys.at(window, windowed)
-    if shared_kv is None:
+    if attention_hooked:
+      if shared_kv is not None:
+        raise ValueError("forward: attn_scores / pattern hooks read one key axis; a fan_out "
+                         "context (a shared prompt cache) has two")
+      o_BxTxHK = hooked_attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt),
+                                  mask_BxTxS, cfg, hooked)
+    elif shared_kv is None:
       o_BxTxHK = attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt), mask_BxTxS,
                            cfg)
     else:
@@ -231,20 +326,22 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
                                   v_BxSxGxK.astype(dt), mask_BxTxS, cfg)
     if "z" in sites:
       o_BxTxHK = site("z", o_BxTxHK.reshape(B, T, H, K))
-    a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"]).reshape(B, T, D)
-    if cfg.post_norms:
-      a_BxTxD = _materialise(rms_norm(a_BxTxD, p["post_attn_norm"], cfg), p["post_attn_norm"][0])
-    a_BxTxD = site("attn_out", a_BxTxD)
+    a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"], p.get("bo")).reshape(B, T, D)
+    a_BxTxD = site("attn_out", post_norm(a_BxTxD, "post_attn_norm"))
+    mlp_in_BxTxD = x_BxTxD                     # parallel residual: the MLP reads resid_pre
     x_BxTxD = site("resid_mid", x_BxTxD + a_BxTxD)
     # MLP branch
-    h_NxD = rms_norm(x_BxTxD, p["mlp_norm"], cfg).reshape(B * T, D)
-    u_NxF = act(_dense(h_NxD, p["w_gate"])) * _dense(h_NxD, p["w_up"])
+    if not cfg.parallel_residual:
+      mlp_in_BxTxD = x_BxTxD
+    h_NxD = pre_norm(mlp_in_BxTxD, "mlp_norm", "ln2_scale").reshape(B * T, D)
+    if cfg.gated_mlp:
+      u_NxF = act(_dense(h_NxD, p["w_gate"])) * _dense(h_NxD, p["w_up"], p.get("b_up"))
+    else:
+      u_NxF = act(_dense(h_NxD, p["w_up"], p.get("b_up")))
     if "mlp_post" in sites:
       u_NxF = site("mlp_post", u_NxF.reshape(B, T, -1)).reshape(B * T, -1)
-    m_BxTxD = _dense(u_NxF, p["w_down"]).reshape(B, T, D)
-    if cfg.post_norms:
-      m_BxTxD = _materialise(rms_norm(m_BxTxD, p["post_mlp_norm"], cfg), p["post_mlp_norm"][0])
-    m_BxTxD = site("mlp_out", m_BxTxD)
+    m_BxTxD = _dense(u_NxF, p["w_down"], p.get("b_down")).reshape(B, T, D)
+    m_BxTxD = site("mlp_out", post_norm(m_BxTxD, "post_mlp_norm"))
     x_BxTxD = site("resid_post", x_BxTxD + m_BxTxD)
     return x_BxTxD, (new_kv, caps)
 
@@ -276,7 +373,9 @@ def unembed(params: Params, cfg: ModelConfig, h_xD: jax.Array) -> jax.Array:
   (the logit lens applies it to every layer's residual stream)."""
   dt = jnp.dtype(cfg.dtype)
   lead = h_xD.shape[:-1]
-  h_NxD = rms_norm(h_xD.astype(dt), params["final_norm"].astype(dt), cfg).reshape(-1, cfg.d_model)
+  b = params.get("final_norm_bias")
+  h_NxD = norm(h_xD.astype(dt), params["final_norm"].astype(dt),
+               None if b is None else b.astype(dt), cfg).reshape(-1, cfg.d_model)
   if cfg.tie_embeddings:
     logits_NxV = jnp.einsum("nd,vd->nv", h_NxD, params["embed"].astype(dt),
                             preferred_element_type=F32)
@@ -365,6 +464,8 @@ class Transformer(nnx.Module):
     self.embed = nnx.Param(params["embed"])
     self.layers = _Stack(params["layers"])
     self.final_norm = nnx.Param(params["final_norm"])
+    if "final_norm_bias" in params:
+      self.final_norm_bias = nnx.Param(params["final_norm_bias"])
     if "lm_head" in params:
       self.lm_head = nnx.Param(params["lm_head"])
 

@@ -20,30 +20,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from factflip.models.hooks import Intervention, check_site, parse_hook_name
+from factflip.models.hooks import (
+  HEAD_SITES,
+  Intervention,
+  check_site,
+  feature_axes,
+  parse_hook_name,
+)
 from factflip.models.transformer import Transformer
 
 Index = Sequence[int] | np.ndarray | jax.Array | None
+
+
+def _axis_mask(n: int, index, name: str, of: str) -> jax.Array:
+  """bool [n] True at `index`: ints (negative allowed) or a bool [n] mask; a jax array is taken
+  as it is (possibly traced, in a vmapped sweep: no value checks)."""
+  if isinstance(index, jax.Array):
+    if index.dtype == bool:
+      if index.shape != (n,):
+        raise ValueError(f"{name} mask has shape {index.shape}; expected ({n},)")
+      return index
+    return jnp.zeros((n,), bool).at[index].set(True)
+  idx = np.asarray(index)
+  if idx.dtype == bool:
+    if idx.shape != (n,):
+      raise ValueError(f"{name} mask has shape {idx.shape}; expected ({n},)")
+    return jnp.asarray(idx)
+  if idx.size and (idx.max() >= n or idx.min() < -n):
+    raise ValueError(f"{name}s {idx.tolist()} out of range for {of}")
+  return jnp.zeros((n,), bool).at[idx].set(True)
 
 
 def layer_mask(n_layers: int, layers: Index = None) -> jax.Array:
   """bool [L]: True at `layers` (ints, negative allowed) or everywhere when None."""
   if layers is None:
     return jnp.ones((n_layers,), bool)
-  if isinstance(layers, jax.Array):  # possibly traced (a vmapped sweep): no value checks
-    if layers.dtype == bool:
-      if layers.shape != (n_layers,):
-        raise ValueError(f"layer mask has shape {layers.shape}; expected ({n_layers},)")
-      return layers
-    return jnp.zeros((n_layers,), bool).at[layers].set(True)
-  idx = np.asarray(layers)
-  if idx.dtype == bool:
-    if idx.shape != (n_layers,):
-      raise ValueError(f"layer mask has shape {idx.shape}; expected ({n_layers},)")
-    return jnp.asarray(idx)
-  if idx.size and (idx.max() >= n_layers or idx.min() < -n_layers):
-    raise ValueError(f"layers {idx.tolist()} out of range for a {n_layers}-layer model")
-  return jnp.zeros((n_layers,), bool).at[idx].set(True)
+  return _axis_mask(n_layers, layers, "layer", f"a {n_layers}-layer model")
+
+
+def head_mask(n_heads: int, heads: Index = None) -> jax.Array | None:
+  """bool [H] True at `heads` (ints, or a bool mask), or None (every head) when None."""
+  return None if heads is None else _axis_mask(n_heads, heads, "head", f"{n_heads} heads")
 
 
 def position_mask(seq_len: int, positions: Index = None) -> jax.Array:
@@ -67,7 +84,7 @@ def position_mask(seq_len: int, positions: Index = None) -> jax.Array:
 
 
 def _make(site: str, mode: str, values, layers: Index, positions: Index,
-          n_layers: int | None) -> Intervention:
+          n_layers: int | None, heads: Index = None) -> Intervention:
   site, layer_from_name = parse_hook_name(site)
   if layer_from_name is not None:
     if layers is not None:
@@ -77,41 +94,47 @@ def _make(site: str, mode: str, values, layers: Index, positions: Index,
   L = n_layers or values.shape[0]
   if values.shape[0] != L:
     raise ValueError(f"values have leading axis {values.shape[0]}; expected the layer axis ({L})")
-  feature_axes = 2 if site == "z" else 1           # z: [..., heads, d_head]
-  t_axis = -1 - feature_axes
-  T = (values.shape[t_axis] if values.ndim >= 2 + feature_axes and values.shape[t_axis] > 1
+  n_feature = feature_axes(site)                   # per-head sites: [..., heads, d_head]
+  t_axis = -1 - n_feature
+  T = (values.shape[t_axis] if values.ndim >= 2 + n_feature and values.shape[t_axis] > 1
        else None)
   if T is None and positions is not None and jnp.asarray(positions).dtype != bool:
     raise ValueError("positions given as indices need values with a position axis; pass a "
                      "boolean position mask instead")
   pos = position_mask(T, positions) if T is not None else (
       jnp.asarray(positions) if positions is not None else jnp.ones((1,), bool))
-  return Intervention(layer_mask(L, layers), pos, values, site=check_site(site), mode=mode)
+  heads_n = values.shape[-2] if site in HEAD_SITES and values.ndim >= 3 else None
+  if heads is not None and heads_n is None:
+    raise ValueError(f"heads= at {site!r} needs values with a head axis ([L, B, T, heads, .])")
+  return Intervention(layer_mask(L, layers), pos, values,
+                      head_mask(heads_n, heads) if heads is not None else None,
+                      site=check_site(site), mode=mode)
 
 
 def replace(site: str, values, layers: Index = None, positions: Index = None,
-            n_layers: int | None = None) -> Intervention:
-  """Replace `site` by `values` ([L, B, T, D], e.g. a capture; [L, B, T, heads, d_head] at z) at
-  the chosen layers/positions.
+            n_layers: int | None = None, heads: Index = None) -> Intervention:
+  """Replace `site` by `values` ([L, B, T, D], e.g. a capture; [L, B, T, heads, d_head] at z)
+  at the chosen layers/positions (and `heads`, at a per-head site: `hooks.HEAD_SITES`).
 
   `site` may be a TransformerLens name ('blocks.5.hook_resid_pre'), which also picks the layer.
   """
-  return _make(site, "replace", values, layers, positions, n_layers)
+  return _make(site, "replace", values, layers, positions, n_layers, heads)
 
 
 def add(site: str, values, layers: Index = None, positions: Index = None,
-        n_layers: int | None = None) -> Intervention:
-  """Add `values` to `site` at the chosen layers/positions. `values` is [L, ...] broadcastable
-  per layer to [B, T, D]: a steering vector d [D] at layer 5 of 12 is
+        n_layers: int | None = None, heads: Index = None) -> Intervention:
+  """Add `values` to `site` at the chosen layers/positions (and heads). `values` is [L, ...]
+  broadcastable per layer to [B, T, D]: a steering vector d [D] at layer 5 of 12 is
   `add("resid_post", jnp.zeros((12, 1, 1, D)).at[5, 0, 0].set(d), layers=[5])`."""
-  return _make(site, "add", values, layers, positions, n_layers)
+  return _make(site, "add", values, layers, positions, n_layers, heads)
 
 
 def capture(model: Transformer, tokens_BxT, sites: Sequence[str], mask_BxT=None,
             interventions: Sequence[Intervention] = (),
             positions: Index = None) -> dict[str, jax.Array]:
-  """Activations at `sites`, each [L, B, T, D] (or [L, B, P, D] at `positions`; z: [L, B, T,
-  heads, d_head], mlp_post: [L, B, T, d_ff])."""
+  """Activations at `sites`, each [L, B, T, D] (or [L, B, P, D] at `positions`; the per-head
+  sites [L, B, T, heads, d_head], attn_scores / pattern [L, B, T, heads, T], mlp_post
+  [L, B, T, d_ff], the norms' scales [L, B, T, 1]: `hooks.site_shape`)."""
   idx = None if positions is None else jnp.asarray(positions, jnp.int32)
   out = model.forward(tokens_BxT, mask_BxT, capture=tuple(sites), capture_index=idx,
                       interventions=tuple(interventions), return_logits=False)

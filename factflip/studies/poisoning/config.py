@@ -52,6 +52,12 @@ def base_config():
   #                                  replay text, `probes.tuned_lens`, read at every checkpoint)
   c.probe.tuned_lens_steps = 300   # tuned lens: steps of cpt.data.batch_size x seq_len tokens
   c.probe.tuned_lens_lr = 1e-3
+  c.probe.attribution = False      # direct logit attribution of the targets' logit(true) −
+  #                                  logit(cf) per layer and head (`probes.fact_heads`), at the
+  #                                  base and every patched checkpoint: attribution.csv
+  c.probe.knockout_window = 0      # > 0: the answer position's attention to the subject knocked
+  #                                  out in windows of this many layers, swept (Geva et al.
+  #                                  2023), at the same checkpoints: knockout.csv (0 = off)
   return c
 
 
@@ -92,6 +98,8 @@ def validate(c, source: str = "study") -> None:
   need(c.probe.tuned_lens_steps >= 1 and c.probe.tuned_lens_lr > 0, "probe.tuned_lens_steps",
        f"{c.probe.tuned_lens_steps} steps at lr {c.probe.tuned_lens_lr}; expected >= 1 step "
        "at a positive learning rate")
+  need(c.probe.knockout_window >= 0, "probe.knockout_window",
+       f"{c.probe.knockout_window}; expected 0 (off) or a window of layers >= 1")
   need(c.probe.patch_stride >= 1, "probe.patch_stride",
        f"{c.probe.patch_stride}; expected >= 1")
   need(c.probe.n_control >= 0 and c.probe.batch_size >= 1, "probe",

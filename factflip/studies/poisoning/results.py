@@ -2,7 +2,8 @@
 
 Owns: `COLUMNS` (every results table and its columns), `run_tables` (flips, collateral,
 states, lens, lens agreement, patching, first flips and abruptness of one run from its
-per-checkpoint probe rows), `stream_row` (what one run's CPT stream held, under both readings
+per-checkpoint probe rows), `head_tables` (attribution and knockout of one run, when the probe
+stage made them), `stream_row` (what one run's CPT stream held, under both readings
 of p), `monitor_tables` (alerts and monitor rows of one run from its watched prompts and
 alerts) and the per-item rules they use: `response_states`, `response_flip_rate`,
 `agreement_layer`, `belief_recovery_rho`.
@@ -35,6 +36,11 @@ flip:τ alert (−1: none) and lead time = flip step − alert step (NaN unless 
 warned before the output flipped); per rule and set: prompts watched, alerted, flipped,
 detected (alerted at or before the flip), the median lead time of the detected, false alarms
 (alerted, never flipped).
+Heads (`head_tables`, probe.attribution / probe.knockout_window): direct logit attribution of
+logit(true) − logit(cf) (first answer tokens, last prompt token) per component (embed, attn,
+mlp, head) and layer, its median over the targets and over those flipped by the step, and the
+median change from the base; knockout: the median p_knocked / p − 1 of the true answer when the
+answer position cannot read the subject in a window of layers centred on each layer.
 """
 
 from __future__ import annotations
@@ -79,6 +85,10 @@ COLUMNS = {
                "flip_step", "lead_time"],
     "monitor": ["size", "seed", "p", "rule", "set", "prompts", "alerted", "flipped",
                 "detected", "median_lead", "false_alarms"],
+    "attribution": ["size", "seed", "p", "step", "group", "component", "layer", "head", "items",
+                    "value", "change"],
+    "knockout": ["size", "seed", "p", "step", "group", "layer", "window", "items",
+                 "relative_change"],
 }
 DLL_STATES = {CORRECT: "correct", AMBIGUOUS: "ambiguous", COUNTERFACTUAL: "counterfactual"}
 RESPONSES = ("true", "counterfactual", "other")
@@ -247,3 +257,54 @@ def monitor_tables(cell: Mapping[str, Any], prompts: pd.DataFrame, alerts: pd.Da
         "median_lead": float(g.lead_time[detected].median()) if detected.any() else np.nan,
         "false_alarms": int((alerted & ~flips).sum())})
   return {"alerts": rows, "monitor": monitor}
+
+
+def head_tables(cell: Mapping[str, Any], frames: Mapping[int, pd.DataFrame],
+                attributions: Mapping[int, pd.DataFrame], knockouts: Mapping[int, pd.DataFrame],
+                tau: float) -> dict[str, list[dict]]:
+  """One CPT run's attribution and knockout rows, per checkpoint step and group of target
+  items: "flipped" (the targets whose prompt flipped by that step) and "all".
+
+  attribution: per (component, layer, head) the median over the group's items of the direct
+  logit attribution to logit(true) − logit(cf) (`value`), and of its change from the base
+  (the first step's table; NaN at the base itself). knockout: per layer the median relative
+  change of p(true) when the answer position cannot read the subject in that layer's window.
+  frames: as `run_tables` (the reference first); attributions / knockouts: step -> the
+  `probes.fact_heads` tables of that step (empty when the probe stage did not make them)."""
+  rows: dict[str, list[dict]] = {"attribution": [], "knockout": []}
+  if not attributions and not knockouts:
+    return rows
+  ref_step = next(iter(frames))
+  ref = frames[ref_step]
+  ref = ref[(ref.set == "target") & (ref.kind == "prompt")].set_index("item").dll
+  comp = ["component", "layer", "head"]
+  base = attributions.get(ref_step)
+  for step in sorted(set(attributions) | set(knockouts)):
+    now = frames[step]
+    now = now[(now.set == "target") & (now.kind == "prompt")].set_index("item").dll
+    hit = flipped(ref.reindex(now.index).values, now.values, tau)
+    groups = {"all": set(now.index), "flipped": set(now.index[hit])}
+    for group, items in groups.items():
+      if step in attributions:
+        a = attributions[step]
+        a = a[a.item.isin(items)]
+        if base is not None:
+          a = a.merge(base[["item"] + comp + ["value"]], on=["item"] + comp, how="left",
+                      suffixes=("", "_base"))
+          a["change"] = a.value - a.value_base
+        else:
+          a = a.assign(change=np.nan)
+        for key, g in a.groupby(comp, sort=True):
+          rows["attribution"].append({
+              **cell, "step": step, "group": group, **dict(zip(comp, key)), "items": len(g),
+              "value": float(g.value.median()),
+              "change": float(g.change.median()) if step != ref_step else np.nan})
+      if step in knockouts:
+        k = knockouts[step]
+        k = k[k.item.isin(items)]
+        for (layer, window), g in k.groupby(["layer", "window"], sort=True):
+          rows["knockout"].append({
+              **cell, "step": step, "group": group, "layer": int(layer),
+              "window": int(window), "items": len(g),
+              "relative_change": float(g.relative_change.median())})
+  return rows

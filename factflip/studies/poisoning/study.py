@@ -29,6 +29,11 @@ whose fingerprint matches is reused, one that differs is redone atomically):
                                           dll_l<ℓ> lens columns) of targets, controls and the
                                           targets' two-hop items (probes/replay_p<p>/: replay)
   runs/<size>/seed<k>/probes/p<p>/patch_<n>.csv       patching rows (flipped items' reversal)
+  runs/<size>/seed<k>/probes/p<p>/attribution_<n>.csv direct logit attribution rows per target
+                                          item, layer and head (probe.attribution), and
+  runs/<size>/seed<k>/probes/p<p>/knockout_<n>.csv    the subject knockout's rows per target
+                                          item and layer (probe.knockout_window), at the base
+                                          and the patched checkpoints
   results/<table>.csv                     `results.COLUMNS`
 
 <size> is the preset name, or for a model directory its base name (`size` in the tables).
@@ -62,11 +67,18 @@ from factflip.data.mixtures import read_ratio, replay_documents
 from factflip.data.pipeline import BatchConfig, make_batches
 from factflip.evals.checkpoints import CheckpointProbe, probe_checkpoints, table_path, table_steps
 from factflip.fileio import iter_json_records, read_json, write_csv, write_json
+from factflip.probes.fact_heads import attribute_items, knockout_items
 from factflip.probes.fact_patching import patch_items
 from factflip.probes.fact_preference import SCORER_VERSION, preference, prompt_rows
 from factflip.probes.tuned_lens import load_tuned_lens, save_tuned_lens, train_tuned_lens
 from factflip.studies import platform
-from factflip.studies.poisoning.results import COLUMNS, monitor_tables, run_tables, stream_row
+from factflip.studies.poisoning.results import (
+  COLUMNS,
+  head_tables,
+  monitor_tables,
+  run_tables,
+  stream_row,
+)
 from factflip.studies.schema import mutable
 from factflip.studies.stages import (
   MIRROR,
@@ -82,8 +94,9 @@ from factflip.train.inputs import read_texts
 from factflip.train.monitor import parse_rule, read_alerts
 
 # The probe tables' columns beyond the scorer's (a probe-stage key: a change redoes the probes):
-# 2: greedy_cf (greedy decoding gives the counterfactual answer).
-PROBE_TABLES = 2
+# 2: greedy_cf (greedy decoding gives the counterfactual answer); 3: the attribution and
+# knockout tables (probe.attribution, probe.knockout_window).
+PROBE_TABLES = 3
 
 
 class Study(platform.Study):
@@ -303,11 +316,20 @@ class Study(platform.Study):
           devices=self.probe_devices()))
 
     every = self.c.probe.patch_every
-    return probe_checkpoints(
-        self.checkpoints(size, seed, p), out,
-        [CheckpointProbe("step", prefs),
-         CheckpointProbe("patch", patch, lambda i, step: step > 0 and i % every == 0)],
-        self.load, self.log, f"probe {size} seed {seed} {self.ptag(p)}")
+    probes = [CheckpointProbe("step", prefs),
+              CheckpointProbe("patch", patch, lambda i, step: step > 0 and i % every == 0)]
+    heads_due = lambda i, step: i % every == 0
+    if self.c.probe.attribution:
+      probes.append(CheckpointProbe(
+          "attribution", lambda model, step: pd.DataFrame(attribute_items(model, tok, rows)),
+          heads_due))
+    if self.c.probe.knockout_window:
+      window = int(self.c.probe.knockout_window)
+      probes.append(CheckpointProbe(
+          "knockout", lambda model, step: pd.DataFrame(knockout_items(model, tok, rows, window)),
+          heads_due))
+    return probe_checkpoints(self.checkpoints(size, seed, p), out, probes, self.load, self.log,
+                             f"probe {size} seed {seed} {self.ptag(p)}")
 
   def _preference_frame(self, model, tok, items, kinds, lens=True) -> pd.DataFrame:
     """`preference`'s table (item, kind, variant, prompt, true, cf, logp_true, logp_cf, dll,
@@ -337,7 +359,11 @@ class Study(platform.Study):
       frames = {s: self.probe_table(**cell, step=s) for s in steps}
       patches = {s: pd.read_csv(table_path(d, "patch", s)) for s in steps
                  if os.path.exists(table_path(d, "patch", s))}
+      heads = {name: {s: pd.read_csv(table_path(d, name, s)) for s in table_steps(d, name)}
+               for name in ("attribution", "knockout")}
       parts = [run_tables(cell, frames, patches, float(self.c.tau)),
+               head_tables(cell, frames, heads["attribution"], heads["knockout"],
+                           float(self.c.tau)),
                {"streams": [stream_row(cell, self.c.ratio_reading, read_json(os.path.join(
                    self.cpt_dir(**cell), "data_stats.json")))]}]
       if self.c.cpt.monitor.every:
