@@ -599,6 +599,17 @@ def test_sae_training_learns_resumes_exactly_and_writes_a_saelens_sae(sae_lm, tm
   x = _x((5, 32))
   with torch.no_grad():
     np.testing.assert_allclose(lens.encode(torch.tensor(x)).numpy(), S.encode(a, x), atol=1e-5)
+  # SAELens's sparsity file (log10 firing frequency, as its trainer saves it) and metadata
+  from safetensors.numpy import load_file
+  sparsity = load_file(str(tmp_path / "full" / "sae" / "sparsity.safetensors"))["sparsity"]
+  assert sparsity.shape == (128,) and sparsity.dtype == np.float32
+  assert (sparsity <= 0).all() and np.isclose(10 ** sparsity, 0, atol=1e-9).sum() < 128
+  # TopK with k = 8 of 128 latents: the densities sum to the mean L0, at most 8 per token
+  assert 4.0 < (10.0 ** sparsity.astype(np.float64) - 1e-10).sum() <= 8.0 + 1e-3
+  meta = json.loads((tmp_path / "full" / "sae" / "cfg.json").read_text())["metadata"]
+  assert meta["context_size"] == c.data.seq_len and meta["exclude_special_tokens"] is True
+  assert meta["hook_name"] == "blocks.1.hook_resid_pre" and "prepend_bos" in meta
+  assert lens.cfg.metadata.context_size == c.data.seq_len
 
 
 def test_sae_training_folds_the_activation_scale(sae_lm, tmp_path):

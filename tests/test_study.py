@@ -606,3 +606,29 @@ def test_summary_is_strict_json(study):
     raise ValueError(f"summary.json holds {token}")
   with open(os.path.join(wd, "report", "summary.json")) as f:
     json.load(f, parse_constant=refuse)
+
+
+def test_attribution_and_knockout_probes(study, tmp_path):
+  """probe.attribution and probe.knockout_window redo only the probes and results: every
+  target's components sum to its logit difference, the knockout has a row per layer, and the
+  report draws the heads figure."""
+  src, _, _ = study
+  wd = str(tmp_path / "wd")
+  shutil.copytree(src, wd)
+  c = load_config_file(CONFIG, "smoke")
+  c.probe.attribution, c.probe.knockout_window = True, 2
+  redo, head = _plan(c, wd)
+  assert head == "plan: 4 reuse, 3 redo" and "results" in redo
+  Study(c, wd, log=lambda m: None).run_and_report()
+  d = os.path.join(wd, "runs", "tiny-0.5m", "seed0", "probes", "p1.00")
+  steps = sorted(int(f[12:18]) for f in os.listdir(d) if f.startswith("attribution_"))
+  assert steps[0] == 0 and len(steps) >= 2                   # the base and patched steps
+  a = pd.read_csv(os.path.join(d, f"attribution_{steps[-1]:06d}.csv"))
+  parts = a[a.component != "head"].groupby("item").value.sum()
+  np.testing.assert_allclose(parts.values, a.groupby("item").total.first()[parts.index].values,
+                             atol=1e-3)
+  k = pd.read_csv(os.path.join(d, f"knockout_{steps[-1]:06d}.csv"))
+  assert sorted(k.layer.unique()) == list(range(4)) and (k.window == 2).all()
+  t = pd.read_csv(os.path.join(wd, "results", "knockout.csv"))
+  assert set(t.group) >= {"all"} and (t.p.isin([0.0, 1.0])).all()
+  assert os.path.exists(os.path.join(wd, "report", "heads.png"))

@@ -11,7 +11,8 @@ program, and cross-model patching is "capture in model A, replace in model B".
 Sites, per layer l (block l maps resid_pre[l] to resid_post[l] = resid_pre[l + 1]):
   resid_pre   block input (resid_pre[0] is the embedding output, after any embedding scale)
   attn_out    what the attention branch adds to the residual stream (after Gemma's post-norm)
-  resid_mid   resid_pre + attn_out (the MLP branch's input residual)
+  resid_mid   resid_pre + attn_out (the MLP branch's input residual; with a parallel
+              residual, GPT-NeoX's, the MLP reads resid_pre and resid_post = resid_mid + mlp_out)
   mlp_out     what the MLP branch adds to the residual stream (after Gemma's post-norm)
   resid_post  block output
   z           attention's per-head outputs before the output projection, [B, T, heads, d_head]
@@ -28,9 +29,10 @@ Sites, per layer l (block l maps resid_pre[l] to resid_post[l] = resid_pre[l + 1
               (`attn.hook_attn_scores`)
   pattern     the softmax of the scores, [B, T, heads, S] (`attn.hook_pattern`)
   ln1_scale, ln2_scale
-              the RMS of the attention / MLP branch's input, [B, T, 1], by which the pre-norm
-              divides (`ln1.hook_scale`, `ln2.hook_scale`: replace them with another run's to
-              freeze the norms)
+              what the attention / MLP branch's pre-norm divides by, [B, T, 1]: the RMS of its
+              input, or for LayerNorm its standard deviation (`ln1.hook_scale`,
+              `ln2.hook_scale`: replace them with another run's to freeze the norms; absent
+              without pre-norms, OLMo 2)
 The first five are [B, T, d_model]. Every site is position-major, [B, T, ...]: an intervention's
 position mask (over [B, T]) broadcasts over whatever trailing axes a site has, and a capture at
 `capture_index` keeps those positions. So attn_scores and pattern are [B, query, head, key],

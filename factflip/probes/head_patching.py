@@ -34,7 +34,7 @@ from factflip.models import attention
 from factflip.models.hooks import HEAD_SITES, Intervention, parse_hook_name
 from factflip.models.transformer import Transformer, forward, unembed
 from factflip.probes.interventions import head_mask, layer_mask
-from factflip.probes.patching import Metric, _batch_devices, _model_and_token_pair
+from factflip.probes.patching import Metric, _model_and_token_pair
 from factflip.sharding import to_host
 
 BLOCKED = -1e30      # added to a knocked-out score: exp underflows to 0 (no -inf arithmetic)
@@ -73,8 +73,8 @@ def _head_sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask
 def head_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
                site: str = "z", by_pos: bool = False, source_model: Transformer | None = None,
                layers: Sequence[int] | None = None, mask=None, clean_mask=None,
-               logit_positions: Sequence[int] = (-1,), metric_aux=None, chunk: int = 16,
-               devices=None) -> np.ndarray:
+               logit_positions: Sequence[int] = (-1,), metric_aux=None, chunk: int = 16
+               ) -> np.ndarray:
   """Per-head patching: float32 [batch, layers, heads] (by_pos: [batch, layers, seq, heads]).
 
   site: a per-head site (`hooks.HEAD_SITES`: z, q, k, v, rot_q, rot_k, attn_scores,
@@ -82,14 +82,13 @@ def head_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metri
   layer). The remaining arguments are `act_patch`'s (metric: logits [batch,
   len(logit_positions), vocab] -> [batch], or (logits, metric_aux) -> [batch]; mask /
   clean_mask: left padding). chunk: cells evaluated together (each one a forward pass of the
-  whole batch). devices: unused beyond checking that the batch splits (one device runs it)."""
+  whole batch), on the default device."""
   site, named_layer = parse_hook_name(site)
   if site not in HEAD_SITES:
     raise ValueError(f"site {site!r}: head_patch patches the per-head sites {HEAD_SITES}")
   source_model, corrupted, clean = _model_and_token_pair(model, source_model, corrupted_tokens,
                                                          clean_tokens)
   cfg = model.cfg
-  _batch_devices(devices, corrupted.shape[0])
   B, T = corrupted.shape
   if layers is None:
     layers = [named_layer] if named_layer is not None else range(cfg.n_layers)

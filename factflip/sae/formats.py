@@ -35,6 +35,7 @@ from factflip.sae.architectures import ARCHITECTURES
 from factflip.sae.core import SAE, SAEConfig, make_sae, param_shapes
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+SPARSITY = "sparsity.safetensors"   # SAELens: log10 feature density, "sparsity" [d_sae]
 GEMMA_SCOPE = "params.npz"
 LLAMA_SCOPE, LLAMA_SCOPE_WEIGHTS = "hyperparams.json", os.path.join("checkpoints",
                                                                     "final.safetensors")
@@ -72,9 +73,10 @@ def load_sae(path: str, *, dtype: str | None = None, hook_name: str | None = Non
   return sae
 
 
-def save_sae(sae: SAE, path: str) -> None:
-  """`sae` as an SAELens 6.x directory (cfg.json + sae_weights.safetensors), written to a
-  temporary directory and renamed onto `path`."""
+def save_sae(sae: SAE, path: str, sparsity: np.ndarray | None = None) -> None:
+  """`sae` as an SAELens 6.x directory (cfg.json + sae_weights.safetensors, and with
+  `sparsity` — log10 feature density [d_sae] — sparsity.safetensors), written to a temporary
+  directory and renamed onto `path`."""
   cfg = sae.cfg
   arrays = {k: np.asarray(v) for k, v in sae.params().items()}
   metadata = {**cfg.metadata, "sae_lens_version": cfg.metadata.get(
@@ -90,10 +92,17 @@ def save_sae(sae: SAE, path: str) -> None:
     record[name] = getattr(cfg, name)
   if cfg.d_head:
     record["d_head"] = cfg.d_head          # ours: SAELens ignores unknown keys
+  if sparsity is not None:
+    sparsity = np.asarray(sparsity, np.float32)
+    if sparsity.shape != (cfg.d_sae,):
+      raise ValueError(f"save_sae: sparsity has shape {sparsity.shape}; expected ({cfg.d_sae},)")
   with atomic_directory(path) as tmp:
     write_file(os.path.join(tmp, WEIGHTS),
                {k: (a.shape, a.dtype, lambda a=a: a) for k, a in arrays.items()})
     write_json(os.path.join(tmp, CFG), record)
+    if sparsity is not None:
+      write_file(os.path.join(tmp, SPARSITY),
+                 {"sparsity": (sparsity.shape, np.float32, lambda: sparsity)})
 
 
 # ---- SAELens ----------------------------------------------------------------------------------

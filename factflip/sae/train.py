@@ -10,7 +10,9 @@ Workdir: config.json, metrics.jsonl (loss terms, explained variance, L0, dead sh
 evaluation steps ce_clean, ce_sae, ce_zero, ce_recovered), tensorboard/, checkpoints/<step>/ (the
 SAE parameters, Adam state, dead-latent counters, step and activation scale; the activation
 stream's state), sae/ (the final SAE in SAELens's layout: `load_sae` or SAELens's
-`SAE.load_from_disk` open it). A rerun resumes from the newest checkpoint and sees the same
+`SAE.load_from_disk` open it; with its sparsity.safetensors, each latent's log10 firing
+frequency over `sparsity_batches` held-out token batches, where SAELens's trainer counts over its
+last training window). A rerun resumes from the newest checkpoint and sees the same
 activation batches.
 
 `normalize_activations = "expected_average_only_in"` trains on activations scaled by
@@ -39,7 +41,7 @@ from factflip.models.store import load_model
 from factflip.models.transformer import forward
 from factflip.sae.activations import ActivationStream, site_activations
 from factflip.sae.architectures import ARCHITECTURES
-from factflip.sae.core import SAE, SAEConfig, init_sae, make_sae
+from factflip.sae.core import SAE, SAEConfig, encode, init_sae, make_sae
 from factflip.sae.formats import save_sae
 from factflip.sae.losses import LossConfig, init_state, make_optimizer, make_train_step
 from factflip.sae.steering import sae_site, splice
@@ -87,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 100             # steps between CE-recovered evaluations (0 = only at the end)
   c.eval.batches = 2             # token batches per evaluation (another shuffle of the data)
+  c.sparsity_batches = 8         # token batches (another shuffle) whose activations give each
+  #                                latent's firing frequency: the SAE's sparsity.safetensors
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200
   c.checkpoint.keep = 2
@@ -167,18 +171,39 @@ def _token_batches(c, tok, seed_offset: int = 0, every_shard: bool = False):
                                **whole)
 
 
-def _sae_config(c, d_in: int) -> SAEConfig:
-  """The SAE's config: the common fields, and those of the architecture's own `cfg_fields`
-  (topk: k, rescale_acts_by_decoder_norm) from `sae.<field>`."""
+def _sae_config(c, d_in: int, prepend_bos: bool = True) -> SAEConfig:
+  """The SAE's config: the common fields, those of the architecture's own `cfg_fields`
+  (topk: k, rescale_acts_by_decoder_norm) from `sae.<field>`, and SAELens's metadata
+  (`prepend_bos`: the pipeline starts each document with the tokenizer's BOS, when it has one)."""
   s = c.sae
   own = {name: s[name] for name in ARCHITECTURES[s.architecture].cfg_fields}
   return SAEConfig(architecture=s.architecture, d_in=d_in,
                    d_sae=s.d_sae or s.expansion_factor * d_in, **own,
                    apply_b_dec_to_input=s.apply_b_dec_to_input, hook_name=c.hook_name,
                    metadata={"model_name": os.path.abspath(c.model),
-                             "context_size": c.data.seq_len,
+                             "model_class_name": "factflip.Transformer",
+                             "model_from_pretrained_kwargs": {},
+                             "hook_head_index": None, "seqpos_slice": [None],
+                             "context_size": c.data.seq_len, "prepend_bos": prepend_bos,
+                             "exclude_special_tokens": bool(c.exclude_special_tokens),
                              "dataset_path": c.data.path or c.data.kind,
                              "trained_with": "factflip"})
+
+
+def log_feature_density(sae: SAE, acts_fn, token_batches, exclude_ids=()) -> np.ndarray:
+  """log10(share of the tokens each latent fires on + 1e-10), float32 [d_sae]: SAELens's
+  `log_feature_sparsity` (what its sparsity.safetensors holds), over the activations of
+  `token_batches` (padding and `exclude_ids` tokens left out)."""
+  fired, total = np.zeros(sae.cfg.d_sae, np.float64), 0
+  exclude = np.asarray(exclude_ids, np.int64)
+  for b in token_batches:
+    keep = (np.asarray(b["segment_ids"]) > 0) & ~np.isin(np.asarray(b["inputs"]), exclude)
+    x = np.asarray(acts_fn(b))
+    x = x.reshape((-1,) + x.shape[2:])[keep.ravel()]
+    if len(x):
+      fired += np.asarray(encode(sae, jnp.asarray(x)) > 0).sum(0)
+      total += len(x)
+  return np.log10(fired / max(total, 1) + 1e-10).astype(np.float32)
 
 
 def _special_ids(tok) -> tuple[int, ...]:
@@ -252,7 +277,7 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
   acts_fn = site_activations(model, c.hook_name)
   feature = site_shape(model.cfg, parse_hook_name(c.hook_name)[0])
   d_in = int(np.prod(feature))
-  cfg = _sae_config(c, d_in)
+  cfg = _sae_config(c, d_in, prepend_bos=tok.bos_token_id is not None)
   if len(feature) == 2:                     # z [heads, d_head]: trained on the flat heads
     cfg = dataclasses.replace(cfg, reshape_activations="hook_z", d_head=feature[-1])
   lc = LossConfig(**c.loss.to_dict())
@@ -352,7 +377,10 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
     if scale != 1.0:
       final = fold_scale(final, scale)
     if main:
-      save_sae(final, sae_path)
+      density_stream = _token_batches(c, tok, seed_offset=13, every_shard=True)
+      density = log_feature_density(final, acts_fn, (next(density_stream)
+                                                      for _ in range(c.sparsity_batches)), exclude)
+      save_sae(final, sae_path, sparsity=density)
   say(f"done: step {last}, {format_duration(time.time() - t_start)}"
       + (f"; SAE written to {sae_path}" if last == c.steps else ""))
   return SAETrainResult(workdir, sae_path, last, row, evals, time.time() - t_start)

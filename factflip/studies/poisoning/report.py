@@ -113,6 +113,50 @@ def plot_reversal_depth(patching: pd.DataFrame, path: str) -> str:
   return save(fig, path)
 
 
+def plot_heads(attribution: pd.DataFrame, knockout: pd.DataFrame, path: str) -> str:
+  """At the last probed step of the largest p, for the flipped targets: left, the median
+  change from the base of each layer's attn_out and mlp_out direct logit attribution to
+  logit(true) − logit(cf); right, the median relative change of p(true) with the subject knocked
+  out around each layer, at the base (step 0) and at that step. Layers as relative depth
+  ℓ / L, a line per size."""
+  fig = MplFigure(figsize=(10, 3.6), layout="constrained")
+  left, right = fig.subplots(1, 2)
+  for ax, df, title in ((left, attribution, "attribution change from the base (flipped)"),
+                        (right, knockout, "subject knockout: p_knocked / p − 1")):
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("relative depth ℓ / L")
+    ax.grid(alpha=0.3)
+    if not len(df):
+      ax.text(0.5, 0.5, "not probed (probe.attribution / probe.knockout_window)",
+              ha="center", fontsize=8, transform=ax.transAxes)
+  if len(attribution):
+    a = attribution[(attribution.p == attribution.p.max()) & (attribution.group == "flipped")
+                    & attribution.component.isin(["attn", "mlp"])]
+    a = a[a.step == a.step.max()] if len(a) else a
+    for (size, comp), g in a.groupby(["size", "component"], sort=False):
+      L = g.layer.max() + 1
+      g = g.groupby("layer").change.mean()
+      left.plot((g.index + 1) / L, g.values, marker="o", label=f"{size} {comp}_out")
+    left.axhline(0, color="k", lw=0.5)
+    left.set_ylabel("Δ attribution (logits)")
+    legend(left, fontsize=7)
+  if len(knockout):
+    k = knockout[knockout.p == knockout.p.max()]
+    last = k.step.max() if len(k) else 0
+    for (size, step, group), g in k[k.step.isin([0, last])].groupby(
+        ["size", "step", "group"], sort=False):
+      if step == 0 and group != "all" or step and group != "flipped":
+        continue
+      L = g.layer.max() + 1
+      g = g.groupby("layer").relative_change.mean()
+      right.plot((g.index + 1) / L, g.values, marker="o",
+                 label=f"{size} step {step} ({'all' if step == 0 else 'flipped'})")
+    right.axhline(0, color="k", lw=0.5)
+    right.set_ylabel("relative change of p(true)")
+    legend(right, fontsize=7)
+  return save(fig, path)
+
+
 def plot_responses(flips: pd.DataFrame, path: str) -> str:
   """Final flip rate (training prompt) against p by three rules: ΔLL states at τ, ΔLL states at
   τ = 0, and the greedy answer (true → counterfactual); a panel per size."""
@@ -399,6 +443,14 @@ CAPTIONS = {
                       "never flips is a false alarm), a panel per poisoning ratio p.",
     "collateral": "Non-target (control) facts' accuracy and the held-out answer NLL during "
                   "continual pretraining: a broad collapse would show here.",
+    "heads": "Attention-level probes at the last probed step of the largest p (probe."
+             "attribution, probe.knockout_window). Left: per layer, the median change from the "
+             "base of attn_out's and mlp_out's direct contribution to logit(true) − "
+             "logit(cf) through the final norm, over the targets flipped by then; a drop marks "
+             "the layers that stopped writing the true answer. Right: the median p(true) "
+             "with the answer position blocked from the subject's tokens in a window of "
+             "layers centred on each layer, relative to unblocked (Geva et al. 2023), at the "
+             "base (all targets) and at that step (flipped targets).",
 }
 
 
@@ -428,6 +480,10 @@ def figures(study, tables: dict[str, pd.DataFrame], out_dir: str) -> list[Figure
                 CAPTIONS[name]) for title, name, fn, names in plots]
   out.append(Figure("Collateral", plot_collateral(tables["collateral"], heldout, os.path.join(
       out_dir, "collateral.png")), CAPTIONS["collateral"]))
+  attribution, knockout = (tables.get(n, pd.DataFrame()) for n in ("attribution", "knockout"))
+  if len(attribution) or len(knockout):
+    out.append(Figure("Heads: attribution and subject knockout", plot_heads(
+        attribution, knockout, os.path.join(out_dir, "heads.png")), CAPTIONS["heads"]))
   alerts = tables.get("alerts")
   if alerts is not None and len(alerts):
     out += [Figure("Monitor: lead time before the output flip", plot_lead_times(
