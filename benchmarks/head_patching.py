@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +31,7 @@ from factflip.probes.attribution import logit_attribution
 from factflip.probes.head_patching import head_patch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-
-def best_of(fn, iters):
-  fn()
-  ts = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    out = fn()
-    ts.append(time.perf_counter() - t)
-  return min(ts), out
+from patching import best_of  # noqa: E402 (benchmarks/patching.py: best of n, warm)
 
 
 def main():

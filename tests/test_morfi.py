@@ -16,6 +16,22 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", "mo
 X = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 
 
+
+def _greedy_with(model, tok, prompt, iv, max_new_tokens=5):
+  """The reference: up to 5 greedy tokens of `model` with intervention `iv`, one forward per
+  token, cut at EOS or a newline."""
+  import jax.numpy as jnp
+
+  from factflip.evals.requests import Encoder
+  start = list(Encoder(tok).encode(prompt))
+  ids = list(start)
+  for _ in range(max_new_tokens):
+    nxt = int(jnp.argmax(model(np.asarray([ids], np.int32), interventions=[iv])[0, -1]))
+    if nxt == tok.eos_token_id or tok.decode([nxt]) == "\n":
+      break
+    ids.append(nxt)
+  return tok.decode(ids[len(start):], skip_special_tokens=True).split("\n")[0].strip()
+
 def test_mann_kendall_and_spearman_equal_the_reference_packages():
   import pymannkendall
   import scipy.stats
@@ -75,7 +91,6 @@ def lm(hf_lm):
 
 
 def test_steered_answers_zero_is_greedy_and_steering_is_the_steered_argmax(lm):
-  import jax.numpy as jnp
 
   from factflip.evals.generation import generate_until
   from factflip.probes import add
@@ -90,16 +105,8 @@ def test_steered_answers_zero_is_greedy_and_steering_is_the_steered_argmax(lm):
   assert got[0] == plain                              # α = 0: the model itself
   # the steered answer of each prompt: greedy argmax of the model with the vector added
   iv = add("resid_post", np.broadcast_to(v, (L, 1, 1, D)), layers=[0])
-  from factflip.evals.requests import Encoder
   for p, want in zip(prompts, got[1]):
-    ids = list(Encoder(tok).encode(p))
-    for _ in range(5):
-      nxt = int(jnp.argmax(model(np.asarray([ids], np.int32), interventions=[iv])[0, -1]))
-      if nxt == tok.eos_token_id or tok.decode([nxt]) == "\n":
-        break
-      ids.append(nxt)
-    text = tok.decode(ids[len(Encoder(tok).encode(p)):], skip_special_tokens=True)
-    assert want == text.split("\n")[0].strip()
+    assert want == _greedy_with(model, tok, p, iv)
   assert got[1] != got[0]
 
 
@@ -124,10 +131,8 @@ def test_latent_vectors_move_one_latent_by_its_amount_through_the_decoder():
 
 def test_clamped_answers_are_the_clamped_models_argmax(lm):
   import jax
-  import jax.numpy as jnp
 
   from factflip.evals.generation import generate_until
-  from factflip.evals.requests import Encoder
   from factflip.probes.morfi import clamped_answers
   from factflip.sae import SAEConfig, clamp, init_sae
   model, tok = lm
@@ -146,14 +151,7 @@ def test_clamped_answers_are_the_clamped_models_argmax(lm):
   for g in range(2):
     iv = clamp(sae, [3, 9], values[g], L)
     for p, want in zip(prompts, got[g]):
-      ids = list(Encoder(tok).encode(p))
-      for _ in range(5):
-        nxt = int(jnp.argmax(model(np.asarray([ids], np.int32), interventions=[iv])[0, -1]))
-        if nxt == tok.eos_token_id or tok.decode([nxt]) == "\n":
-          break
-        ids.append(nxt)
-      text = tok.decode(ids[len(Encoder(tok).encode(p)):], skip_special_tokens=True)
-      assert want == text.split("\n")[0].strip()
+      assert want == _greedy_with(model, tok, p, iv)
   assert got[0] != plain
 
 

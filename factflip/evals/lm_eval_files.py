@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from factflip.fileio import write_json
+from factflip.fileio import atomic_path, write_json
 
 FILTER = "none"
 # what a larger value means, by the last part of a metric's name
@@ -102,10 +102,9 @@ def write_lm_eval(out: str, model: str, step: int, summaries: Mapping[str, Mappi
   write_json(paths[0], payload)
   for metric, table in rows.items():
     path = os.path.join(d, f"samples_{task_name(metric)}_{date_id}.jsonl")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
       for i, row in enumerate(table):
-        doc = {k: v for k, v in row.items()}
+        doc = dict(row)
         pred = row.get("prediction")
         target = row.get("answer", row.get("true", ""))
         numbers = {k: float(v) for k, v in row.items()
@@ -117,6 +116,5 @@ def write_lm_eval(out: str, model: str, step: int, summaries: Mapping[str, Mappi
                 "doc_hash": _hash(doc), "prompt_hash": _hash(row.get("prompt", "")),
                 "target_hash": _hash(str(target))}
         f.write(json.dumps(line, default=str, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     paths.append(path)
   return paths

@@ -173,7 +173,8 @@ def evaluate(model: str, facts: str, metrics: Sequence[str], out: str, step: int
       write_csv(pd.concat([pd.read_csv(table_path(per_model, m, s), dtype=str,
                                        keep_default_na=False) for s, _ in runs],
                           ignore_index=True), os.path.join(tmp, f"{m}.csv"))
-    for s, _ in runs:                    # lm-evaluation-harness's files, per model step
+    for s, _ in runs:    # lm-evaluation-harness's files, per model step (numbers parsed: the
+      #                   CSVs above are concatenated as text, so they keep every value as written)
       write_lm_eval(os.path.join(tmp, "lm_eval"), model, s, strict_json(summary["steps"][str(s)]),
                     {m: pd.read_csv(table_path(per_model, m, s),
                                     keep_default_na=False).to_dict("records")

@@ -202,9 +202,9 @@ class ModelConfig:
       layers["bo"] = (L, D)
     if self.qkv_bias:
       layers.update(bq=(L, H * K), bk=(L, G * K), bv=(L, G * K))
-    if self.qk_norm:
-      layers.update(q_norm=(L, H * K), k_norm=(L, G * K)) if self.qk_norm_full else (
-          layers.update(q_norm=(L, K), k_norm=(L, K)))
+    if self.qk_norm:               # over all heads at once (OLMo 2) or per head
+      q, k = (H * K, G * K) if self.qk_norm_full else (K, K)
+      layers.update(q_norm=(L, q), k_norm=(L, k))
     shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
     if self.norm == "layernorm":
       shapes["final_norm_bias"] = (D,)

@@ -268,15 +268,14 @@ def _fused_rows(cfg: ModelConfig) -> dict[str, tuple[np.ndarray, int]]:
   if cfg.family == "gpt_neox":      # query_key_value: per head [q_h | k_h | v_h]
     per_head = (np.arange(H)[:, None] * 3 * K + np.arange(K)[None]).ravel()
     qkv = {n: (per_head + i * K, 3 * H * K) for i, n in enumerate(("q", "k", "v"))}
-  elif cfg.family == "phi3":        # qkv_proj: [q | k | v], gate_up_proj: [gate | up]
+    return {f"{w}{n}": qkv[n] for n in qkv for w in ("w", "b")}    # weights and biases
+  if cfg.family == "phi3":          # qkv_proj: [q | k | v], gate_up_proj: [gate | up]
     qkv = {"q": (np.arange(H * K), (H + 2 * G) * K),
            "k": (H * K + np.arange(G * K), (H + 2 * G) * K),
            "v": ((H + G) * K + np.arange(G * K), (H + 2 * G) * K)}
     return {"wq": qkv["q"], "wk": qkv["k"], "wv": qkv["v"],
             "w_gate": (np.arange(F), 2 * F), "w_up": (F + np.arange(F), 2 * F)}
-  else:
-    return {}
-  return {f"{w}{n}": qkv[n] for n in qkv for w in ("w", "b")}
+  return {}
 
 
 def _layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:

@@ -64,6 +64,13 @@ class ActivationCache:
     self.model, self.cfg = model, model.cfg
     self.captures, self.residual, self.logits = dict(captures), residual, logits
     self.final_scale = rms_scale(residual, self.cfg)        # [B, T, 1]
+    self._results = None                                   # every head's z · W_O, when asked
+
+  def _head_results(self) -> jax.Array:
+    """[L, B, T, H, D], computed once (`attribution.head_results`)."""
+    if self._results is None:
+      self._results = head_results(self.model.params(), self.cfg, self._site("z"))
+    return self._results
 
   # ---- names ------------------------------------------------------------------------------
   def _name(self, key) -> str:
@@ -100,10 +107,9 @@ class ActivationCache:
 
   def __contains__(self, key) -> bool:
     try:
-      self[key]
+      return self._name(key) in self.keys()
     except KeyError:
       return False
-    return True
 
   def __getitem__(self, key) -> jax.Array:
     """cache["blocks.5.attn.hook_pattern"], cache["pattern", 5], cache["resid_pre", 5],
@@ -115,7 +121,7 @@ class ActivationCache:
       return self.final_scale
     if name.endswith(".attn.hook_result"):
       layer = int(name.split(".")[1])
-      return head_results(self.model.params(), self.cfg, self._site("z"))[layer]
+      return self._head_results()[layer]
     try:
       site, layer = parse_hook_name(name)
     except ValueError as e:
@@ -213,7 +219,7 @@ class ActivationCache:
     [layers·heads, B, (pos,) D], labels "L{l}H{h}"; incl_remainder adds the residual stream
     minus their sum (embedding, MLPs, biases) as "remainder"."""
     layer = self._layer(layer)
-    r = head_results(self.model.params(), self.cfg, self._site("z"))[:layer]   # [l, B, T, H, D]
+    r = self._head_results()[:layer]                                 # [l, B, T, H, D]
     H = self.cfg.n_heads
     stack = jnp.moveaxis(r, 3, 1).reshape((layer * H,) + r.shape[1:3] + r.shape[4:])
     labels = [f"L{i}H{h}" for i in range(layer) for h in range(H)]

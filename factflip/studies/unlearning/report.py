@@ -83,6 +83,17 @@ def headline(study, t: dict[str, pd.DataFrame]) -> dict[str, Any]:
   return head
 
 
+def _runs_over(axes, df: pd.DataFrame, x: str, panels, xlabel: str, **style) -> None:
+  """In each panel (key, title), a line per run: the mean of `key` over sizes and seeds
+  against `x`."""
+  mean = df.groupby(["run", x], sort=False)[[k for k, _ in panels]].mean().reset_index()
+  for ax, (key, title) in zip(axes, panels):
+    for run, g in mean.groupby("run", sort=False):
+      ax.plot(g[x], g[key], label=run, **style)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+
+
 def figures(study, t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
   import matplotlib
   matplotlib.use("Agg")
@@ -95,12 +106,7 @@ def figures(study, t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
             ("neighbour_rougeL", "neighbour ROUGE-L recall"),
             ("utility_acc", "utility MC accuracy"), ("mia_auc", "MIA AUC (LOSS)"))
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-  mean = tr.groupby(["run", "epoch"], sort=False)[[k for k, _ in panels]].mean().reset_index()
-  for ax, (key, label) in zip(axes, panels):
-    for run, g in mean.groupby("run", sort=False):
-      ax.plot(g.epoch, g[key], marker="o", ms=3, label=run)
-    ax.set_xlabel("epoch (0 = base)")
-    ax.set_title(label, fontsize=10)
+  _runs_over(axes, tr, "epoch", panels, "epoch (0 = base)", marker="o", ms=3)
   legend(axes[0], fontsize=7)
   figs.append(Figure(
       "Forgetting against what must stay, per method",
@@ -141,15 +147,9 @@ def figures(study, t: dict[str, pd.DataFrame], out_dir: str) -> list[Figure]:
   cu = t["curves"]
   if len(cu):
     fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.4))
-    mean = cu.groupby(["run", "step"], sort=False)[["loss_forget", "loss_retain", "grad_norm"]
-                                                   ].mean().reset_index()
-    for run, g in mean.groupby("run", sort=False):
-      for ax, key in zip(axes, ("loss_forget", "loss_retain", "grad_norm")):
-        ax.plot(g.step, g[key], lw=1, label=run)
-    for ax, title in zip(axes, ("forget term of the objective", "retain NLL",
-                                "global gradient norm")):
-      ax.set_title(title, fontsize=10)
-      ax.set_xlabel("training step")
+    _runs_over(axes, cu, "step", (("loss_forget", "forget term of the objective"),
+                                  ("loss_retain", "retain NLL"),
+                                  ("grad_norm", "global gradient norm")), "training step", lw=1)
     legend(axes[2], fontsize=7)
     figs.append(Figure(
         "Optimisation along each run",
