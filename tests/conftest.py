@@ -238,10 +238,21 @@ _GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
                "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_GGUF_GEMMA = {**_GGUF_LAYER, "post_attention_layernorm": "post_attention_norm",
-               "pre_feedforward_layernorm": "ffn_norm",
-               "post_feedforward_layernorm": "post_ffw_norm"}
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+_GGUF_POST_NORMS = {**_GGUF_LAYER, "post_attention_layernorm": "post_attention_norm",
+                    "pre_feedforward_layernorm": "ffn_norm",
+                    "post_feedforward_layernorm": "post_ffw_norm"}
+_GGUF_NEOX = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
+              "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+              "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+_GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight",
+             "gpt_neox.embed_in.weight": "token_embd.weight",
+             "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+             "gpt_neox.final_layer_norm.bias": "output_norm.bias",
+             "embed_out.weight": "output.weight"}
+_GGUF_ARCH = {"gemma3_text": "gemma3", "gpt_neox": "gptneox"}
 
 
 def _llama_cpp_permute(w, n_head):
@@ -263,39 +274,56 @@ def gguf_tokens(tokenizer):
 
 
 def write_gguf(path, model, qtype="F32", tokenizer=None, arch=None, chat_template=None,
-               tensor_types=None):
-  """Write torch `model` (a tiny HF Llama / Qwen2 / Qwen3 / Gemma 2) as llama.cpp's converter
-  would: its metadata keys and tensor names, llama's Q/K rows permuted, Gemma's norms + 1, Llama
-  3's RoPE scaling as `rope_freqs`, 2-D weights in `qtype` (F32, F16, BF16 or a type
+               tensor_types=None, keys=None):
+  """Write torch `model` (a tiny HF Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / OLMo 2 / Phi-3 /
+  GPT-NeoX) as llama.cpp's converter would: its metadata keys and tensor names, llama's Q/K rows
+  permuted, GPT-NeoX's query_key_value reordered to [q | k | v], Gemma's norms + 1, Llama 3's
+  RoPE scaling as `rope_freqs`, 2-D weights in `qtype` (F32, F16, BF16 or a type
   `gguf.quants.quantize` writes), norms and biases in F32. `tokenizer` (HF byte-level BPE) or a
-  synthetic vocabulary of `vocab_size` tokens. tensor_types: {gguf name: raw dtype} overrides."""
+  synthetic vocabulary of `vocab_size` tokens. tensor_types: {gguf name: raw dtype} overrides;
+  keys: {key without the arch prefix: value} extra metadata."""
   import math
 
   import gguf
   from gguf import GGMLQuantizationType as Q
 
   cfg = model.config
-  arch = arch or cfg.model_type
-  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+  family = cfg.model_type
+  arch = arch or _GGUF_ARCH.get(family, family)
+  H = cfg.num_attention_heads
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+  rope = getattr(cfg, "rope_parameters", None) or {}
+  rope = rope.get("full_attention", rope)
   w = gguf.GGUFWriter(str(path), arch)
-  w.add_name(f"tiny-{cfg.model_type}")
+  w.add_name(f"tiny-{family}")
   w.add_block_count(cfg.num_hidden_layers)
   w.add_context_length(cfg.max_position_embeddings)
   w.add_embedding_length(cfg.hidden_size)
   w.add_feed_forward_length(cfg.intermediate_size)
-  w.add_head_count(cfg.num_attention_heads)
-  w.add_head_count_kv(cfg.num_key_value_heads)
-  w.add_key_length(head_dim)
-  w.add_value_length(head_dim)
-  w.add_rope_dimension_count(head_dim)
-  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  rope = getattr(cfg, "rope_parameters", None) or {}
-  w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+  w.add_head_count(H)
+  w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
+  if family == "gpt_neox":           # GPTNeoXModel.set_gguf_parameters writes no more
+    w.add_parallel_residual(cfg.use_parallel_residual)
+    w.add_layer_norm_eps(cfg.layer_norm_eps)
+  else:
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
   w.add_vocab_size(cfg.vocab_size)
-  if arch == "gemma2":
-    w.add_sliding_window(cfg.sliding_window)
+  if rope.get("rope_type") == "linear":
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(rope["factor"])
+  if family in ("gemma2", "gemma3_text", "phi3"):
+    w.add_sliding_window(cfg.sliding_window or 0)
+  if family == "gemma2":
     w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
     w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+  for k, v in (keys or {}).items():
+    w.add_key_value(f"{arch}.{k}", v, gguf.GGUFValueType.get_type(v) if not isinstance(v, list)
+                    else gguf.GGUFValueType.ARRAY,
+                    sub_type=gguf.GGUFValueType.get_type(v[0]) if isinstance(v, list) else None)
   if tokenizer is not None:
     tokens, types, merges = gguf_tokens(tokenizer)
     w.add_tokenizer_model("gpt2")
@@ -333,27 +361,30 @@ def write_gguf(path, model, qtype="F32", tokenizer=None, arch=None, chat_templat
       q = gguf.quants.quantize(a.astype(np.float32), Q[qtype])
       w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=Q[qtype])
 
-  layer = _GGUF_GEMMA if arch == "gemma2" else _GGUF_LAYER
-  sd = model.state_dict()
-  for name, t in sd.items():
+  layer = (_GGUF_NEOX if family == "gpt_neox" else _GGUF_POST_NORMS
+           if family in ("gemma2", "gemma3_text", "olmo2") else _GGUF_LAYER)
+  for name, t in model.state_dict().items():
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue
-    if arch == "gemma2" and name.endswith("norm.weight"):
+    if family.startswith("gemma") and name.endswith("norm.weight"):
       t = t + 1
-    if name == "model.embed_tokens.weight":
-      put("token_embd.weight", t)
-    elif name == "model.norm.weight":
-      put("output_norm.weight", t)
-    elif name == "lm_head.weight":
-      put("output.weight", t)
-    else:
-      _, _, i, rest = name.split(".", 3)
-      module, kind = rest.rsplit(".", 1)
-      if arch == "llama" and module == "self_attn.q_proj":
-        t = _llama_cpp_permute(t, cfg.num_attention_heads)
-      elif arch == "llama" and module == "self_attn.k_proj":
-        t = _llama_cpp_permute(t, cfg.num_key_value_heads)
-      put(f"blk.{i}.{layer[module]}.{kind}", t)
+    if name in _GGUF_TOP:
+      put(_GGUF_TOP[name], t)
+      continue
+    parts = name.split(".")
+    if "layers" not in parts or parts[-1] not in ("weight", "bias"):
+      continue                       # buffers (rotary inv_freq, NeoX's causal mask)
+    i = parts[parts.index("layers") + 1]
+    module = ".".join(parts[parts.index("layers") + 2:-1])
+    if module not in layer:
+      continue
+    if arch == "llama" and module == "self_attn.q_proj":
+      t = _llama_cpp_permute(t, H)
+    elif arch == "llama" and module == "self_attn.k_proj":
+      t = _llama_cpp_permute(t, cfg.num_key_value_heads)
+    elif family == "gpt_neox" and module == "attention.query_key_value":
+      t = t.reshape(H, 3, head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    put(f"blk.{i}.{layer[module]}.{parts[-1]}", t)
   scaling = rope if rope.get("rope_type") == "llama3" else None
   if scaling:   # llama.cpp's LlamaModel.generate_extra_tensors
     base = float(rope["rope_theta"])

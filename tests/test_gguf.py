@@ -117,6 +117,53 @@ def test_gemma2_qwen3_and_llama3_rope_against_the_torch_model(tmp_path, batch):
   assert model.cfg.rope_scaling.kind == "llama3" and model.cfg.rope_scaling.factor == 8.0
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "olmo2", "phi3", "gpt_neox"])
+def test_newer_families_against_the_torch_model(hf_dirs, tmp_path, batch, family):
+  """Gemma 3 (per-head QK-norm + 1, local and linearly scaled global RoPE; the sliding layers
+  from the file's pattern key), OLMo 2 (post-norms only), Phi-3 (fused qkv and gate_up, partial
+  rotary, sliding windows) and GPT-NeoX (query_key_value reordered to [q | k | v], LayerNorm
+  biases, parallel residual), in Q8_0, against the torch models they were written from: the
+  dequantised weights differ from HF's by a quantisation step, the logits by its effect."""
+  import copy
+  tokens, mask = batch
+  torch_model, keys = hf_dirs[family][1], None
+  want = factflip.load_model(hf_dirs[family][0]).cfg
+  if family == "gemma3_text":   # GGUF has no query_pre_attn_scalar key: llama.cpp's is head_dim
+    config = copy.deepcopy(torch_model.config)
+    config.query_pre_attn_scalar = config.head_dim
+    state = torch_model.state_dict()
+    torch_model = type(torch_model)(config).eval()
+    torch_model.load_state_dict(state)
+    keys = {"attention.sliding_window_pattern": [True, False, True]}
+    want = want.replace(query_pre_attn_scalar=float(config.head_dim))
+  f32 = factflip.load_model(write_gguf(tmp_path / "f32.gguf", torch_model, "F32", keys=keys))
+  assert f32.cfg.norm_eps == pytest.approx(want.norm_eps)      # stored as float32
+  assert f32.cfg == want.replace(norm_eps=f32.cfg.norm_eps, pad_token_id=None)
+  ref_logits = torch_forward(torch_model, tokens, mask)[0]
+  assert np.abs(np.asarray(f32(tokens, mask)) - ref_logits)[mask].max() <= 1e-4
+  q8 = factflip.load_model(write_gguf(tmp_path / "q8.gguf", torch_model, "Q8_0", keys=keys))
+  err = np.abs(np.asarray(q8(tokens, mask)) - ref_logits)[mask].max()
+  assert 0 < err <= 0.05
+
+
+def test_gemma3_sliding_layers_default_to_llama_cpps_every_sixth(batch, tmp_path):
+  """Without a pattern key, a Gemma 3 file's every sixth layer is global, as in llama.cpp
+  and as HF's default sliding_window_pattern=6; the local RoPE base is 10,000."""
+  import torch
+  import transformers
+  tokens, mask = batch
+  torch.manual_seed(7)
+  model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+      query_pre_attn_scalar=16, max_position_embeddings=256, attn_implementation="eager")).eval()
+  ours = factflip.load_model(write_gguf(tmp_path / "g3.gguf", model, "F32"))
+  assert ours.cfg.layer_types == ("sliding",) * 5 + ("full",)
+  assert ours.cfg.rope_local_theta == 10000.0
+  ref = torch_forward(model, tokens, mask)[0]
+  assert np.abs(np.asarray(ours(tokens, mask)) - ref)[mask].max() <= 1e-4
+
+
 def test_sharded_load_reads_only_each_devices_rows(gguf_files, batch, monkeypatch):
   """On a mesh each device dequantises only the rows of its slice; the logits are unchanged."""
   from factflip.gguf_io import GGUFFile
@@ -240,7 +287,8 @@ def test_bad_files_name_the_file_and_what_was_expected(gguf_files, tmp_path):
   w.write_tensors_to_file()
   w.close()
   with pytest.raises(GGUFError, match=r"general.architecture is 'mamba'; factflip reads "
-                                      r"\['gemma2', 'llama', 'qwen2', 'qwen3'\]"):
+                                      r"\['gemma2', 'gemma3', 'gptneox', 'llama', 'olmo2', 'phi3', "
+                                      r"'qwen2', 'qwen3'\]"):
     factflip.load_model(str(tmp_path / "mamba.gguf"))
 
   model = _tiny("llama")

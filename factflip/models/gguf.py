@@ -1,9 +1,11 @@
 """GGUF model files -> factflip models: metadata to `ModelConfig`, tensors under their HF names.
 
 Owns: the map from llama.cpp's architectures and metadata keys to factflip's families
-(`llama`, `qwen2`, `qwen3`, `gemma2`), the map from GGUF tensor names to HF ones, and undoing what
-llama.cpp's converter (convert_hf_to_gguf.py) does to tensors on the way: the Q/K row permutation
-of `llama` files and the +1 folded into Gemma's norm weights.
+(`llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3` -> gemma3_text, `olmo2`, `phi3`, `gptneox` ->
+gpt_neox), the map from GGUF tensor names to HF ones, and undoing what llama.cpp's converter
+(convert_hf_to_gguf.py) does to tensors on the way: the Q/K row permutation of `llama` files,
+GPT-NeoX's query_key_value reordered to [q | k | v], and the +1 folded into Gemma's norm
+weights.
 Must not: decode bytes (`factflip.gguf_io`, i.e. ggml's `gguf` package) or place parameters
 (`hf.load_tensors` streams the HF-named view built here, as it streams safetensors).
 
@@ -23,7 +25,9 @@ from factflip.models.config import ModelConfig, RopeScaling
 from factflip.models.hf import load_tensors
 from factflip.models.transformer import Transformer, rope_inv_freq
 
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                 "gemma3": "gemma3_text", "olmo2": "olmo2", "phi3": "phi3", "gptneox": "gpt_neox"}
+GEMMA = ("gemma2", "gemma3_text")
 
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -38,10 +42,31 @@ _LAYER = {
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-# Gemma 2's sandwich norms: HF's post_attention_layernorm is llama.cpp's post_attention_norm.
-_GEMMA_LAYER = {**_LAYER, "post_attention_layernorm.weight": "post_attention_norm.weight",
-                "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-                "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+# Post-norms (Gemma's sandwich, OLMo 2's): HF's post_attention_layernorm is llama.cpp's
+# post_attention_norm, and post_feedforward_layernorm its post_ffw_norm.
+_POST_NORMS = {**_LAYER, "post_attention_layernorm.weight": "post_attention_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+# Phi-3's fused projections keep HF's layout: qkv_proj is [q | k | v], gate_up_proj [gate | up]
+# (llama.cpp's ffn_up, split in two by its SwiGLU).
+_PHI3_LAYER = {**_LAYER, "self_attn.qkv_proj.weight": "attn_qkv.weight",
+               "mlp.gate_up_proj.weight": "ffn_up.weight"}
+_NEOX_TOP = {"gpt_neox.embed_in.weight": "token_embd.weight",
+             "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+             "gpt_neox.final_layer_norm.bias": "output_norm.bias", "embed_out.weight": "output.weight"}
+_NEOX_LAYER = {f"{hf}.{kind}": f"{ours}.{kind}" for hf, ours in (
+    ("input_layernorm", "attn_norm"), ("attention.query_key_value", "attn_qkv"),
+    ("attention.dense", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")) for kind in ("weight", "bias")}
+
+
+def _names(family: str) -> tuple[dict[str, str], str, dict[str, str]]:
+  """(top-level HF name -> GGUF name, HF layer prefix, HF layer suffix -> GGUF suffix)."""
+  if family == "gpt_neox":
+    return _NEOX_TOP, "gpt_neox.layers", _NEOX_LAYER
+  layer = (_POST_NORMS if family in GEMMA or family == "olmo2"
+           else _PHI3_LAYER if family == "phi3" else _LAYER)
+  return _TOP, "model.layers", layer
 
 
 # ---- metadata -> ModelConfig ------------------------------------------------------------------
@@ -50,12 +75,18 @@ def read_gguf_config(path: str) -> ModelConfig:
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
-  """The ModelConfig a GGUF file describes; GGUFError naming the file and key otherwise."""
+  """The ModelConfig a GGUF file describes; GGUFError naming the file and key otherwise.
+
+  What GGUF has no key for is what llama.cpp assumes: Gemma 3's sliding layers every 6th
+  layer full (unless `{arch}.attention.sliding_window_pattern` lists them) with RoPE base
+  10,000; the Gemma 27Bs' attention scale; GPT-NeoX's parallel residual unless stated. GPT-NeoX's
+  MLP is HF's exact GELU, as Pythia's config.json has it (llama.cpp computes the tanh one)."""
   arch = f.require("general.architecture")
   if arch not in ARCHITECTURES:
     raise GGUFError(f"{f.path}: general.architecture is {arch!r}; factflip reads "
                     f"{sorted(ARCHITECTURES)}")
   family = ARCHITECTURES[arch]
+  gemma, neox, olmo2 = family in GEMMA, family == "gpt_neox", family == "olmo2"
 
   def key(name, default=None, required=False):
     full = f"{arch}.{name}"
@@ -74,46 +105,83 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
   if int(key("attention.value_length", K)) != K:
     unsupported(f"{arch}.attention.value_length", key("attention.value_length"),
                 f"the key length {K}")
-  if int(key("rope.dimension_count", K)) != K:
-    unsupported(f"{arch}.rope.dimension_count", key("rope.dimension_count"),
-                f"rotary embeddings over the whole head ({K})")
+  rotary = int(key("rope.dimension_count", K))
+  if rotary != K and family not in ("gpt_neox", "phi3"):
+    unsupported(f"{arch}.rope.dimension_count", rotary,
+                f"rotary embeddings over the whole head ({K}) in {arch}")
+  if f.has_tensor("rope_factors_long.weight"):
+    unsupported("tensor 'rope_factors_long.weight'", "present", "Phi-3's short-context RoPE "
+                "(the 4k models); LongRoPE's per-frequency factors are not expressible")
   if not f.has_tensor("token_embd.weight"):
     raise GGUFError(f"{f.path}: no tensor 'token_embd.weight'")
   V = f.shape("token_embd.weight")[0]
   if key("vocab_size") is not None and int(key("vocab_size")) != V:
     raise GGUFError(f"{f.path}: {arch}.vocab_size is {key('vocab_size')}, but token_embd.weight "
                     f"has {V} rows")
-  gemma = family == "gemma2"
   theta = float(key("rope.freq_base", 10000.0))
   rope_scaling = _rope_scaling(f, arch, key("rope.scaling.type"), theta, K)
-  types, window = None, None
-  if gemma:
-    window = int(key("attention.sliding_window", 4096))
-    types = tuple("sliding" if i % 2 == 0 else "full" for i in range(L))
+  window = int(key("attention.sliding_window", 4096 if family == "gemma2" else 0)) or None
+  types = _layer_types(f, arch, family, L, window)
   eos = f.get("tokenizer.ggml.eos_token_id")
+  eps = key("attention.layer_norm_epsilon", 1e-5) if neox else key(
+      "attention.layer_norm_rms_epsilon", 1e-6)
   return ModelConfig(
       family=family, vocab_size=V, d_model=D, n_layers=L, n_heads=H, n_kv_heads=G, head_dim=K,
       d_ff=int(key("feed_forward_length", required=True)),
-      max_seq_len=int(key("context_length", 2048)),
-      norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-      norm_offset=1.0 if gemma else 0.0, activation="gelu_tanh" if gemma else "silu",
+      max_seq_len=int(key("context_length", 2048)), norm_eps=float(eps),
+      norm_offset=1.0 if gemma else 0.0,
+      activation="gelu_tanh" if gemma else "gelu" if neox else "silu",
       rope_theta=theta, rope_scaling=rope_scaling,
-      qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+      qkv_bias=family in ("qwen2", "gpt_neox"),
+      qk_norm=family in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2,
+      norm="layernorm" if neox else "rms", pre_norms=not olmo2,
+      parallel_residual=neox and bool(key("use_parallel_residual", True)),
+      gated_mlp=not neox, mlp_bias=neox, out_bias=neox, rotary_dim=0 if rotary == K else rotary,
+      rope_local_theta=10000.0 if family == "gemma3_text" and types else None,
       tie_embeddings=not f.has_tensor("output.weight"),
-      layer_types=types, sliding_window=window,
+      layer_types=types, sliding_window=window if types else None,
       attn_softcap=key("attn_logit_softcapping") if gemma else None,
       final_softcap=key("final_logit_softcapping") if gemma else None,
-      post_norms=gemma, embed_scale=gemma,
-      query_pre_attn_scalar=_gemma2_query_scalar(L, D, H, K) if gemma else None,
+      post_norms=gemma or olmo2, embed_scale=gemma,
+      query_pre_attn_scalar=_gemma_query_scalar(family, L, D, H, K) if gemma else None,
       bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
       eos_token_ids=() if eos is None else (int(eos),),
       pad_token_id=f.get("tokenizer.ggml.padding_token_id"))
 
 
-def _gemma2_query_scalar(L: int, D: int, H: int, K: int) -> float:
-  """GGUF has no key for Gemma 2's query_pre_attn_scalar; like llama.cpp, by model size: the
-  27B (46 layers) scales scores by (d_model / heads)**-0.5, the 2B and 9B by head_dim**-0.5."""
-  return float(D // H) if L == 46 else float(K)
+def _layer_types(f: GGUFFile, arch: str, family: str, L: int,
+                 window: int | None) -> tuple[str, ...] | None:
+  """Which layers attend within the sliding window: `{arch}.attention.sliding_window_pattern`
+  (one bool per layer) where the file has it, else llama.cpp's rule for the architecture."""
+  pattern = f.get(f"{arch}.attention.sliding_window_pattern")
+  if isinstance(pattern, list):
+    if len(pattern) != L:
+      raise GGUFError(f"{f.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                      f"entries; expected one per layer ({L})")
+    sliding = [bool(p) for p in pattern]
+  elif isinstance(pattern, int):                     # a period: every n-th layer full
+    sliding = [bool(pattern) and (i + 1) % pattern != 0 for i in range(L)]
+  elif family == "gemma2":
+    sliding = [i % 2 == 0 for i in range(L)]
+  elif family == "gemma3_text":
+    sliding = [(i + 1) % 6 != 0 for i in range(L)]
+  elif family == "phi3":
+    sliding = [True] * L
+  else:
+    sliding = [False] * L
+  if not window or not any(sliding):
+    return None
+  if family not in ("gemma2", "gemma3_text", "phi3"):
+    raise GGUFError(f"{f.path}: {arch}.attention.sliding_window_pattern has sliding layers; "
+                    f"factflip reads sliding windows in gemma2, gemma3 and phi3 files")
+  return tuple("sliding" if s else "full" for s in sliding)
+
+
+def _gemma_query_scalar(family: str, L: int, D: int, H: int, K: int) -> float:
+  """GGUF has no key for Gemma's query_pre_attn_scalar; like llama.cpp, by model size: the
+  27Bs (Gemma 2: 46 layers, Gemma 3: 62) scale scores by (d_model / heads)**-0.5, the others
+  by head_dim**-0.5."""
+  return float(D // H) if L == {"gemma2": 46, "gemma3_text": 62}[family] else float(K)
 
 
 def _rope_scaling(f: GGUFFile, arch: str, kind, theta: float,
@@ -142,32 +210,34 @@ def _rope_scaling(f: GGUFFile, arch: str, kind, theta: float,
 # ---- tensors under HF names -------------------------------------------------------------------
 class GGUFTensors:
   """A GGUF file's tensors under their HF names and in HF layout (the interface of
-  `safetensors_io.CheckpointTensors`): llama's Q/K rows put back in HF order, Gemma's norm
-  weights without llama.cpp's +1. `read(name, index)` dequantises only the rows `index` needs."""
+  `safetensors_io.CheckpointTensors`): llama's Q/K rows put back in HF order, GPT-NeoX's
+  [q | k | v] rows back in its per-head order, Gemma's norm weights without llama.cpp's +1.
+  `read(name, index)` dequantises only the rows `index` needs."""
 
   def __init__(self, f: GGUFFile, cfg: ModelConfig):
     self.file = f
     arch = f.get("general.architecture")
-    layer = _GEMMA_LAYER if cfg.family == "gemma2" else _LAYER
+    top, prefix, layer = _names(cfg.family)
     self._src: dict[str, tuple[str, np.ndarray | None, float]] = {}
-    for hf_name, name in _TOP.items():
+    for hf_name, name in top.items():
       self._add(hf_name, name, None, cfg)
     for i in range(cfg.n_layers):
       for suffix, name in layer.items():
-        heads = None
+        rows = None
         if arch == "llama" and suffix.startswith(("self_attn.q_proj", "self_attn.k_proj")):
           heads = cfg.n_heads if "q_proj" in suffix else cfg.n_kv_heads
-        self._add(f"model.layers.{i}.{suffix}", f"blk.{i}.{name}", heads, cfg)
+          rows = _unpermute_rows(cfg.n_heads * cfg.head_dim if "q_proj" in suffix
+                                 else cfg.n_kv_heads * cfg.head_dim, heads)
+        elif cfg.family == "gpt_neox" and suffix.startswith("attention.query_key_value"):
+          rows = _neox_qkv_rows(cfg.n_heads, cfg.head_dim)
+        self._add(f"{prefix}.{i}.{suffix}", f"blk.{i}.{name}", rows, cfg)
     self._hf_of = {src: hf for hf, (src, _, _) in self._src.items()}
 
-  def _add(self, hf_name: str, name: str, heads: int | None, cfg: ModelConfig) -> None:
+  def _add(self, hf_name: str, name: str, rows: np.ndarray | None, cfg: ModelConfig) -> None:
     if not self.file.has_tensor(name):
       return
     self.file.check_readable(name)
-    rows = None
-    if heads is not None:
-      rows = _unpermute_rows(self.file.shape(name)[0], heads)
-    shift = -1.0 if cfg.family == "gemma2" and name.endswith("norm.weight") else 0.0
+    shift = -1.0 if cfg.family in GEMMA and name.endswith("norm.weight") else 0.0
     self._src[hf_name] = (name, rows, shift)
 
   def __contains__(self, name: str) -> bool:
@@ -202,6 +272,14 @@ def _unpermute_rows(n_rows: int, heads: int) -> np.ndarray:
   h, rest = np.divmod(np.arange(n_rows), per_head)
   part, i = np.divmod(rest, half)
   return h * per_head + i * 2 + part
+
+
+def _neox_qkv_rows(heads: int, head_dim: int) -> np.ndarray:
+  """Source row of each HF query_key_value row (per head [q_h | k_h | v_h]) in llama.cpp's
+  attn_qkv, which its converter reorders to [q | k | v] over all heads."""
+  h, rest = np.divmod(np.arange(3 * heads * head_dim), 3 * head_dim)
+  part, i = np.divmod(rest, head_dim)
+  return part * heads * head_dim + h * head_dim + i
 
 
 def load_gguf(path: str, dtype: str = "float32", compute_dtype: str | None = None,
