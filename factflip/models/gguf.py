@@ -53,11 +53,13 @@ _PHI3_LAYER = {**_LAYER, "self_attn.qkv_proj.weight": "attn_qkv.weight",
                "mlp.gate_up_proj.weight": "ffn_up.weight"}
 _NEOX_TOP = {"gpt_neox.embed_in.weight": "token_embd.weight",
              "gpt_neox.final_layer_norm.weight": "output_norm.weight",
-             "gpt_neox.final_layer_norm.bias": "output_norm.bias", "embed_out.weight": "output.weight"}
+             "gpt_neox.final_layer_norm.bias": "output_norm.bias",
+             "embed_out.weight": "output.weight"}
 _NEOX_LAYER = {f"{hf}.{kind}": f"{ours}.{kind}" for hf, ours in (
     ("input_layernorm", "attn_norm"), ("attention.query_key_value", "attn_qkv"),
     ("attention.dense", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
-    ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")) for kind in ("weight", "bias")}
+    ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down"))
+    for kind in ("weight", "bias")}
 
 
 def _names(family: str) -> tuple[dict[str, str], str, dict[str, str]]:
