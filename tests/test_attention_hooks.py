@@ -37,9 +37,10 @@ def _hf(family, seed=0):
   return model.eval()
 
 
-def _tl(hf, family, fold_ln=False):
+def _tl(hf, family, fold_ln=False, opt_in=False):
   """A HookedTransformer with the HF model's weights (TransformerLens' own conversion), no
-  processing but (fold_ln=True) the norms' weights folded into the next matrices."""
+  processing but (fold_ln=True) the norms' weights folded into the next matrices; opt_in: with
+  hook_result, the split q/k/v inputs and hook_mlp_in."""
   from transformer_lens import HookedTransformer, HookedTransformerConfig
   from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
   from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
@@ -54,7 +55,8 @@ def _tl(hf, family, fold_ln=False):
       gated_mlp=True, final_rms=True, n_key_value_heads=c.num_key_value_heads,
       eps=c.rms_norm_eps, rotary_adjacent_pairs=False, dtype=torch.float32,
       default_prepend_bos=False, use_qk_norm=family == "qwen3",
-      original_architecture="LlamaForCausalLM" if family == "llama" else "Qwen3ForCausalLM")
+      original_architecture="LlamaForCausalLM" if family == "llama" else "Qwen3ForCausalLM",
+      use_attn_result=opt_in, use_split_qkv_input=opt_in, use_hook_mlp_in=opt_in)
   model = HookedTransformer(cfg)
   convert = convert_llama_weights if family == "llama" else convert_qwen3_weights
   model.load_and_process_state_dict(convert(hf, cfg), fold_ln=fold_ln,
@@ -96,15 +98,63 @@ def test_every_site_matches_transformer_lens(pair):
   assert hooks == {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
                    "hook_mlp_out", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v",
                    "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores",
-                   "attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "mlp.hook_post"}
-  for name in names + ["hook_embed", "ln_final.hook_scale"]:
+                   "attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "mlp.hook_post",
+                   "ln1.hook_normalized", "ln2.hook_normalized", "mlp.hook_pre",
+                   "mlp.hook_pre_linear"}
+  for name in names + ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]:
     ref_x, x = tl_cache[name].numpy(), np.asarray(cache[name])
     assert x.shape == ref_x.shape, name
     if name.endswith("hook_attn_scores"):     # TransformerLens: -inf where masked
       assert np.array_equal(np.isneginf(ref_x), x < -1e37), name
       ref_x, x = np.where(np.isneginf(ref_x), 0, ref_x), np.where(x < -1e37, 0, x)
     np.testing.assert_allclose(x, ref_x, err_msg=name, **TOL)
-  assert len(SITES) == 16
+  assert len(SITES) == 25
+
+
+def test_opt_in_sites_and_their_edits_match_transformer_lens(pair):
+  """hook_result, hook_q/k/v_input (kv heads for k and v) and hook_mlp_in, captured and edited:
+  adding to one head's query input, one head's result and the MLP's input gives
+  TransformerLens' logits when its own hooks add the same."""
+  family, hf, ours = pair
+  ref = _tl(hf, family, opt_in=True)
+  tokens = _tokens(3)
+  names = ("result", "q_input", "k_input", "v_input", "mlp_in")
+  logits, cache = run_with_cache(ours, tokens, names=names)
+  with torch.no_grad():
+    tl_logits, tl_cache = ref.run_with_cache(torch.tensor(tokens, dtype=torch.long))
+  np.testing.assert_allclose(np.asarray(logits), tl_logits.numpy(), **TOL)
+  for layer in range(3):
+    for site in names:
+      tl_name = f"blocks.{layer}." + {"result": "attn.hook_result"}.get(site, f"hook_{site}")
+      np.testing.assert_allclose(np.asarray(cache[tl_name]), tl_cache[tl_name].numpy(),
+                                 err_msg=tl_name, **TOL)
+  rng = np.random.RandomState(0)
+  edits = {("q_input", 1, 2): rng.normal(0, 1, (64,)), ("k_input", 2, 1): rng.normal(0, 1, (64,)),
+           ("result", 0, 3): rng.normal(0, 1, (64,)), ("mlp_in", 1, None): rng.normal(0, 1, (64,))}
+  ivs_, hooks = [], []
+  for (site, layer, head), delta in edits.items():
+    n_heads = {"q_input": 4, "k_input": 2, "result": 4}.get(site)
+    values = np.zeros((3, 1, 1) + ((n_heads, 64) if n_heads else (64,)), np.float32)
+    values[layer, ..., head if n_heads else slice(None), :] = delta
+    ivs_.append(Intervention(np.arange(3) == layer, np.ones((1, T), bool), values,
+                             None if head is None else np.arange(n_heads) == head, site=site,
+                             mode="add"))
+
+    def hook(x, hook, head=head, delta=delta):
+      d = torch.tensor(delta, dtype=x.dtype)
+      if head is None:
+        return x + d
+      x = x.clone()
+      x[:, :, head] += d
+      return x
+
+    tl_name = f"blocks.{layer}." + {"result": "attn.hook_result"}.get(site, f"hook_{site}")
+    hooks.append((tl_name, hook))
+  edited = ours.forward(tokens, interventions=ivs_).logits
+  with torch.no_grad():
+    tl_edited = ref.run_with_hooks(torch.tensor(tokens, dtype=torch.long), fwd_hooks=hooks)
+  np.testing.assert_allclose(np.asarray(edited), tl_edited.numpy(), **TOL)
+  assert np.abs(np.asarray(edited) - np.asarray(logits)).max() > 0.01
 
 
 def test_head_patching_matches_transformer_lens(llama):

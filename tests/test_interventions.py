@@ -12,8 +12,9 @@ from factflip.models.hooks import hook_name, model_sites
 from factflip.probes import SITES, add, capture, parse_hook_name, replace, residual_stream
 
 
-ATTENTION_INTERNALS = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "ln1_scale",
-                       "ln2_scale")
+INTERNALS = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "ln1_scale", "ln2_scale",
+             "ln1_normalized", "ln2_normalized", "mlp_pre", "mlp_pre_linear", "result", "q_input",
+             "k_input", "v_input", "mlp_in")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -37,9 +38,10 @@ def test_identity_replacement_reproduces_logits_exactly(model, batch, site):
   tokens, mask = batch
   if site not in model_sites(model.cfg):
     pytest.skip(f"{model.cfg.family} has no {site}")
-  if site in ATTENTION_INTERNALS and model.cfg.family not in ("llama", "gemma2", "gpt_neox"):
-    pytest.skip("the attention internals' identity is tested on llama, gemma2 (soft-cap, "
-                "sliding windows) and gpt_neox (LayerNorm, partial rotary)")
+  if site in INTERNALS and model.cfg.family not in ("llama", "gemma2", "gpt_neox"):
+    pytest.skip("the block internals' identity is tested on llama, gemma2 (soft-cap, sliding "
+                "windows, post-norms) and gpt_neox (LayerNorm, partial rotary, parallel "
+                "residual, ungated MLP)")
   # the run that captured the site (a hooked norm scale or attention pattern runs its own path,
   # equal to the unhooked one up to rounding) is reproduced bit for bit
   out = model.forward(tokens, mask, capture=(site,))

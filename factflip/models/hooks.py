@@ -33,6 +33,28 @@ Sites, per layer l (block l maps resid_pre[l] to resid_post[l] = resid_pre[l + 1
               input, or for LayerNorm its standard deviation (`ln1.hook_scale`,
               `ln2.hook_scale`: replace them with another run's to freeze the norms; absent
               without pre-norms, OLMo 2)
+  ln1_normalized, ln2_normalized
+              the pre-norm's input (centred, for LayerNorm) divided by that scale, before the
+              norm's weight and bias, [B, T, d_model] (`ln1.hook_normalized`, `ln2.hook_normalized`)
+  mlp_pre     the MLP's pre-activation, [B, T, d_ff]: the gate's projection of a gated MLP, the
+              input projection (with its bias) of an ungated one (`mlp.hook_pre`)
+  mlp_pre_linear
+              a gated MLP's up projection, the factor the activation multiplies (`mlp.hook_pre_linear`;
+              absent from ungated MLPs, GPT-NeoX)
+Opt-in sites (TransformerLens hooks them only behind a config flag; `OPT_IN_SITES`): hooking
+one changes how the block computes, not what it computes, and costs a per-head copy.
+  result      each head's write z_h · W_O[h] before the heads are summed and W_O's bias added,
+              [B, T, heads, d_model] (`attn.hook_result`, use_attn_result; with Gemma's and
+              OLMo 2's post-attention norm, before it: the norm reads the heads' sum)
+  q_input, k_input, v_input
+              per-head copies of resid_pre that feed the pre-norm and then only that head's
+              query, key or value, [B, T, heads (kv heads for k and v), d_model] (`hook_q_input`
+              ..., use_split_qkv_input): patch one head's input without touching the others
+  mlp_in      the MLP branch's input residual before its pre-norm, [B, T, d_model]
+              (`hook_mlp_in`, use_hook_mlp_in): resid_mid, or resid_pre with a parallel
+              residual; editing it changes the MLP, not the residual stream
+TransformerLens' `hook_attn_in` (one resid_pre copy per query head feeding q, k and v) is
+q_input, k_input and v_input changed together.
 The first five are [B, T, d_model]. Every site is position-major, [B, T, ...]: an intervention's
 position mask (over [B, T]) broadcasts over whatever trailing axes a site has, and a capture at
 `capture_index` keeps those positions. So attn_scores and pattern are [B, query, head, key],
@@ -55,10 +77,16 @@ import jax.numpy as jnp
 from flax import struct
 
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "z", "mlp_post",
-         "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "ln1_scale", "ln2_scale")
-STREAM_SITES = SITES[:5]          # the [B, T, d_model] sites
-HEAD_SITES = ("z", "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern")   # [B, T, H, .]
+         "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "ln1_scale", "ln2_scale",
+         "ln1_normalized", "ln2_normalized", "mlp_pre", "mlp_pre_linear",
+         "result", "q_input", "k_input", "v_input", "mlp_in")
+STREAM_SITES = SITES[:5]          # the residual stream and what each branch writes to it
+HEAD_SITES = ("z", "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern",   # [B, T, H, .]
+              "result", "q_input", "k_input", "v_input")
 ATTENTION_SITES = ("attn_scores", "pattern")   # inside the softmax: the hooked attention path
+SPLIT_INPUT_SITES = ("q_input", "k_input", "v_input")
+OPT_IN_SITES = ("result",) + SPLIT_INPUT_SITES + ("mlp_in",)
+_NORM_SITES = ("ln1_scale", "ln2_scale", "ln1_normalized", "ln2_normalized")
 MODES = ("replace", "add")
 
 # TransformerLens hook names (after `blocks.{l}.`) of our sites
@@ -68,7 +96,11 @@ TL_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out",
             "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
             "rot_q": "attn.hook_rot_q", "rot_k": "attn.hook_rot_k",
             "attn_scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern",
-            "ln1_scale": "ln1.hook_scale", "ln2_scale": "ln2.hook_scale"}
+            "ln1_scale": "ln1.hook_scale", "ln2_scale": "ln2.hook_scale",
+            "ln1_normalized": "ln1.hook_normalized", "ln2_normalized": "ln2.hook_normalized",
+            "mlp_pre": "mlp.hook_pre", "mlp_pre_linear": "mlp.hook_pre_linear",
+            "result": "attn.hook_result", "q_input": "hook_q_input", "k_input": "hook_k_input",
+            "v_input": "hook_v_input", "mlp_in": "hook_mlp_in"}
 _FROM_TL = {v: k for k, v in TL_HOOKS.items()}
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(v) for v in TL_HOOKS.values())
                       + r")$")
@@ -93,8 +125,9 @@ def hook_name(site: str, layer: int) -> str:
 
 def site_shape(cfg, site: str, slots: int | None = None) -> tuple[int, ...]:
   """A site's per-token feature shape for a ModelConfig: (d_model,), z / q / rot_q (heads,
-  head_dim), k / v / rot_k (kv heads, head_dim), mlp_post (d_ff,), the norms' scales (1,),
-  attn_scores / pattern (heads, slots) (`slots`: the key slots, T without a cache)."""
+  head_dim), k / v / rot_k (kv heads, head_dim), the MLP's hidden sites (d_ff,), the norms'
+  scales (1,), attn_scores / pattern (heads, slots) (`slots`: the key slots, T without a
+  cache), result / q_input (heads, d_model), k_input / v_input (kv heads, d_model)."""
   check_site(site)
   if site in ATTENTION_SITES:
     if slots is None:
@@ -104,7 +137,12 @@ def site_shape(cfg, site: str, slots: int | None = None) -> tuple[int, ...]:
            "v": cfg.n_kv_heads, "rot_k": cfg.n_kv_heads}
   if site in heads:
     return (heads[site], cfg.head_dim)
-  return {"mlp_post": (cfg.d_ff,), "ln1_scale": (1,), "ln2_scale": (1,)}.get(site, (cfg.d_model,))
+  model_heads = {"result": cfg.n_heads, "q_input": cfg.n_heads, "k_input": cfg.n_kv_heads,
+                 "v_input": cfg.n_kv_heads}
+  if site in model_heads:
+    return (model_heads[site], cfg.d_model)
+  return {"mlp_post": (cfg.d_ff,), "mlp_pre": (cfg.d_ff,), "mlp_pre_linear": (cfg.d_ff,),
+          "ln1_scale": (1,), "ln2_scale": (1,)}.get(site, (cfg.d_model,))
 
 
 def feature_axes(site: str) -> int:
@@ -112,11 +150,16 @@ def feature_axes(site: str) -> int:
   return 2 if check_site(site) in HEAD_SITES else 1
 
 
-def model_sites(cfg) -> tuple[str, ...]:
-  """The sites a model of this ModelConfig has: all but the pre-norms' scales where it has no
-  pre-norms (OLMo 2)."""
-  return SITES if cfg.pre_norms else tuple(s for s in SITES if s not in ("ln1_scale",
-                                                                          "ln2_scale"))
+def model_sites(cfg, opt_in: bool = True) -> tuple[str, ...]:
+  """The sites a model of this ModelConfig has: all but the pre-norms' where it has none (OLMo
+  2) and mlp_pre_linear where the MLP is ungated (GPT-NeoX); opt_in=False leaves out
+  `OPT_IN_SITES`."""
+  absent = set() if cfg.pre_norms else set(_NORM_SITES)
+  if not cfg.gated_mlp:
+    absent.add("mlp_pre_linear")
+  if not opt_in:
+    absent.update(OPT_IN_SITES)
+  return tuple(s for s in SITES if s not in absent)
 
 
 def check_site(site: str) -> str:

@@ -38,7 +38,13 @@ from factflip.models.attention import (
   shared_attention,
 )
 from factflip.models.config import ModelConfig
-from factflip.models.hooks import ATTENTION_SITES, Intervention, check_site, model_sites
+from factflip.models.hooks import (
+  ATTENTION_SITES,
+  SPLIT_INPUT_SITES,
+  Intervention,
+  check_site,
+  model_sites,
+)
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -102,18 +108,30 @@ def rms_scale(x: jax.Array, cfg: ModelConfig) -> jax.Array:
   return jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
 
 
-def norm_by(x: jax.Array, scale: jax.Array, w: jax.Array, b: jax.Array | None,
-            cfg: ModelConfig) -> jax.Array:
-  """The model's norm with its scale given (`rms_scale`, or another run's: a frozen norm)."""
+def normalized(x: jax.Array, scale: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """x (centred, for LayerNorm) divided by the norm's scale, float32: the norm before its weight
+  (TransformerLens' `hook_normalized`)."""
   xf = x.astype(F32)
   if cfg.norm == "layernorm":
     xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
-  y = xf / scale.astype(F32)
+  return xf / scale.astype(F32)
+
+
+def norm_weight(y: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig,
+                dtype) -> jax.Array:
+  """The norm's weight (and bias) applied to `normalized`'s output, in `dtype`."""
+  y = y.astype(F32)
   if cfg.norm == "layernorm":
-    return (y * w.astype(F32) + b.astype(F32)).astype(x.dtype)
+    return (y * w.astype(F32) + b.astype(F32)).astype(dtype)
   if cfg.norm_offset:
-    return (y * (cfg.norm_offset + w.astype(F32))).astype(x.dtype)
-  return w.astype(x.dtype) * y.astype(x.dtype)
+    return (y * (cfg.norm_offset + w.astype(F32))).astype(dtype)
+  return w.astype(dtype) * y.astype(dtype)
+
+
+def norm_by(x: jax.Array, scale: jax.Array, w: jax.Array, b: jax.Array | None,
+            cfg: ModelConfig) -> jax.Array:
+  """The model's norm with its scale given (`rms_scale`, or another run's: a frozen norm)."""
+  return norm_weight(normalized(x, scale, cfg), w, b, cfg, x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -252,7 +270,12 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
   missing = sites - set(model_sites(cfg))
   if missing:
     raise ValueError(f"forward: sites {sorted(missing)} do not exist in this {cfg.family} model "
-                     "(it has no pre-norms)")
+                     "(no pre-norms: OLMo 2; no gated MLP: GPT-NeoX)")
+  split = sites & set(SPLIT_INPUT_SITES)
+  if split and sites & {"ln1_scale", "ln1_normalized"}:
+    raise ValueError(f"forward: {sorted(split)} with ln1_scale / ln1_normalized: the split "
+                     "inputs are normalised per head, so ln1's scale is not one site; hook one or "
+                     "the other")
 
   def block(x_BxTxD, xs):
     p, window, kv, shared_kv, iv_xs = xs
@@ -262,15 +285,17 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
     p = jax.tree.map(lambda a: a.astype(dt), p)
     caps = {}
 
-    def pre_norm(x_BxTxD, name, scale_site):
-      """A branch's input norm (none without pre_norms); when its scale is hooked, the norm
-      with that scale a site."""
+    def pre_norm(x_BxTxD, name, ln):
+      """A branch's input norm (none without pre_norms); when its scale or its normalized
+      input (ln = "ln1" / "ln2") is hooked, the norm in two steps with those sites between."""
       if not cfg.pre_norms:
         return x_BxTxD
       w, b = p[name], p.get(name + "_bias")
-      if scale_site not in sites:
+      if f"{ln}_scale" not in sites and f"{ln}_normalized" not in sites:
         return norm(x_BxTxD, w, b, cfg)
-      return norm_by(x_BxTxD, hooked(scale_site, rms_scale(x_BxTxD, cfg)), w, b, cfg)
+      scale = hooked(f"{ln}_scale", rms_scale(x_BxTxD, cfg))
+      y = hooked(f"{ln}_normalized", normalized(x_BxTxD, scale, cfg))
+      return norm_weight(y, w, b, cfg, x_BxTxD.dtype)
 
     def post_norm(h_BxTxD, name):
       if not cfg.post_norms:
@@ -291,12 +316,22 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
       that capture feed the same rounded values to what follows."""
       return _materialise(site(name, h), p["wo"][0, 0]) if name in sites else h
 
+    def projection(name, w_DxnK, b_nK, n, input_site):
+      """[B, T, n, K] from the shared normalized input, or, when `input_site` is hooked, from
+      that site's per-head copies of resid_pre, each normalized on its own."""
+      if input_site not in sites:
+        return hooked(name, _dense(h_NxD, w_DxnK, b_nK).reshape(B, T, n, K))
+      x_BxTxnxD = hooked(input_site, jnp.broadcast_to(x_BxTxD[:, :, None], (B, T, n, D)))
+      h_BxTxnxD = pre_norm(x_BxTxnxD, "attn_norm", "ln1")
+      y = jnp.einsum("btnd,dnk->btnk", h_BxTxnxD, w_DxnK.reshape(D, n, K))
+      return hooked(name, y if b_nK is None else y + b_nK.reshape(n, K))
+
     x_BxTxD = site("resid_pre", x_BxTxD)
     # attention branch
-    h_NxD = pre_norm(x_BxTxD, "attn_norm", "ln1_scale").reshape(B * T, D)
-    q_BxTxHxK = hooked("q", _dense(h_NxD, p["wq"], p.get("bq")).reshape(B, T, H, K))
-    k_BxTxGxK = hooked("k", _dense(h_NxD, p["wk"], p.get("bk")).reshape(B, T, G, K))
-    v_BxTxGxK = hooked("v", _dense(h_NxD, p["wv"], p.get("bv")).reshape(B, T, G, K))
+    h_NxD = pre_norm(x_BxTxD, "attn_norm", "ln1").reshape(B * T, D)
+    q_BxTxHxK = projection("q", p["wq"], p.get("bq"), H, "q_input")
+    k_BxTxGxK = projection("k", p["wk"], p.get("bk"), G, "k_input")
+    v_BxTxGxK = projection("v", p["wv"], p.get("bv"), G, "v_input")
     if cfg.qk_norm and cfg.qk_norm_full:      # OLMo 2: one norm over all heads
       q_BxTxHxK = rms_norm(q_BxTxHxK.reshape(B, T, H * K), p["q_norm"], cfg).reshape(B, T, H, K)
       k_BxTxGxK = rms_norm(k_BxTxGxK.reshape(B, T, G * K), p["k_norm"], cfg).reshape(B, T, G, K)
@@ -326,20 +361,30 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
                                   v_BxSxGxK.astype(dt), mask_BxTxS, cfg)
     if "z" in sites:
       o_BxTxHK = site("z", o_BxTxHK.reshape(B, T, H, K))
-    a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"], p.get("bo")).reshape(B, T, D)
+    if "result" in sites:             # each head's write, then their sum and W_O's bias
+      r_BxTxHxD = hooked("result", jnp.einsum("bthk,hkd->bthd", o_BxTxHK.reshape(B, T, H, K),
+                                              p["wo"].reshape(H, K, D)))
+      a_BxTxD = r_BxTxHxD.sum(2) if p.get("bo") is None else r_BxTxHxD.sum(2) + p["bo"]
+    else:
+      a_BxTxD = _dense(o_BxTxHK.reshape(B * T, H * K), p["wo"], p.get("bo")).reshape(B, T, D)
     a_BxTxD = site("attn_out", post_norm(a_BxTxD, "post_attn_norm"))
     mlp_in_BxTxD = x_BxTxD                     # parallel residual: the MLP reads resid_pre
     x_BxTxD = site("resid_mid", x_BxTxD + a_BxTxD)
     # MLP branch
     if not cfg.parallel_residual:
       mlp_in_BxTxD = x_BxTxD
-    h_NxD = pre_norm(mlp_in_BxTxD, "mlp_norm", "ln2_scale").reshape(B * T, D)
+    mlp_in_BxTxD = site("mlp_in", mlp_in_BxTxD)
+    h_NxD = pre_norm(mlp_in_BxTxD, "mlp_norm", "ln2").reshape(B * T, D)
+
+    def hidden(name, u_NxF):           # an MLP hidden site, [B, T, d_ff] when hooked
+      return site(name, u_NxF.reshape(B, T, -1)).reshape(B * T, -1) if name in sites else u_NxF
+
     if cfg.gated_mlp:
-      u_NxF = act(_dense(h_NxD, p["w_gate"])) * _dense(h_NxD, p["w_up"], p.get("b_up"))
+      u_NxF = act(hidden("mlp_pre", _dense(h_NxD, p["w_gate"]))) * hidden(
+          "mlp_pre_linear", _dense(h_NxD, p["w_up"], p.get("b_up")))
     else:
-      u_NxF = act(_dense(h_NxD, p["w_up"], p.get("b_up")))
-    if "mlp_post" in sites:
-      u_NxF = site("mlp_post", u_NxF.reshape(B, T, -1)).reshape(B * T, -1)
+      u_NxF = act(hidden("mlp_pre", _dense(h_NxD, p["w_up"], p.get("b_up"))))
+    u_NxF = hidden("mlp_post", u_NxF)
     m_BxTxD = _dense(u_NxF, p["w_down"], p.get("b_down")).reshape(B, T, D)
     m_BxTxD = site("mlp_out", post_norm(m_BxTxD, "post_mlp_norm"))
     x_BxTxD = site("resid_post", x_BxTxD + m_BxTxD)

@@ -32,14 +32,18 @@ from factflip.models.hooks import (
   model_sites,
   parse_hook_name,
 )
-from factflip.models.transformer import Transformer, rms_scale
+from factflip.models.transformer import Transformer, normalized, rms_scale
 from factflip.probes.attribution import answer_directions, final_norm_stack, head_results
 
 # TransformerLens' short names (utils.get_act_name) -> our sites
 SHORT = {"resid_pre": "resid_pre", "resid_mid": "resid_mid", "resid_post": "resid_post",
          "attn_out": "attn_out", "mlp_out": "mlp_out", "z": "z", "q": "q", "k": "k", "v": "v",
-         "rot_q": "rot_q", "rot_k": "rot_k", "attn_scores": "attn_scores",
-         "attn": "pattern", "pattern": "pattern", "post": "mlp_post", "result": "result"}
+         "query": "q", "key": "k", "value": "v", "rot_q": "rot_q", "rot_k": "rot_k",
+         "attn_scores": "attn_scores", "attn_logits": "attn_scores", "attn": "pattern",
+         "pattern": "pattern", "pre": "mlp_pre", "mlp_pre": "mlp_pre",
+         "pre_linear": "mlp_pre_linear", "post": "mlp_post", "mlp_post": "mlp_post",
+         "result": "result", "q_input": "q_input", "k_input": "k_input", "v_input": "v_input",
+         "mlp_in": "mlp_in"}
 
 
 def _pos(x: jax.Array, pos_slice, axis: int) -> jax.Array:
@@ -67,7 +71,10 @@ class ActivationCache:
     self._results = None                                   # every head's z · W_O, when asked
 
   def _head_results(self) -> jax.Array:
-    """[L, B, T, H, D], computed once (`attribution.head_results`)."""
+    """[L, B, T, H, D]: the captured result site, or computed once from z
+    (`attribution.head_results`)."""
+    if "result" in self.captures:
+      return self.captures["result"]
     if self._results is None:
       self._results = head_results(self.model.params(), self.cfg, self._site("z"))
     return self._results
@@ -77,25 +84,23 @@ class ActivationCache:
     if isinstance(key, str):
       return key
     name, layer, *sub = key
-    if name == "scale":
+    if name in ("scale", "normalized"):
       if layer is None:
-        return "ln_final.hook_scale"
-      return f"blocks.{int(layer) % self.cfg.n_layers}.{sub[0] if sub else 'ln1'}.hook_scale"
+        return f"ln_final.hook_{name}"
+      return f"blocks.{int(layer) % self.cfg.n_layers}.{sub[0] if sub else 'ln1'}.hook_{name}"
     if name == "embed":
       return "hook_embed"
     if name not in SHORT:
-      raise KeyError(f"{name!r}: expected one of {sorted(SHORT)} or 'scale' / 'embed'")
-    layer = int(layer) % self.cfg.n_layers
-    if SHORT[name] == "result":
-      return f"blocks.{layer}.attn.hook_result"
-    return hook_name(SHORT[name], layer)
+      raise KeyError(f"{name!r}: expected one of {sorted(SHORT)} or 'scale' / 'normalized' / "
+                     "'embed'")
+    return hook_name(SHORT[name], int(layer) % self.cfg.n_layers)
 
   def keys(self) -> list[str]:
     """The TransformerLens names this cache answers."""
-    names = ["hook_embed", "ln_final.hook_scale"]
+    names = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
     for layer in range(self.cfg.n_layers):
       names += [hook_name(site, layer) for site in SITES if site in self.captures]
-      if "z" in self.captures and not self.cfg.post_norms:
+      if "z" in self.captures and "result" not in self.captures and not self.cfg.post_norms:
         names.append(f"blocks.{layer}.attn.hook_result")
     return names
 
@@ -113,13 +118,16 @@ class ActivationCache:
 
   def __getitem__(self, key) -> jax.Array:
     """cache["blocks.5.attn.hook_pattern"], cache["pattern", 5], cache["resid_pre", 5],
-    cache["scale", 5, "ln2"], cache["scale", None] (the final norm's), cache["hook_embed"]."""
+    cache["scale", 5, "ln2"], cache["scale", None] (the final norm's), cache["hook_embed"],
+    cache["ln_final.hook_normalized"]."""
     name = self._name(key)
     if name == "hook_embed":
       return self._site("resid_pre")[0]
     if name == "ln_final.hook_scale":
       return self.final_scale
-    if name.endswith(".attn.hook_result"):
+    if name == "ln_final.hook_normalized":
+      return normalized(self.residual, self.final_scale, self.cfg)
+    if name.endswith(".attn.hook_result") and "result" not in self.captures:
       layer = int(name.split(".")[1])
       return self._head_results()[layer]
     try:
@@ -246,9 +254,11 @@ class ActivationCache:
 
 def run_with_cache(model: Transformer, tokens, mask=None, names: Sequence[str] | None = None
                    ) -> tuple[jax.Array, ActivationCache]:
-  """(logits [B, T, V], cache) of one forward pass, capturing every site (or `names`: our
-  sites or TransformerLens names, any layer: the whole stack of that site is kept)."""
-  sites = (model_sites(model.cfg) if names is None
+  """(logits [B, T, V], cache) of one forward pass, capturing every site but the opt-in ones
+  (`hooks.OPT_IN_SITES`: result, the split q/k/v inputs, mlp_in, which TransformerLens too
+  hooks only behind a flag; cache["result", l] is computed from z) — or `names`: our sites or
+  TransformerLens names, any layer: the whole stack of that site is kept."""
+  sites = (model_sites(model.cfg, opt_in=False) if names is None
            else tuple(dict.fromkeys(parse_hook_name(n)[0] for n in names)))
   out = model.forward(np.atleast_2d(np.asarray(tokens, np.int32)), mask, capture=sites)
   return out.logits, ActivationCache(model, out.captures, out.residual, out.logits)
