@@ -63,6 +63,11 @@ def test_replacing_a_layer_with_another_run_equals_running_the_tail(model, batch
   tail = model.forward(tokens, mask, resid_BxTxD=theirs[layer], start_layer=layer).logits
   # a different compiled program (a shorter scan): equal up to float32 rounding
   np.testing.assert_allclose(patched, np.asarray(tail), rtol=0, atol=1e-6)
+  # the same tail with the layer as data: the blocks below it pass the stream through
+  skipped = model.forward(tokens, mask, resid_BxTxD=theirs[layer], first_layer=jnp.int32(layer),
+                          capture=("resid_post",))
+  np.testing.assert_allclose(np.asarray(skipped.logits), np.asarray(tail), rtol=0, atol=1e-6)
+  assert not np.asarray(skipped.captures["resid_post"][:layer]).any()
   np.testing.assert_allclose(patched, np.asarray(model(other, mask)), atol=1e-5)
 
 

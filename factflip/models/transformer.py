@@ -215,7 +215,8 @@ _REMAT = {
 def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Context | None = None,
             *, interventions: Sequence[Intervention] = (), capture: Sequence[str] = (),
             capture_index: jax.Array | None = None, return_logits: bool = True,
-            resid_BxTxD: jax.Array | None = None, start_layer: int = 0) -> Output:
+            resid_BxTxD: jax.Array | None = None, start_layer: int = 0,
+            first_layer: jax.Array | None = None) -> Output:
   """Run the decoder.
 
   How the new tokens attend (padding, positions, packed segments, a KV cache, prefix keys, a
@@ -236,6 +237,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
       (resid_pre of block start_layer) instead of embedding `tokens_BxT` (whose shape still sets
       B and T). Layer-indexed inputs (interventions, the context's cache or prefix) and outputs
       (captures) then cover those L - start_layer blocks.
+    first_layer: a traced layer index; the blocks below it pass the residual stream through
+      unchanged (their captures are zeros), so with `resid_BxTxD` = resid_pre of first_layer the
+      run starts there. Unlike start_layer it is data: each block is a conditional, and a
+      vmapped sweep whose cells share one first_layer (a per-layer group of cells) skips the
+      work below it inside one compiled program.
   """
   if ctx is None:
     ctx = causal()
@@ -398,8 +404,20 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
   layers = params["layers"]
   if start_layer:   # no copy of the stack's tail per start layer (sweeps start at every layer)
     layers = jnp.arange(start_layer, cfg.n_layers)
-  x_BxTxD, (new_kv, captures) = jax.lax.scan(block, x_BxTxD,
-                                             (layers, windows_L, kv_L, shared_L, iv_xs))
+  xs = (layers, windows_L, kv_L, shared_L, iv_xs)
+  step = block
+  if first_layer is not None:
+    def step(x_BxTxD, ixs):
+      index, xs = ixs
+
+      def skip(x_BxTxD, xs):
+        out = jax.eval_shape(block, x_BxTxD, xs)[1]
+        return x_BxTxD, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out)
+
+      return jax.lax.cond(index >= first_layer, block, skip, x_BxTxD, xs)
+
+    xs = (jnp.arange(start_layer, cfg.n_layers), xs)
+  x_BxTxD, (new_kv, captures) = jax.lax.scan(step, x_BxTxD, xs)
   logits = unembed(params, cfg, x_BxTxD) if return_logits else None
   return Output(logits, captures, x_BxTxD, ctx.written(new_kv, keys))
 

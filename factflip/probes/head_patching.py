@@ -12,9 +12,11 @@ Semantics. Cell (ℓ, h) runs `model` on the corrupted tokens with head h of `si
 value on the clean tokens, and reports `metric` at `logit_positions`, as `act_patch` does.
 With site "z" that is `get_act_patch_attn_head_out_all_pos` / `_by_pos`, with "pattern"
 `get_act_patch_attn_head_pattern_all_pos`, with "q", "k", "v" their `_q_` / `_k_` / `_v_`
-counterparts (k and v cells are kv heads). Every cell is a whole forward pass (patching a head
-changes its layer's output at every position it writes): the cells are a `vmap` in chunks of
-`chunk` cells (`lax.map`), not the suffix packing of the residual-stream sweeps.
+counterparts (k and v cells are kv heads). Every cell runs the blocks from its layer up
+(patching a head changes its layer's output at every position it writes): the cells are
+grouped by layer, each group starts from the corrupted run's resid_pre at that layer (the
+blocks below are skipped: `forward`'s first_layer), and a group's cells are a `vmap` in chunks
+of `chunk` cells (`lax.map`), not the suffix packing of the residual-stream sweeps.
 
 A knockout adds −1e30 to the scores of the blocked (query, key) pairs after the mask, so
 their pattern weight is exactly 0 and the other keys share the softmax; layers, queries, keys
@@ -51,23 +53,33 @@ def _score(metric, logits_BxPxV, metric_aux):
 @functools.partial(jax.jit, static_argnames=("cfg", "src_cfg", "site", "metric",
                                              "logit_positions", "chunk"))
 def _head_sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
-                clean_mask_BxT, layer_C, head_C, pos_CxT, metric_aux, *, site, metric,
+                clean_mask_BxT, layer_G, head_GxC, pos_GxCxT, metric_aux, *, site, metric,
                 logit_positions, chunk):
-  """[C, B]: cell c patches head head_C[c] of `site` at layer layer_C[c] and positions
-  pos_CxT[c] with the clean run's value."""
+  """[G, C, B]: group g's cells patch layer layer_G[g]; its cell c patches head head_GxC[g, c]
+  of `site` at positions pos_GxCxT[g, c] with the clean run's value. Each group starts from the
+  corrupted run's resid_pre at its layer (`forward`'s first_layer): the blocks below it are
+  skipped, not recomputed per cell."""
   clean_LxBxTx = forward(src_params, src_cfg, clean_BxT, attention.causal(clean_mask_BxT),
                          capture=(site,), return_logits=False).captures[site]
+  ctx = attention.causal(mask_BxT)
+  resid_LxBxTxD = forward(params, cfg, corrupted_BxT, ctx, capture=("resid_pre",),
+                          return_logits=False).captures["resid_pre"]
   L, heads = cfg.n_layers, clean_LxBxTx.shape[3]
 
-  def cell(xs):
-    layer, head, pos_T = xs
-    iv = Intervention(jnp.arange(L) == layer, pos_T[None, :], clean_LxBxTx,
-                      jnp.arange(heads) == head, site=site, mode="replace")
-    out = forward(params, cfg, corrupted_BxT, attention.causal(mask_BxT), interventions=(iv,),
-                  return_logits=False)
-    return _score(metric, _logits(params, cfg, out.residual, logit_positions), metric_aux)
+  def group(xs):
+    layer, head_C, pos_CxT = xs
 
-  return jax.lax.map(cell, (layer_C, head_C, pos_CxT), batch_size=chunk)
+    def cell(ys):
+      head, pos_T = ys
+      iv = Intervention(jnp.arange(L) == layer, pos_T[None, :], clean_LxBxTx,
+                        jnp.arange(heads) == head, site=site, mode="replace")
+      out = forward(params, cfg, corrupted_BxT, ctx, interventions=(iv,), return_logits=False,
+                    resid_BxTxD=resid_LxBxTxD[layer], first_layer=layer)
+      return _score(metric, _logits(params, cfg, out.residual, logit_positions), metric_aux)
+
+    return jax.lax.map(cell, (head_C, pos_CxT), batch_size=chunk)
+
+  return jax.lax.map(group, (layer_G, head_GxC, pos_GxCxT))
 
 
 def head_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
@@ -98,18 +110,18 @@ def head_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metri
   if not logit_positions or any(not -T <= p < T for p in logit_positions):
     raise ValueError(f"logit_positions {logit_positions} out of range for {T} tokens")
   positions = [None] if not by_pos else list(range(T))
-  grid = [(layer, t, h) for layer in layers for t in positions for h in range(heads)]
-  layer_C = np.asarray([g[0] for g in grid], np.int32)
-  head_C = np.asarray([g[2] for g in grid], np.int32)
-  pos_CxT = np.stack([np.ones(T, bool) if t is None else np.arange(T) == t for _, t, _ in grid])
+  cells = [(t, h) for t in positions for h in range(heads)]          # the same in every layer
+  head_GxC = np.tile(np.asarray([h for _, h in cells], np.int32), (len(layers), 1))
+  pos_CxT = np.stack([np.ones(T, bool) if t is None else np.arange(T) == t for t, _ in cells])
+  pos_GxCxT = np.broadcast_to(pos_CxT, (len(layers),) + pos_CxT.shape)
   mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
   clean_mask = mask if clean_mask is None else np.asarray(clean_mask, bool)
-  res_CxB = _head_sweep(model.params(), cfg, source_model.params(), source_model.cfg, corrupted,
-                        clean, mask, clean_mask, layer_C, head_C, pos_CxT, metric_aux,
-                        site=site, metric=metric, logit_positions=logit_positions,
-                        chunk=max(int(chunk), 1))
+  res_GxCxB = _head_sweep(model.params(), cfg, source_model.params(), source_model.cfg,
+                          corrupted, clean, mask, clean_mask, np.asarray(layers, np.int32),
+                          head_GxC, pos_GxCxT, metric_aux, site=site, metric=metric,
+                          logit_positions=logit_positions, chunk=max(int(chunk), 1))
   shape = (len(layers), len(positions), heads, B) if by_pos else (len(layers), heads, B)
-  res = to_host(res_CxB).reshape(shape)
+  res = to_host(res_GxCxB).reshape(shape)
   return res.transpose(3, 0, 1, 2) if by_pos else res.transpose(2, 0, 1)
 
 
