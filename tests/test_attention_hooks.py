@@ -101,7 +101,8 @@ def test_every_site_matches_transformer_lens(pair):
                    "attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "mlp.hook_post",
                    "ln1.hook_normalized", "ln2.hook_normalized", "mlp.hook_pre",
                    "mlp.hook_pre_linear"}
-  for name in names + ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]:
+  for name in names + ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
+                       "unembed.hook_in", "unembed.hook_out"]:
     ref_x, x = tl_cache[name].numpy(), np.asarray(cache[name])
     assert x.shape == ref_x.shape, name
     if name.endswith("hook_attn_scores"):     # TransformerLens: -inf where masked

@@ -500,24 +500,36 @@ def test_losses_and_gradients_match_saelens_training(arch):
 
 
 def test_training_steps_match_torch_adam_with_clipping():
-  """Three SAELens-style steps (forward, dead-latent counters, backward, clip to 1, Adam) in
-  torch vs our jitted step: same parameters within 1e-5."""
+  """Three SAELens-style steps (forward, dead-latent counters, firing counts with a sampling
+  window of 2, backward, clip to 1, Adam) in torch vs our jitted step: same parameters within
+  1e-5, the same counters and the same log feature sparsity."""
   import torch
   from sae_lens.saes.sae import TrainStepInput
 
-  from factflip.sae.losses import LossConfig, init_state, make_optimizer, make_train_step
+  from factflip.sae.losses import (
+    LossConfig,
+    init_state,
+    log_feature_sparsity,
+    make_optimizer,
+    make_train_step,
+  )
   lens, cfg, _, params = _training_pair("topk", seed=3)
-  lc = LossConfig(aux_loss_coefficient=0.5, dead_feature_window=1)
+  from sae_lens.training.sae_trainer import _log_feature_sparsity
+  lc = LossConfig(aux_loss_coefficient=0.5, dead_feature_window=1, feature_sampling_window=2)
   opt = torch.optim.Adam(lens.parameters(), lr=1e-2, betas=(0.9, 0.999))
-  since = torch.zeros(D_SAE)
+  since, act_freq, n_samples = torch.zeros(D_SAE), torch.zeros(D_SAE), 0
   xs = [_x((16, D_IN), seed=s) for s in range(3)]
   for t, x in enumerate(xs):
+    if t > 0 and t % 2 == 0:                   # SAETrainer.maybe_reset_sparsity
+      act_freq, n_samples = torch.zeros(D_SAE), 0
     out = lens.training_forward_pass(TrainStepInput(
         sae_in=torch.tensor(x), coefficients={}, dead_neuron_mask=since > 1,
         n_training_steps=t, is_logging_step=False))
     fired = out.feature_acts.bool().any(0)
     since += 1
     since[fired] = 0
+    act_freq += out.feature_acts.bool().float().sum(0)   # SAETrainer's act_freq_scores
+    n_samples += len(x)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(lens.parameters(), 1.0)
     opt.step()
@@ -529,6 +541,10 @@ def test_training_steps_match_torch_adam_with_clipping():
   for x in xs:
     state, metrics = step_fn(state, jnp.asarray(x))
   np.testing.assert_array_equal(state["since_fired"], since.numpy().astype(int))
+  np.testing.assert_array_equal(state["window_fired"], act_freq.numpy().astype(int))
+  assert int(state["window_tokens"]) == n_samples == 16          # the last window: step 3 only
+  np.testing.assert_allclose(log_feature_sparsity(state),
+                             _log_feature_sparsity(act_freq / n_samples).numpy(), rtol=1e-6)
   for name, p in lens.named_parameters():
     np.testing.assert_allclose(state["params"][name], p.detach().numpy(), atol=1e-5,
                                err_msg=name)
@@ -604,6 +620,9 @@ def test_sae_training_learns_resumes_exactly_and_writes_a_saelens_sae(sae_lm, tm
   sparsity = load_file(str(tmp_path / "full" / "sae" / "sparsity.safetensors"))["sparsity"]
   assert sparsity.shape == (128,) and sparsity.dtype == np.float32
   assert (sparsity <= 0).all() and np.isclose(10 ** sparsity, 0, atol=1e-9).sum() < 128
+  # counted over the training steps' tokens (24 steps, one window), restored on resume
+  np.testing.assert_array_equal(
+      sparsity, load_file(str(part / "sae" / "sparsity.safetensors"))["sparsity"])
   # TopK with k = 8 of 128 latents: the densities sum to the mean L0, at most 8 per token
   assert 4.0 < (10.0 ** sparsity.astype(np.float64) - 1e-10).sum() <= 8.0 + 1e-3
   meta = json.loads((tmp_path / "full" / "sae" / "cfg.json").read_text())["metadata"]

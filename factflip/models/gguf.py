@@ -257,7 +257,7 @@ class GGUFTensors:
   def shape(self, name: str) -> tuple[int, ...]:
     return self.file.shape(self._src[name][0])
 
-  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+  def read(self, name: str, index: tuple | None = None) -> np.ndarray:
     src, rows, shift = self._src[name]
     first = slice(None) if not index else index[0]
     out = self.file.read(src, first if rows is None else rows[first])

@@ -414,9 +414,11 @@ def _reader(tensors, spec: HFTensor, stacked: bool, np_dtype) -> Callable:
   names, transpose = spec.names, spec.transpose
 
   def read_one(name, idx):
-    if spec.rows is not None:       # a fused tensor: its rows of ours, then our slice
-      part = tensors.read(name)[spec.rows]
-      return (part.T if transpose else part)[tuple(idx)]
+    if spec.rows is not None:       # a fused tensor: only the rows of our slice of this part
+      idx = tuple(idx)
+      if transpose:                 # ours [in, out] = HF[rows, in].T
+        return tensors.read(name, (spec.rows[idx[1]], idx[0])).T
+      return tensors.read(name, (spec.rows[idx[0]],) + idx[1:])
     if transpose:
       return tensors.read(name, tuple(idx[::-1])).T
     return tensors.read(name, tuple(idx))

@@ -89,8 +89,9 @@ class SafetensorsFile:
   def dtype(self, name: str) -> np.dtype:
     return self._entries[name][0]
 
-  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
-    """The tensor (or `tensor[index]`) as a new numpy array; reads only the bytes needed."""
+  def read(self, name: str, index: tuple | None = None) -> np.ndarray:
+    """The tensor (or `tensor[index]`: slices, the first may be an index array, a fused
+    tensor's rows) as a new numpy array; reads only the bytes needed."""
     if name not in self._entries:
       raise SafetensorsError(f"{self.path}: no tensor {name!r}")
     dtype, shape, begin = self._entries[name]

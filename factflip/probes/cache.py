@@ -32,7 +32,7 @@ from factflip.models.hooks import (
   model_sites,
   parse_hook_name,
 )
-from factflip.models.transformer import Transformer, normalized, rms_scale
+from factflip.models.transformer import Transformer, norm, normalized, rms_scale
 from factflip.probes.attribution import answer_directions, final_norm_stack, head_results
 
 # TransformerLens' short names (utils.get_act_name) -> our sites
@@ -97,7 +97,8 @@ class ActivationCache:
 
   def keys(self) -> list[str]:
     """The TransformerLens names this cache answers."""
-    names = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+    names = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in"]
+    names += ["unembed.hook_out"] if self.logits is not None else []
     for layer in range(self.cfg.n_layers):
       names += [hook_name(site, layer) for site in SITES if site in self.captures]
       if "z" in self.captures and "result" not in self.captures and not self.cfg.post_norms:
@@ -119,7 +120,8 @@ class ActivationCache:
   def __getitem__(self, key) -> jax.Array:
     """cache["blocks.5.attn.hook_pattern"], cache["pattern", 5], cache["resid_pre", 5],
     cache["scale", 5, "ln2"], cache["scale", None] (the final norm's), cache["hook_embed"],
-    cache["ln_final.hook_normalized"]."""
+    cache["ln_final.hook_normalized"], cache["unembed.hook_in"] / ["unembed.hook_out"] (the
+    final norm's output / the logits)."""
     name = self._name(key)
     if name == "hook_embed":
       return self._site("resid_pre")[0]
@@ -127,6 +129,13 @@ class ActivationCache:
       return self.final_scale
     if name == "ln_final.hook_normalized":
       return normalized(self.residual, self.final_scale, self.cfg)
+    if name == "unembed.hook_in":                       # the final norm's output
+      p = self.model.params()
+      return norm(self.residual, p["final_norm"], p.get("final_norm_bias"), self.cfg)
+    if name == "unembed.hook_out":
+      if self.logits is None:
+        raise KeyError("'unembed.hook_out': this cache holds no logits")
+      return self.logits
     if name.endswith(".attn.hook_result") and "result" not in self.captures:
       layer = int(name.split(".")[1])
       return self._head_results()[layer]

@@ -2,8 +2,8 @@
 
 Owns: `LossConfig` (coefficients and their warm-up, JumpReLU's bandwidth, TopK's auxiliary loss,
 the dead-latent window), `losses` (the named loss terms of a batch), `batch_metrics` (explained
-variance, L0), and `make_train_step` (loss, gradient clipping, Adam, dead-latent counters; one
-jitted function).
+variance, L0), and `make_train_step` (loss, gradient clipping, Adam, dead-latent counters,
+SAELens's firing counts; one jitted function).
 Must not: read data or models, write anything (`sae.train`), or tell architectures apart by name
 (their activations in training, loss terms and projections are `sae.architectures`' table).
 
@@ -41,6 +41,7 @@ class LossConfig:
   jumprelu_bandwidth: float = 0.05
   aux_loss_coefficient: float = 1.0
   dead_feature_window: int = 1000
+  feature_sampling_window: int = 2000   # steps per firing-count window (sparsity.safetensors)
 
 
 # ---- losses ----------------------------------------------------------------------------------
@@ -92,16 +93,28 @@ def make_optimizer(lr: float, steps: int, *, beta1: float = 0.9, beta2: float = 
 
 def init_state(sae: SAE, tx: optax.GradientTransformation) -> dict[str, Any]:
   """The training state of `sae`: parameters (the architecture's own in float32, as SAELens
-  keeps JumpReLU's threshold), Adam's state, steps since each latent fired, the step."""
+  keeps JumpReLU's threshold), Adam's state, steps since each latent fired, the tokens each
+  latent fired on in the current sampling window and the window's tokens, the step."""
   params = {k: jnp.asarray(v, jnp.float32) if k in sae.extra else v
             for k, v in sae.params().items()}
   return {"params": params, "opt_state": tx.init(params),
-          "since_fired": jnp.zeros((sae.cfg.d_sae,), jnp.int32), "step": jnp.int32(0)}
+          "since_fired": jnp.zeros((sae.cfg.d_sae,), jnp.int32),
+          "window_fired": jnp.zeros((sae.cfg.d_sae,), jnp.int32),
+          "window_tokens": jnp.int32(0), "step": jnp.int32(0)}
+
+
+def log_feature_sparsity(state: dict[str, Any]) -> jax.Array:
+  """log10(share of the window's tokens each latent fired on + 1e-10), float32 [d_sae]: what
+  SAELens's trainer saves as sparsity.safetensors (its `log_feature_sparsity`)."""
+  share = state["window_fired"] / jnp.maximum(state["window_tokens"], 1)
+  return jnp.log10(share.astype(jnp.float32) + 1e-10)
 
 
 def make_train_step(cfg: SAEConfig, lc: LossConfig, tx: optax.GradientTransformation,
                     donate: bool = True):
-  """jit(state, x [N, d_in]) -> (state, metrics): one SAELens training step."""
+  """jit(state, x [N, d_in]) -> (state, metrics): one SAELens training step. Its firing counts
+  restart, as SAELens's `maybe_reset_sparsity` does, before each step whose number of steps done
+  is a positive multiple of `feature_sampling_window`."""
 
   project = ARCHITECTURES[cfg.architecture].project
 
@@ -115,11 +128,15 @@ def make_train_step(cfg: SAEConfig, lc: LossConfig, tx: optax.GradientTransforma
         has_aux=True)(params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    fired_S = (f_NxS != 0).any(0)
-    since = jnp.where(fired_S, 0, state["since_fired"] + 1)
+    fired_NxS = f_NxS != 0
+    since = jnp.where(fired_NxS.any(0), 0, state["since_fired"] + 1)
+    reset = (state["step"] > 0) & (state["step"] % lc.feature_sampling_window == 0)
+    window_fired = jnp.where(reset, 0, state["window_fired"]) + fired_NxS.sum(0, jnp.int32)
+    window_tokens = jnp.where(reset, 0, state["window_tokens"]) + x_NxD.shape[0]
     metrics = {"loss": loss, **terms, **batch_metrics(x_NxD, x_hat_NxD, f_NxS),
                "dead_share": dead_S.mean(), "grad_norm": optax.global_norm(grads)}
     return {**state, "params": new_params, "opt_state": opt_state, "since_fired": since,
+            "window_fired": window_fired, "window_tokens": window_tokens,
             "step": state["step"] + 1}, metrics   # other entries (the run's scale) pass through
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())

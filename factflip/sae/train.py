@@ -8,11 +8,11 @@ Must not: define the SAE math or the losses (`sae.core`, `sae.losses`), or the t
 
 Workdir: config.json, metrics.jsonl (loss terms, explained variance, L0, dead share, and at
 evaluation steps ce_clean, ce_sae, ce_zero, ce_recovered), tensorboard/, checkpoints/<step>/ (the
-SAE parameters, Adam state, dead-latent counters, step and activation scale; the activation
-stream's state), sae/ (the final SAE in SAELens's layout: `load_sae` or SAELens's
+SAE parameters, Adam state, dead-latent counters, firing counts, step and activation scale; the
+activation stream's state), sae/ (the final SAE in SAELens's layout: `load_sae` or SAELens's
 `SAE.load_from_disk` open it; with its sparsity.safetensors, each latent's log10 firing
-frequency over `sparsity_batches` held-out token batches, where SAELens's trainer counts over its
-last training window). A rerun resumes from the newest checkpoint and sees the same
+frequency over the training tokens of the last `loss.feature_sampling_window` steps, counted as
+SAELens's trainer counts them). A rerun resumes from the newest checkpoint and sees the same
 activation batches.
 
 `normalize_activations = "expected_average_only_in"` trains on activations scaled by
@@ -41,9 +41,15 @@ from factflip.models.store import load_model
 from factflip.models.transformer import forward
 from factflip.sae.activations import ActivationStream, site_activations
 from factflip.sae.architectures import ARCHITECTURES
-from factflip.sae.core import SAE, SAEConfig, encode, init_sae, make_sae
+from factflip.sae.core import SAE, SAEConfig, init_sae, make_sae
 from factflip.sae.formats import save_sae
-from factflip.sae.losses import LossConfig, init_state, make_optimizer, make_train_step
+from factflip.sae.losses import (
+  LossConfig,
+  init_state,
+  log_feature_sparsity,
+  make_optimizer,
+  make_train_step,
+)
 from factflip.sae.steering import sae_site, splice
 from factflip.sharding import make_mesh
 from factflip.train import config as train_config
@@ -89,8 +95,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 100             # steps between CE-recovered evaluations (0 = only at the end)
   c.eval.batches = 2             # token batches per evaluation (another shuffle of the data)
-  c.sparsity_batches = 8         # token batches (another shuffle) whose activations give each
-  #                                latent's firing frequency: the SAE's sparsity.safetensors
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200
   c.checkpoint.keep = 2
@@ -188,22 +192,6 @@ def _sae_config(c, d_in: int, prepend_bos: bool = True) -> SAEConfig:
                              "exclude_special_tokens": bool(c.exclude_special_tokens),
                              "dataset_path": c.data.path or c.data.kind,
                              "trained_with": "factflip"})
-
-
-def log_feature_density(sae: SAE, acts_fn, token_batches, exclude_ids=()) -> np.ndarray:
-  """log10(share of the tokens each latent fires on + 1e-10), float32 [d_sae]: SAELens's
-  `log_feature_sparsity` (what its sparsity.safetensors holds), over the activations of
-  `token_batches` (padding and `exclude_ids` tokens left out)."""
-  fired, total = np.zeros(sae.cfg.d_sae, np.float64), 0
-  exclude = np.asarray(exclude_ids, np.int64)
-  for b in token_batches:
-    keep = (np.asarray(b["segment_ids"]) > 0) & ~np.isin(np.asarray(b["inputs"]), exclude)
-    x = np.asarray(acts_fn(b))
-    x = x.reshape((-1,) + x.shape[2:])[keep.ravel()]
-    if len(x):
-      fired += np.asarray(encode(sae, jnp.asarray(x)) > 0).sum(0)
-      total += len(x)
-  return np.log10(fired / max(total, 1) + 1e-10).astype(np.float32)
 
 
 def _special_ids(tok) -> tuple[int, ...]:
@@ -377,10 +365,7 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = 
     if scale != 1.0:
       final = fold_scale(final, scale)
     if main:
-      density_stream = _token_batches(c, tok, seed_offset=13, every_shard=True)
-      density = log_feature_density(final, acts_fn, (next(density_stream)
-                                                      for _ in range(c.sparsity_batches)), exclude)
-      save_sae(final, sae_path, sparsity=density)
+      save_sae(final, sae_path, sparsity=np.asarray(log_feature_sparsity(state)))
   say(f"done: step {last}, {format_duration(time.time() - t_start)}"
       + (f"; SAE written to {sae_path}" if last == c.steps else ""))
   return SAETrainResult(workdir, sae_path, last, row, evals, time.time() - t_start)
