@@ -35,12 +35,13 @@ Sites, per layer l (block l maps resid_pre[l] to resid_post[l] = resid_pre[l + 1
               without pre-norms, OLMo 2)
   ln1_normalized, ln2_normalized
               the pre-norm's input (centred, for LayerNorm) divided by that scale, before the
-              norm's weight and bias, [B, T, d_model] (`ln1.hook_normalized`, `ln2.hook_normalized`)
+              norm's weight and bias, [B, T, d_model] (`ln1.hook_normalized`,
+              `ln2.hook_normalized`)
   mlp_pre     the MLP's pre-activation, [B, T, d_ff]: the gate's projection of a gated MLP, the
               input projection (with its bias) of an ungated one (`mlp.hook_pre`)
   mlp_pre_linear
-              a gated MLP's up projection, the factor the activation multiplies (`mlp.hook_pre_linear`;
-              absent from ungated MLPs, GPT-NeoX)
+              a gated MLP's up projection, the factor the activation multiplies
+              (`mlp.hook_pre_linear`; absent from ungated MLPs, GPT-NeoX)
 Opt-in sites (TransformerLens hooks them only behind a config flag; `OPT_IN_SITES`): hooking
 one changes how the block computes, not what it computes, and costs a per-head copy.
   result      each head's write z_h · W_O[h] before the heads are summed and W_O's bias added,

@@ -322,9 +322,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
       that capture feed the same rounded values to what follows."""
       return _materialise(site(name, h), p["wo"][0, 0]) if name in sites else h
 
-    def projection(name, w_DxnK, b_nK, n, input_site):
-      """[B, T, n, K] from the shared normalized input, or, when `input_site` is hooked, from
-      that site's per-head copies of resid_pre, each normalized on its own."""
+    def projection(h_NxD, name, w_DxnK, b_nK, n, input_site):
+      """[B, T, n, K] from the shared normalized input h_NxD, or, when `input_site` is hooked,
+      from that site's per-head copies of resid_pre, each normalized on its own."""
       if input_site not in sites:
         return hooked(name, _dense(h_NxD, w_DxnK, b_nK).reshape(B, T, n, K))
       x_BxTxnxD = hooked(input_site, jnp.broadcast_to(x_BxTxD[:, :, None], (B, T, n, D)))
@@ -335,9 +335,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
     x_BxTxD = site("resid_pre", x_BxTxD)
     # attention branch
     h_NxD = pre_norm(x_BxTxD, "attn_norm", "ln1").reshape(B * T, D)
-    q_BxTxHxK = projection("q", p["wq"], p.get("bq"), H, "q_input")
-    k_BxTxGxK = projection("k", p["wk"], p.get("bk"), G, "k_input")
-    v_BxTxGxK = projection("v", p["wv"], p.get("bv"), G, "v_input")
+    q_BxTxHxK = projection(h_NxD, "q", p["wq"], p.get("bq"), H, "q_input")
+    k_BxTxGxK = projection(h_NxD, "k", p["wk"], p.get("bk"), G, "k_input")
+    v_BxTxGxK = projection(h_NxD, "v", p["wv"], p.get("bv"), G, "v_input")
     if cfg.qk_norm and cfg.qk_norm_full:      # OLMo 2: one norm over all heads
       q_BxTxHxK = rms_norm(q_BxTxHxK.reshape(B, T, H * K), p["q_norm"], cfg).reshape(B, T, H, K)
       k_BxTxGxK = rms_norm(k_BxTxGxK.reshape(B, T, G * K), p["k_norm"], cfg).reshape(B, T, G, K)

@@ -71,9 +71,9 @@ class ActivationCache:
     self._results = None                                   # every head's z · W_O, when asked
 
   def _head_results(self) -> jax.Array:
-    """[L, B, T, H, D]: the captured result site, or computed once from z
-    (`attribution.head_results`)."""
-    if "result" in self.captures:
+    """[L, B, T, H, D]: each head's write into the residual stream, the captured result site
+    or computed once from z (`attribution.head_results`, which refuses post-norm models)."""
+    if "result" in self.captures and not self.cfg.post_norms:
       return self.captures["result"]
     if self._results is None:
       self._results = head_results(self.model.params(), self.cfg, self._site("z"))
