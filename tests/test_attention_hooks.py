@@ -20,11 +20,11 @@ VOCAB, T = 101, 10
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _hf(family, seed=0):
+def _hf(family, seed=0, kv_heads=2):
   import transformers
   torch.manual_seed(seed)
   common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
   if family == "llama":
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_theta=1e4))
@@ -37,10 +37,10 @@ def _hf(family, seed=0):
   return model.eval()
 
 
-def _tl(hf, family, fold_ln=False, opt_in=False):
+def _tl(hf, family, fold_ln=False, opt_in=False, attn_in=False):
   """A HookedTransformer with the HF model's weights (TransformerLens' own conversion), no
   processing but (fold_ln=True) the norms' weights folded into the next matrices; opt_in: with
-  hook_result, the split q/k/v inputs and hook_mlp_in."""
+  hook_result, the split q/k/v inputs and hook_mlp_in; attn_in: with hook_attn_in."""
   from transformer_lens import HookedTransformer, HookedTransformerConfig
   from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
   from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
@@ -56,7 +56,8 @@ def _tl(hf, family, fold_ln=False, opt_in=False):
       eps=c.rms_norm_eps, rotary_adjacent_pairs=False, dtype=torch.float32,
       default_prepend_bos=False, use_qk_norm=family == "qwen3",
       original_architecture="LlamaForCausalLM" if family == "llama" else "Qwen3ForCausalLM",
-      use_attn_result=opt_in, use_split_qkv_input=opt_in, use_hook_mlp_in=opt_in)
+      use_attn_result=opt_in, use_split_qkv_input=opt_in, use_hook_mlp_in=opt_in,
+      use_attn_in=attn_in)
   model = HookedTransformer(cfg)
   convert = convert_llama_weights if family == "llama" else convert_qwen3_weights
   model.load_and_process_state_dict(convert(hf, cfg), fold_ln=fold_ln,
@@ -109,7 +110,7 @@ def test_every_site_matches_transformer_lens(pair):
       assert np.array_equal(np.isneginf(ref_x), x < -1e37), name
       ref_x, x = np.where(np.isneginf(ref_x), 0, ref_x), np.where(x < -1e37, 0, x)
     np.testing.assert_allclose(x, ref_x, err_msg=name, **TOL)
-  assert len(SITES) == 25
+  assert len(SITES) == 26
 
 
 def test_opt_in_sites_and_their_edits_match_transformer_lens(pair):
@@ -156,6 +157,42 @@ def test_opt_in_sites_and_their_edits_match_transformer_lens(pair):
     tl_edited = ref.run_with_hooks(torch.tensor(tokens, dtype=torch.long), fwd_hooks=hooks)
   np.testing.assert_allclose(np.asarray(edited), tl_edited.numpy(), **TOL)
   assert np.abs(np.asarray(edited) - np.asarray(logits)).max() > 0.01
+
+
+def test_attn_in_matches_transformer_lens_without_grouped_heads(tmp_path):
+  """hook_attn_in (one resid_pre copy per head feeding its q, k and v) on a Llama whose every
+  head has its own kv head, captured and edited; refused with grouped-query attention."""
+  hf = _hf("llama", seed=2, kv_heads=4)
+  hf.save_pretrained(str(tmp_path))
+  ours, ref = load_hf(str(tmp_path), dtype="float32"), _tl(hf, "llama", attn_in=True)
+  tokens = _tokens(4)
+  logits, cache = run_with_cache(ours, tokens, names=("attn_in",))
+  with torch.no_grad():
+    tl_logits, tl_cache = ref.run_with_cache(torch.tensor(tokens, dtype=torch.long))
+  np.testing.assert_allclose(np.asarray(logits), tl_logits.numpy(), **TOL)
+  np.testing.assert_allclose(np.asarray(cache["blocks.1.hook_attn_in"]),
+                             tl_cache["blocks.1.hook_attn_in"].numpy(), **TOL)
+  delta = np.random.RandomState(1).normal(0, 1, 64).astype(np.float32)
+  values = np.zeros((3, 1, 1, 4, 64), np.float32)
+  values[1, ..., 2, :] = delta
+  iv = Intervention(np.arange(3) == 1, np.ones((1, T), bool), values, np.arange(4) == 2,
+                    site="attn_in", mode="add")
+
+  def hook(x, hook):
+    x = x.clone()
+    x[:, :, 2] += torch.tensor(delta)
+    return x
+
+  with torch.no_grad():
+    expect = ref.run_with_hooks(torch.tensor(tokens, dtype=torch.long),
+                                fwd_hooks=[("blocks.1.hook_attn_in", hook)])
+  edited = np.asarray(ours.forward(tokens, interventions=[iv]).logits)
+  np.testing.assert_allclose(edited, expect.numpy(), **TOL)
+  assert np.abs(edited - np.asarray(logits)).max() > 0.01
+  _hf("llama").save_pretrained(str(tmp_path / "grouped"))
+  grouped = load_hf(str(tmp_path / "grouped"), dtype="float32")
+  with pytest.raises(ValueError, match="attn_in: grouped-query attention, use q/k/v_input"):
+    grouped.forward(tokens, capture=("attn_in",))
 
 
 def test_head_patching_matches_transformer_lens(llama):

@@ -14,7 +14,7 @@ from factflip.probes import SITES, add, capture, parse_hook_name, replace, resid
 
 INTERNALS = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "ln1_scale", "ln2_scale",
              "ln1_normalized", "ln2_normalized", "mlp_pre", "mlp_pre_linear", "result", "q_input",
-             "k_input", "v_input", "mlp_in")
+             "k_input", "v_input", "attn_in", "mlp_in")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

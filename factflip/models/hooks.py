@@ -51,11 +51,12 @@ one changes how the block computes, not what it computes, and costs a per-head c
               per-head copies of resid_pre that feed the pre-norm and then only that head's
               query, key or value, [B, T, heads (kv heads for k and v), d_model] (`hook_q_input`
               ..., use_split_qkv_input): patch one head's input without touching the others
+  attn_in     one resid_pre copy per head feeding that head's query, key and value, [B, T,
+              heads, d_model] (`hook_attn_in`, use_attn_in; only where every query head has its
+              own kv head, n_kv_heads = n_heads)
   mlp_in      the MLP branch's input residual before its pre-norm, [B, T, d_model]
               (`hook_mlp_in`, use_hook_mlp_in): resid_mid, or resid_pre with a parallel
               residual; editing it changes the MLP, not the residual stream
-TransformerLens' `hook_attn_in` (one resid_pre copy per query head feeding q, k and v) is
-q_input, k_input and v_input changed together.
 The first five are [B, T, d_model]. Every site is position-major, [B, T, ...]: an intervention's
 position mask (over [B, T]) broadcasts over whatever trailing axes a site has, and a capture at
 `capture_index` keeps those positions. So attn_scores and pattern are [B, query, head, key],
@@ -80,13 +81,13 @@ from flax import struct
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "z", "mlp_post",
          "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "ln1_scale", "ln2_scale",
          "ln1_normalized", "ln2_normalized", "mlp_pre", "mlp_pre_linear",
-         "result", "q_input", "k_input", "v_input", "mlp_in")
+         "result", "q_input", "k_input", "v_input", "attn_in", "mlp_in")
 STREAM_SITES = SITES[:5]          # the residual stream and what each branch writes to it
 HEAD_SITES = ("z", "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern",   # [B, T, H, .]
-              "result", "q_input", "k_input", "v_input")
+              "result", "q_input", "k_input", "v_input", "attn_in")
 ATTENTION_SITES = ("attn_scores", "pattern")   # inside the softmax: the hooked attention path
 SPLIT_INPUT_SITES = ("q_input", "k_input", "v_input")
-OPT_IN_SITES = ("result",) + SPLIT_INPUT_SITES + ("mlp_in",)
+OPT_IN_SITES = ("result",) + SPLIT_INPUT_SITES + ("attn_in", "mlp_in")
 _NORM_SITES = ("ln1_scale", "ln2_scale", "ln1_normalized", "ln2_normalized")
 MODES = ("replace", "add")
 
@@ -101,7 +102,7 @@ TL_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out",
             "ln1_normalized": "ln1.hook_normalized", "ln2_normalized": "ln2.hook_normalized",
             "mlp_pre": "mlp.hook_pre", "mlp_pre_linear": "mlp.hook_pre_linear",
             "result": "attn.hook_result", "q_input": "hook_q_input", "k_input": "hook_k_input",
-            "v_input": "hook_v_input", "mlp_in": "hook_mlp_in"}
+            "v_input": "hook_v_input", "attn_in": "hook_attn_in", "mlp_in": "hook_mlp_in"}
 _FROM_TL = {v: k for k, v in TL_HOOKS.items()}
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(v) for v in TL_HOOKS.values())
                       + r")$")
@@ -128,7 +129,8 @@ def site_shape(cfg, site: str, slots: int | None = None) -> tuple[int, ...]:
   """A site's per-token feature shape for a ModelConfig: (d_model,), z / q / rot_q (heads,
   head_dim), k / v / rot_k (kv heads, head_dim), the MLP's hidden sites (d_ff,), the norms'
   scales (1,), attn_scores / pattern (heads, slots) (`slots`: the key slots, T without a
-  cache), result / q_input (heads, d_model), k_input / v_input (kv heads, d_model)."""
+  cache), result / q_input / attn_in (heads, d_model), k_input / v_input (kv heads,
+  d_model)."""
   check_site(site)
   if site in ATTENTION_SITES:
     if slots is None:
@@ -139,7 +141,7 @@ def site_shape(cfg, site: str, slots: int | None = None) -> tuple[int, ...]:
   if site in heads:
     return (heads[site], cfg.head_dim)
   model_heads = {"result": cfg.n_heads, "q_input": cfg.n_heads, "k_input": cfg.n_kv_heads,
-                 "v_input": cfg.n_kv_heads}
+                 "v_input": cfg.n_kv_heads, "attn_in": cfg.n_heads}
   if site in model_heads:
     return (model_heads[site], cfg.d_model)
   return {"mlp_post": (cfg.d_ff,), "mlp_pre": (cfg.d_ff,), "mlp_pre_linear": (cfg.d_ff,),
@@ -153,11 +155,13 @@ def feature_axes(site: str) -> int:
 
 def model_sites(cfg, opt_in: bool = True) -> tuple[str, ...]:
   """The sites a model of this ModelConfig has: all but the pre-norms' where it has none (OLMo
-  2) and mlp_pre_linear where the MLP is ungated (GPT-NeoX); opt_in=False leaves out
-  `OPT_IN_SITES`."""
+  2), mlp_pre_linear where the MLP is ungated (GPT-NeoX) and attn_in with grouped-query
+  attention; opt_in=False leaves out `OPT_IN_SITES`."""
   absent = set() if cfg.pre_norms else set(_NORM_SITES)
   if not cfg.gated_mlp:
     absent.add("mlp_pre_linear")
+  if cfg.n_kv_heads != cfg.n_heads:
+    absent.add("attn_in")
   if not opt_in:
     absent.update(OPT_IN_SITES)
   return tuple(s for s in SITES if s not in absent)

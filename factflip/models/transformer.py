@@ -276,12 +276,16 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
   missing = sites - set(model_sites(cfg))
   if missing:
     raise ValueError(f"forward: sites {sorted(missing)} do not exist in this {cfg.family} model "
-                     "(no pre-norms: OLMo 2; no gated MLP: GPT-NeoX)")
-  split = sites & set(SPLIT_INPUT_SITES)
+                     "(no pre-norms: OLMo 2; no gated MLP: GPT-NeoX; attn_in: grouped-query "
+                     "attention, use q/k/v_input)")
+  split = sites & set(SPLIT_INPUT_SITES + ("attn_in",))
   if split and sites & {"ln1_scale", "ln1_normalized"}:
-    raise ValueError(f"forward: {sorted(split)} with ln1_scale / ln1_normalized: the split "
+    raise ValueError(f"forward: {sorted(split)} with ln1_scale / ln1_normalized: the per-head "
                      "inputs are normalised per head, so ln1's scale is not one site; hook one or "
                      "the other")
+  if "attn_in" in split and len(split) > 1:
+    raise ValueError(f"forward: {sorted(split)}: attn_in feeds q, k and v, the split inputs one "
+                     "each; hook one or the other")
 
   def block(x_BxTxD, xs):
     p, window, kv, shared_kv, iv_xs = xs
@@ -323,17 +327,24 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, ctx: Contex
       return _materialise(site(name, h), p["wo"][0, 0]) if name in sites else h
 
     def projection(h_NxD, name, w_DxnK, b_nK, n, input_site):
-      """[B, T, n, K] from the shared normalized input h_NxD, or, when `input_site` is hooked,
-      from that site's per-head copies of resid_pre, each normalized on its own."""
-      if input_site not in sites:
+      """[B, T, n, K] from the shared normalized input h_NxD, or, when `input_site` (or
+      attn_in) is hooked, from that site's per-head copies of resid_pre, each normalized on
+      its own."""
+      if input_site in sites:
+        x_BxTxnxD = hooked(input_site, jnp.broadcast_to(x_BxTxD[:, :, None], (B, T, n, D)))
+      elif attn_in_BxTxHxD is not None:            # n = H: every head has its own kv head
+        x_BxTxnxD = attn_in_BxTxHxD
+      else:
         return hooked(name, _dense(h_NxD, w_DxnK, b_nK).reshape(B, T, n, K))
-      x_BxTxnxD = hooked(input_site, jnp.broadcast_to(x_BxTxD[:, :, None], (B, T, n, D)))
       h_BxTxnxD = pre_norm(x_BxTxnxD, "attn_norm", "ln1")
       y = jnp.einsum("btnd,dnk->btnk", h_BxTxnxD, w_DxnK.reshape(D, n, K))
       return hooked(name, y if b_nK is None else y + b_nK.reshape(n, K))
 
     x_BxTxD = site("resid_pre", x_BxTxD)
     # attention branch
+    attn_in_BxTxHxD = None
+    if "attn_in" in sites:
+      attn_in_BxTxHxD = hooked("attn_in", jnp.broadcast_to(x_BxTxD[:, :, None], (B, T, H, D)))
     h_NxD = pre_norm(x_BxTxD, "attn_norm", "ln1").reshape(B * T, D)
     q_BxTxHxK = projection(h_NxD, "q", p["wq"], p.get("bq"), H, "q_input")
     k_BxTxGxK = projection(h_NxD, "k", p["wk"], p.get("bk"), G, "k_input")
