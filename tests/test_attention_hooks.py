@@ -210,20 +210,22 @@ def test_head_patching_matches_transformer_lens(llama):
   t = lambda x: torch.tensor(x, dtype=torch.long)
   sweeps = {("z", False): "out_all_pos", ("z", True): "out_by_pos",
             ("pattern", False): "pattern_all_pos", ("pattern", True): "pattern_by_pos",
-            ("q", True): "q_by_pos", ("k", False): "k_all_pos", ("v", True): "v_by_pos"}
+            ("q", True): "q_by_pos", ("k", False): "k_all_pos", ("v", True): "v_by_pos",
+            ("pattern", "src"): "pattern_dest_src_pos"}
   with torch.no_grad():
     _, clean_cache = ref.run_with_cache(t(clean))
     expect = {key: getattr(patching, f"get_act_patch_attn_head_{name}")(
         ref, t(corrupted), clean_cache, lambda lg: torch.tensor(float(metric_tl(lg))))
         for key, name in sweeps.items()}
   for (site, by_pos), ref_res in expect.items():
-    res = head_patch(ours, corrupted, clean, metric, site=site, by_pos=by_pos,
-                     metric_aux=answers).mean(0)                  # [L, H] or [L, T, H]
+    by_src = by_pos == "src"
+    res = head_patch(ours, corrupted, clean, metric, site=site, by_pos=by_pos is True,
+                     by_src=by_src, metric_aux=answers).mean(0)   # [L, (T, (T,)) H]
     ref_res = ref_res.numpy()
     heads = 2 if site in ("k", "v") else 4                        # GQA: k and v per kv head
-    if site == "pattern" and by_pos:            # TransformerLens: [layer, head, dest pos]
-      ref_res = ref_res.transpose(0, 2, 1)
-    assert res.shape == ref_res.shape == ((3, T, heads) if by_pos else (3, heads)), site
+    if site == "pattern" and by_pos:            # TransformerLens: [layer, head, dest (, src)]
+      ref_res = np.moveaxis(ref_res, 1, -1)
+    assert res.shape == ref_res.shape == (3,) + (T,) * bool(by_pos) + (T,) * by_src + (heads,)
     np.testing.assert_allclose(res, ref_res, err_msg=f"{site} by_pos={by_pos}", **TOL)
   # a head patched from its own run changes nothing
   same = head_patch(ours, clean, clean, metric, metric_aux=answers)

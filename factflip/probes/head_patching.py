@@ -11,7 +11,9 @@ Semantics. Cell (ℓ, h) runs `model` on the corrupted tokens with head h of `si
 (at every position, or at position t for the by-position sweep) replaced by `source_model`'s
 value on the clean tokens, and reports `metric` at `logit_positions`, as `act_patch` does.
 With site "z" that is `get_act_patch_attn_head_out_all_pos` / `_by_pos`, with "pattern"
-`get_act_patch_attn_head_pattern_all_pos`, with "q", "k", "v" their `_q_` / `_k_` / `_v_`
+`get_act_patch_attn_head_pattern_all_pos` / `_by_pos` (and, with by_src,
+`get_act_patch_attn_head_pattern_dest_src_pos`: cell (ℓ, h, dest, src) replaces the one
+pattern entry, the row is not renormalised), with "q", "k", "v" their `_q_` / `_k_` / `_v_`
 counterparts (k and v cells are kv heads). Every cell runs the blocks from its layer up
 (patching a head changes its layer's output at every position it writes): the cells are
 grouped by layer, each group starts from the corrupted run's resid_pre at that layer (the
@@ -51,43 +53,51 @@ def _score(metric, logits_BxPxV, metric_aux):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "src_cfg", "site", "metric",
-                                             "logit_positions", "chunk"))
+                                             "logit_positions", "chunk", "by_src"))
 def _head_sweep(params, cfg, src_params, src_cfg, corrupted_BxT, clean_BxT, mask_BxT,
-                clean_mask_BxT, layer_G, head_GxC, pos_GxCxT, metric_aux, *, site, metric,
-                logit_positions, chunk):
+                clean_mask_BxT, layer_G, head_GxC, pos_GxCxT, src_GxC, metric_aux, *, site,
+                metric, logit_positions, chunk, by_src):
   """[G, C, B]: group g's cells patch layer layer_G[g]; its cell c patches head head_GxC[g, c]
-  of `site` at positions pos_GxCxT[g, c] with the clean run's value. Each group starts from the
+  of `site` at positions pos_GxCxT[g, c] with the clean run's value (by_src: only at key
+  src_GxC[g, c], the rest of the row the corrupted run's). Each group starts from the
   corrupted run's resid_pre at its layer (`forward`'s first_layer): the blocks below it are
   skipped, not recomputed per cell."""
   clean_LxBxTx = forward(src_params, src_cfg, clean_BxT, attention.causal(clean_mask_BxT),
                          capture=(site,), return_logits=False).captures[site]
   ctx = attention.causal(mask_BxT)
-  resid_LxBxTxD = forward(params, cfg, corrupted_BxT, ctx, capture=("resid_pre",),
-                          return_logits=False).captures["resid_pre"]
+  corrupted = forward(params, cfg, corrupted_BxT, ctx, return_logits=False,
+                      capture=("resid_pre",) + ((site,) if by_src else ())).captures
+  resid_LxBxTxD = corrupted["resid_pre"]
   L, heads = cfg.n_layers, clean_LxBxTx.shape[3]
 
   def group(xs):
-    layer, head_C, pos_CxT = xs
+    layer, head_C, pos_CxT, src_C = xs
 
     def cell(ys):
-      head, pos_T = ys
-      iv = Intervention(jnp.arange(L) == layer, pos_T[None, :], clean_LxBxTx,
+      head, pos_T, src = ys
+      values = clean_LxBxTx
+      if by_src:                       # [L, B, T, H, S]: the clean run's entry at key src only
+        key_S = jnp.arange(values.shape[-1]) == src
+        values = jnp.where(key_S, clean_LxBxTx, corrupted[site])
+      iv = Intervention(jnp.arange(L) == layer, pos_T[None, :], values,
                         jnp.arange(heads) == head, site=site, mode="replace")
       out = forward(params, cfg, corrupted_BxT, ctx, interventions=(iv,), return_logits=False,
                     resid_BxTxD=resid_LxBxTxD[layer], first_layer=layer)
       return _score(metric, _logits(params, cfg, out.residual, logit_positions), metric_aux)
 
-    return jax.lax.map(cell, (head_C, pos_CxT), batch_size=chunk)
+    return jax.lax.map(cell, (head_C, pos_CxT, src_C), batch_size=chunk)
 
-  return jax.lax.map(group, (layer_G, head_GxC, pos_GxCxT))
+  return jax.lax.map(group, (layer_G, head_GxC, pos_GxCxT, src_GxC))
 
 
 def head_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metric,
-               site: str = "z", by_pos: bool = False, source_model: Transformer | None = None,
+               site: str = "z", by_pos: bool = False, by_src: bool = False,
+               source_model: Transformer | None = None,
                layers: Sequence[int] | None = None, mask=None, clean_mask=None,
                logit_positions: Sequence[int] = (-1,), metric_aux=None, chunk: int = 16
                ) -> np.ndarray:
-  """Per-head patching: float32 [batch, layers, heads] (by_pos: [batch, layers, seq, heads]).
+  """Per-head patching: float32 [batch, layers, heads] (by_pos: [batch, layers, seq, heads];
+  by_src, at the pattern: [batch, layers, dest, src, heads], a cell per query and key position).
 
   site: a per-head site (`hooks.HEAD_SITES`: z, q, k, v, rot_q, rot_k, attn_scores,
   pattern; or a TransformerLens name such as 'blocks.3.attn.hook_z', which also picks the
@@ -109,20 +119,26 @@ def head_patch(model: Transformer, corrupted_tokens, clean_tokens, metric: Metri
   logit_positions = tuple(int(p) for p in logit_positions)
   if not logit_positions or any(not -T <= p < T for p in logit_positions):
     raise ValueError(f"logit_positions {logit_positions} out of range for {T} tokens")
-  positions = [None] if not by_pos else list(range(T))
-  cells = [(t, h) for t in positions for h in range(heads)]          # the same in every layer
-  head_GxC = np.tile(np.asarray([h for _, h in cells], np.int32), (len(layers), 1))
-  pos_CxT = np.stack([np.ones(T, bool) if t is None else np.arange(T) == t for t, _ in cells])
-  pos_GxCxT = np.broadcast_to(pos_CxT, (len(layers),) + pos_CxT.shape)
+  if by_src and site != "pattern":
+    raise ValueError(f"head_patch(by_src=True) patches single pattern entries; site is {site!r}")
+  positions = [None] if not (by_pos or by_src) else list(range(T))
+  sources = [-1] if not by_src else list(range(T))
+  cells = [(t, s, h) for t in positions for s in sources for h in range(heads)]  # every layer's
+  G = len(layers)
+  head_GxC = np.tile(np.asarray([h for _, _, h in cells], np.int32), (G, 1))
+  src_GxC = np.tile(np.asarray([s for _, s, _ in cells], np.int32), (G, 1))
+  pos_CxT = np.stack([np.ones(T, bool) if t is None else np.arange(T) == t for t, _, _ in cells])
+  pos_GxCxT = np.broadcast_to(pos_CxT, (G,) + pos_CxT.shape)
   mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
   clean_mask = mask if clean_mask is None else np.asarray(clean_mask, bool)
   res_GxCxB = _head_sweep(model.params(), cfg, source_model.params(), source_model.cfg,
                           corrupted, clean, mask, clean_mask, np.asarray(layers, np.int32),
-                          head_GxC, pos_GxCxT, metric_aux, site=site, metric=metric,
-                          logit_positions=logit_positions, chunk=max(int(chunk), 1))
-  shape = (len(layers), len(positions), heads, B) if by_pos else (len(layers), heads, B)
-  res = to_host(res_GxCxB).reshape(shape)
-  return res.transpose(3, 0, 1, 2) if by_pos else res.transpose(2, 0, 1)
+                          head_GxC, pos_GxCxT, src_GxC, metric_aux, site=site, metric=metric,
+                          logit_positions=logit_positions, chunk=max(int(chunk), 1),
+                          by_src=bool(by_src))
+  res = to_host(res_GxCxB).reshape((G,) + (T,) * (by_pos or by_src) + (T,) * by_src
+                                   + (heads, B))
+  return np.moveaxis(res, -1, 0)
 
 
 # ---- attention knockout -----------------------------------------------------------------------
