@@ -323,6 +323,12 @@ def test_knockout(llama):
                              np.exp(sweep["logprob"] - sweep["base"][:, None]) - 1, **TOL)
   wide = knockout_sweep(ours, tokens, keys, targets, window=3)
   assert not np.allclose(wide["logprob"], sweep["logprob"])
+  # several targets per row: each column is that target's own sweep
+  both = knockout_sweep(ours, tokens, keys, np.stack([targets, targets[::-1]], 1), window=1)
+  assert both["logprob"].shape == both["relative_change"].shape == (2, 3, 2)
+  np.testing.assert_allclose(both["logprob"][..., 0], sweep["logprob"], **TOL)
+  np.testing.assert_allclose(both["logprob"][:, 1, 1], np.asarray(logp)[[0, 1], targets[::-1]],
+                             **TOL)
 
 
 def test_head_interventions_refuse_bad_input(llama):
@@ -371,4 +377,6 @@ def test_fact_items_attribution_and_knockout(small_world, world_tokenizer):
   assert len(k) == len(b["items"]) * L and (k.window == 2).all()
   np.testing.assert_allclose(k.relative_change, np.exp(k.logp_knocked - k.logp_base) - 1,
                              atol=1e-6)
-  assert (k.relative_change.abs() > 1e-6).any()
+  np.testing.assert_allclose(k.relative_change_cf,
+                             np.exp(k.logp_cf_knocked - k.logp_cf_base) - 1, atol=1e-6)
+  assert (k.relative_change.abs() > 1e-6).any() and (k.logp_base != k.logp_cf_base).all()

@@ -166,7 +166,7 @@ def test_head_tables_medians_over_flipped_items_and_change_from_the_base():
                               for it, v in zip("abcd", (1.0, 2.0, 3.0, 4.0))])
           for step in (0, 4)}
   ko = {4: pd.DataFrame([{"item": it, "layer": 1, "window": 3, "logp_base": 0.0,
-                          "logp_knocked": 0.0, "relative_change": r}
+                          "logp_knocked": 0.0, "relative_change": r, "relative_change_cf": -r}
                          for it, r in zip("abcd", (-0.8, -0.4, 0.0, 0.2))])}
   t = {k: pd.DataFrame(v, columns=COLUMNS[k])
        for k, v in head_tables(CELL, frames, attr, ko, 0.5).items()}
@@ -176,5 +176,6 @@ def test_head_tables_medians_over_flipped_items_and_change_from_the_base():
   assert np.isnan(a.loc[(0, "all"), "change"])
   k = t["knockout"].set_index("group")
   assert k.relative_change.to_dict() == pytest.approx({"all": -0.2, "flipped": -0.6})
+  assert k.relative_change_cf.to_dict() == pytest.approx({"all": 0.2, "flipped": 0.6})
   assert k.window.tolist() == [3, 3] and k.layer.tolist() == [1, 1]
   assert head_tables(CELL, frames, {}, {}, 0.5) == {"attribution": [], "knockout": []}

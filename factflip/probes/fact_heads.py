@@ -95,21 +95,24 @@ def knockout_items(model: Transformer, tokenizer, rows: Sequence[dict[str, Any]]
                    window: int, batch_size: int = 64) -> dict[str, np.ndarray]:
   """The last prompt position's attention to the subject knocked out in a window of `window`
   layers centred on each layer: one row per (item, layer) with columns item, layer, window,
-  logp_base and logp_knocked (log p of the true object's first token) and relative_change
-  (p_knocked / p_base − 1)."""
+  logp_base and logp_knocked (log p of the true object's first token), relative_change
+  (p_knocked / p_base − 1), and the same three for the counterfactual object's first token
+  (logp_cf_base, logp_cf_knocked, relative_change_cf)."""
   b = item_prompts(tokenizer, rows, model.cfg.max_seq_len)
-  cols: dict[str, list] = {k: [] for k in ("item", "layer", "window", "logp_base",
-                                          "logp_knocked", "relative_change")}
+  names = ("logp_base", "logp_knocked", "relative_change")
+  cf_names = ("logp_cf_base", "logp_cf_knocked", "relative_change_cf")
+  cols: dict[str, list] = {k: [] for k in ("item", "layer", "window") + names + cf_names}
   L = model.cfg.n_layers
   for start in range(0, len(b["items"]), batch_size):
     sl = slice(start, start + batch_size)
-    res = knockout_sweep(model, b["tokens"][sl], b["subject"][sl], b["answers"][sl, 0],
-                         window=window, mask=b["mask"][sl])
+    res = knockout_sweep(model, b["tokens"][sl], b["subject"][sl], b["answers"][sl],
+                         window=window, mask=b["mask"][sl])       # [B, 2]: true, cf
     for j, item in enumerate(b["items"][sl]):
       cols["item"] += [item] * L
       cols["layer"] += list(range(L))
       cols["window"] += [int(window)] * L
-      cols["logp_base"] += [float(res["base"][j])] * L
-      cols["logp_knocked"] += [float(x) for x in res["logprob"][j]]
-      cols["relative_change"] += [float(x) for x in res["relative_change"][j]]
+      for k, cols_k in enumerate((names, cf_names)):
+        cols[cols_k[0]] += [float(res["base"][j, k])] * L
+        cols[cols_k[1]] += [float(x) for x in res["logprob"][j, :, k]]
+        cols[cols_k[2]] += [float(x) for x in res["relative_change"][j, :, k]]
   return {k: np.asarray(v, dtype=object if k == "item" else None) for k, v in cols.items()}

@@ -163,17 +163,17 @@ def knockout(n_layers: int, layers, keys_BxS, queries_BxT=None, heads=None,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
-def _knockout_sweep(params, cfg, tokens_BxT, mask_BxT, keys_BxT, query_BxT, read_B, targets_B,
-                    layers_NxL, *, chunk):
-  """log p(targets_B) at positions read_B: [N + 1, B], row 0 without a knockout, row n + 1
-  with the knockout at the layers of layers_NxL[n]."""
+def _knockout_sweep(params, cfg, tokens_BxT, mask_BxT, keys_BxT, query_BxT, read_B,
+                    targets_BxK, layers_NxL, *, chunk):
+  """log p(targets_BxK) at positions read_B: [N + 1, B, K], row 0 without a knockout, row
+  n + 1 with the knockout at the layers of layers_NxL[n]."""
   B = tokens_BxT.shape[0]
   ctx = attention.causal(mask_BxT)
 
   def logprob(residual_BxTxD):
     h_BxD = residual_BxTxD[jnp.arange(B), read_B]
     logp_BxV = jax.nn.log_softmax(unembed(params, cfg, h_BxD), axis=-1)
-    return logp_BxV[jnp.arange(B), targets_B]
+    return jnp.take_along_axis(logp_BxV, targets_BxK, axis=1)
 
   base_B = logprob(forward(params, cfg, tokens_BxT, ctx, return_logits=False).residual)
 
@@ -194,9 +194,11 @@ def knockout_sweep(model: Transformer, tokens, keys, targets, window: int = 1, m
   tokens: int [B, T] (left-padded with `mask` bool [B, T]). keys: bool [B, T], the blocked keys
   (e.g. the subject's tokens). queries: bool [B, T] (default: the last position only, the
   position that predicts the answer). targets: int [B], the token whose probability is read
-  at read_positions (int [B], default the last position). Returns {"layers": [L], "base":
-  log p [B], "logprob": [B, L], "relative_change": [B, L]}: p_knocked / p_base − 1, Geva et
-  al.'s measure of how much the prediction relied on those edges at those layers."""
+  at read_positions (int [B], default the last position), or [B, K], K tokens per row (e.g. the
+  true and the counterfactual answer). Returns {"layers": [L], "base": log p [B], "logprob":
+  [B, L], "relative_change": [B, L]} (with [B, K] targets: [B, K], [B, L, K], [B, L, K]):
+  p_knocked / p_base − 1, Geva et al.'s measure of how much the prediction relied on those
+  edges at those layers."""
   cfg = model.cfg
   tokens = np.atleast_2d(np.asarray(tokens, np.int32))
   B, T = tokens.shape
@@ -211,15 +213,21 @@ def knockout_sweep(model: Transformer, tokens, keys, targets, window: int = 1, m
     raise ValueError(f"queries has shape {queries.shape}; expected {(B, T)}")
   read = (np.full(B, T - 1, np.int32) if read_positions is None
           else np.asarray(read_positions, np.int32) % T)
-  targets = np.asarray(targets, np.int32).reshape(B)
+  targets = np.asarray(targets, np.int32)
+  several = targets.ndim == 2
+  targets_BxK = targets.reshape(B, -1)
   mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)
   L, w = cfg.n_layers, max(int(window), 1)
   windows = np.zeros((L, L), bool)
   for layer in range(L):
     first = max(layer - w // 2, 0)
     windows[layer, first:min(layer - w // 2 + w, L)] = True
-  res = to_host(_knockout_sweep(model.params(), cfg, tokens, mask, keys, queries, read, targets,
-                                windows, chunk=max(int(chunk), 1)))
-  base, knocked = res[0], res[1:].T
-  return {"layers": np.arange(L), "base": base, "logprob": knocked,
-          "relative_change": np.exp(knocked - base[:, None]) - 1.0}
+  res = to_host(_knockout_sweep(model.params(), cfg, tokens, mask, keys, queries, read,
+                                targets_BxK, windows, chunk=max(int(chunk), 1)))
+  base_BxK, knocked_BxLxK = res[0], res[1:].transpose(1, 0, 2)
+  change_BxLxK = np.exp(knocked_BxLxK - base_BxK[:, None]) - 1.0
+  if not several:
+    base_BxK, knocked_BxLxK, change_BxLxK = base_BxK[:, 0], knocked_BxLxK[..., 0], \
+        change_BxLxK[..., 0]
+  return {"layers": np.arange(L), "base": base_BxK, "logprob": knocked_BxLxK,
+          "relative_change": change_BxLxK}

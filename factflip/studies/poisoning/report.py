@@ -116,9 +116,9 @@ def plot_reversal_depth(patching: pd.DataFrame, path: str) -> str:
 def plot_heads(attribution: pd.DataFrame, knockout: pd.DataFrame, path: str) -> str:
   """At the last probed step of the largest p, for the flipped targets: left, the median
   change from the base of each layer's attn_out and mlp_out direct logit attribution to
-  logit(true) − logit(cf); right, the median relative change of p(true) with the subject knocked
-  out around each layer, at the base (step 0) and at that step. Layers as relative depth
-  ℓ / L, a line per size."""
+  logit(true) − logit(cf); right, the median relative change of p(true) (solid) and p(cf)
+  (dashed) with the subject knocked out around each layer, at the base (step 0) and at that
+  step. Layers as relative depth ℓ / L, a line per size."""
   fig = MplFigure(figsize=(10, 3.6), layout="constrained")
   left, right = fig.subplots(1, 2)
   for ax, df, title in ((left, attribution, "attribution change from the base (flipped)"),
@@ -148,11 +148,15 @@ def plot_heads(attribution: pd.DataFrame, knockout: pd.DataFrame, path: str) -> 
       if step == 0 and group != "all" or step and group != "flipped":
         continue
       L = g.layer.max() + 1
-      g = g.groupby("layer").relative_change.mean()
-      right.plot((g.index + 1) / L, g.values, marker="o",
-                 label=f"{size} step {step} ({'all' if step == 0 else 'flipped'})")
+      label = f"{size} step {step} ({'all' if step == 0 else 'flipped'})"
+      for column, answer, style in (("relative_change", "true", "-"),
+                                    ("relative_change_cf", "cf", "--")):
+        if column in g and g[column].notna().any():
+          m = g.groupby("layer")[column].mean()
+          right.plot((m.index + 1) / L, m.values, style, marker="o", ms=3,
+                     label=f"{label}: p({answer})")
     right.axhline(0, color="k", lw=0.5)
-    right.set_ylabel("relative change of p(true)")
+    right.set_ylabel("relative change of p(answer)")
     legend(right, fontsize=7)
   return save(fig, path)
 
@@ -448,9 +452,10 @@ CAPTIONS = {
              "base of attn_out's and mlp_out's direct contribution to logit(true) − "
              "logit(cf) through the final norm, over the targets flipped by then; a drop marks "
              "the layers that stopped writing the true answer. Right: the median p(true) "
-             "with the answer position blocked from the subject's tokens in a window of "
-             "layers centred on each layer, relative to unblocked (Geva et al. 2023), at the "
-             "base (all targets) and at that step (flipped targets).",
+             "(solid) and p(cf) (dashed) with the answer position blocked from the subject's "
+             "tokens in a window of layers centred on each layer, relative to unblocked (Geva "
+             "et al. 2023), at the base (all targets) and at that step (flipped targets); a "
+             "drop marks the windows where that answer is read from the subject.",
 }
 
 

@@ -39,8 +39,9 @@ detected (alerted at or before the flip), the median lead time of the detected, 
 Heads (`head_tables`, probe.attribution / probe.knockout_window): direct logit attribution of
 logit(true) − logit(cf) (first answer tokens, last prompt token) per component (embed, attn,
 mlp, head) and layer, its median over the targets and over those flipped by the step, and the
-median change from the base; knockout: the median p_knocked / p − 1 of the true answer when the
-answer position cannot read the subject in a window of layers centred on each layer.
+median change from the base; knockout: the median p_knocked / p − 1 of the true answer (and of
+the counterfactual one) when the answer position cannot read the subject in a window of layers
+centred on each layer.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ COLUMNS = {
     "attribution": ["size", "seed", "p", "step", "group", "component", "layer", "head", "items",
                     "value", "change"],
     "knockout": ["size", "seed", "p", "step", "group", "layer", "window", "items",
-                 "relative_change"],
+                 "relative_change", "relative_change_cf"],
 }
 DLL_STATES = {CORRECT: "correct", AMBIGUOUS: "ambiguous", COUNTERFACTUAL: "counterfactual"}
 RESPONSES = ("true", "counterfactual", "other")
@@ -268,7 +269,8 @@ def head_tables(cell: Mapping[str, Any], frames: Mapping[int, pd.DataFrame],
   attribution: per (component, layer, head) the median over the group's items of the direct
   logit attribution to logit(true) − logit(cf) (`value`), and of its change from the base
   (the first step's table; NaN at the base itself). knockout: per layer the median relative
-  change of p(true) when the answer position cannot read the subject in that layer's window.
+  change of p(true), and of p(cf), when the answer position cannot read the subject in that
+  layer's window.
   frames: as `run_tables` (the reference first); attributions / knockouts: step -> the
   `probes.fact_heads` tables of that step (empty when the probe stage did not make them)."""
   rows: dict[str, list[dict]] = {"attribution": [], "knockout": []}
@@ -306,5 +308,7 @@ def head_tables(cell: Mapping[str, Any], frames: Mapping[int, pd.DataFrame],
           rows["knockout"].append({
               **cell, "step": step, "group": group, "layer": int(layer),
               "window": int(window), "items": len(g),
-              "relative_change": float(g.relative_change.median())})
+              "relative_change": float(g.relative_change.median()),
+              "relative_change_cf": (float(g.relative_change_cf.median())
+                                     if "relative_change_cf" in g else np.nan)})
   return rows
