@@ -156,6 +156,7 @@ def plot_heads(attribution: pd.DataFrame, knockout: pd.DataFrame, path: str) -> 
           right.plot((m.index + 1) / L, m.values, style, marker="o", ms=3,
                      label=f"{label}: p({answer})")
     right.axhline(0, color="k", lw=0.5)
+    right.set_yscale("symlog", linthresh=1.0)   # a small p can grow many-fold; −1 is the floor
     right.set_ylabel("relative change of p(answer)")
     legend(right, fontsize=7)
   return save(fig, path)
@@ -455,7 +456,8 @@ CAPTIONS = {
              "(solid) and p(cf) (dashed) with the answer position blocked from the subject's "
              "tokens in a window of layers centred on each layer, relative to unblocked (Geva "
              "et al. 2023), at the base (all targets) and at that step (flipped targets); a "
-             "drop marks the windows where that answer is read from the subject.",
+             "drop marks the windows where that answer is read from the subject. The axis is "
+             "linear within ±1 and logarithmic beyond (a small p can grow many-fold).",
 }
 
 
