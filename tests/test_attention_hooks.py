@@ -344,6 +344,11 @@ def test_head_interventions_refuse_bad_input(llama):
     head_patch(ours, _tokens(0, 1), _tokens(1, 1), lambda lg: lg[:, -1, 0], site="resid_pre")
   with pytest.raises(ValueError, match="keys has shape"):
     knockout_sweep(ours, _tokens(0, 1), np.zeros((1, 3), bool), [5])
+  with pytest.raises(ValueError, match=r"targets has shape \(2,\); expected \(1,\) or \(1, K\)"):
+    knockout_sweep(ours, _tokens(0, 1), np.zeros((1, T), bool), [5, 6])
+  with pytest.raises(ValueError, match=r"by_src=True\) patches single pattern entries; site "
+                                       r"is 'z'"):
+    head_patch(ours, _tokens(0, 1), _tokens(1, 1), lambda lg: lg[:, -1, 0], by_src=True)
 
 
 def test_fact_items_attribution_and_knockout(small_world, world_tokenizer):

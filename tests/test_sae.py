@@ -12,6 +12,7 @@ import pytest
 from conftest import set_keys
 
 from factflip import sae as S
+from factflip.configfile import ConfigError
 from factflip.fileio import DataError
 
 D_IN, D_SAE = 16, 48
@@ -322,6 +323,9 @@ def test_a_new_architecture_is_one_table_entry(monkeypatch, tmp_path):
   validate(c)
   assert _sae_config(c, D_IN) == S.SAEConfig("relu6", D_IN, 8 * D_IN, hook_name=c.hook_name,
                                              rescale_acts_by_decoder_norm=True)
+  c.loss.feature_sampling_window = 0     # SAELens's sparsity window: at least one step
+  with pytest.raises(ConfigError, match="loss.feature_sampling_window.*expected an integer >= 1"):
+    validate(c)
 
 
 # ---- interventions ----------------------------------------------------------------------------

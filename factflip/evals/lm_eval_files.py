@@ -43,7 +43,7 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     key = f"{prefix}/{k}" if prefix else str(k)
     if isinstance(v, Mapping):
       out.update(_flat(v, key))
-    elif isinstance(v, bool | int | float) and v is not None:
+    elif isinstance(v, bool | int | float):
       out[key] = float(v)
   return out
 
@@ -53,8 +53,8 @@ def _hash(x) -> str:
 
 
 def sanitized(model: str) -> str:
-  """lm-eval's model_name_sanitized: the path with every character but word ones, '.' and '-'
-  replaced by '__'."""
+  """lm-eval's model_name_sanitized: the path with each run of the characters a file name
+  cannot hold (quotes, <>:/|\\?*[]) replaced by '__'."""
   return re.sub(r"[\"<>:/|\\?*\[\]]+", "__", model)
 
 

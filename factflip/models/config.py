@@ -22,6 +22,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
+def family_switches(family: str) -> dict[str, Any]:
+  """The structural switches every model of a family has, as its HF class fixes them (the HF
+  and GGUF readers set them, `save_hf` checks them)."""
+  gemma, neox, olmo2 = family in ("gemma2", "gemma3_text"), family == "gpt_neox", family == "olmo2"
+  return {"qkv_bias": family in ("qwen2", "gpt_neox"),
+          "qk_norm": family in ("qwen3", "gemma3_text", "olmo2"), "qk_norm_full": olmo2,
+          "post_norms": gemma or olmo2, "embed_scale": gemma, "norm_offset": 1.0 if gemma else 0.0,
+          "norm": "layernorm" if neox else "rms", "pre_norms": not olmo2,
+          "gated_mlp": not neox, "mlp_bias": neox, "out_bias": neox}
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """RoPE frequency scaling. `kind` is "llama3" (Llama 3.1+) or "linear"."""

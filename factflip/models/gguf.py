@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from factflip.gguf_io import GGUFError, GGUFFile, open_gguf
-from factflip.models.config import ModelConfig, RopeScaling
+from factflip.models.config import ModelConfig, RopeScaling, family_switches
 from factflip.models.hf import load_tensors
 from factflip.models.transformer import Transformer, rope_inv_freq
 
@@ -37,7 +37,8 @@ _LAYER = {
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -66,7 +67,7 @@ def _names(family: str) -> tuple[dict[str, str], str, dict[str, str]]:
   """(top-level HF name -> GGUF name, HF layer prefix, HF layer suffix -> GGUF suffix)."""
   if family == "gpt_neox":
     return _NEOX_TOP, "gpt_neox.layers", _NEOX_LAYER
-  layer = (_POST_NORMS if family in GEMMA or family == "olmo2"
+  layer = (_POST_NORMS if family_switches(family)["post_norms"]
            else _PHI3_LAYER if family == "phi3" else _LAYER)
   return _TOP, "model.layers", layer
 
@@ -88,7 +89,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     raise GGUFError(f"{f.path}: general.architecture is {arch!r}; factflip reads "
                     f"{sorted(ARCHITECTURES)}")
   family = ARCHITECTURES[arch]
-  gemma, neox, olmo2 = family in GEMMA, family == "gpt_neox", family == "olmo2"
+  gemma, neox = family in GEMMA, family == "gpt_neox"
 
   def key(name, default=None, required=False):
     full = f"{arch}.{name}"
@@ -130,21 +131,16 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
   return ModelConfig(
       family=family, vocab_size=V, d_model=D, n_layers=L, n_heads=H, n_kv_heads=G, head_dim=K,
       d_ff=int(key("feed_forward_length", required=True)),
-      max_seq_len=int(key("context_length", 2048)), norm_eps=float(eps),
-      norm_offset=1.0 if gemma else 0.0,
+      max_seq_len=int(key("context_length", 2048)), norm_eps=float(eps), **family_switches(family),
       activation="gelu_tanh" if gemma else "gelu" if neox else "silu",
       rope_theta=theta, rope_scaling=rope_scaling,
-      qkv_bias=family in ("qwen2", "gpt_neox"),
-      qk_norm=family in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2,
-      norm="layernorm" if neox else "rms", pre_norms=not olmo2,
       parallel_residual=neox and bool(key("use_parallel_residual", True)),
-      gated_mlp=not neox, mlp_bias=neox, out_bias=neox, rotary_dim=0 if rotary == K else rotary,
+      rotary_dim=0 if rotary == K else rotary,
       rope_local_theta=10000.0 if family == "gemma3_text" and types else None,
       tie_embeddings=not f.has_tensor("output.weight"),
       layer_types=types, sliding_window=window if types else None,
       attn_softcap=key("attn_logit_softcapping") if gemma else None,
       final_softcap=key("final_logit_softcapping") if gemma else None,
-      post_norms=gemma or olmo2, embed_scale=gemma,
       query_pre_attn_scalar=_gemma_query_scalar(family, L, D, H, K) if gemma else None,
       bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
       eos_token_ids=() if eos is None else (int(eos),),

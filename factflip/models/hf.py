@@ -23,7 +23,7 @@ import numpy as np
 
 from factflip import sharding as sharding_lib
 from factflip.fileio import read_json, write_json
-from factflip.models.config import ModelConfig, RopeScaling
+from factflip.models.config import ModelConfig, RopeScaling, family_switches
 from factflip.models.safetensors_io import CheckpointTensors, write_checkpoint
 from factflip.models.transformer import Params, Transformer
 
@@ -66,7 +66,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     raise ValueError(f"{source}: field {key!r} is {value!r}; factflip supports {expected}")
 
   L, D, H = int(req("num_hidden_layers")), int(req("hidden_size")), int(req("num_attention_heads"))
-  gemma, neox, olmo2 = family in GEMMA, family == "gpt_neox", family == "olmo2"
+  gemma, neox = family in GEMMA, family == "gpt_neox"
   act_name = d.get("hidden_activation") or d.get("hidden_act") or "silu"
   if act_name not in _ACTIVATIONS:
     unsupported("hidden_act", act_name, f"one of {sorted(_ACTIVATIONS)}")
@@ -141,18 +141,14 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
       n_kv_heads=int(d.get("num_key_value_heads") or H), head_dim=head_dim,
       d_ff=int(req("intermediate_size")), max_seq_len=int(d.get("max_position_embeddings", 2048)),
       norm_eps=float(d.get("layer_norm_eps" if neox else "rms_norm_eps", 1e-6)),
-      norm_offset=1.0 if gemma else 0.0, activation=_ACTIVATIONS[act_name], rope_theta=theta,
-      rope_scaling=rope_scaling, qkv_bias=family in ("qwen2", "gpt_neox"),
-      qk_norm=family in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2,
-      norm="layernorm" if neox else "rms", pre_norms=not olmo2,
-      parallel_residual=neox and bool(d.get("use_parallel_residual", True)),
-      gated_mlp=not neox, mlp_bias=neox, out_bias=neox, rotary_dim=rotary_dim,
+      **family_switches(family), activation=_ACTIVATIONS[act_name], rope_theta=theta,
+      rope_scaling=rope_scaling,
+      parallel_residual=neox and bool(d.get("use_parallel_residual", True)), rotary_dim=rotary_dim,
       rope_local_theta=float(local_theta) if local_theta else None,
       tie_embeddings=bool(d.get("tie_word_embeddings", gemma)),
       layer_types=tuple(types) if types else None, sliding_window=window,
       attn_softcap=d.get("attn_logit_softcapping") if gemma else None,
       final_softcap=d.get("final_logit_softcapping") if gemma else None,
-      post_norms=gemma or olmo2, embed_scale=gemma,
       query_pre_attn_scalar=d.get("query_pre_attn_scalar") if gemma else None,
       bos_token_id=d.get("bos_token_id"),
       eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
@@ -221,13 +217,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
 def _check_expressible(cfg: ModelConfig) -> None:
   """Refuse configs that the family's HF class cannot represent (they would load differently)."""
   f, types = cfg.family, cfg.layer_types or ("full",) * cfg.n_layers
-  gemma, neox, olmo2 = f in GEMMA, f == "gpt_neox", f == "olmo2"
-  expected = {  # each switch's value in this family's HF class
-      "qkv_bias": f in ("qwen2", "gpt_neox"), "qk_norm": f in ("qwen3", "gemma3_text", "olmo2"),
-      "qk_norm_full": olmo2, "post_norms": gemma or olmo2, "embed_scale": gemma,
-      "norm_offset": 1.0 if gemma else 0.0, "norm": "layernorm" if neox else "rms",
-      "pre_norms": not olmo2, "gated_mlp": not neox, "mlp_bias": neox, "out_bias": neox}
-  wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in expected.items() if getattr(cfg, k) != v]
+  gemma, neox = f in GEMMA, f == "gpt_neox"
+  wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in family_switches(f).items()
+           if getattr(cfg, k) != v]
   if cfg.parallel_residual and not neox:
     wrong.append("parallel_residual=True")
   if cfg.rotary_dim and f not in ("gpt_neox", "phi3"):

@@ -99,22 +99,23 @@ def norm(x: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig) -> j
   return layer_norm(x, w, b, cfg) if cfg.norm == "layernorm" else rms_norm(x, w, cfg)
 
 
+def centred(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """x in float32, minus its mean over the last axis for LayerNorm (RMSNorm centres nothing)."""
+  xf = x.astype(F32)
+  return xf - jnp.mean(xf, axis=-1, keepdims=True) if cfg.norm == "layernorm" else xf
+
+
 def rms_scale(x: jax.Array, cfg: ModelConfig) -> jax.Array:
   """What the model's norm divides by, float32 [..., 1] (TransformerLens' `hook_scale`):
   sqrt(mean(x²) + eps), or for LayerNorm sqrt(var(x) + eps)."""
-  xf = x.astype(F32)
-  if cfg.norm == "layernorm":
-    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  xf = centred(x, cfg)
   return jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
 
 
 def normalized(x: jax.Array, scale: jax.Array, cfg: ModelConfig) -> jax.Array:
   """x (centred, for LayerNorm) divided by the norm's scale, float32: the norm before its weight
   (TransformerLens' `hook_normalized`)."""
-  xf = x.astype(F32)
-  if cfg.norm == "layernorm":
-    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
-  return xf / scale.astype(F32)
+  return centred(x, cfg) / scale.astype(F32)
 
 
 def norm_weight(y: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from factflip.models import attention
-from factflip.models.transformer import Transformer, forward, rms_scale
+from factflip.models.transformer import Transformer, forward, normalized, rms_scale
 from factflip.sharding import to_host
 
 F32 = jnp.float32
@@ -35,12 +35,9 @@ def final_norm_stack(params, cfg, stack_NxxD: jax.Array, scale_x1: jax.Array) ->
   """Components [N, ..., D] (each centred, for LayerNorm) divided by the final norm's scale
   [..., 1] (`rms_scale` of the final residual) and multiplied by its weight: each component's
   share of the unembedding's input (LayerNorm's bias is no component's: `final_bias`)."""
-  x = stack_NxxD.astype(F32)
-  if cfg.norm == "layernorm":
-    x = x - jnp.mean(x, axis=-1, keepdims=True)
   w = params["final_norm"].astype(F32)
   w = w + cfg.norm_offset if cfg.norm_offset else w
-  return x / scale_x1.astype(F32) * w
+  return normalized(stack_NxxD, scale_x1, cfg) * w
 
 
 def unembedding(params, cfg) -> jax.Array:

@@ -169,13 +169,7 @@ class ActivationCache:
       scale = self.final_scale
     else:
       scale = self._site("ln2_scale" if mlp_input else "ln1_scale")[layer]
-    return self._centred(stack) / _pos(scale, pos_slice, 1).astype(stack.dtype)
-
-  def _centred(self, stack: jax.Array) -> jax.Array:
-    """LayerNorm centres each component (RMSNorm nothing)."""
-    if self.cfg.norm != "layernorm":
-      return stack
-    return stack - jnp.mean(stack, axis=-1, keepdims=True)
+    return normalized(stack, _pos(scale, pos_slice, 1), self.cfg)
 
   def decompose_resid(self, layer: int | None = None, mlp_input: bool = False,
                       mode: str = "all", apply_ln: bool = False, pos_slice=None,
@@ -226,7 +220,7 @@ class ActivationCache:
         labels.append(f"{i}_mid")
     stack = jnp.stack([_pos(p, pos_slice, 1) for p in parts])
     if apply_ln:
-      stack = (self._centred(stack) / rms_scale(stack, self.cfg).astype(stack.dtype) if layer == L
+      stack = (normalized(stack, rms_scale(stack, self.cfg), self.cfg) if layer == L
                else self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice))
     return (stack, labels) if return_labels else stack
 

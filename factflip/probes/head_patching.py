@@ -214,6 +214,9 @@ def knockout_sweep(model: Transformer, tokens, keys, targets, window: int = 1, m
   read = (np.full(B, T - 1, np.int32) if read_positions is None
           else np.asarray(read_positions, np.int32) % T)
   targets = np.asarray(targets, np.int32)
+  if targets.ndim not in (1, 2) or targets.shape[0] != B:
+    raise ValueError(f"targets has shape {targets.shape}; expected ({B},) or ({B}, K): token "
+                     "ids per row")
   several = targets.ndim == 2
   targets_BxK = targets.reshape(B, -1)
   mask = np.ones((B, T), bool) if mask is None else np.asarray(mask, bool)

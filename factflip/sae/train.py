@@ -121,7 +121,7 @@ def validate(c, source: str = "sae config") -> None:
        "sae.normalize_activations", f"{c.sae.normalize_activations!r}; training supports none "
        "and expected_average_only_in")
   for key in ("steps", "batch_tokens", "buffer_batches", "sae.expansion_factor",
-              "data.batch_size", "data.seq_len"):
+              "data.batch_size", "data.seq_len", "loss.feature_sampling_window"):
     node = c
     for part in key.split("."):
       node = node[part]

@@ -151,10 +151,9 @@ def plot_heads(attribution: pd.DataFrame, knockout: pd.DataFrame, path: str) -> 
       label = f"{size} step {step} ({'all' if step == 0 else 'flipped'})"
       for column, answer, style in (("relative_change", "true", "-"),
                                     ("relative_change_cf", "cf", "--")):
-        if column in g and g[column].notna().any():
-          m = g.groupby("layer")[column].mean()
-          right.plot((m.index + 1) / L, m.values, style, marker="o", ms=3,
-                     label=f"{label}: p({answer})")
+        m = g.groupby("layer")[column].mean()
+        right.plot((m.index + 1) / L, m.values, style, marker="o", ms=3,
+                   label=f"{label}: p({answer})")
     right.axhline(0, color="k", lw=0.5)
     right.set_yscale("symlog", linthresh=1.0)   # a small p can grow many-fold; −1 is the floor
     right.set_ylabel("relative change of p(answer)")

@@ -309,6 +309,5 @@ def head_tables(cell: Mapping[str, Any], frames: Mapping[int, pd.DataFrame],
               **cell, "step": step, "group": group, "layer": int(layer),
               "window": int(window), "items": len(g),
               "relative_change": float(g.relative_change.median()),
-              "relative_change_cf": (float(g.relative_change_cf.median())
-                                     if "relative_change_cf" in g else np.nan)})
+              "relative_change_cf": float(g.relative_change_cf.median())})
   return rows

@@ -95,8 +95,8 @@ from factflip.train.monitor import parse_rule, read_alerts
 
 # The probe tables' columns beyond the scorer's (a probe-stage key: a change redoes the probes):
 # 2: greedy_cf (greedy decoding gives the counterfactual answer); 3: the attribution and
-# knockout tables (probe.attribution, probe.knockout_window).
-PROBE_TABLES = 3
+# knockout tables (probe.attribution, probe.knockout_window); 4: the knockout's p(cf) columns.
+PROBE_TABLES = 4
 
 
 class Study(platform.Study):
